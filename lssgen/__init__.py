@@ -1,0 +1,23 @@
+"""lssgen: faster text-to-image generation by denoising the early steps at a lower resolution (LSSGen)."""
+
+from .adapters import Adapter, find_adapter, installed_adapters, register_adapter
+from .patch import Options, is_patched, patch, unpatch
+from .plan import Stage, StagePlan, plan_stages
+from .upsampler import LatentUpsampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "LatentUpsampler",
+    "Options",
+    "Stage",
+    "StagePlan",
+    "find_adapter",
+    "installed_adapters",
+    "is_patched",
+    "patch",
+    "plan_stages",
+    "register_adapter",
+    "unpatch",
+]

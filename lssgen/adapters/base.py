@@ -1,0 +1,96 @@
+"""What an adapter tells lssgen about one pipeline family. The controller only ever talks to this interface."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from ..plan import Stage
+
+
+class Adapter:
+    """Per-architecture facts and the few operations that depend on them.
+
+    Subclasses set the class attributes and override what differs; the defaults suit an unpacked
+    `(batch, channels, height, width)` latent with the usual VAE normalisation.
+    """
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # stock pipeline class names this adapter serves
+    denoiser: str = "transformer"  # pipeline attribute holding the denoising model
+    flow: bool = True  # flow matching, or a diffusion (noise prediction) model
+    latent_multiple: int = 1  # latent sides must be multiples of this
+    shorten_intermediate_steps: bool = True  # the published default for this family
+    base_size: int = 1024  # native resolution, the reference for shortening
+
+    # Selection --------------------------------------------------------------------------------------------------
+    def matches(self, pipe: Any) -> bool:
+        return any(cls.__name__ in self.pipeline_classes for cls in type(pipe).__mro__)
+
+    # Geometry ---------------------------------------------------------------------------------------------------
+    def latent_channels(self, pipe: Any) -> int:
+        return getattr(pipe, self.denoiser).config.in_channels
+
+    def latent_dtype(self, pipe: Any) -> torch.dtype:
+        return getattr(pipe, self.denoiser).dtype
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        side = pipe.default_sample_size * pipe.vae_scale_factor
+        return side, side
+
+    def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """From `(B, C, h, w)` to the layout the denoising loop carries."""
+        return latents
+
+    def unpack(self, pipe: Any, latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+        """From the loop's layout back to `(B, C, h, w)`."""
+        return latents
+
+    def batch_size(self, call: dict[str, Any]) -> int:
+        """Prompts in one call, before `num_images_per_prompt`."""
+        prompt = call.get("prompt")
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, list):
+            return len(prompt)
+        if call.get("prompt_embeds") is not None:
+            return call["prompt_embeds"].shape[0]
+        raise ValueError("Pass either `prompt` or `prompt_embeds`.")
+
+    # Schedule ---------------------------------------------------------------------------------------------------
+    def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
+        return {"num_inference_steps": num_steps}
+
+    # Resolution conditioning ------------------------------------------------------------------------------------
+    def install_hooks(self, pipe: Any, current_stage: Callable[[], Stage | None]) -> None:
+        """Register hooks that make the model see the conditioning of `current_stage()` (None: leave alone)."""
+
+    def remove_hooks(self, pipe: Any) -> None:
+        """Undo `install_hooks`."""
+
+    # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
+    def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
+        config = pipe.vae.config
+        scaling = config.scaling_factor
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=like.device, dtype=torch.float32).view(shape)
+            std = torch.tensor(std, device=like.device, dtype=torch.float32).view(shape)
+            return mean, std, scaling
+        return getattr(config, "shift_factor", None) or 0.0, 1.0, scaling
+
+    def latents_to_vae(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the pipeline's latent normalisation, giving what `vae.decode` expects."""
+        mean, std, scaling = self._vae_stats(pipe, latents)
+        return latents.float() * std / scaling + mean
+
+    def vae_to_latents(self, pipe: Any, vae_latents: torch.Tensor) -> torch.Tensor:
+        """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
+        mean, std, scaling = self._vae_stats(pipe, vae_latents)
+        return (vae_latents.float() - mean) * scaling / std
+
+    def __repr__(self) -> str:
+        return f"<lssgen adapter {self.name!r} for {', '.join(self.pipeline_classes)}>"

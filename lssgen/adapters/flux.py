@@ -1,0 +1,96 @@
+"""FLUX.1 (`FluxPipeline`): 2x2-packed latents, image position ids, a time shift from the image token count."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from .base import Adapter
+
+IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
+
+
+def flux_time_shift(scheduler_config: Any, image_seq_len: int) -> float:
+    """`mu` for an image of `image_seq_len` packed tokens; the length is capped at `max_image_seq_len`."""
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    return calculate_shift(
+        min(image_seq_len, max_len),
+        scheduler_config.get("base_image_seq_len", 256),
+        max_len,
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+
+
+class FluxImageIdsHook(ModelHook):
+    """Gives the transformer the position ids of the stage being denoised.
+
+    FluxPipeline builds `img_ids` once, for the target size, before the loop; during a low-resolution stage
+    they must describe the smaller latent instead.
+    """
+
+    def __init__(self, pipe: Any, current_stage: Callable):
+        super().__init__()
+        self.pipe = pipe
+        self.current_stage = current_stage
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        stage = self.current_stage()
+        img_ids = kwargs.get("img_ids")
+        if stage is None or img_ids is None:
+            return args, kwargs
+        key = (stage.latent_height, stage.latent_width, img_ids.device, img_ids.dtype)
+        if self._cache is None or self._cache[0] != key:
+            ids = self.pipe._prepare_latent_image_ids(
+                None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
+            )
+            self._cache = (key, ids)
+        kwargs["img_ids"] = self._cache[1]
+        return args, kwargs
+
+
+class FluxAdapter(Adapter):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser = "transformer"
+    flow = True
+    latent_multiple = 2  # 2x2 packing
+    shorten_intermediate_steps = True
+
+    def latent_channels(self, pipe: Any) -> int:
+        return pipe.transformer.config.in_channels // 4
+
+    def pack(self, pipe, latents):
+        batch, channels, height, width = latents.shape
+        return pipe._pack_latents(latents, batch, channels, height, width)
+
+    def unpack(self, pipe, latents, latent_height, latent_width):
+        factor = pipe.vae_scale_factor
+        return pipe._unpack_latents(latents, latent_height * factor, latent_width * factor, factor)
+
+    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
+        # The same sigmas FluxPipeline passes, with the shift of this stage's own token count.
+        accepted = inspect.signature(scheduler.set_timesteps).parameters
+        kwargs: dict[str, Any] = {}
+        if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+        else:
+            kwargs["num_inference_steps"] = num_steps
+        if "mu" in accepted:
+            kwargs["mu"] = flux_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2))
+        return kwargs
+
+    def install_hooks(self, pipe, current_stage):
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+        registry.register_hook(FluxImageIdsHook(pipe, current_stage), IMAGE_IDS_HOOK)
+
+    def remove_hooks(self, pipe):
+        registry = getattr(pipe.transformer, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(IMAGE_IDS_HOOK, recurse=False)

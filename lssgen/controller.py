@@ -1,0 +1,134 @@
+"""The multi-resolution controller: a diffusers callback that switches stages inside one stock denoising loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+from .adapters.base import Adapter
+from .plan import Stage, StagePlan
+from .scaling import scale_up
+from .schedule import StagedScheduler
+
+
+@dataclass
+class Run:
+    """Everything one multi-resolution call needs; lives only for the duration of that call."""
+
+    pipe: Any
+    adapter: Adapter
+    plan: StagePlan
+    scheduler: StagedScheduler
+    scaling_space: str
+    upsampler: Any
+    generator: torch.Generator | list[torch.Generator] | None
+    progress_bar: Any = field(default=None, repr=False)
+
+    @property
+    def current_stage(self) -> Stage:
+        return self.plan.stages[self.scheduler.stage_index]
+
+    def show_stage(self, stage: Stage) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.set_postfix_str(
+                f"stage {stage.index + 1}/{len(self.plan.stages)} {stage.width}x{stage.height}", refresh=False
+            )
+
+    def scale_up(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """Packed latents of `stage` → unpacked latents of the next stage's size (no noise added)."""
+        unpacked = self.adapter.unpack(self.pipe, latents, stage.latent_height, stage.latent_width)
+        return scale_up(
+            unpacked, self.scaling_space, pipe=self.pipe, adapter=self.adapter, upsampler=self.upsampler
+        )
+
+    def renoise(self, clean: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """Fresh noise of the new shape, mixed in to the noise level `stage` really starts from."""
+        noise = randn_tensor(clean.shape, generator=self.generator, device=clean.device, dtype=clean.dtype)
+        if self.adapter.flow:
+            sigma = stage.first_sigma
+            return ((1.0 - sigma) * clean.float() + sigma * noise.float()).to(clean.dtype)
+        scheduler = self.scheduler.stage_schedulers[stage.index]
+        timestep = torch.tensor([stage.timesteps[0]], device=clean.device)
+        return scheduler.add_noise(clean, noise, timestep)
+
+    def next_stage_latents(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
+        following = self.plan.stages[stage.index + 1]
+        upsampled = self.scale_up(latents, stage)
+        self.show_stage(following)
+        return self.adapter.pack(self.pipe, self.renoise(upsampled, following))
+
+    def latents_at_target_size(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """After an interrupt in a low-resolution stage: scale up as is, so the pipeline can still decode."""
+        for smaller in self.plan.stages[stage.index : -1]:
+            latents = self.adapter.pack(self.pipe, self.scale_up(latents, smaller))
+        return latents
+
+
+class StageSwitchCallback(PipelineCallback):
+    r"""
+    Switches to the next stage right after the last step of each low-resolution stage: unpack → scale up x2 →
+    re-noise with fresh noise to the next stage's first sigma → pack. Chain a user's callback before it with
+    [`~diffusers.callbacks.MultiPipelineCallbacks`] (see [`chain_callbacks`]).
+    """
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.run = run
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        # Decisions use the step index: some pipelines pass a sigma, not a timestep, as `timestep`.
+        plan = self.run.plan
+        stage = plan.stage_at(step_index)
+        if stage is plan.stages[-1]:
+            return callback_kwargs
+        latents = callback_kwargs["latents"]
+        if getattr(pipeline, "interrupt", False):
+            callback_kwargs["latents"] = self.run.latents_at_target_size(latents, stage)
+        elif step_index == plan.stage_ends[stage.index] - 1:
+            callback_kwargs["latents"] = self.run.next_stage_latents(latents, stage)
+        return callback_kwargs
+
+
+class _FunctionCallback(PipelineCallback):
+    """A plain `callback_on_step_end` function, as a PipelineCallback that can be chained."""
+
+    def __init__(self, fn, tensor_inputs: list[str]):
+        super().__init__()
+        self.fn = fn
+        self._tensor_inputs = list(tensor_inputs)
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        return self._tensor_inputs
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        outputs = self.fn(pipeline, step_index, timestep, callback_kwargs)
+        return {**callback_kwargs, **(outputs or {})}
+
+
+def chain_callbacks(
+    user_callback: Any, user_tensor_inputs: list[str] | None, controller: StageSwitchCallback
+) -> tuple[MultiPipelineCallbacks, list[str]]:
+    """The user's callback (if any) first, then the controller; and the tensor inputs both need."""
+    if user_callback is None:
+        callbacks: list[Any] = []
+    elif isinstance(user_callback, MultiPipelineCallbacks):
+        callbacks = list(user_callback.callbacks)
+    elif isinstance(user_callback, PipelineCallback):
+        callbacks = [user_callback]
+    elif callable(user_callback):
+        callbacks = [_FunctionCallback(user_callback, user_tensor_inputs or ["latents"])]
+    else:
+        raise TypeError(
+            "`callback_on_step_end` must be a function, a PipelineCallback or MultiPipelineCallbacks, "
+            f"got {type(user_callback).__name__}."
+        )
+    chained = MultiPipelineCallbacks([*callbacks, controller])
+    wanted = [*(user_tensor_inputs or []), *chained.tensor_inputs]
+    return chained, list(dict.fromkeys(wanted))

@@ -1,0 +1,311 @@
+"""`lssgen.patch` / `lssgen.unpatch`: multi-resolution generation on an unmodified stock pipeline instance."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .adapters import Adapter, find_adapter
+from .controller import Run, StageSwitchCallback, chain_callbacks
+from .plan import Stage, plan_stages, validate_arguments
+from .scaling import resolve_scaling_space
+from .schedule import StagedScheduler
+
+logger = logging.get_logger(__name__)
+
+_STATE = "_lssgen"
+# Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
+_CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps")
+
+
+@dataclass(frozen=True)
+class Options:
+    r"""
+    The method's call arguments. Each can be set per call, or as a default through `lssgen.patch(pipe, **options)`.
+
+    Args:
+        start_sigma (`float`, defaults to `0.75`): noise level each later stage restarts from; 0.667 is faster.
+            `1.0` turns the method off (the stock pipeline runs unchanged).
+        min_resolution (`int`, defaults to `512`): short side, in pixels, of the smallest stage at least.
+        shorten_intermediate_steps (`bool`, defaults to the family's published default): fewer steps for the
+            smaller stages.
+        base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
+        scaling_space (`str`): `"learned"` (alias `"resnet"`, default with an upsampler), `"latent"` (bicubic
+            latent interpolation, default without one) or `"pixel"` (decode → bicubic → encode).
+    """
+
+    start_sigma: float = 0.75
+    min_resolution: int = 512
+    shorten_intermediate_steps: bool | None = None
+    base_height: int | None = None
+    base_width: int | None = None
+    scaling_space: str | None = None
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+
+
+@dataclass
+class PatchState:
+    """Everything `patch` changed on a pipe, kept on the pipe; `unpatch` undoes exactly this."""
+
+    adapter: Adapter
+    upsampler: Any
+    defaults: Options
+    original_class: type
+    run: Run | None = field(default=None, repr=False)
+
+    def current_stage(self) -> Stage | None:
+        return None if self.run is None else self.run.current_stage
+
+
+def _check_option_names(names, where: str) -> None:
+    unknown = sorted(set(names) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{where} got unknown lssgen option(s) {unknown}; known options are {list(OPTION_NAMES)}.")
+
+
+def _check_upsampler(upsampler: Any, adapter: Adapter, pipe: Any) -> None:
+    if upsampler is None:
+        return
+    config = getattr(upsampler, "config", None)
+    if not isinstance(upsampler, torch.nn.Module) or config is None:
+        raise TypeError(
+            f"`upsampler` must be an lssgen.LatentUpsampler (or a module with its config), got "
+            f"{type(upsampler).__name__}. Load one with `lssgen.LatentUpsampler.from_pretrained(path)`."
+        )
+    channels = adapter.latent_channels(pipe)
+    if config.in_channels != channels or config.out_channels != channels:
+        raise ValueError(
+            f"The upsampler maps {config.in_channels} -> {config.out_channels} latent channels, but this "
+            f"{type(pipe).__name__} denoises {channels}-channel latents. Use an upsampler trained for this "
+            "pipeline's VAE."
+        )
+    factor = getattr(upsampler, "scale_factor", 2)
+    if factor != 2:
+        raise ValueError(f"The upsampler scales by {factor}, but lssgen needs an x2 upsampler.")
+
+
+def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = None, **defaults: Any) -> Any:
+    r"""
+    Make `pipe(...)` generate in several resolutions (LSSGen), in place. Calling it again re-patches.
+
+    Only this instance changes (its class is swapped for a subclass of the same name); other instances of the
+    pipeline class are untouched. With `start_sigma=1.0`, or after [`unpatch`], the pipe is the stock pipeline.
+
+    Args:
+        pipe (`DiffusionPipeline`): a stock pipeline that an installed adapter supports.
+        upsampler (`LatentUpsampler`, *optional*): learned x2 latent upsampler for the pipeline's VAE.
+        adapter (`Adapter` or `str`, *optional*): force an adapter instead of matching the pipeline.
+        **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`.
+
+    Returns:
+        The same `pipe`.
+
+    Example:
+
+    ```py
+    >>> import lssgen
+    >>> lssgen.patch(pipe, lssgen.LatentUpsampler.from_pretrained("path/to/flux-x2"))
+    >>> image = pipe("a lighthouse at dusk", height=1024, width=1024, start_sigma=0.75).images[0]
+    >>> lssgen.unpatch(pipe)
+    ```
+    """
+    _check_option_names(defaults, "lssgen.patch()")
+    if is_patched(pipe):
+        unpatch(pipe)
+    chosen = find_adapter(pipe, adapter)
+    _check_upsampler(upsampler, chosen, pipe)
+    options = replace(Options(), **defaults)
+    if options.scaling_space is not None:
+        resolve_scaling_space(options.scaling_space, upsampler)
+
+    original_class = type(pipe)
+    state = PatchState(adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class)
+    chosen.install_hooks(pipe, state.current_stage)
+    # A subclass per instance: Python looks `__call__` up on the class, and keeping the name keeps
+    # `save_pretrained` writing the stock class name.
+    patched_class = type(
+        original_class.__name__,
+        (original_class,),
+        {
+            "__call__": _patched_call,
+            "progress_bar": _patched_progress_bar,
+            "__module__": original_class.__module__,
+            "__qualname__": original_class.__qualname__,
+            "__doc__": original_class.__doc__,
+        },
+    )
+    pipe.__dict__[_STATE] = state
+    pipe.__class__ = patched_class
+    return pipe
+
+
+def unpatch(pipe: Any) -> Any:
+    r"""
+    Undo [`patch`]: the pipe's class, hooks and attributes are as before. Does nothing on an unpatched pipe.
+
+    Example:
+
+    ```py
+    >>> lssgen.unpatch(pipe)
+    ```
+    """
+    state = pipe.__dict__.get(_STATE)
+    if state is None:
+        return pipe
+    state.adapter.remove_hooks(pipe)
+    pipe.__class__ = state.original_class
+    del pipe.__dict__[_STATE]
+    return pipe
+
+
+def is_patched(pipe: Any) -> bool:
+    return _STATE in getattr(pipe, "__dict__", {})
+
+
+def _patched_progress_bar(self, iterable=None, total=None):
+    state: PatchState = self.__dict__[_STATE]
+    bar = state.original_class.progress_bar(self, iterable=iterable, total=total)
+    if state.run is not None:
+        state.run.progress_bar = bar
+        state.run.show_stage(state.run.current_stage)
+    return bar
+
+
+def _bound_arguments(function, pipe, args, kwargs) -> dict[str, Any]:
+    """All call arguments by name, whether passed by position or keyword."""
+    signature = inspect.signature(function)
+    try:
+        bound = signature.bind(pipe, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{type(pipe).__name__}.__call__: {error}") from None
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(signature.parameters)))
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+def _defaults_of(function) -> dict[str, Any]:
+    return {
+        name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty
+    }
+
+
+@torch.no_grad()
+def _patched_call(self, *args, **kwargs):
+    state: PatchState = self.__dict__[_STATE]
+    stock_call = state.original_class.__call__
+    overrides = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
+    options = replace(state.defaults, **overrides)
+    if options.start_sigma == 1.0:
+        return stock_call(self, *args, **kwargs)
+
+    call = _bound_arguments(stock_call, self, args, kwargs)
+    run = _prepare_run(self, state, options, call, _defaults_of(stock_call))
+    if run is None:
+        return stock_call(self, *args, **kwargs)
+
+    stock_scheduler = self.__dict__["scheduler"]
+    # Swap through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config.
+    self.__dict__["scheduler"] = run.scheduler
+    state.run = run
+    try:
+        return stock_call(self, **call)
+    finally:
+        self.__dict__["scheduler"] = stock_scheduler
+        state.run = None
+
+
+def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, stock_defaults: dict) -> Run | None:
+    """Validate the call, plan it, and rewrite `call` for one stock call; None when no low-res stage fits."""
+    adapter = state.adapter
+    for name in _CONFLICTING_ARGUMENTS:
+        if call.get(name) is not None:
+            raise ValueError(
+                f"`{name}` cannot be combined with multi-resolution generation: lssgen draws the noise and "
+                f"plans the schedule of every stage itself. Drop `{name}`, or pass `start_sigma=1.0` to run the "
+                "stock pipeline."
+            )
+    scaling_space = resolve_scaling_space(options.scaling_space, state.upsampler)
+    default_height, default_width = adapter.default_size(pipe)
+    height = call.get("height") or default_height
+    width = call.get("width") or default_width
+    num_inference_steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
+    shorten = options.shorten_intermediate_steps
+    base_height = options.base_height or adapter.base_size
+    base_width = options.base_width or adapter.base_size
+    validate_arguments(
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        start_sigma=options.start_sigma,
+        min_resolution=options.min_resolution,
+        base_height=base_height,
+        base_width=base_width,
+    )
+    plan = plan_stages(
+        height,
+        width,
+        num_inference_steps,
+        scheduler=pipe.scheduler,
+        facts=adapter,
+        vae_scale_factor=pipe.vae_scale_factor,
+        start_sigma=options.start_sigma,
+        min_resolution=options.min_resolution,
+        shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else bool(shorten),
+        base_height=base_height,
+        base_width=base_width,
+    )
+    if not plan.is_multi_resolution:
+        logger.warning(
+            f"No low-resolution stage fits {width}x{height} with min_resolution={options.min_resolution} (the short "
+            f"side must be at least twice min_resolution); generating at full resolution only. Lower "
+            "`min_resolution` to scale."
+        )
+        return None
+
+    num_images = call.get("num_images_per_prompt") or 1
+    batch = adapter.batch_size(call) * num_images
+    generator = call.get("generator")
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"{len(generator)} generators were passed for an effective batch of {batch} images "
+            "(prompts x num_images_per_prompt); pass one generator or one per image."
+        )
+    device = pipe._execution_device
+    first = plan.stages[0]
+    noise = randn_tensor(
+        (batch, adapter.latent_channels(pipe), first.latent_height, first.latent_width),
+        generator=generator,
+        device=device,
+        dtype=adapter.latent_dtype(pipe),
+    )
+    run = Run(
+        pipe=pipe,
+        adapter=adapter,
+        plan=plan,
+        scheduler=StagedScheduler(plan, pipe.scheduler, device=device),
+        scaling_space=scaling_space,
+        upsampler=state.upsampler,
+        generator=generator,
+    )
+    callback, tensor_inputs = chain_callbacks(
+        call.get("callback_on_step_end"), call.get("callback_on_step_end_tensor_inputs"), StageSwitchCallback(run)
+    )
+    call.update(
+        height=plan.height,
+        width=plan.width,
+        num_inference_steps=plan.total_steps,
+        latents=adapter.pack(pipe, noise),
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=tensor_inputs,
+    )
+    return run

@@ -1,0 +1,298 @@
+"""The stage plan: which resolutions run, for how many steps, on which timesteps.
+
+Everything here is arithmetic on the call's arguments, the scheduler's config and a few adapter facts;
+no model runs. The rules are those of the LSSGen method (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+class ScheduleFacts(Protocol):
+    """What the plan needs to know about a model family (adapters provide it)."""
+
+    flow: bool  # flow matching (sigma schedule, truncation on timesteps) or diffusion (img2img rule)
+    latent_multiple: int  # latent sides must be multiples of this (2 for 2x2-packed latents)
+
+    def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
+        """The `set_timesteps` arguments that give a stage of this size its own schedule."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resolution of a plan. Stage 0 is the smallest; the last stage is the target size."""
+
+    index: int
+    latent_height: int
+    latent_width: int
+    vae_scale_factor: int
+    num_steps: int  # length of the stage's full schedule (n_k) before truncation
+    begin_index: int  # where in that schedule the stage starts (0 for the first stage)
+    timesteps: tuple[float, ...]  # the timesteps the denoiser sees in this stage
+    first_sigma: float | None  # noise level the stage starts from (flow models)
+    scheduler_kwargs: dict = field(compare=False, repr=False)
+
+    @property
+    def height(self) -> int:
+        return self.latent_height * self.vae_scale_factor
+
+    @property
+    def width(self) -> int:
+        return self.latent_width * self.vae_scale_factor
+
+    @property
+    def num_denoiser_steps(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages of one generation, smallest first, and the size the pipeline is called with."""
+
+    stages: tuple[Stage, ...]
+    height: int
+    width: int
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.num_denoiser_steps for stage in self.stages)
+
+    @property
+    def is_multi_resolution(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def stage_ends(self) -> tuple[int, ...]:
+        """Global step index one past each stage's last step."""
+        ends, total = [], 0
+        for stage in self.stages:
+            total += stage.num_denoiser_steps
+            ends.append(total)
+        return tuple(ends)
+
+    def stage_at(self, step_index: int) -> Stage:
+        """The stage that runs global denoising step `step_index` (the last stage past the end)."""
+        for stage, end in zip(self.stages, self.stage_ends):
+            if step_index < end:
+                return stage
+        return self.stages[-1]
+
+    def describe(self) -> str:
+        """A small table of the plan, for logs and the command line."""
+        lines = [f"{'stage':<7}{'image':<12}{'latent':<10}{'steps':<14}{'timesteps':<20}start sigma"]
+        count = len(self.stages)
+        for stage in self.stages:
+            steps = f"{stage.num_denoiser_steps}"
+            if stage.begin_index:
+                steps += f" of {stage.num_steps}"
+            span = f"{stage.timesteps[0]:.1f} -> {stage.timesteps[-1]:.1f}"
+            sigma = "-" if stage.first_sigma is None else f"{stage.first_sigma:.3f}"
+            lines.append(
+                f"{f'{stage.index + 1}/{count}':<7}{f'{stage.width}x{stage.height}':<12}"
+                f"{f'{stage.latent_width}x{stage.latent_height}':<10}{steps:<14}{span:<20}{sigma}"
+            )
+        lines.append(f"denoiser steps in all: {self.total_steps}")
+        return "\n".join(lines)
+
+
+def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__} {value!r}.")
+
+
+def count_low_resolution_stages(height: int, width: int, min_resolution: int, start_sigma: float) -> int:
+    """K: how many times the target can be halved while the short side stays >= `min_resolution`."""
+    if start_sigma == 1.0:
+        return 0
+    return int(math.log2(min(height, width) // min_resolution))
+
+
+def stage_step_count(
+    num_inference_steps: int, height: int, width: int, base_height: int, base_width: int, shorten: bool
+) -> int:
+    """Steps of a stage of `height` x `width` pixels: fewer for smaller stages when shortening."""
+    if not shorten:
+        return num_inference_steps
+    factor = math.log2(max(2.0, (base_width / width) * (base_height / height)))
+    return int(num_inference_steps // factor)
+
+
+def validate_arguments(
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    start_sigma: float,
+    min_resolution: int,
+    base_height: int,
+    base_width: int,
+) -> None:
+    """Raise a clear error for arguments the method cannot use."""
+    for name, value in (("height", height), ("width", width), ("num_inference_steps", num_inference_steps)):
+        _check_number(name, value, integer=True)
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    _check_number("start_sigma", start_sigma)
+    if not 0.0 < start_sigma <= 1.0:
+        raise ValueError(
+            f"`start_sigma` must be in (0, 1], got {start_sigma}. Use 0.75 (default) or 0.667 (faster); "
+            "1.0 turns multi-resolution generation off."
+        )
+    _check_number("min_resolution", min_resolution, integer=True)
+    if min_resolution <= 0:
+        raise ValueError(f"`min_resolution` must be a positive number of pixels (e.g. 512), got {min_resolution}.")
+    if start_sigma < 1.0 and min_resolution > min(height, width):
+        raise ValueError(
+            f"`min_resolution`={min_resolution} is larger than the image's short side ({min(height, width)} px "
+            f"for {width}x{height}). Use a `min_resolution` of at most {min(height, width)} (half of it gives one "
+            "low-resolution stage), or pass `start_sigma=1.0` for plain generation."
+        )
+    for name, value in (("base_height", base_height), ("base_width", base_width)):
+        _check_number(name, value, integer=True)
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive number of pixels (the model's native size), got {value}.")
+
+
+def plan_stages(
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    *,
+    scheduler: Any,
+    facts: ScheduleFacts,
+    vae_scale_factor: int,
+    start_sigma: float = 0.75,
+    min_resolution: int = 512,
+    shorten_intermediate_steps: bool = True,
+    base_height: int = 1024,
+    base_width: int = 1024,
+) -> StagePlan:
+    r"""
+    Plan a multi-resolution generation.
+
+    Args:
+        height (`int`), width (`int`): requested image size in pixels.
+        num_inference_steps (`int`): steps of a plain generation (N).
+        scheduler (`SchedulerMixin`): the pipeline's scheduler; only its class and config are used (a fresh copy
+            computes each stage's timesteps).
+        facts (`ScheduleFacts`): the model family's rules, usually the pipeline's adapter.
+        vae_scale_factor (`int`): pixels per latent cell.
+        start_sigma (`float`, defaults to `0.75`): noise level later stages restart from; `1.0` = plain generation.
+        min_resolution (`int`, defaults to `512`): the smallest stage's short side is at least this many pixels.
+        shorten_intermediate_steps (`bool`, defaults to `True`): give smaller stages proportionally fewer steps.
+        base_height (`int`), base_width (`int`, default `1024`): the model's native size, for shortening.
+
+    Returns:
+        [`StagePlan`]: the stages, smallest first. The target is rounded down (with a warning) so that it halves
+        cleanly into every stage.
+
+    Example:
+
+    ```py
+    >>> plan = plan_stages(1024, 1024, 28, scheduler=pipe.scheduler, facts=adapter, vae_scale_factor=8)
+    >>> print(plan.describe())
+    ```
+    """
+    validate_arguments(
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        start_sigma=start_sigma,
+        min_resolution=min_resolution,
+        base_height=base_height,
+        base_width=base_width,
+    )
+    num_low = count_low_resolution_stages(height, width, min_resolution, start_sigma)
+    unit = vae_scale_factor * facts.latent_multiple * 2**num_low
+    target_height, target_width = height // unit * unit, width // unit * unit
+    if (target_height, target_width) != (height, width):
+        logger.warning(
+            f"{width}x{height} does not halve cleanly into {num_low + 1} stages; generating "
+            f"{target_width}x{target_height} instead (both sides must be multiples of {unit} px). "
+            f"Pass a multiple of {unit} to avoid this."
+        )
+
+    stages = []
+    for index in range(num_low + 1):
+        scale = 2 ** (num_low - index)
+        latent_height = target_height // vae_scale_factor // scale
+        latent_width = target_width // vae_scale_factor // scale
+        num_steps = stage_step_count(
+            num_inference_steps,
+            latent_height * vae_scale_factor,
+            latent_width * vae_scale_factor,
+            base_height,
+            base_width,
+            shorten_intermediate_steps,
+        )
+        if num_steps < 1:
+            logger.warning(
+                f"num_inference_steps={num_inference_steps} leaves stage {index + 1} with no step after shortening; "
+                "it runs 1 step. Use more steps or `shorten_intermediate_steps=False`."
+            )
+            num_steps = 1
+        stages.append(
+            _schedule_stage(
+                index, latent_height, latent_width, vae_scale_factor, num_steps, start_sigma, scheduler, facts
+            )
+        )
+    return StagePlan(stages=tuple(stages), height=target_height, width=target_width)
+
+
+def fresh_scheduler(template: Any) -> Any:
+    """A new scheduler of the template's class and config, with no step state."""
+    return type(template).from_config(template.config)
+
+
+def _schedule_stage(
+    index: int,
+    latent_height: int,
+    latent_width: int,
+    vae_scale_factor: int,
+    num_steps: int,
+    start_sigma: float,
+    template: Any,
+    facts: ScheduleFacts,
+) -> Stage:
+    kwargs = facts.timestep_kwargs(template, num_steps, latent_height, latent_width)
+    scheduler = fresh_scheduler(template)
+    scheduler.set_timesteps(**kwargs)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    if index == 0:
+        begin = 0
+    elif facts.flow:
+        # Restart from the smallest (shifted) timestep that is still >= start_sigma * 1000.
+        above = [i for i, t in enumerate(timesteps) if t >= start_sigma * 1000]
+        begin = above[-1] if above else 0
+    else:
+        # The img2img rule of diffusers' pipelines.
+        kept = min(int(num_steps * start_sigma), num_steps)
+        begin = (num_steps - kept) * scheduler.order
+    if begin >= len(timesteps):
+        raise ValueError(
+            f"`start_sigma`={start_sigma} leaves stage {index + 1} no step of its {num_steps}; "
+            "raise `start_sigma` or `num_inference_steps`."
+        )
+    sigmas = getattr(scheduler, "sigmas", None)
+    first_sigma = float(sigmas[begin]) if sigmas is not None and len(sigmas) > begin else None
+    return Stage(
+        index=index,
+        latent_height=latent_height,
+        latent_width=latent_width,
+        vae_scale_factor=vae_scale_factor,
+        num_steps=num_steps,
+        begin_index=begin,
+        timesteps=tuple(timesteps[begin:]),
+        first_sigma=first_sigma,
+        scheduler_kwargs=kwargs,
+    )

@@ -1,0 +1,69 @@
+"""The three ways to scale a latent up x2: a learned upsampler, latent interpolation, a pixel round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .adapters.base import Adapter
+
+SCALING_SPACES = ("learned", "latent", "pixel")
+_ALIASES = {"resnet": "learned"}
+
+
+def resolve_scaling_space(space: str | None, upsampler: Any) -> str:
+    """The canonical name of `space`; `None` means learned when an upsampler is given, else latent."""
+    if space is None:
+        return "learned" if upsampler is not None else "latent"
+    if not isinstance(space, str) or _ALIASES.get(space, space) not in SCALING_SPACES:
+        raise ValueError(
+            f"Unknown `scaling_space` {space!r}. Choose one of {', '.join(map(repr, SCALING_SPACES))} "
+            "('resnet' is an alias of 'learned')."
+        )
+    space = _ALIASES.get(space, space)
+    if space == "learned" and upsampler is None:
+        raise ValueError(
+            "`scaling_space='learned'` needs a latent upsampler: call `lssgen.patch(pipe, upsampler)` with a "
+            "`lssgen.LatentUpsampler`, or use `scaling_space='latent'` or 'pixel'."
+        )
+    return space
+
+
+def interpolate_latent(latents: torch.Tensor) -> torch.Tensor:
+    """Bicubic x2 in latent space (computed in float32: bicubic is not implemented for every half type)."""
+    return F.interpolate(latents.float(), scale_factor=2, mode="bicubic", align_corners=False).to(latents.dtype)
+
+
+def upsample_learned(latents: torch.Tensor, upsampler: torch.nn.Module) -> torch.Tensor:
+    param = next(upsampler.parameters())
+    return upsampler(latents.to(param.device, param.dtype)).to(latents.device, latents.dtype)
+
+
+def _encode(vae: Any, image: torch.Tensor) -> torch.Tensor:
+    encoded = vae.encode(image)
+    # AutoencoderKL returns a distribution (its mode keeps the round trip deterministic); AutoencoderTiny latents.
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.mode()
+    return encoded.latents if hasattr(encoded, "latents") else encoded[0]
+
+
+def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torch.Tensor:
+    """Decode, bicubic x2 in pixel space, encode again, all in the pipeline's normalised latent space."""
+    vae = pipe.vae
+    vae_param = next(vae.parameters())
+    z = adapter.latents_to_vae(pipe, latents).to(vae_param.device, vae_param.dtype)
+    image = vae.decode(z, return_dict=False)[0]
+    image = F.interpolate(image.float(), scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
+    z = _encode(vae, image.to(vae_param.dtype))
+    return adapter.vae_to_latents(pipe, z).to(latents.device, latents.dtype)
+
+
+def scale_up(latents: torch.Tensor, space: str, *, pipe: Any, adapter: Adapter, upsampler: Any) -> torch.Tensor:
+    """Scale an unpacked `(B, C, h, w)` latent to `(B, C, 2h, 2w)` in `space`."""
+    if space == "learned":
+        return upsample_learned(latents, upsampler)
+    if space == "pixel":
+        return pixel_round_trip(latents, pipe, adapter)
+    return interpolate_latent(latents)

@@ -1,0 +1,96 @@
+"""A scheduler that stands in for `pipe.scheduler` for one call and runs each stage on a scheduler of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .plan import StagePlan, fresh_scheduler
+
+
+class StagedScheduler:
+    """Presents the concatenated timesteps of all stages to the stock denoising loop.
+
+    Every stage has its own fresh inner scheduler (own step count, time shift and start index), so a
+    multistep solver never carries history across a resolution change and each stage's last step lands on
+    its x0. The stage in force is decided by how many `step` calls have been made.
+    """
+
+    def __init__(self, plan: StagePlan, template: Any, device: torch.device | str | None = None):
+        self.plan = plan
+        self.template = template
+        self.stage_schedulers = []
+        for stage in plan.stages:
+            scheduler = fresh_scheduler(template)
+            scheduler.set_timesteps(device=device, **stage.scheduler_kwargs)
+            scheduler.set_begin_index(stage.begin_index)
+            self.stage_schedulers.append(scheduler)
+        self.timesteps = torch.cat(
+            [s.timesteps[stage.begin_index :] for s, stage in zip(self.stage_schedulers, plan.stages)]
+        )
+        self.steps_taken = 0
+
+    @property
+    def stage_index(self) -> int:
+        return self.plan.stage_at(self.steps_taken).index
+
+    @property
+    def current(self) -> Any:
+        return self.stage_schedulers[self.stage_index]
+
+    # The stock loop's view -------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.template.config
+
+    @property
+    def order(self) -> int:
+        return self.stage_schedulers[0].order
+
+    @property
+    def init_noise_sigma(self):
+        return self.stage_schedulers[0].init_noise_sigma
+
+    @property
+    def sigmas(self):
+        return self.current.sigmas
+
+    @property
+    def step_index(self):
+        return self.current.step_index
+
+    @property
+    def begin_index(self):
+        return self.current.begin_index
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.plan.total_steps
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs) -> None:
+        # The plan fixed the schedule; the pipeline's own arguments (N, its sigmas, its single `mu`) do not apply.
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if begin_index != 0:
+            raise ValueError("lssgen plans its own stage starts; a pipeline cannot start it part-way.")
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        scale = getattr(self.current, "scale_model_input", None)
+        return sample if scale is None else scale(sample, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        output = self.current.step(*args, **kwargs)
+        self.steps_taken += 1
+        return output
+
+    def __len__(self) -> int:
+        return len(self.template)
+
+    def __getattr__(self, name: str):
+        # Anything else (add_noise, scale_noise, helpers) belongs to the stage in force.
+        if name.startswith("__") or name in {"plan", "template", "stage_schedulers", "steps_taken"}:
+            raise AttributeError(name)
+        return getattr(self.current, name)
