@@ -1,7 +1,7 @@
 """lssgen: faster text-to-image generation by denoising the early steps at a lower resolution (LSSGen)."""
 
 from .adapters import Adapter, find_adapter, installed_adapters, register_adapter
-from .patch import Options, is_patched, patch, unpatch
+from .patch import Options, is_patched, patch, plan_for, unpatch
 from .plan import Stage, StagePlan, plan_stages
 from .upsampler import LatentUpsampler
 
@@ -17,6 +17,7 @@ __all__ = [
     "installed_adapters",
     "is_patched",
     "patch",
+    "plan_for",
     "plan_stages",
     "register_adapter",
     "unpatch",

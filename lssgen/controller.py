@@ -41,9 +41,7 @@ class Run:
     def scale_up(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         """Packed latents of `stage` → unpacked latents of the next stage's size (no noise added)."""
         unpacked = self.adapter.unpack(self.pipe, latents, stage.latent_height, stage.latent_width)
-        return scale_up(
-            unpacked, self.scaling_space, pipe=self.pipe, adapter=self.adapter, upsampler=self.upsampler
-        )
+        return scale_up(unpacked, self.scaling_space, pipe=self.pipe, adapter=self.adapter, upsampler=self.upsampler)
 
     def renoise(self, clean: torch.Tensor, stage: Stage) -> torch.Tensor:
         """Fresh noise of the new shape, mixed in to the noise level `stage` really starts from."""

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
 from .controller import Run, StageSwitchCallback, chain_callbacks
-from .plan import Stage, plan_stages, validate_arguments
+from .plan import Stage, StagePlan, plan_stages
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 _STATE = "_lssgen"
 # Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
@@ -194,9 +194,7 @@ def _bound_arguments(function, pipe, args, kwargs) -> dict[str, Any]:
 
 
 def _defaults_of(function) -> dict[str, Any]:
-    return {
-        name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty
-    }
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
 
 
 @torch.no_grad()
@@ -224,6 +222,49 @@ def _patched_call(self, *args, **kwargs):
         state.run = None
 
 
+def plan_for(
+    pipe: Any,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    **options: Any,
+) -> StagePlan:
+    r"""
+    The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs).
+
+    Example:
+
+    ```py
+    >>> print(lssgen.plan_for(pipe, 1024, 1024, 50, start_sigma=0.75).describe())
+    ```
+    """
+    state = pipe.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("This pipeline is not patched; call `lssgen.patch(pipe)` first.")
+    _check_option_names(options, "lssgen.plan_for()")
+    steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
+    return _plan(pipe, state, replace(state.defaults, **options), height, width, steps)
+
+
+def _plan(pipe: Any, state: PatchState, options: Options, height: int | None, width: int | None, steps: int):
+    adapter = state.adapter
+    default_height, default_width = adapter.default_size(pipe)
+    shorten = options.shorten_intermediate_steps
+    return plan_stages(
+        height or default_height,
+        width or default_width,
+        steps,
+        scheduler=pipe.scheduler,
+        facts=adapter,
+        vae_scale_factor=pipe.vae_scale_factor,
+        start_sigma=options.start_sigma,
+        min_resolution=options.min_resolution,
+        shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else bool(shorten),
+        base_height=options.base_height or adapter.base_size,
+        base_width=options.base_width or adapter.base_size,
+    )
+
+
 def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, stock_defaults: dict) -> Run | None:
     """Validate the call, plan it, and rewrite `call` for one stock call; None when no low-res stage fits."""
     adapter = state.adapter
@@ -235,39 +276,12 @@ def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, sto
                 "stock pipeline."
             )
     scaling_space = resolve_scaling_space(options.scaling_space, state.upsampler)
-    default_height, default_width = adapter.default_size(pipe)
-    height = call.get("height") or default_height
-    width = call.get("width") or default_width
-    num_inference_steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
-    shorten = options.shorten_intermediate_steps
-    base_height = options.base_height or adapter.base_size
-    base_width = options.base_width or adapter.base_size
-    validate_arguments(
-        height=height,
-        width=width,
-        num_inference_steps=num_inference_steps,
-        start_sigma=options.start_sigma,
-        min_resolution=options.min_resolution,
-        base_height=base_height,
-        base_width=base_width,
-    )
-    plan = plan_stages(
-        height,
-        width,
-        num_inference_steps,
-        scheduler=pipe.scheduler,
-        facts=adapter,
-        vae_scale_factor=pipe.vae_scale_factor,
-        start_sigma=options.start_sigma,
-        min_resolution=options.min_resolution,
-        shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else bool(shorten),
-        base_height=base_height,
-        base_width=base_width,
-    )
+    steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
+    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps)
     if not plan.is_multi_resolution:
         logger.warning(
-            f"No low-resolution stage fits {width}x{height} with min_resolution={options.min_resolution} (the short "
-            f"side must be at least twice min_resolution); generating at full resolution only. Lower "
+            f"No low-resolution stage fits {plan.width}x{plan.height} with min_resolution={options.min_resolution} "
+            "(the short side must be at least twice min_resolution); generating at full resolution only. Lower "
             "`min_resolution` to scale."
         )
         return None

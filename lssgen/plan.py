@@ -6,14 +6,13 @@ no model runs. The rules are those of the LSSGen method (DESIGN.md §1).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diffusers.utils import logging
-
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class ScheduleFacts(Protocol):

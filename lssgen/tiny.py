@@ -5,10 +5,12 @@ The weights are random: images are noise. What they show is the machinery (shape
 
 from __future__ import annotations
 
-import hashlib
+import string
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 # FLUX.1-dev's scheduler and VAE normalisation, so plans and shifts match the real model's.
 FLUX_SCHEDULER_CONFIG = {
@@ -78,29 +80,58 @@ def build_tiny_flux_pipeline(
         use_post_quant_conv=False,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer, **build_tiny_text_encoders(text_dim))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # built, not loaded, so still in training mode (dropout on)
+    return pipe
+
+
+def build_character_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer made on the spot (no vocabulary download): one token per character."""
+    characters = string.ascii_lowercase + string.digits + " .,;:!?'-()"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(characters)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
     )
 
 
-def tiny_prompt_embeds(
-    pipe: FluxPipeline, prompt: str | list[str], sequence_length: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-in text embeddings for a pipeline without text encoders: random, but fixed by the prompt text."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    text_dim = pipe.transformer.config.joint_attention_dim
-    pooled_dim = pipe.transformer.config.pooled_projection_dim
-    embeds, pooled = [], []
-    for text in prompts:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-        generator = torch.Generator().manual_seed(seed)
-        embeds.append(torch.randn(sequence_length, text_dim, generator=generator))
-        pooled.append(torch.randn(pooled_dim, generator=generator))
-    dtype = pipe.transformer.dtype
-    return torch.stack(embeds).to(dtype), torch.stack(pooled).to(dtype)
+def build_tiny_text_encoders(text_dim: int) -> dict:
+    """Random CLIP and T5 encoders of width `text_dim` with character tokenizers, as FluxPipeline components."""
+    clip_tokenizer = build_character_tokenizer(77)
+    t5_tokenizer = build_character_tokenizer(512)
+    vocab_size = len(clip_tokenizer)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=77,
+            projection_dim=text_dim,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=text_dim,
+            d_kv=text_dim // 2,
+            d_ff=2 * text_dim,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return {"text_encoder": clip, "tokenizer": clip_tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tokenizer}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,8 @@ class Adapter:
     latent_multiple: int = 1  # latent sides must be multiples of this
     shorten_intermediate_steps: bool = True  # the published default for this family
     base_size: int = 1024  # native resolution, the reference for shortening
+    default_steps: int = 50  # published settings of the method for this family
+    default_guidance: float = 3.5
 
     # Selection --------------------------------------------------------------------------------------------------
     def matches(self, pipe: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,8 @@ class FluxAdapter(Adapter):
     flow = True
     latent_multiple = 2  # 2x2 packing
     shorten_intermediate_steps = True
+    default_steps = 50
+    default_guidance = 3.5
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4

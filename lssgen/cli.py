@@ -1,0 +1,193 @@
+"""The `lssgen` command: `lssgen generate` and `lssgen demo`."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_method_options(parser: argparse.ArgumentParser, *, steps: int | None, size: int | None) -> None:
+    parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
+    parser.add_argument("--height", type=int, default=size, help="image height in pixels")
+    parser.add_argument("--width", type=int, default=size, help="image width in pixels")
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps of a plain generation")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (family's default)")
+    parser.add_argument("--start-sigma", type=float, default=0.75, help="noise level later stages restart from")
+    parser.add_argument("--min-resolution", type=int, default=None, help="smallest stage's short side, px")
+    parser.add_argument(
+        "--shorten-intermediate-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fewer steps for smaller stages (family's default)",
+    )
+    parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
+    parser.add_argument("--upsampler", help="folder of a LatentUpsampler (config.json + safetensors)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lssgen", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate one image with a local or hub pipeline")
+    generate.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
+    _add_method_options(generate, steps=None, size=1024)
+    generate.add_argument("--out", default="out.png", help="where to save the image")
+    generate.add_argument("--baseline", action="store_true", help="run the stock pipeline (no scaling)")
+
+    demo = commands.add_parser("demo", help="baseline vs LSSGen on a small random-weight Flux pipeline")
+    demo.add_argument("--model", help="use a real local pipeline instead of the random-weight one")
+    _add_method_options(demo, steps=None, size=None)
+    demo.add_argument("--out-dir", default="outputs/demo", help="folder for the two images")
+    return parser
+
+
+def _device_and_dtype(args) -> tuple[str, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, dtype
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"lssgen: could not load a diffusers pipeline from {model!r}: {error}") from None
+    return pipe.to(device)
+
+
+def _call_arguments(args, adapter, *, height: int, width: int, steps: int) -> dict[str, Any]:
+    return {
+        "prompt": args.prompt,
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "guidance_scale": adapter.default_guidance if args.guidance is None else args.guidance,
+    }
+
+
+def _method_options(args, **overrides) -> dict[str, Any]:
+    options = {
+        "start_sigma": args.start_sigma,
+        "min_resolution": args.min_resolution,
+        "shorten_intermediate_steps": args.shorten_intermediate_steps,
+        "scaling_space": args.scaling_space,
+    }
+    options.update(overrides)
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _timed(pipe, call: dict[str, Any], seed: int, device: str, **options) -> tuple[Any, float]:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    image = pipe(**call, generator=generator, **options).images[0]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return image, time.perf_counter() - start
+
+
+def _patch(pipe, args) -> Any:
+    import lssgen
+
+    upsampler = None
+    if args.upsampler:
+        upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=pipe.dtype)
+        upsampler = upsampler.to(pipe.device)
+    return lssgen.patch(pipe, upsampler)
+
+
+def run_generate(args) -> None:
+    import lssgen
+
+    device, dtype = _device_and_dtype(args)
+    pipe = load_pipeline(args.model, device, dtype)
+    adapter = lssgen.find_adapter(pipe)
+    steps = args.steps or adapter.default_steps
+    call = _call_arguments(args, adapter, height=args.height, width=args.width, steps=steps)
+    options = {}
+    if not args.baseline:
+        _patch(pipe, args)
+        options = _method_options(args)
+        print(lssgen.plan_for(pipe, args.height, args.width, steps, **options).describe())
+    image, seconds = _timed(pipe, call, args.seed, device, **options)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"{'baseline' if args.baseline else 'lssgen'}: {seconds:.2f} s -> {args.out}")
+
+
+def run_demo(args) -> None:
+    import lssgen
+    from lssgen.tiny import build_tiny_flux_pipeline
+
+    device, dtype = _device_and_dtype(args)
+    if args.model:
+        pipe = load_pipeline(args.model, device, dtype)
+        adapter = lssgen.find_adapter(pipe)
+        size, steps, extra, model_options = 1024, adapter.default_steps, {}, {}
+        print(f"lssgen demo: {type(pipe).__name__} from {args.model} on {device}")
+    else:
+        pipe = build_tiny_flux_pipeline(
+            num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, text_dim=64
+        ).to(device)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        adapter = lssgen.find_adapter(pipe)
+        # A small model, so a small native size: 512 px plays the part of FLUX.1's 1024 px.
+        size, steps, extra = 512, 20, {"max_sequence_length": 64}
+        model_options = {"min_resolution": 256, "base_height": 512, "base_width": 512}
+        print(
+            "lssgen demo: a FLUX.1-architecture pipeline with RANDOM weights, built locally (no download).\n"
+            "The images are noise; the demo shows the stage plan and the speed-up of the same call."
+        )
+    pipe.set_progress_bar_config(disable=True)
+    height, width = args.height or size, args.width or size
+    steps = args.steps or steps
+    call = {**_call_arguments(args, adapter, height=height, width=width, steps=steps), **extra}
+    _patch(pipe, args)
+    options = {**model_options, **_method_options(args)}
+    print(lssgen.plan_for(pipe, height, width, steps, **options).describe())
+
+    _timed(pipe, {**call, "num_inference_steps": 2}, args.seed, device, start_sigma=1.0)  # warm-up
+    baseline_times, lssgen_times = [], []
+    for _ in range(2):  # alternate, so both see the same machine state
+        baseline, seconds = _timed(pipe, call, args.seed, device, start_sigma=1.0)
+        baseline_times.append(seconds)
+        scaled, seconds = _timed(pipe, call, args.seed, device, **options)
+        lssgen_times.append(seconds)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baseline.save(out_dir / "baseline.png")
+    scaled.save(out_dir / "lssgen.png")
+    base, fast = statistics.median(baseline_times), statistics.median(lssgen_times)
+    print(f"baseline (stock pipeline, {steps} steps at {width}x{height}): {base:.2f} s")
+    print(f"lssgen   (same call, start_sigma={options['start_sigma']}):  {fast:.2f} s")
+    print(f"speed-up: {base / fast:.2f}x (median of 2 alternating runs, {device}, {str(dtype).split('.')[-1]})")
+    print(f"images: {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": run_generate, "demo": run_demo}[args.command](args)
+    except (ValueError, TypeError) as error:
+        print(f"lssgen: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,604 @@
+"""The stage plan against numbers worked out by hand from the method's rules (DESIGN.md §1).
+
+Expected sizes, step counts, time shifts and truncation indices are written out literally; only the
+"reference schedule" checks build a fresh scheduler to compare whole timestep lists.
+
+Hand arithmetic used below (Flux scheduler config: base_image_seq_len 256, max_image_seq_len 4096,
+base_shift 0.5, max_shift 1.15):
+
+* mu(seq) = 0.5 + 0.65 * (seq - 256) / 3840, seq capped at 4096:
+  seq 256 -> 0.5; 768 -> 0.586667; 1024 -> 0.63; 1536 -> 0.716667; 3072 -> 0.976667; >= 4096 -> 1.15.
+* Shifted sigma: s' = e^mu / (e^mu + 1/s - 1). So s' >= t  <=>  1/s - 1 <= e^mu * (1 - t) / t.
+  mu 1.15 (e^mu = 3.158193), t 0.75:  s >= 0.48716 -> on linspace(1, 0.02, 50) the last kept index is 25 (s=0.5,
+  s'=0.759511); index 26 (s=0.48) gives s'=0.7477.
+  mu 1.15, t 0.667: s >= 0.38809 -> index 30 (s=0.4, s'=0.67799); index 31 (s=0.38) gives 0.6594.
+  mu 0.63 (e^mu = 1.877611), t 0.75: s >= 0.61505 -> on linspace(1, 0.04, 25) index 9 (s=0.64, s'=0.769477);
+  on linspace(1, 0.02, 50) index 19 (s=0.62, s'=0.7539).
+  mu 0.976667 (e^mu = 2.65559), t 0.75: s >= 0.530449 -> on linspace(1, 0.02, 50) index 23 (s=0.54, s'=0.75713).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import lssgen
+from lssgen.adapters import FluxAdapter
+from lssgen.plan import (
+    Stage,
+    StagePlan,
+    count_low_resolution_stages,
+    plan_stages,
+    stage_step_count,
+    validate_arguments,
+)
+from lssgen.tiny import FLUX_SCHEDULER_CONFIG
+
+FLUX = FluxAdapter()
+VAE_SCALE = 8
+E_MU_MAX = 3.158193  # e ** 1.15
+
+
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+
+
+def plan(height, width, steps=50, **kwargs) -> StagePlan:
+    return plan_stages(
+        height, width, steps, scheduler=make_scheduler(), facts=FLUX, vae_scale_factor=VAE_SCALE, **kwargs
+    )
+
+
+def reference_schedule(num_steps: int, mu: float) -> tuple[list[float], list[float]]:
+    """Full shifted timesteps and sigmas of one stage, built independently of lssgen."""
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
+    return [float(t) for t in scheduler.timesteps], [float(s) for s in scheduler.sigmas]
+
+
+def reference_mu(latent_height: int, latent_width: int) -> float:
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    seq_len = (latent_height // 2) * (latent_width // 2)
+    return calculate_shift(min(seq_len, 4096), 256, 4096, 0.5, 1.15)
+
+
+def sizes(p: StagePlan) -> list[tuple[int, int]]:
+    """(width, height) in pixels of every stage."""
+    return [(s.width, s.height) for s in p.stages]
+
+
+def latent_sizes(p: StagePlan) -> list[tuple[int, int]]:
+    """(latent_width, latent_height) of every stage."""
+    return [(s.latent_width, s.latent_height) for s in p.stages]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "min_resolution", "start_sigma", "expected"),
+    [
+        (1024, 1024, 512, 0.75, 1),
+        (1024, 1024, 256, 0.75, 2),
+        (1024, 1024, 128, 0.75, 3),
+        (1024, 1024, 1024, 0.75, 0),
+        (1024, 1024, 600, 0.75, 0),  # 1024 // 600 = 1
+        (768, 1024, 512, 0.75, 0),  # short side 768 < 2 * 512
+        (768, 1024, 384, 0.75, 1),
+        (1024, 1536, 512, 0.75, 1),
+        (1024, 1536, 256, 0.75, 2),
+        (1000, 1000, 500, 0.75, 1),
+        (1000, 1000, 250, 0.75, 2),
+        (1000, 1000, 512, 0.75, 0),
+        (2048, 2048, 512, 0.75, 2),
+        (1536, 1536, 512, 0.75, 1),  # 1536 // 512 = 3, int(log2 3) = 1
+        (1024, 1024, 512, 0.667, 1),
+        (1024, 1024, 512, 1.0, 0),
+        (2048, 2048, 256, 1.0, 0),
+    ],
+)
+def test_count_low_resolution_stages(height, width, min_resolution, start_sigma, expected):
+    assert count_low_resolution_stages(height, width, min_resolution, start_sigma) == expected
+
+
+@pytest.mark.parametrize(
+    ("steps", "height", "width", "shorten", "expected"),
+    [
+        (50, 1024, 1024, True, 50),  # log2(max(2, 1)) = 1
+        (50, 512, 512, True, 25),  # log2(4) = 2
+        (50, 256, 256, True, 12),  # log2(16) = 4 -> 12.5 -> 12
+        (50, 128, 128, True, 8),  # log2(64) = 6 -> 8.33 -> 8
+        (28, 512, 512, True, 14),
+        (50, 2048, 2048, True, 50),  # ratio 1/4 -> max(2, .) = 2 -> factor 1
+        (50, 384, 512, True, 20),  # log2(2.6667 * 2) = 2.415 -> 20.7 -> 20
+        (50, 512, 768, True, 35),  # log2(1.3333 * 2) = 1.415 -> 35.3 -> 35
+        (50, 256, 384, True, 14),  # log2(2.6667 * 4) = 3.415 -> 14.6 -> 14
+        (50, 768, 1024, True, 50),  # ratio 1.333 -> max 2 -> factor 1
+        (8, 256, 256, True, 2),
+        (3, 256, 256, True, 0),  # raw count; plan_stages clamps to 1
+        (50, 256, 256, False, 50),
+        (50, 512, 512, False, 50),
+    ],
+)
+def test_stage_step_count(steps, height, width, shorten, expected):
+    assert stage_step_count(steps, height, width, 1024, 1024, shorten) == expected
+
+
+def test_stage_step_count_uses_the_base_size():
+    # Base 512: a 512 stage is "full size" (factor 1), a 256 stage has factor log2(4) = 2.
+    assert stage_step_count(40, 512, 512, 512, 512, True) == 40
+    assert stage_step_count(40, 256, 256, 512, 512, True) == 20
+    # Non-square base 768x1344 (h x w), stage 384x672: (1344/672) * (768/384) = 4 -> factor 2.
+    assert stage_step_count(30, 384, 672, 768, 1344, True) == 15
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_start_sigma_one_is_a_single_full_schedule():
+    p = plan(1024, 1024, 50, start_sigma=1.0, min_resolution=256)
+    assert len(p.stages) == 1
+    assert not p.is_multi_resolution
+    (stage,) = p.stages
+    assert (p.height, p.width) == (1024, 1024)
+    assert (stage.height, stage.width) == (1024, 1024)
+    assert (stage.latent_height, stage.latent_width) == (128, 128)
+    assert stage.index == 0
+    assert stage.num_steps == 50
+    assert stage.begin_index == 0
+    assert stage.num_denoiser_steps == 50
+    assert stage.timesteps[0] == pytest.approx(1000.0)
+    assert stage.first_sigma == pytest.approx(1.0)
+    assert p.total_steps == 50
+    assert p.stage_ends == (50,)
+    assert stage.scheduler_kwargs["mu"] == pytest.approx(1.15)
+
+
+def test_short_side_below_twice_min_resolution_is_a_single_stage():
+    p = plan(768, 1024, 50, min_resolution=512)  # 768 // 512 = 1 -> K = 0
+    assert len(p.stages) == 1
+    (stage,) = p.stages
+    assert (p.height, p.width) == (768, 1024)
+    assert (stage.latent_height, stage.latent_width) == (96, 128)
+    assert stage.num_steps == 50
+    assert stage.begin_index == 0
+    assert stage.num_denoiser_steps == 50
+    assert p.total_steps == 50
+    assert p.stage_at(0) is stage
+    assert p.stage_at(49) is stage
+    assert p.stage_at(50) is stage
+
+
+def test_min_resolution_equal_to_short_side_is_a_single_stage():
+    p = plan(1024, 1024, 50, min_resolution=1024)
+    assert len(p.stages) == 1
+    assert p.stages[0].num_denoiser_steps == 50
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two and three stages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_two_stages_1024_square():
+    p = plan(1024, 1024, 50, min_resolution=512, start_sigma=0.75)
+    assert p.is_multi_resolution
+    assert (p.height, p.width) == (1024, 1024)
+    assert sizes(p) == [(512, 512), (1024, 1024)]
+    assert latent_sizes(p) == [(64, 64), (128, 128)]
+    assert [s.index for s in p.stages] == [0, 1]
+    assert [s.vae_scale_factor for s in p.stages] == [8, 8]
+    assert [s.num_steps for s in p.stages] == [25, 50]
+    # First stage runs its whole schedule; the second restarts at index 25 (s = 0.5 -> shifted 0.7595).
+    assert [s.begin_index for s in p.stages] == [0, 25]
+    assert [s.num_denoiser_steps for s in p.stages] == [25, 25]
+    assert p.total_steps == 50
+    assert p.stage_ends == (25, 50)
+    first, second = p.stages
+    assert first.first_sigma == pytest.approx(1.0)
+    assert first.timesteps[0] == pytest.approx(1000.0)
+    assert second.first_sigma == pytest.approx(0.759511, abs=1e-5)
+    assert second.timesteps[0] == pytest.approx(759.511, abs=1e-2)
+    assert second.timesteps[0] >= 750.0
+    # Stage time shifts: 32x32 tokens -> 0.63; 64x64 tokens -> 1.15.
+    assert first.scheduler_kwargs["mu"] == pytest.approx(0.63)
+    assert second.scheduler_kwargs["mu"] == pytest.approx(1.15)
+
+
+def test_two_stages_start_sigma_0667():
+    p = plan(1024, 1024, 50, min_resolution=512, start_sigma=0.667)
+    assert [s.num_steps for s in p.stages] == [25, 50]
+    assert [s.begin_index for s in p.stages] == [0, 30]
+    assert [s.num_denoiser_steps for s in p.stages] == [25, 20]
+    assert p.total_steps == 45
+    assert p.stage_ends == (25, 45)
+    assert p.stages[1].first_sigma == pytest.approx(0.67799, abs=1e-4)
+    assert p.stages[1].timesteps[0] >= 667.0
+
+
+def test_three_stages_1024_square():
+    p = plan(1024, 1024, 50, min_resolution=256, start_sigma=0.75)
+    assert sizes(p) == [(256, 256), (512, 512), (1024, 1024)]
+    assert latent_sizes(p) == [(32, 32), (64, 64), (128, 128)]
+    assert [s.num_steps for s in p.stages] == [12, 25, 50]
+    assert [s.begin_index for s in p.stages] == [0, 9, 25]
+    assert [s.num_denoiser_steps for s in p.stages] == [12, 16, 25]
+    assert p.total_steps == 53
+    assert p.stage_ends == (12, 28, 53)
+    assert [s.scheduler_kwargs["mu"] for s in p.stages] == pytest.approx([0.5, 0.63, 1.15])
+    assert p.stages[0].first_sigma == pytest.approx(1.0)
+    assert p.stages[1].first_sigma == pytest.approx(0.769477, abs=1e-5)
+    assert p.stages[2].first_sigma == pytest.approx(0.759511, abs=1e-5)
+
+
+def test_stage_at_and_stage_ends():
+    p = plan(1024, 1024, 50, min_resolution=256)  # 12 + 16 + 25 steps
+    s0, s1, s2 = p.stages
+    assert p.stage_ends == (12, 28, 53)
+    expected = {0: s0, 11: s0, 12: s1, 20: s1, 27: s1, 28: s2, 52: s2, 53: s2, 1000: s2}
+    for step, stage in expected.items():
+        assert p.stage_at(step) is stage, step
+
+
+def test_stage_and_plan_types():
+    p = plan(1024, 1024, 50)
+    assert isinstance(p, lssgen.StagePlan)
+    assert all(isinstance(s, Stage) for s in p.stages)
+    assert isinstance(p.stages, tuple)
+    assert all(isinstance(t, float) for t in p.stages[1].timesteps)
+    assert "denoiser steps in all: 50" in p.describe()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-square
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_non_square_1024x768_two_stages():
+    p = plan(768, 1024, 50, min_resolution=384)  # height 768, width 1024
+    assert (p.height, p.width) == (768, 1024)
+    assert sizes(p) == [(512, 384), (1024, 768)]
+    assert latent_sizes(p) == [(64, 48), (128, 96)]
+    # 512x384: log2((1024/512) * (1024/384)) = log2(5.333) = 2.415 -> 50 // 2.415 = 20.
+    assert [s.num_steps for s in p.stages] == [20, 50]
+    # Tokens: 32*24 = 768 -> mu 0.586667; 64*48 = 3072 -> mu 0.976667 -> restart at index 23.
+    assert [s.scheduler_kwargs["mu"] for s in p.stages] == pytest.approx([0.586667, 0.976667], abs=1e-6)
+    assert [s.begin_index for s in p.stages] == [0, 23]
+    assert [s.num_denoiser_steps for s in p.stages] == [20, 27]
+    assert p.total_steps == 47
+    assert p.stages[1].first_sigma == pytest.approx(0.75713, abs=1e-4)
+
+
+def test_non_square_1536x1024_two_stages():
+    p = plan(1024, 1536, 50, min_resolution=512)  # height 1024, width 1536
+    assert (p.height, p.width) == (1024, 1536)
+    assert sizes(p) == [(768, 512), (1536, 1024)]
+    assert latent_sizes(p) == [(96, 64), (192, 128)]
+    # 768x512: log2((1024/768) * (1024/512)) = log2(2.667) = 1.415 -> 35; full size: factor 1 -> 50.
+    assert [s.num_steps for s in p.stages] == [35, 50]
+    # Tokens 48*32 = 1536 -> mu 0.716667; 96*64 = 6144 -> capped at 4096 -> 1.15.
+    assert [s.scheduler_kwargs["mu"] for s in p.stages] == pytest.approx([0.716667, 1.15], abs=1e-6)
+    assert [s.begin_index for s in p.stages] == [0, 25]
+    assert [s.num_denoiser_steps for s in p.stages] == [35, 25]
+    assert p.total_steps == 60
+
+
+def test_non_square_1536x1024_three_stages():
+    p = plan(1024, 1536, 50, min_resolution=256)
+    assert sizes(p) == [(384, 256), (768, 512), (1536, 1024)]
+    assert latent_sizes(p) == [(48, 32), (96, 64), (192, 128)]
+    # 384x256: log2(2.667 * 4) = 3.415 -> 14.
+    assert [s.num_steps for s in p.stages] == [14, 35, 50]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shortening on / off
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_shortening_off_two_stages():
+    p = plan(1024, 1024, 50, min_resolution=512, shorten_intermediate_steps=False)
+    assert [s.num_steps for s in p.stages] == [50, 50]
+    assert [s.begin_index for s in p.stages] == [0, 25]
+    assert [s.num_denoiser_steps for s in p.stages] == [50, 25]
+    assert p.total_steps == 75
+
+
+def test_shortening_off_three_stages():
+    p = plan(1024, 1024, 50, min_resolution=256, shorten_intermediate_steps=False)
+    assert [s.num_steps for s in p.stages] == [50, 50, 50]
+    # The 512 stage (mu 0.63) on a 50-step schedule restarts at index 19 (s = 0.62 -> 0.7539).
+    assert [s.begin_index for s in p.stages] == [0, 19, 25]
+    assert [s.num_denoiser_steps for s in p.stages] == [50, 31, 25]
+    assert p.total_steps == 106
+
+
+def test_base_size_changes_shortening():
+    p = plan(1024, 1024, 40, min_resolution=512, base_height=512, base_width=512)
+    # Base 512: the 512 stage is full size (factor 1), the 1024 stage too (ratio 1/4 -> max 2 -> 1).
+    assert [s.num_steps for s in p.stages] == [40, 40]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Coarse step counts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_eight_steps_three_stages():
+    p = plan(1024, 1024, 8, min_resolution=256)
+    # 8 // 4 = 2, 8 // 2 = 4, 8.
+    assert [s.num_steps for s in p.stages] == [2, 4, 8]
+    # 512 stage: sigmas [1, .75, .5, .25], mu 0.63 -> shifted .75 -> 0.849 (kept), .5 -> 0.652 -> begin 1.
+    # 1024 stage: sigmas [1, .875, .75, .625, .5, .375, .25, .125], mu 1.15 -> .5 -> 0.7595 -> begin 4.
+    assert [s.begin_index for s in p.stages] == [0, 1, 4]
+    assert [s.num_denoiser_steps for s in p.stages] == [2, 3, 4]
+    assert p.total_steps == 9
+    assert p.stage_ends == (2, 5, 9)
+
+
+def test_three_steps_clamps_empty_stage_to_one(caplog):
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        p = plan(1024, 1024, 3, min_resolution=256)
+    # 3 // 4 = 0 -> clamped to 1; 3 // 2 = 1; 3.
+    assert [s.num_steps for s in p.stages] == [1, 1, 3]
+    # One-step schedules are [1000]. The full stage: sigmas [1, 2/3, 1/3], mu 1.15 -> [1000, 863.3, 612.3].
+    assert [s.begin_index for s in p.stages] == [0, 0, 1]
+    assert [s.num_denoiser_steps for s in p.stages] == [1, 1, 2]
+    assert p.stages[0].timesteps == pytest.approx((1000.0,))
+    assert p.stages[1].timesteps == pytest.approx((1000.0,))
+    assert p.stages[2].timesteps == pytest.approx((863.32, 612.27), abs=0.05)
+    assert p.total_steps == 4
+    clamp_warnings = [r for r in caplog.records if r.name == "lssgen.plan" and "no step" in r.getMessage()]
+    assert len(clamp_warnings) == 1
+    assert "stage 1" in clamp_warnings[0].getMessage()
+
+
+def test_one_step_clamps_every_short_stage(caplog):
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        p = plan(1024, 1024, 1, min_resolution=256)
+    assert [s.num_steps for s in p.stages] == [1, 1, 1]
+    assert [s.begin_index for s in p.stages] == [0, 0, 0]
+    assert [s.num_denoiser_steps for s in p.stages] == [1, 1, 1]
+    assert p.total_steps == 3
+    assert p.stage_ends == (1, 2, 3)
+    clamp_warnings = [r for r in caplog.records if r.name == "lssgen.plan" and "no step" in r.getMessage()]
+    assert len(clamp_warnings) == 2
+
+
+def test_no_clamp_warning_when_every_stage_has_steps(caplog):
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        plan(1024, 1024, 50, min_resolution=256)
+    assert not [r for r in caplog.records if r.name == "lssgen.plan"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rounding of sizes that do not halve cleanly
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_rounds_1000_down_to_992_for_one_low_stage(caplog):
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        p = plan(1000, 1000, 50, min_resolution=500)  # K = 1 -> multiples of 8 * 2 * 2 = 32
+    assert (p.height, p.width) == (992, 992)
+    assert sizes(p) == [(496, 496), (992, 992)]
+    assert latent_sizes(p) == [(62, 62), (124, 124)]
+    # 496: log2((1024/496)^2) = log2(4.262) = 2.092 -> 50 // 2.092 = 23; 992: ratio 1.066 -> factor 1 -> 50.
+    assert [s.num_steps for s in p.stages] == [23, 50]
+    messages = [r.getMessage() for r in caplog.records if r.name == "lssgen.plan"]
+    assert any("992x992" in m for m in messages)
+
+
+def test_rounds_1000_down_to_960_for_two_low_stages():
+    p = plan(1000, 1000, 50, min_resolution=250)  # K = 2 -> multiples of 8 * 2 * 4 = 64
+    assert (p.height, p.width) == (960, 960)
+    assert sizes(p) == [(240, 240), (480, 480), (960, 960)]
+    assert latent_sizes(p) == [(30, 30), (60, 60), (120, 120)]
+    # 240: log2(18.20) = 4.186 -> 11; 480: log2(4.551) = 2.186 -> 22; 960 -> 50.
+    assert [s.num_steps for s in p.stages] == [11, 22, 50]
+
+
+def test_rounds_each_side_separately():
+    p = plan(700, 1000, 50, min_resolution=350)  # K = 1 -> multiples of 32
+    assert (p.height, p.width) == (672, 992)
+    assert sizes(p) == [(496, 336), (992, 672)]
+
+
+def test_single_stage_rounds_to_packing_multiple():
+    p = plan(1000, 1000, 50, min_resolution=512)  # K = 0 -> multiples of 8 * 2 = 16
+    assert (p.height, p.width) == (992, 992)
+    assert len(p.stages) == 1
+
+
+def test_clean_sizes_are_not_rounded(caplog):
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        p = plan(1024, 1536, 50, min_resolution=256)
+    assert (p.height, p.width) == (1024, 1536)
+    assert not [r for r in caplog.records if r.name == "lssgen.plan"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flow truncation against an independently built schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start_sigma", [0.75, 0.667])
+@pytest.mark.parametrize(
+    ("height", "width", "min_resolution", "steps"),
+    [
+        (1024, 1024, 512, 50),
+        (1024, 1024, 256, 50),
+        (1024, 1024, 256, 28),
+        (768, 1024, 384, 50),
+        (1024, 1536, 256, 50),
+        (2048, 2048, 512, 30),
+        (1000, 1000, 250, 20),
+    ],
+)
+def test_truncation_matches_reference_schedule(height, width, min_resolution, steps, start_sigma):
+    p = plan(height, width, steps, min_resolution=min_resolution, start_sigma=start_sigma)
+    assert p.is_multi_resolution
+    for stage in p.stages:
+        mu = reference_mu(stage.latent_height, stage.latent_width)
+        assert stage.scheduler_kwargs["mu"] == pytest.approx(mu)
+        full, sigmas = reference_schedule(stage.num_steps, mu)
+        if stage.index == 0:
+            expected_begin = 0
+        else:
+            kept = [i for i, t in enumerate(full) if t >= start_sigma * 1000]
+            expected_begin = kept[-1]
+            # The kept timestep is >= the threshold and the next one is below it.
+            assert full[expected_begin] >= start_sigma * 1000
+            if expected_begin + 1 < len(full):
+                assert full[expected_begin + 1] < start_sigma * 1000
+        assert stage.begin_index == expected_begin
+        assert stage.timesteps == tuple(full[expected_begin:])
+        assert stage.first_sigma == pytest.approx(sigmas[expected_begin])
+        assert stage.num_denoiser_steps == stage.num_steps - expected_begin
+
+
+def test_truncation_compares_shifted_timesteps():
+    # Unshifted, 0.75 * 1000 would keep only index 12 of linspace(1, 0.02, 50) (s = 0.76); the shifted schedule
+    # (mu 1.15) keeps up to index 25. The plan must use the shifted one.
+    p = plan(1024, 1024, 50, min_resolution=512)
+    assert p.stages[1].begin_index == 25
+    assert p.stages[1].begin_index != 12
+
+
+def test_truncation_at_0667_vs_075_three_stages():
+    fast = plan(1024, 1024, 50, min_resolution=256, start_sigma=0.667)
+    default = plan(1024, 1024, 50, min_resolution=256, start_sigma=0.75)
+    # 512 stage, mu 0.63, t 0.667: 1/s - 1 <= 1.877611 * 0.333/0.667 = 0.93740 -> s >= 0.51615
+    # -> on linspace(1, 0.04, 25) index 12 (s = 0.52, shifted 0.6702).
+    assert [s.begin_index for s in fast.stages] == [0, 12, 30]
+    assert [s.num_denoiser_steps for s in fast.stages] == [12, 13, 20]
+    assert fast.total_steps == 45
+    assert default.total_steps == 53
+    assert fast.total_steps < default.total_steps
+
+
+def test_each_stage_has_its_own_time_shift():
+    p = plan(1024, 1024, 50, min_resolution=128)  # 128, 256, 512, 1024 px
+    mus = [s.scheduler_kwargs["mu"] for s in p.stages]
+    # Tokens: 8*8 = 64 -> 0.5 + 0.65 * (-192/3840) = 0.4675; 256 -> 0.5; 1024 -> 0.63; 4096 -> 1.15.
+    assert mus == pytest.approx([0.4675, 0.5, 0.63, 1.15])
+    assert len(set(mus)) == 4
+    # Same step count, different shift -> different timesteps.
+    same_n = plan(1024, 1024, 50, min_resolution=256, shorten_intermediate_steps=False)
+    full_small = reference_schedule(50, 0.5)[0]
+    full_large = reference_schedule(50, 1.15)[0]
+    assert same_n.stages[0].timesteps == tuple(full_small)
+    assert same_n.stages[2].timesteps == tuple(full_large[25:])
+    assert full_small != full_large
+
+
+def test_time_shift_is_capped_at_max_image_seq_len():
+    p = plan(2048, 2048, 50, min_resolution=1024)
+    assert latent_sizes(p) == [(128, 128), (256, 256)]
+    # 2048 px: 128*128 = 16384 tokens -> capped to 4096 -> 1.15 (uncapped it would be 3.2300).
+    assert [s.scheduler_kwargs["mu"] for s in p.stages] == pytest.approx([1.15, 1.15])
+    # Both stages are full size or more for shortening: factor log2(max(2, <=1)) = 1.
+    assert [s.num_steps for s in p.stages] == [50, 50]
+    assert [s.begin_index for s in p.stages] == [0, 25]
+    assert p.stages[1].first_sigma == pytest.approx(0.759511, abs=1e-5)
+    uncapped = 0.5 + 0.65 * (16384 - 256) / 3840
+    assert uncapped == pytest.approx(3.23)
+    assert not math.isclose(p.stages[1].scheduler_kwargs["mu"], uncapped)
+
+
+def test_plan_does_not_touch_the_given_scheduler():
+    scheduler = make_scheduler()
+    timesteps, sigmas = scheduler.timesteps.clone(), scheduler.sigmas.clone()
+    plan_stages(1024, 1024, 50, scheduler=scheduler, facts=FLUX, vae_scale_factor=8)
+    assert getattr(scheduler, "num_inference_steps", None) is None
+    assert scheduler.timesteps.equal(timesteps)
+    assert scheduler.sigmas.equal(sigmas)
+
+
+def test_plan_is_deterministic():
+    assert plan(1024, 1536, 50, min_resolution=256) == plan(1024, 1536, 50, min_resolution=256)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument errors
+# --------------------------------------------------------------------------------------------------------------
+
+VALID = dict(
+    height=1024,
+    width=1024,
+    num_inference_steps=50,
+    start_sigma=0.75,
+    min_resolution=512,
+    base_height=1024,
+    base_width=1024,
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"start_sigma": 0}, ValueError, "start_sigma"),
+        ({"start_sigma": 0.0}, ValueError, "start_sigma"),
+        ({"start_sigma": -0.1}, ValueError, "start_sigma"),
+        ({"start_sigma": 1.5}, ValueError, "start_sigma"),
+        ({"start_sigma": "0.7"}, TypeError, "start_sigma"),
+        ({"start_sigma": True}, TypeError, "start_sigma"),
+        ({"start_sigma": None}, TypeError, "start_sigma"),
+        ({"min_resolution": 0}, ValueError, "min_resolution"),
+        ({"min_resolution": -5}, ValueError, "min_resolution"),
+        ({"min_resolution": 2048}, ValueError, "min_resolution"),
+        ({"height": 768, "min_resolution": 1024}, ValueError, "min_resolution"),
+        ({"min_resolution": 512.5}, TypeError, "min_resolution"),
+        ({"height": 0}, ValueError, "height"),
+        ({"height": -8}, ValueError, "height"),
+        ({"width": 0}, ValueError, "width"),
+        ({"height": 1024.0}, TypeError, "height"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
+        ({"num_inference_steps": -1}, ValueError, "num_inference_steps"),
+        ({"num_inference_steps": True}, TypeError, "num_inference_steps"),
+        ({"base_height": 0}, ValueError, "base_height"),
+        ({"base_width": 0}, ValueError, "base_width"),
+    ],
+)
+def test_invalid_arguments(changes, error, match):
+    arguments = {**VALID, **changes}
+    with pytest.raises(error, match=match):
+        validate_arguments(**arguments)
+    with pytest.raises(error, match=match):
+        plan_stages(
+            arguments.pop("height"),
+            arguments.pop("width"),
+            arguments.pop("num_inference_steps"),
+            scheduler=make_scheduler(),
+            facts=FLUX,
+            vae_scale_factor=VAE_SCALE,
+            shorten_intermediate_steps=True,
+            **arguments,
+        )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"start_sigma": 1.0},
+        {"start_sigma": 1},  # an int is a number
+        {"start_sigma": 0.667},
+        {"start_sigma": 1e-3},
+        {"min_resolution": 1024},  # equal to the short side
+        {"start_sigma": 1.0, "min_resolution": 4096},  # plain generation ignores min_resolution
+        {"num_inference_steps": 1},
+        {"start_sigma": np.float32(0.75)},
+        {"num_inference_steps": np.int64(20)},
+    ],
+)
+def test_valid_arguments(changes):
+    validate_arguments(**{**VALID, **changes})
