@@ -15,7 +15,7 @@ def flux_call_kwargs(pipe, prompts="a red fox in the snow", seed=0, **overrides)
     """Arguments of a small, seeded call of the tiny Flux pipeline."""
     kwargs = {
         "prompt": prompts,
-        "max_sequence_length": 16,
+        "max_sequence_length": 32,
         "height": 256,
         "width": 256,
         "num_inference_steps": 8,

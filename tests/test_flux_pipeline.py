@@ -165,7 +165,7 @@ def test_true_cfg_and_guidance_embeds_follow_the_plan():
     expected_tokens = [(s.latent_height // 2) * (s.latent_width // 2) for s in plan.stages for _ in s.timesteps]
     # Conditional and unconditional call per step, both at the stage's size and with its ids.
     assert [tokens for tokens, _ in trace.calls] == [t for t in expected_tokens for _ in range(2)]
-    assert [ids.shape[0] - 16 for ids in trace.ids] == [t for t in expected_tokens for _ in range(2)]
+    assert [ids.shape[0] - 32 for ids in trace.ids] == [t for t in expected_tokens for _ in range(2)]
 
 
 # --- batches, seeds, scaling spaces -----------------------------------------------------------------------------
@@ -392,3 +392,53 @@ def test_unsupported_pipeline_names_the_installed_adapters():
     with pytest.raises(ValueError, match=r"no adapter for DDPMPipeline.*flux \(FluxPipeline\)"):
         lssgen.patch(pipe)
     assert not lssgen.is_patched(pipe)
+
+
+# --- LoRA and offloading ------------------------------------------------------------------------------------------
+
+
+def write_tiny_lora(pipe, path):
+    from safetensors.torch import save_file
+
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    generator = torch.Generator().manual_seed(0)
+    prefix = "transformer.transformer_blocks.0.attn.to_q"
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.randn(2, to_q.in_features, generator=generator),
+            f"{prefix}.lora_B.weight": torch.randn(to_q.out_features, 2, generator=generator),
+        },
+        path,
+    )
+
+
+def test_lora_applies_in_every_stage(flux_pipe, tmp_path):
+    lssgen.patch(flux_pipe, **THREE_STAGES)
+    without = flux_pipe(**flux_call_kwargs(flux_pipe)).images
+    write_tiny_lora(flux_pipe, tmp_path / "lora.safetensors")
+    flux_pipe.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="tiny")
+    lora_inputs = []
+    lora_a = flux_pipe.transformer.transformer_blocks[0].attn.to_q.lora_A["tiny"]
+    handle = lora_a.register_forward_pre_hook(lambda module, args: lora_inputs.append(args[0].shape[1]))
+    with_lora = flux_pipe(**flux_call_kwargs(flux_pipe)).images
+    handle.remove()
+    plan = plan_for(flux_pipe, 256, 256, 8, **THREE_STAGES)
+    assert lora_inputs == [(s.latent_height // 2) * (s.latent_width // 2) for s in plan.stages for _ in s.timesteps]
+    assert not torch.equal(with_lora, without)
+
+
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_offloading_keeps_working(flux_pipe, offload):
+    lssgen.patch(flux_pipe, **THREE_STAGES)
+    expected = flux_pipe(**flux_call_kwargs(flux_pipe)).images
+    cpu = torch.device("cpu")
+    if offload == "model":
+        # On this CPU-only machine the "accelerator" is the CPU too; the hooks and device moves still run.
+        flux_pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        flux_pipe.transformer.enable_group_offload(
+            onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+        )
+    assert torch.equal(flux_pipe(**flux_call_kwargs(flux_pipe)).images, expected)
+    lssgen.unpatch(flux_pipe)
+    assert flux_pipe(**flux_call_kwargs(flux_pipe)).images.shape == expected.shape
