@@ -250,6 +250,8 @@ def _plan(pipe: Any, state: PatchState, options: Options, height: int | None, wi
     adapter = state.adapter
     default_height, default_width = adapter.default_size(pipe)
     shorten = options.shorten_intermediate_steps
+    if shorten is not None and not isinstance(shorten, bool):
+        raise TypeError(f"`shorten_intermediate_steps` must be True or False, got {shorten!r}.")
     return plan_stages(
         height or default_height,
         width or default_width,
@@ -259,7 +261,7 @@ def _plan(pipe: Any, state: PatchState, options: Options, height: int | None, wi
         vae_scale_factor=pipe.vae_scale_factor,
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
-        shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else bool(shorten),
+        shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
         base_height=options.base_height or adapter.base_size,
         base_width=options.base_width or adapter.base_size,
     )

@@ -327,6 +327,7 @@ def assert_still_works(pipe, stock_scheduler):
         ({"start_sigma": "0.7"}, TypeError, "start_sigma"),
         ({"min_resolution": 0}, ValueError, "min_resolution"),
         ({"min_resolution": 512}, ValueError, "min_resolution.*larger than the image's short side"),
+        ({"shorten_intermediate_steps": "no"}, TypeError, "shorten_intermediate_steps"),
         ({"scaling_space": "pixels"}, ValueError, "Unknown `scaling_space`"),
         ({"scaling_space": "learned"}, ValueError, "needs a latent upsampler"),
         ({"latents": torch.zeros(1, 256, 16)}, ValueError, "`latents` cannot be combined"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import FluxPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -35,9 +36,8 @@ class FluxImageIdsHook(ModelHook):
     they must describe the smaller latent instead.
     """
 
-    def __init__(self, pipe: Any, current_stage: Callable):
+    def __init__(self, current_stage: Callable):
         super().__init__()
-        self.pipe = pipe
         self.current_stage = current_stage
         self._cache: tuple[Any, torch.Tensor] | None = None
 
@@ -48,7 +48,7 @@ class FluxImageIdsHook(ModelHook):
             return args, kwargs
         key = (stage.latent_height, stage.latent_width, img_ids.device, img_ids.dtype)
         if self._cache is None or self._cache[0] != key:
-            ids = self.pipe._prepare_latent_image_ids(
+            ids = FluxPipeline._prepare_latent_image_ids(
                 None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
             )
             self._cache = (key, ids)
@@ -91,7 +91,7 @@ class FluxAdapter(Adapter):
 
     def install_hooks(self, pipe, current_stage):
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-        registry.register_hook(FluxImageIdsHook(pipe, current_stage), IMAGE_IDS_HOOK)
+        registry.register_hook(FluxImageIdsHook(current_stage), IMAGE_IDS_HOOK)
 
     def remove_hooks(self, pipe):
         registry = getattr(pipe.transformer, "_diffusers_hook", None)
