@@ -1,6 +1,7 @@
 """lssgen: faster text-to-image generation by denoising the early steps at a lower resolution (LSSGen)."""
 
-from .adapters import Adapter, find_adapter, installed_adapters, register_adapter
+from .adapters import Adapter, find_adapter, installed_adapters, register_adapter, unregister_adapter
+from .hookspecs import hookimpl
 from .patch import Options, is_patched, patch, plan_for, unpatch
 from .plan import Stage, StagePlan, plan_stages
 from .upsampler import LatentUpsampler
@@ -14,6 +15,7 @@ __all__ = [
     "Stage",
     "StagePlan",
     "find_adapter",
+    "hookimpl",
     "installed_adapters",
     "is_patched",
     "patch",
@@ -21,4 +23,5 @@ __all__ = [
     "plan_stages",
     "register_adapter",
     "unpatch",
+    "unregister_adapter",
 ]

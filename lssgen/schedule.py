@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,12 +25,20 @@ class StagedScheduler:
         for stage in plan.stages:
             scheduler = fresh_scheduler(template)
             scheduler.set_timesteps(device=device, **stage.scheduler_kwargs)
-            scheduler.set_begin_index(stage.begin_index)
+            # Index-based schedulers need the start; PNDM and DDIM have no begin index and step by timestep.
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(stage.begin_index)
             self.stage_schedulers.append(scheduler)
         self.timesteps = torch.cat(
             [s.timesteps[stage.begin_index :] for s, stage in zip(self.stage_schedulers, plan.stages)]
         )
         self.steps_taken = 0
+
+        # Pipelines inspect `step`'s signature to decide whether to pass `eta` and `generator`.
+        def step(*args, **kwargs):
+            return self._step(*args, **kwargs)
+
+        self.step = functools.wraps(template.step)(step)
 
     @property
     def stage_index(self) -> int:
@@ -81,7 +90,7 @@ class StagedScheduler:
         scale = getattr(self.current, "scale_model_input", None)
         return sample if scale is None else scale(sample, *args, **kwargs)
 
-    def step(self, *args, **kwargs):
+    def _step(self, *args, **kwargs):
         output = self.current.step(*args, **kwargs)
         self.steps_taken += 1
         return output
@@ -91,6 +100,6 @@ class StagedScheduler:
 
     def __getattr__(self, name: str):
         # Anything else (add_noise, scale_noise, helpers) belongs to the stage in force.
-        if name.startswith("__") or name in {"plan", "template", "stage_schedulers", "steps_taken"}:
+        if name.startswith("__") or name in {"plan", "template", "stage_schedulers", "steps_taken", "step"}:
             raise AttributeError(name)
         return getattr(self.current, name)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import flux_call_kwargs
+from test_flux import flux_call_kwargs
 
 import lssgen
 from lssgen.tiny import build_tiny_flux_pipeline

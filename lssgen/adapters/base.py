@@ -29,8 +29,12 @@ class Adapter:
     default_guidance: float = 3.5
 
     # Selection --------------------------------------------------------------------------------------------------
-    def matches(self, pipe: Any) -> bool:
-        return any(cls.__name__ in self.pipeline_classes for cls in type(pipe).__mro__)
+    def match_rank(self, pipe: Any) -> int | None:
+        """How closely this adapter fits `pipe`: the MRO distance to a class it serves (0 = exact), or None."""
+        for distance, cls in enumerate(type(pipe).__mro__):
+            if cls.__name__ in self.pipeline_classes:
+                return distance
+        return None
 
     # Geometry ---------------------------------------------------------------------------------------------------
     def latent_channels(self, pipe: Any) -> int:

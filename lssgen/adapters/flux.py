@@ -12,6 +12,7 @@ from diffusers import FluxPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from ..hookspecs import hookimpl
 from .base import Adapter
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
@@ -97,3 +98,8 @@ class FluxAdapter(Adapter):
         registry = getattr(pipe.transformer, "_diffusers_hook", None)
         if registry is not None:
             registry.remove_hook(IMAGE_IDS_HOOK, recurse=False)
+
+
+@hookimpl
+def register_adapters(register):
+    register(FluxAdapter())

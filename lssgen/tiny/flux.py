@@ -1,0 +1,94 @@
+"""A tiny random-weight FluxPipeline."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from .text import build_tiny_clip, build_tiny_t5, character_tokenizer, eval_mode
+
+# FLUX.1-dev's scheduler and VAE normalisation, so plans and shifts match the real model's.
+FLUX_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+def build_tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
+    """A random AutoencoderKL with the x8 spatial compression of the real models."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        **config,
+    )
+
+
+def build_tiny_flux_pipeline(
+    seed: int = 0,
+    *,
+    latent_channels: int = 4,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_dim: int = 32,
+    guidance_embeds: bool = False,
+) -> FluxPipeline:
+    r"""
+    A stock `FluxPipeline` with tiny random weights: transformer, VAE, CLIP and T5 encoders, tokenizers.
+
+    The VAE has Flux's x8 spatial compression and normalisation, so sizes and plans are those of the real model.
+    Pass a short `max_sequence_length` (e.g. 32) when calling it: T5 pads prompts to that many tokens.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_flux_pipeline()
+    >>> image = pipe("a cat", height=256, width=256, max_sequence_length=32).images[0]
+    ```
+    """
+    torch.manual_seed(seed)
+    if attention_head_dim % 4:
+        raise ValueError("`attention_head_dim` must be a multiple of 4 (rotary axes split it 1:1:2).")
+    quarter = attention_head_dim // 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(quarter, quarter, 2 * quarter),
+    )
+    vae = build_tiny_vae(
+        latent_channels,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        transformer=transformer,
+        text_encoder=build_tiny_clip(text_dim),
+        tokenizer=character_tokenizer(77),
+        text_encoder_2=build_tiny_t5(text_dim),
+        tokenizer_2=character_tokenizer(512),
+    )
+    return eval_mode(pipe)

@@ -1,0 +1,376 @@
+"""What every adapter must do, as tests. Each pipeline family subclasses `AdapterContract` in its own test file
+(`class TestFlux(AdapterContract)`), supplying how to build its tiny pipeline, how to call it, and what reached
+the denoiser; every test here then runs for that family."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import diffusers
+import pytest
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from packaging import version
+
+import lssgen
+from lssgen.plan import StagePlan
+
+
+class AdapterContract:
+    # --- what a family supplies -------------------------------------------------------------------------
+    adapter_name: str = ""
+    height = width = 256
+    steps = 8
+    # Options giving 3 stages (64, 128, 256 px) on a 256 px image, shortening as a 1024 px model would.
+    three_stages: dict[str, Any] = {"min_resolution": 64, "base_height": 256, "base_width": 256}
+    # (height, width, steps, options) cases whose denoiser calls are checked against the plan.
+    trace_cases: list[tuple[int, int, int, dict[str, Any]]] = [
+        (256, 256, 8, {"min_resolution": 128}),
+        (256, 256, 8, {"min_resolution": 64, "base_height": 256, "base_width": 256}),
+        (256, 256, 20, {"min_resolution": 64, "base_height": 256, "base_width": 256, "start_sigma": 0.667}),
+        (
+            256,
+            256,
+            20,
+            {"min_resolution": 64, "base_height": 256, "base_width": 256, "shorten_intermediate_steps": False},
+        ),
+        (256, 128, 8, {"min_resolution": 64, "start_sigma": 0.667}),
+        (192, 384, 20, {"min_resolution": 48, "base_height": 256, "base_width": 512}),
+    ]
+    calls_per_step = 1  # denoiser calls per step (2 where the pipeline runs CFG as two calls)
+    lora_prefix = ""  # e.g. "transformer.transformer_blocks.0.attn.to_q": the module a test LoRA adapts
+
+    def build_pipe(self, seed: int = 0) -> Any:
+        raise NotImplementedError
+
+    def call_kwargs(self, pipe, prompts: str | list[str] = "a red fox in the snow", seed: int = 0, **overrides):
+        raise NotImplementedError
+
+    def observe(self, pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What one denoiser call received: at least `size` (latent h, w) and `timestep` (plan units)."""
+        raise NotImplementedError
+
+    def expected(self, pipe, stage, timestep: float) -> dict[str, Any]:
+        """What a denoiser call of `stage` at `timestep` should receive (same keys as `observe`)."""
+        raise NotImplementedError
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    @pytest.fixture
+    def pipe(self):
+        pipe = self.build_pipe(seed=0)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def denoiser(self, pipe):
+        return getattr(pipe, lssgen.find_adapter(pipe).denoiser)
+
+    def plan(self, pipe, height=None, width=None, steps=None, **options) -> StagePlan:
+        if not lssgen.is_patched(pipe):
+            raise AssertionError("patch the pipe first")
+        return lssgen.plan_for(pipe, height or self.height, width or self.width, steps or self.steps, **options)
+
+    def images(self, pipe, **kwargs):
+        return pipe(**kwargs).images
+
+    def trace(self, pipe):
+        """Start recording `observe(...)` of every denoiser call; returns the list and a handle to stop."""
+        records = []
+
+        def record(module, args, kwargs):
+            records.append(self.observe(pipe, kwargs))
+
+        return records, self.denoiser(pipe).register_forward_pre_hook(record, with_kwargs=True)
+
+    def small_upsampler(self, pipe):
+        channels = lssgen.find_adapter(pipe).latent_channels(pipe)
+        return lssgen.LatentUpsampler(channels, channels, block_out_channels=(32, 32), norm_num_groups=8)
+
+    # --- stock equality and undo ----------------------------------------------------------------------------
+    def test_start_sigma_one_and_unpatch_are_bit_identical_to_stock(self, pipe):
+        stock = self.build_pipe(seed=0)
+        stock.set_progress_bar_config(disable=True)
+        expected = self.images(stock, **self.call_kwargs(stock))
+
+        lssgen.patch(pipe)
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe), start_sigma=1.0), expected)
+        scaled = self.images(pipe, **self.call_kwargs(pipe), **self.three_stages)
+        assert scaled.shape == expected.shape and not torch.equal(scaled, expected)
+
+        lssgen.unpatch(pipe)
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), expected)
+
+    def test_patch_is_per_instance_idempotent_and_undone_exactly(self, pipe):
+        stock_class = type(pipe)
+        other = self.build_pipe(seed=0)
+        stock_scheduler = pipe.scheduler
+        lssgen.patch(pipe)
+        lssgen.patch(pipe, start_sigma=0.667)  # re-patching replaces, never stacks
+        assert isinstance(pipe, stock_class) and type(pipe) is not stock_class
+        assert type(pipe).__name__ == stock_class.__name__
+        assert lssgen.find_adapter(pipe).name == self.adapter_name
+        assert pipe._lssgen.defaults.start_sigma == 0.667
+        assert type(other) is stock_class and not lssgen.is_patched(other)
+        with pytest.raises(TypeError):
+            other(**self.call_kwargs(other), start_sigma=0.75)  # the stock class gained no argument
+
+        lssgen.unpatch(pipe)
+        lssgen.unpatch(pipe)  # a second unpatch is a no-op
+        assert type(pipe) is stock_class and "_lssgen" not in pipe.__dict__
+        registry = getattr(self.denoiser(pipe), "_diffusers_hook", None)
+        assert registry is None or not [name for name in registry.hooks if name.startswith("lssgen")]
+        assert pipe.scheduler is stock_scheduler
+
+    # --- the denoiser sees exactly the plan ------------------------------------------------------------------
+    def test_denoiser_calls_follow_the_plan(self, pipe):
+        lssgen.patch(pipe)
+        for height, width, steps, options in self.trace_cases:
+            plan = self.plan(pipe, height, width, steps, **options)
+            assert len(plan.stages) >= 2, (height, width, options)
+            records, handle = self.trace(pipe)
+            kwargs = self.call_kwargs(pipe, height=height, width=width, num_inference_steps=steps)
+            images = self.images(pipe, **kwargs, **options)
+            handle.remove()
+            assert images.shape[-2:] == (height, width)
+            expected = [
+                self.expected(pipe, stage, t)
+                for stage in plan.stages
+                for t in stage.timesteps
+                for _ in range(self.calls_per_step)
+            ]
+            assert len(records) == len(expected), (height, width, steps, options)
+            for got, want in zip(records, expected):
+                assert got.keys() == want.keys()
+                for key in want:
+                    if key == "timestep":
+                        assert got[key] == pytest.approx(want[key], abs=1e-3), (key, height, width, options)
+                    else:
+                        assert got[key] == want[key], (key, height, width, steps, options)
+
+    # --- batches, seeds, scaling spaces -----------------------------------------------------------------------
+    def test_batch_of_prompts_with_several_images_each(self, pipe):
+        lssgen.patch(pipe, **self.three_stages)
+        kwargs = {"prompts": ["a fox", "a boat"], "num_images_per_prompt": 2}
+        first = self.images(pipe, **self.call_kwargs(pipe, **kwargs))
+        again = self.images(pipe, **self.call_kwargs(pipe, **kwargs))
+        assert first.shape == (4, 3, self.height, self.width)
+        assert torch.equal(first, again)  # same seed, same images
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not torch.equal(first[i], first[j])
+
+    def test_stage_noise_is_drawn_for_every_image_of_the_batch(self, pipe):
+        # One generator per image: had any stage drawn noise for fewer images, the per-image streams would
+        # shift and image 3 would no longer match the same image generated on its own.
+        lssgen.patch(pipe, **self.three_stages)
+        generators = [torch.Generator().manual_seed(s) for s in (11, 12, 13, 14)]
+        batch = self.images(
+            pipe,
+            **self.call_kwargs(pipe, prompts=["a fox", "a boat"], num_images_per_prompt=2, generator=generators),
+        )
+        alone = self.images(
+            pipe, **self.call_kwargs(pipe, prompts="a boat", generator=torch.Generator().manual_seed(14))
+        )
+        torch.testing.assert_close(batch[3], alone[0], atol=1e-4, rtol=1e-4)
+
+    def test_different_seeds_give_different_images(self, pipe):
+        lssgen.patch(pipe, **self.three_stages)
+        a = self.images(pipe, **self.call_kwargs(pipe, seed=1))
+        b = self.images(pipe, **self.call_kwargs(pipe, seed=2))
+        assert not torch.equal(a, b)
+
+    @pytest.mark.parametrize("space", ["learned", "resnet", "latent", "pixel"])
+    def test_every_scaling_space_runs(self, pipe, space):
+        upsampler = self.small_upsampler(pipe)
+        lssgen.patch(pipe, upsampler, **self.three_stages)
+        upsampler_inputs, encodes = [], []
+        handle = upsampler.register_forward_pre_hook(lambda module, args: upsampler_inputs.append(args[0].shape))
+        encode = pipe.vae.encode
+        pipe.vae.encode = lambda *args, **kwargs: encodes.append(1) or encode(*args, **kwargs)
+        try:
+            images = self.images(pipe, **self.call_kwargs(pipe, num_images_per_prompt=2), scaling_space=space)
+        finally:
+            handle.remove()
+            del pipe.vae.encode
+        assert images.shape == (2, 3, self.height, self.width) and torch.isfinite(images).all()
+        plan = self.plan(pipe, **self.three_stages)
+        channels = lssgen.find_adapter(pipe).latent_channels(pipe)
+        if space in ("learned", "resnet"):  # once per stage switch
+            assert upsampler_inputs == [(2, channels, s.latent_height, s.latent_width) for s in plan.stages[:-1]]
+        else:
+            assert upsampler_inputs == []
+        assert len(encodes) == (len(plan.stages) - 1 if space == "pixel" else 0)
+
+    def test_scaling_spaces_give_different_results(self, pipe):
+        lssgen.patch(pipe, self.small_upsampler(pipe), **self.three_stages)
+        results = {
+            space: self.images(pipe, **self.call_kwargs(pipe), scaling_space=space)
+            for space in ("learned", "latent", "pixel")
+        }
+        assert not torch.equal(results["learned"], results["latent"])
+        assert not torch.equal(results["latent"], results["pixel"])
+
+    # --- callbacks, interrupt, progress ------------------------------------------------------------------------
+    def test_user_callback_sees_every_step_once(self, pipe):
+        lssgen.patch(pipe, **self.three_stages)
+        seen = []
+
+        def on_step(pipeline, step_index, timestep, callback_kwargs):
+            seen.append(step_index)
+            return {}
+
+        self.images(pipe, **self.call_kwargs(pipe), callback_on_step_end=on_step)
+        assert seen == list(range(self.plan(pipe, **self.three_stages).total_steps))
+
+    def test_pipeline_callbacks_are_chained(self, pipe):
+        class Recorder(PipelineCallback):
+            tensor_inputs = ["latents"]
+
+            def __init__(self):
+                super().__init__()
+                self.steps = []
+
+            def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+                self.steps.append(step_index)
+                return callback_kwargs
+
+        lssgen.patch(pipe, **self.three_stages)
+        first, second = Recorder(), Recorder()
+        self.images(pipe, **self.call_kwargs(pipe), callback_on_step_end=first)
+        self.images(pipe, **self.call_kwargs(pipe), callback_on_step_end=MultiPipelineCallbacks([second]))
+        total = self.plan(pipe, **self.three_stages).total_steps
+        assert first.steps == second.steps == list(range(total))
+
+    def test_interrupt_in_a_low_resolution_stage_still_returns_a_full_size_image(self, pipe):
+        lssgen.patch(pipe, **self.three_stages)
+        calls = []
+
+        def stop_early(pipeline, step_index, timestep, callback_kwargs):
+            calls.append(step_index)
+            pipeline._interrupt = True
+            return {}
+
+        images = self.images(pipe, **self.call_kwargs(pipe), callback_on_step_end=stop_early)
+        assert calls == [0]
+        assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
+
+    def test_one_progress_bar_over_all_stages(self, pipe, capfd):
+        lssgen.patch(pipe, **self.three_stages)
+        total = self.plan(pipe, **self.three_stages).total_steps
+        pipe.set_progress_bar_config(disable=False)
+        capfd.readouterr()
+        self.images(pipe, **self.call_kwargs(pipe))
+        err = capfd.readouterr().err
+        assert f"{total}/{total}" in err and f"stage 3/3 {self.width}x{self.height}" in err
+        pipe.set_progress_bar_config(disable=True)
+        self.images(pipe, **self.call_kwargs(pipe))
+        assert "it/s" not in capfd.readouterr().err
+
+    # --- bad input: clear errors, and the pipe keeps working ---------------------------------------------------
+    def assert_still_works(self, pipe, stock_scheduler):
+        assert pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
+        images = self.images(pipe, **self.call_kwargs(pipe), **self.three_stages)
+        assert images.shape == (1, 3, self.height, self.width)
+
+    @pytest.mark.parametrize(
+        ("options", "error", "match"),
+        [
+            ({"start_sigma": 0.0}, ValueError, "start_sigma"),
+            ({"start_sigma": 1.5}, ValueError, "start_sigma"),
+            ({"start_sigma": "0.7"}, TypeError, "start_sigma"),
+            ({"min_resolution": 0}, ValueError, "min_resolution"),
+            ({"min_resolution": 512}, ValueError, "min_resolution.*larger than the image's short side"),
+            ({"shorten_intermediate_steps": "no"}, TypeError, "shorten_intermediate_steps"),
+            ({"scaling_space": "pixels"}, ValueError, "Unknown `scaling_space`"),
+            ({"scaling_space": "learned"}, ValueError, "needs a latent upsampler"),
+            ({"latents": "noise"}, ValueError, "`latents` cannot be combined"),
+            ({"generator": [torch.Generator()] * 3, "min_resolution": 128}, ValueError, "3 generators"),
+        ],
+    )
+    def test_bad_call_arguments_raise_and_leave_the_pipe_usable(self, pipe, options, error, match):
+        stock_scheduler = pipe.scheduler
+        lssgen.patch(pipe)
+        kwargs = self.call_kwargs(pipe)
+        kwargs.update(options)
+        if kwargs.get("latents") == "noise":
+            kwargs["latents"] = torch.zeros(1)
+        with pytest.raises(error, match=match):
+            pipe(**kwargs)
+        self.assert_still_works(pipe, stock_scheduler)
+
+    def test_error_inside_the_loop_restores_the_scheduler(self, pipe):
+        stock_scheduler = pipe.scheduler
+        lssgen.patch(pipe, **self.three_stages)
+
+        def broken(pipeline, step_index, timestep, callback_kwargs):
+            raise RuntimeError("user callback failed")
+
+        with pytest.raises(RuntimeError, match="user callback failed"):
+            pipe(**self.call_kwargs(pipe), callback_on_step_end=broken)
+        self.assert_still_works(pipe, stock_scheduler)
+
+    def test_sizes_that_do_not_halve_are_rounded_down_with_a_warning(self, pipe, caplog):
+        lssgen.patch(pipe)
+        adapter = lssgen.find_adapter(pipe)
+        unit = pipe.vae_scale_factor * adapter.latent_multiple * 2  # K = 1 (short side 200 // 64 = 3)
+        height, width = 250 // unit * unit, 200 // unit * unit
+        with caplog.at_level(logging.WARNING, logger="lssgen"):
+            images = self.images(pipe, **self.call_kwargs(pipe, height=250, width=200), min_resolution=64)
+        assert images.shape[-2:] == (height, width)
+        assert f"generating {width}x{height} instead" in caplog.text
+
+    def test_upsampler_with_wrong_channels_is_rejected_at_patch(self, pipe):
+        channels = lssgen.find_adapter(pipe).latent_channels(pipe)
+        wrong = lssgen.LatentUpsampler(channels + 4, channels + 4, block_out_channels=(32, 32), norm_num_groups=8)
+        with pytest.raises(ValueError, match=f"denoises {channels}-channel"):
+            lssgen.patch(pipe, wrong)
+        assert not lssgen.is_patched(pipe)
+
+    # --- LoRA and offloading -----------------------------------------------------------------------------------
+    def test_lora_applies_in_every_stage(self, pipe, tmp_path):
+        from safetensors.torch import save_file
+
+        lssgen.patch(pipe, **self.three_stages)
+        without = self.images(pipe, **self.call_kwargs(pipe))
+        target = pipe
+        for part in self.lora_prefix.split("."):
+            target = getattr(target, part) if not part.isdigit() else target[int(part)]
+        generator = torch.Generator().manual_seed(0)
+        save_file(
+            {
+                f"{self.lora_prefix}.lora_A.weight": torch.randn(2, target.in_features, generator=generator),
+                f"{self.lora_prefix}.lora_B.weight": torch.randn(target.out_features, 2, generator=generator),
+            },
+            tmp_path / "lora.safetensors",
+        )
+        pipe.load_lora_weights(tmp_path / "lora.safetensors", adapter_name="tiny")
+        target = pipe
+        for part in self.lora_prefix.split("."):
+            target = getattr(target, part) if not part.isdigit() else target[int(part)]
+        calls = []
+        handle = target.lora_A["tiny"].register_forward_pre_hook(lambda module, args: calls.append(1))
+        with_lora = self.images(pipe, **self.call_kwargs(pipe))
+        handle.remove()
+        plan = self.plan(pipe, **self.three_stages)
+        assert len(calls) == plan.total_steps * self.calls_per_step  # every denoiser call, in every stage
+        assert not torch.equal(with_lora, without)
+
+    @pytest.mark.parametrize("offload", ["model", "group"])
+    @pytest.mark.skipif(
+        not torch.cuda.is_available() and version.parse(diffusers.__version__) < version.parse("0.41"),
+        reason="diffusers 0.34-0.40 cannot offload without an accelerator (torch.accelerator returns None)",
+    )
+    def test_offloading_keeps_working(self, pipe, offload):
+        lssgen.patch(pipe, **self.three_stages)
+        expected = self.images(pipe, **self.call_kwargs(pipe))
+        cpu = torch.device("cpu")
+        if offload == "model":
+            # On a CPU-only machine the "accelerator" is the CPU too; the offload hooks still run.
+            pipe.enable_model_cpu_offload(device="cpu")
+        else:
+            self.denoiser(pipe).enable_group_offload(
+                onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+            )
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), expected)
+        lssgen.unpatch(pipe)
+        assert self.images(pipe, **self.call_kwargs(pipe)).shape == expected.shape
