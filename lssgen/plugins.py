@@ -14,7 +14,13 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lssgen"
 # Declared as entry points in our own pyproject.toml too; listed here so a source checkout that was never
 # installed (no package metadata) still has them.
-BUILTIN_PLUGINS = ("lssgen.adapters.flux",)
+BUILTIN_PLUGINS = (
+    "lssgen.adapters.flux",
+    "lssgen.adapters.sd3",
+    "lssgen.adapters.sdxl",
+    "lssgen.adapters.sd",
+    "lssgen.adapters.cogview4",
+)
 
 pm = pluggy.PluginManager("lssgen")
 pm.add_hookspecs(hookspecs)
@@ -29,23 +35,23 @@ def load_plugins() -> pluggy.PluginManager:
         return pm
     _loaded = True
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
-            continue
-        try:
-            plugin = entry_point.load()
-        except Exception as error:  # a broken third-party plugin must not break lssgen
-            logger.warning(f"lssgen plugin {entry_point.name!r} ({entry_point.value}) failed to load: {error}")
-            continue
-        if not pm.is_registered(plugin):
-            pm.register(plugin, name=entry_point.name)
+        if pm.get_plugin(entry_point.name) is None and not pm.is_blocked(entry_point.name):
             dist = getattr(entry_point, "dist", None)
-            _plugin_packages[entry_point.name] = dist.name if dist is not None else "?"
+            _register(entry_point.name, entry_point.load, dist.name if dist is not None else "?")
     for module_name in BUILTIN_PLUGINS:
-        module = importlib.import_module(module_name)
-        if not pm.is_registered(module):
-            pm.register(module, name=module_name.rsplit(".", 1)[-1])
-            _plugin_packages[module_name.rsplit(".", 1)[-1]] = "lssgen"
+        _register(module_name.rsplit(".", 1)[-1], lambda: importlib.import_module(module_name), "lssgen")
     return pm
+
+
+def _register(name: str, load, package: str) -> None:
+    try:
+        plugin = load()
+    except Exception as error:  # a broken plugin must not take the others down with it
+        logger.warning(f"lssgen plugin {name!r} from {package} failed to load and is skipped: {error}")
+        return
+    if not pm.is_registered(plugin):
+        pm.register(plugin, name=name)
+        _plugin_packages[name] = package
 
 
 def plugin_package(plugin_name: str) -> str:
