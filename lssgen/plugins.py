@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -39,7 +40,7 @@ def load_plugins() -> pluggy.PluginManager:
             dist = getattr(entry_point, "dist", None)
             _register(entry_point.name, entry_point.load, dist.name if dist is not None else "?")
     for module_name in BUILTIN_PLUGINS:
-        _register(module_name.rsplit(".", 1)[-1], lambda: importlib.import_module(module_name), "lssgen")
+        _register(module_name.rsplit(".", 1)[-1], functools.partial(importlib.import_module, module_name), "lssgen")
     return pm
 
 
