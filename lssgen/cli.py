@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# transformers warns at import time about optional image backends (torchvision) the CLI never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(generate, steps=None, size=1024)
     generate.add_argument("--out", default="out.png", help="where to save the image")
     generate.add_argument("--baseline", action="store_true", help="run the stock pipeline (no scaling)")
+
+    commands.add_parser("adapters", help="list the installed adapters and the package providing each")
 
     demo = commands.add_parser("demo", help="baseline vs LSSGen on a small random-weight Flux pipeline")
     demo.add_argument("--model", help="use a real local pipeline instead of the random-weight one")
@@ -179,10 +185,32 @@ def run_demo(args) -> None:
     print(f"images: {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
 
 
+def run_adapters(args) -> None:
+    import lssgen
+
+    rows = [("adapter", "pipelines", "kind", "steps", "guidance", "shorten", "package")]
+    for name, info in sorted(lssgen.installed_adapters().items()):
+        adapter = info.adapter
+        rows.append(
+            (
+                name,
+                ", ".join(adapter.pipeline_classes),
+                "flow" if adapter.flow else "diffusion",
+                str(adapter.default_steps),
+                str(adapter.default_guidance),
+                "on" if adapter.shorten_intermediate_steps else "off",
+                info.package,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "demo": run_demo}[args.command](args)
+        {"generate": run_generate, "demo": run_demo, "adapters": run_adapters}[args.command](args)
     except (ValueError, TypeError) as error:
         print(f"lssgen: error: {error}", file=sys.stderr)
         return 2

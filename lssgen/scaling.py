@@ -38,7 +38,11 @@ def interpolate_latent(latents: torch.Tensor) -> torch.Tensor:
 
 def upsample_learned(latents: torch.Tensor, upsampler: torch.nn.Module) -> torch.Tensor:
     param = next(upsampler.parameters())
-    return upsampler(latents.to(param.device, param.dtype)).to(latents.device, latents.dtype)
+    if param.device != latents.device:
+        # The upsampler is not a pipeline component, so `pipe.to(...)` and offloading do not move it; it is
+        # small enough to follow the latents.
+        upsampler.to(latents.device)
+    return upsampler(latents.to(param.dtype)).to(latents.dtype)
 
 
 def _encode(vae: Any, image: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,12 @@ def test_generate_reports_bad_input_clearly(tiny_model_dir, tmp_path):
     result = run("generate", "--model", tmp_path / "missing", "--out", tmp_path / "x.png")
     assert result.returncode != 0
     assert "could not load a diffusers pipeline" in result.stderr
+
+
+def test_adapters_lists_installed_adapters_with_their_package():
+    result = run("adapters")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["adapter", "pipelines", "kind", "steps", "guidance", "shorten", "package"]
+    flux = next(line for line in lines if line.startswith("flux "))
+    assert flux.split() == ["flux", "FluxPipeline", "flow", "50", "3.5", "on", "lssgen"]
