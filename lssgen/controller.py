@@ -50,8 +50,10 @@ class Run:
             sigma = stage.first_sigma
             return ((1.0 - sigma) * clean.float() + sigma * noise.float()).to(clean.dtype)
         scheduler = self.scheduler.stage_schedulers[stage.index]
-        timestep = torch.tensor([stage.timesteps[0]], device=clean.device)
-        return scheduler.add_noise(clean, noise, timestep)
+        # The scheduler's own timestep tensor: PNDM and DDIM index `alphas_cumprod` with it (so it must be an
+        # integer tensor), the sigma-based schedulers read their begin index. One per image, as img2img does.
+        timestep = scheduler.timesteps[stage.begin_index : stage.begin_index + 1].to(clean.device)
+        return scheduler.add_noise(clean, noise, timestep.repeat(clean.shape[0]))
 
     def next_stage_latents(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         following = self.plan.stages[stage.index + 1]

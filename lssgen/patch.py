@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 _STATE = "_lssgen"
 # Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
-_CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps")
+_CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_end")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,12 @@ class PatchState:
     original_class: type
     run: Run | None = field(default=None, repr=False)
 
-    def current_stage(self) -> Stage | None:
-        return None if self.run is None else self.run.current_stage
+    def low_resolution_stage(self) -> Stage | None:
+        """The stage being denoised while it is a low-resolution one, else None: at the target size the
+        pipeline's own conditioning (a user's `original_size`, say) is already right."""
+        if self.run is None or self.run.current_stage is self.run.plan.stages[-1]:
+            return None
+        return self.run.current_stage
 
 
 def _check_option_names(names, where: str) -> None:
@@ -127,7 +131,7 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
 
     original_class = type(pipe)
     state = PatchState(adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class)
-    chosen.install_hooks(pipe, state.current_stage)
+    chosen.install_hooks(pipe, state.low_resolution_stage)
     # A subclass per instance: Python looks `__call__` up on the class, and keeping the name keeps
     # `save_pretrained` writing the stock class name.
     patched_class = type(
@@ -246,15 +250,26 @@ def plan_for(
     return _plan(pipe, state, replace(state.defaults, **options), height, width, steps)
 
 
-def _plan(pipe: Any, state: PatchState, options: Options, height: int | None, width: int | None, steps: int):
+def _plan(
+    pipe: Any,
+    state: PatchState,
+    options: Options,
+    height: int | None,
+    width: int | None,
+    steps: int,
+    call: dict[str, Any] | None = None,
+):
     adapter = state.adapter
     default_height, default_width = adapter.default_size(pipe)
+    height, width = height or default_height, width or default_width
+    # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
+    height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
     shorten = options.shorten_intermediate_steps
     if shorten is not None and not isinstance(shorten, bool):
         raise TypeError(f"`shorten_intermediate_steps` must be True or False, got {shorten!r}.")
     return plan_stages(
-        height or default_height,
-        width or default_width,
+        height,
+        width,
         steps,
         scheduler=pipe.scheduler,
         facts=adapter,
@@ -279,7 +294,7 @@ def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, sto
             )
     scaling_space = resolve_scaling_space(options.scaling_space, state.upsampler)
     steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
-    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps)
+    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps, call)
     if not plan.is_multi_resolution:
         logger.warning(
             f"No low-resolution stage fits {plan.width}x{plan.height} with min_resolution={options.min_resolution} "
@@ -313,15 +328,16 @@ def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, sto
         upsampler=state.upsampler,
         generator=generator,
     )
-    callback, tensor_inputs = chain_callbacks(
-        call.get("callback_on_step_end"), call.get("callback_on_step_end_tensor_inputs"), StageSwitchCallback(run)
-    )
-    call.update(
-        height=plan.height,
-        width=plan.width,
-        num_inference_steps=plan.total_steps,
-        latents=adapter.pack(pipe, noise),
-        callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=tensor_inputs,
-    )
+    call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))
+    # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.
+    if adapter.resolution_bin(pipe, plan.height, plan.width, call) is None:
+        call.update(height=plan.height, width=plan.width)
+    if "callback_on_step_end" in inspect.signature(state.original_class.__call__).parameters:
+        callback, tensor_inputs = chain_callbacks(
+            call.get("callback_on_step_end"), call.get("callback_on_step_end_tensor_inputs"), StageSwitchCallback(run)
+        )
+        call.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=tensor_inputs)
+    else:
+        # Older pipelines (PixArt) have no callback that may replace the latents: switch in the scheduler's step.
+        run.scheduler.on_stage_end = run.next_stage_latents
     return run

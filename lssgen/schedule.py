@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .plan import StagePlan, fresh_scheduler
+from .plan import Stage, StagePlan, fresh_scheduler
 
 
 class StagedScheduler:
@@ -17,6 +18,11 @@ class StagedScheduler:
     multistep solver never carries history across a resolution change and each stage's last step lands on
     its x0. The stage in force is decided by how many `step` calls have been made.
     """
+
+    # For pipelines without `callback_on_step_end` (PixArt): called with the latents after the last step of every
+    # stage but the last, it returns the next stage's starting latents, which `step` then returns. Their loop feeds
+    # the step's output back as the latents, so the stage switch lands where the step-end callback would put it.
+    on_stage_end: Callable[[torch.Tensor, Stage], torch.Tensor] | None = None
 
     def __init__(self, plan: StagePlan, template: Any, device: torch.device | str | None = None):
         self.plan = plan
@@ -32,6 +38,7 @@ class StagedScheduler:
         self.timesteps = torch.cat(
             [s.timesteps[stage.begin_index :] for s, stage in zip(self.stage_schedulers, plan.stages)]
         )
+        self._sigmas = _concatenated_sigmas(self.stage_schedulers, plan)
         self.steps_taken = 0
 
         # Pipelines inspect `step`'s signature to decide whether to pass `eta` and `generator`.
@@ -63,7 +70,9 @@ class StagedScheduler:
 
     @property
     def sigmas(self):
-        return self.current.sigmas
+        # Pipelines index `sigmas` with their loop counter, like `timesteps` (CogView4 passes
+        # `scheduler.sigmas[i]` to callbacks), so they are concatenated the same way.
+        return self.current.sigmas if self._sigmas is None else self._sigmas
 
     @property
     def step_index(self):
@@ -91,8 +100,19 @@ class StagedScheduler:
         return sample if scale is None else scale(sample, *args, **kwargs)
 
     def _step(self, *args, **kwargs):
+        stage = self.plan.stage_at(self.steps_taken)
         output = self.current.step(*args, **kwargs)
         self.steps_taken += 1
+        if (
+            self.on_stage_end is not None
+            and stage is not self.plan.stages[-1]
+            and self.steps_taken == self.plan.stage_ends[stage.index]
+        ):
+            latents = self.on_stage_end(output[0], stage)
+            if isinstance(output, tuple):
+                output = (latents, *output[1:])
+            else:
+                output.prev_sample = latents
         return output
 
     def __len__(self) -> int:
@@ -103,3 +123,16 @@ class StagedScheduler:
         if name.startswith("__") or name in {"plan", "template", "stage_schedulers", "steps_taken", "step"}:
             raise AttributeError(name)
         return getattr(self.current, name)
+
+
+def _concatenated_sigmas(schedulers: list, plan: StagePlan) -> torch.Tensor | None:
+    """Each stage's sigmas from its start, aligned with the concatenated timesteps, then the last stage's final
+    sigma(s); None for schedulers without sigmas (PNDM, DDIM)."""
+    pieces = []
+    for scheduler, stage in zip(schedulers, plan.stages):
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is None:
+            return None
+        end = None if stage is plan.stages[-1] else stage.begin_index + stage.num_denoiser_steps
+        pieces.append(sigmas[stage.begin_index : end])
+    return torch.cat(pieces)

@@ -47,6 +47,12 @@ class Adapter:
         side = pipe.default_sample_size * pipe.vae_scale_factor
         return side, side
 
+    def resolution_bin(self, pipe: Any, height: int, width: int, call: dict[str, Any]) -> tuple[int, int] | None:
+        """The size the stock call really denoises at when it snaps `height` x `width` to a bin and resizes the
+        image back itself (e.g. PixArt's `use_resolution_binning`); None when it denoises at the requested size.
+        The stages are planned on this size, and the call keeps the requested one."""
+        return None
+
     def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """From `(B, C, h, w)` to the layout the denoising loop carries."""
         return latents
@@ -72,7 +78,8 @@ class Adapter:
 
     # Resolution conditioning ------------------------------------------------------------------------------------
     def install_hooks(self, pipe: Any, current_stage: Callable[[], Stage | None]) -> None:
-        """Register hooks that make the model see the conditioning of `current_stage()` (None: leave alone)."""
+        """Register hooks that give the model the conditioning of `current_stage()`, a low-resolution stage;
+        None means leave the pipeline's own conditioning alone (no lssgen call, or the target-size stage)."""
 
     def remove_hooks(self, pipe: Any) -> None:
         """Undo `install_hooks`."""
