@@ -1,0 +1,96 @@
+"""SDXL and Playground v2.5 (`StableDiffusionXLPipeline`): a diffusion UNet conditioned on image size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..hookspecs import hookimpl
+from .base import Adapter
+
+TIME_IDS_HOOK = "lssgen_sdxl_time_ids"
+# StableDiffusionXLPipeline's `add_time_ids` row: original (h, w), crop (top, left), target (h, w).
+_ORIGINAL_SIZE, _TARGET_SIZE, _TIME_IDS_LENGTH = slice(0, 2), slice(4, 6), 6
+
+
+class SDXLTimeIdsHook(ModelHook):
+    """Gives the UNet the size conditioning of the stage being denoised.
+
+    StableDiffusionXLPipeline builds `add_time_ids` once, for the target size, before the loop; during a stage
+    the original and target size are that stage's pixel size instead (for the negative rows too). The crop
+    coordinates are kept.
+    """
+
+    def __init__(self, current_stage: Callable):
+        super().__init__()
+        self.current_stage = current_stage
+
+    def pre_forward(self, module, *args, **kwargs):
+        stage = self.current_stage()
+        added = kwargs.get("added_cond_kwargs")
+        if stage is None or not added or added.get("time_ids") is None:
+            return args, kwargs
+        time_ids = added["time_ids"]
+        if time_ids.shape[-1] != _TIME_IDS_LENGTH:
+            raise ValueError(
+                f"lssgen's SDXL adapter expects `time_ids` of {_TIME_IDS_LENGTH} numbers (original size, crop, "
+                f"target size), got {time_ids.shape[-1]}. Pipelines conditioned on an aesthetic score are not "
+                "supported; pass `start_sigma=1.0` to run the stock pipeline."
+            )
+        # A copy: the pipeline reuses its tensor for every step and would keep a low-resolution size otherwise.
+        time_ids = time_ids.clone()
+        size = torch.tensor([stage.height, stage.width], device=time_ids.device, dtype=time_ids.dtype)
+        time_ids[:, _ORIGINAL_SIZE] = size
+        time_ids[:, _TARGET_SIZE] = size
+        kwargs["added_cond_kwargs"] = {**added, "time_ids": time_ids}
+        return args, kwargs
+
+
+class SDXLAdapter(Adapter):
+    r"""
+    Adapter for [`~diffusers.StableDiffusionXLPipeline`]: SDXL, and Playground v2.5 (the same pipeline class, with
+    a VAE normalised by per-channel `latents_mean`/`latents_std` and an EDM DPM-Solver scheduler).
+
+    Each stage runs the scheduler's own n-step schedule, later stages truncated by the img2img rule and re-noised
+    with the stage scheduler's `add_noise`. The UNet's size conditioning (`add_time_ids`) follows the stage: a
+    hook on the UNet sets its original and target size to the stage's size; `lssgen.unpatch` removes it.
+
+    Published settings: 50 steps, guidance 5, no shortening, native size 1024 px.
+
+    Example:
+
+    ```py
+    >>> import lssgen
+    >>> from diffusers import StableDiffusionXLPipeline
+
+    >>> pipe = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+    >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
+    >>> image = pipe("a lighthouse at dusk", height=2048, width=2048, min_resolution=1024).images[0]
+    ```
+    """
+
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    denoiser = "unet"
+    flow = False
+    latent_multiple = 1
+    shorten_intermediate_steps = False
+    base_size = 1024
+    default_steps = 50
+    default_guidance = 5.0
+
+    def install_hooks(self, pipe, current_stage):
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
+        registry.register_hook(SDXLTimeIdsHook(current_stage), TIME_IDS_HOOK)
+
+    def remove_hooks(self, pipe):
+        registry = getattr(pipe.unet, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(TIME_IDS_HOOK, recurse=False)
+
+
+@hookimpl
+def register_adapters(register):
+    register(SDXLAdapter())

@@ -1,0 +1,75 @@
+"""A tiny random-weight StableDiffusionPipeline (SD 1.x / 2.x)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .flux import build_tiny_vae
+from .text import build_tiny_clip, character_tokenizer, eval_mode
+
+# Stable Diffusion 1.5's scheduler config (PNDM, PLMS steps only), so plans match the real model's.
+SD_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def build_tiny_sd_pipeline(
+    seed: int = 0, scheduler: SchedulerMixin | type[SchedulerMixin] | None = None
+) -> StableDiffusionPipeline:
+    r"""
+    A stock `StableDiffusionPipeline` with tiny random weights: UNet, VAE, CLIP text encoder and tokenizer.
+
+    The VAE has SD's x8 spatial compression and scaling factor, so sizes and plans are those of the real model.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights.
+        scheduler (`SchedulerMixin` or a scheduler class, *optional*): the pipeline's scheduler; a class is built
+            from SD 1.5's scheduler config. Defaults to SD's PNDM.
+
+    Example:
+
+    ```py
+    >>> from diffusers import EulerDiscreteScheduler
+    >>> pipe = build_tiny_sd_pipeline(scheduler=EulerDiscreteScheduler)
+    >>> image = pipe("a cat", height=256, width=256, num_inference_steps=8).images[0]
+    ```
+    """
+    torch.manual_seed(seed)
+    # Attention only at the lower of the two resolutions keeps the UNet cheap; a LoRA can target
+    # `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+    )
+    if scheduler is None:
+        scheduler = PNDMScheduler
+    if isinstance(scheduler, type):
+        scheduler = scheduler.from_config(SD_SCHEDULER_CONFIG)
+    pipe = StableDiffusionPipeline(
+        vae=build_tiny_vae(4, scaling_factor=0.18215),
+        text_encoder=build_tiny_clip(32),
+        tokenizer=character_tokenizer(77),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return eval_mode(pipe)
