@@ -1,0 +1,126 @@
+"""CogView4 (`CogView4Pipeline`): its own time-shift rule and SDXL-like size conditioning of the transformer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+from ..hookspecs import hookimpl
+from .base import Adapter
+
+SIZE_CONDITIONING_HOOK = "lssgen_cogview4_size_conditioning"
+
+
+def cogview4_time_shift(scheduler_config: Any, image_seq_len: int) -> float:
+    """`mu` for `image_seq_len` patches, by CogView4Pipeline's rule; the length is capped at `max_image_seq_len`."""
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    return calculate_shift(
+        min(image_seq_len, max_len),
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("base_shift", 0.25),
+        scheduler_config.get("max_shift", 0.75),
+    )
+
+
+class CogView4SizeConditioningHook(ModelHook):
+    """Gives the transformer the `original_size` and `target_size` of the stage being denoised.
+
+    CogView4Pipeline builds both once, for the size it is called with; a low-resolution stage is conditioned as
+    an image of its own size (original = target = the stage's pixel size). `crop_coords` stay as passed.
+    """
+
+    def __init__(self, current_stage: Callable):
+        super().__init__()
+        self.current_stage = current_stage
+
+    def pre_forward(self, module, *args, **kwargs):
+        stage = self.current_stage()
+        target = kwargs.get("target_size")
+        if stage is None or target is None:
+            return args, kwargs
+        size = torch.tensor([[stage.height, stage.width]], dtype=target.dtype, device=target.device)
+        size = size.repeat(target.shape[0], 1)
+        kwargs["original_size"] = size
+        kwargs["target_size"] = size
+        return args, kwargs
+
+
+class CogView4Adapter(Adapter):
+    r"""
+    Adapter for [`~diffusers.CogView4Pipeline`].
+
+    Each stage gets CogView4Pipeline's own schedule for its step count: integer timesteps `linspace(1000, 1, n)`,
+    sigmas `timesteps / 1000` shifted with the `mu` of the stage's own patch count. The transformer sees the
+    stage's size as `original_size` and `target_size` (through a hook named `"lssgen_cogview4_size_conditioning"`).
+
+    Example:
+
+    ```py
+    >>> import lssgen
+    >>> import torch
+    >>> from diffusers import CogView4Pipeline
+
+    >>> pipe = CogView4Pipeline.from_pretrained("THUDM/CogView4-6B", torch_dtype=torch.bfloat16)
+    >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
+    >>> image = pipe("a lighthouse at dusk", num_inference_steps=50, guidance_scale=3.5).images[0]
+    ```
+    """
+
+    name = "cogview4"
+    pipeline_classes = ("CogView4Pipeline",)
+    denoiser = "transformer"
+    flow = True
+    latent_multiple = 2  # the transformer patchifies 2x2 (transformer.config.patch_size)
+    shorten_intermediate_steps = True
+    default_steps = 50
+    default_guidance = 3.5
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        return side, side
+
+    def latent_dtype(self, pipe: Any) -> torch.dtype:
+        # CogView4Pipeline draws its noise in float32 (and casts it for the transformer), whatever the model's dtype.
+        return torch.float32
+
+    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
+        # CogView4Pipeline's schedule: the transformer sees the integer timesteps, the scheduler steps on their
+        # sigmas after the shift. The plan therefore truncates on unshifted timesteps (as the published code
+        # does) while re-noising uses the shifted sigma the stage really starts from.
+        train_steps = scheduler.config.num_train_timesteps
+        timesteps = np.linspace(train_steps, 1.0, num_steps).astype(np.int64).astype(np.float32)
+        patches = (latent_height * latent_width) // self.latent_multiple**2
+        return {
+            "timesteps": timesteps.tolist(),
+            "sigmas": (timesteps / train_steps).tolist(),
+            "mu": cogview4_time_shift(scheduler.config, patches),
+        }
+
+    def install_hooks(self, pipe, current_stage):
+        patch_size = pipe.transformer.config.patch_size
+        if patch_size != self.latent_multiple:
+            raise ValueError(
+                f"lssgen's CogView4 adapter expects a transformer with 2x2 patches, this one has "
+                f"patch_size={patch_size}. Register an adapter subclass with `latent_multiple` set to the patch size."
+            )
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+        registry.register_hook(CogView4SizeConditioningHook(current_stage), SIZE_CONDITIONING_HOOK)
+
+    def remove_hooks(self, pipe):
+        registry = getattr(pipe.transformer, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(SIZE_CONDITIONING_HOOK, recurse=False)
+
+    def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
+        # CogView4Pipeline decodes `latents / scaling_factor`, whatever else the config holds.
+        return 0.0, 1.0, pipe.vae.config.scaling_factor
+
+
+@hookimpl
+def register_adapters(register):
+    register(CogView4Adapter())
