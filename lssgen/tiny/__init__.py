@@ -3,13 +3,21 @@
 The weights are random: images are noise. What they show is the machinery (shapes, schedules, timings).
 """
 
+from .cogview4 import build_tiny_cogview4_pipeline
 from .flux import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline, build_tiny_vae
+from .sd import build_tiny_sd_pipeline
+from .sd3 import build_tiny_sd3_pipeline
+from .sdxl import build_tiny_sdxl_pipeline
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer
 
 __all__ = [
     "FLUX_SCHEDULER_CONFIG",
     "build_tiny_clip",
+    "build_tiny_cogview4_pipeline",
     "build_tiny_flux_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_sd_pipeline",
+    "build_tiny_sdxl_pipeline",
     "build_tiny_t5",
     "build_tiny_vae",
     "character_tokenizer",
