@@ -282,8 +282,8 @@ def _schedule_stage(
             f"`start_sigma`={start_sigma} leaves stage {index + 1} no step of its {num_steps}; "
             "raise `start_sigma` or `num_inference_steps`."
         )
-    sigmas = getattr(scheduler, "sigmas", None)
-    first_sigma = float(sigmas[begin]) if sigmas is not None and len(sigmas) > begin else None
+    # Flow models re-noise to this sigma; diffusion schedulers' sigmas are another scale (add_noise handles them).
+    first_sigma = float(scheduler.sigmas[begin]) if facts.flow else None
     return Stage(
         index=index,
         latent_height=latent_height,

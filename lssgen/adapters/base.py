@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 if TYPE_CHECKING:
     from ..plan import Stage
+
+
+def linear_time_shift(scheduler_config: Any, image_seq_len: int, default_max_shift: float) -> float:
+    """The linear `mu` rule of FLUX.1 and SD3 for `image_seq_len` image tokens, the length capped at the
+    scheduler's `max_image_seq_len` (DESIGN §1.4)."""
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    return calculate_shift(
+        min(image_seq_len, max_len),
+        scheduler_config.get("base_image_seq_len", 256),
+        max_len,
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", default_max_shift),
+    )
+
+
+def flow_stage_kwargs(scheduler: Any, num_steps: int, mu: float | None) -> dict[str, Any]:
+    """`set_timesteps` arguments of a flow-model stage: `sigmas = linspace(1, 1/n, n)` (the step count for
+    schedulers that take no custom sigmas) and the stage's time shift `mu`, if any, where the scheduler takes one."""
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    kwargs: dict[str, Any] = {}
+    if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+    else:
+        kwargs["num_inference_steps"] = num_steps
+    if mu is not None and "mu" in accepted:
+        kwargs["mu"] = mu
+    return kwargs
 
 
 class Adapter:
@@ -39,6 +69,16 @@ class Adapter:
     # Geometry ---------------------------------------------------------------------------------------------------
     def latent_channels(self, pipe: Any) -> int:
         return getattr(pipe, self.denoiser).config.in_channels
+
+    def check_patch_size(self, pipe: Any) -> None:
+        """For denoisers that patchify: stage sizes and token counts assume patches of `latent_multiple` cells."""
+        patch_size = getattr(pipe, self.denoiser).config.patch_size
+        if patch_size != self.latent_multiple:
+            raise ValueError(
+                f"lssgen's {self.name} adapter expects a {self.denoiser} with {self.latent_multiple}x"
+                f"{self.latent_multiple} patches; this one has patch_size={patch_size}. Register an adapter "
+                "subclass with `latent_multiple` set to the patch size."
+            )
 
     def latent_dtype(self, pipe: Any) -> torch.dtype:
         return getattr(pipe, self.denoiser).dtype

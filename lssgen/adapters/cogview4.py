@@ -102,12 +102,7 @@ class CogView4Adapter(Adapter):
         }
 
     def install_hooks(self, pipe, current_stage):
-        patch_size = pipe.transformer.config.patch_size
-        if patch_size != self.latent_multiple:
-            raise ValueError(
-                f"lssgen's CogView4 adapter expects a transformer with 2x2 patches, this one has "
-                f"patch_size={patch_size}. Register an adapter subclass with `latent_multiple` set to the patch size."
-            )
+        self.check_patch_size(pipe)
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
         registry.register_hook(CogView4SizeConditioningHook(current_stage), SIZE_CONDITIONING_HOOK)
 

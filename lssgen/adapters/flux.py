@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..hookspecs import hookimpl
-from .base import Adapter
+from .base import Adapter, flow_stage_kwargs, linear_time_shift
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
-
-
-def flux_time_shift(scheduler_config: Any, image_seq_len: int) -> float:
-    """`mu` for an image of `image_seq_len` packed tokens; the length is capped at `max_image_seq_len`."""
-    max_len = scheduler_config.get("max_image_seq_len", 4096)
-    return calculate_shift(
-        min(image_seq_len, max_len),
-        scheduler_config.get("base_image_seq_len", 256),
-        max_len,
-        scheduler_config.get("base_shift", 0.5),
-        scheduler_config.get("max_shift", 1.15),
-    )
 
 
 class FluxImageIdsHook(ModelHook):
@@ -79,16 +64,8 @@ class FluxAdapter(Adapter):
         return pipe._unpack_latents(latents, latent_height * factor, latent_width * factor, factor)
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
-        # The same sigmas FluxPipeline passes, with the shift of this stage's own token count.
-        accepted = inspect.signature(scheduler.set_timesteps).parameters
-        kwargs: dict[str, Any] = {}
-        if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
-        else:
-            kwargs["num_inference_steps"] = num_steps
-        if "mu" in accepted:
-            kwargs["mu"] = flux_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2))
-        return kwargs
+        tokens = (latent_height // 2) * (latent_width // 2)
+        return flow_stage_kwargs(scheduler, num_steps, linear_time_shift(scheduler.config, tokens, 1.15))
 
     def install_hooks(self, pipe, current_stage):
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ..hookspecs import hookimpl
-from .base import Adapter
-
-
-def sd3_time_shift(scheduler_config: Any, image_seq_len: int) -> float:
-    """`mu` for `image_seq_len` patches, with StableDiffusion3Pipeline's defaults; capped at `max_image_seq_len`."""
-    max_len = scheduler_config.get("max_image_seq_len", 4096)
-    return calculate_shift(
-        min(image_seq_len, max_len),
-        scheduler_config.get("base_image_seq_len", 256),
-        max_len,
-        scheduler_config.get("base_shift", 0.5),
-        scheduler_config.get("max_shift", 1.16),
-    )
+from .base import Adapter, flow_stage_kwargs, linear_time_shift
 
 
 class SD3Adapter(Adapter):
@@ -55,27 +40,16 @@ class SD3Adapter(Adapter):
     default_guidance = 4.5
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
-        accepted = inspect.signature(scheduler.set_timesteps).parameters
-        kwargs: dict[str, Any] = {}
-        if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
-        else:
-            kwargs["num_inference_steps"] = num_steps
-        # As StableDiffusion3Pipeline: a `mu` only for a dynamically shifting scheduler. The patch size is
-        # SD3's 2, the `latent_multiple` the plan already rounded the stage to.
-        if scheduler.config.get("use_dynamic_shifting", False) and "mu" in accepted:
-            patches = (latent_height // self.latent_multiple) * (latent_width // self.latent_multiple)
-            kwargs["mu"] = sd3_time_shift(scheduler.config, patches)
-        return kwargs
+        # As StableDiffusion3Pipeline: a `mu` (max_shift defaulting to 1.16) only for a dynamically shifting
+        # scheduler, here of the stage's own 2x2 patch count; else the scheduler's static `shift` applies.
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting", False):
+            mu = linear_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2), 1.16)
+        return flow_stage_kwargs(scheduler, num_steps, mu)
 
     def install_hooks(self, pipe, current_stage):
-        # Nothing to hook (position embeddings follow the latent's shape), but sizes and token counts assume 2x2.
-        patch_size = pipe.transformer.config.patch_size
-        if patch_size != self.latent_multiple:
-            raise ValueError(
-                f"lssgen's SD3 adapter expects a transformer with 2x2 patches, this one has patch_size={patch_size}. "
-                "Register an adapter subclass with `latent_multiple` set to the patch size."
-            )
+        # Nothing to hook: the patch position embedding is cropped to the latent's shape.
+        self.check_patch_size(pipe)
 
     def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
         # StableDiffusion3Pipeline decodes `latents / scaling_factor + shift_factor`, whatever else the config holds.
