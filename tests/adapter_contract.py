@@ -4,6 +4,7 @@ the denoiser; every test here then runs for that family."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -15,6 +16,15 @@ from packaging import version
 
 import lssgen
 from lssgen.plan import StagePlan
+
+
+class _Handles:
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 class AdapterContract:
@@ -73,14 +83,23 @@ class AdapterContract:
     def images(self, pipe, **kwargs):
         return pipe(**kwargs).images
 
+    def conditioning_hooks(self, pipe, records: list[dict[str, Any]]) -> list:
+        """Hooks on submodules that add to `records[-1]` what the denoiser consumed inside its forward, where
+        lssgen's hooks have already rewritten it (a forward pre-hook on the denoiser sees the inputs before)."""
+        return []
+
     def trace(self, pipe):
-        """Start recording `observe(...)` of every denoiser call; returns the list and a handle to stop."""
+        """Record `observe(...)` of every denoiser call; returns the records and a handle to stop."""
         records = []
+        denoiser = self.denoiser(pipe)
+        signature = inspect.signature(type(denoiser).forward)
 
         def record(module, args, kwargs):
-            records.append(self.observe(pipe, kwargs))
+            # By name, whether the pipeline passes an input by position (the UNet's `sample`) or by keyword.
+            records.append(self.observe(pipe, signature.bind(module, *args, **kwargs).arguments))
 
-        return records, self.denoiser(pipe).register_forward_pre_hook(record, with_kwargs=True)
+        handles = [denoiser.register_forward_pre_hook(record, with_kwargs=True)]
+        return records, _Handles([*handles, *self.conditioning_hooks(pipe, records)])
 
     def small_upsampler(self, pipe):
         channels = lssgen.find_adapter(pipe).latent_channels(pipe)

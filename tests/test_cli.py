@@ -80,5 +80,9 @@ def test_adapters_lists_installed_adapters_with_their_package():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["adapter", "pipelines", "kind", "steps", "guidance", "shorten", "package"]
-    flux = next(line for line in lines if line.startswith("flux "))
-    assert flux.split() == ["flux", "FluxPipeline", "flow", "50", "3.5", "on", "lssgen"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["flux"] == ["FluxPipeline", "flow", "50", "3.5", "on", "lssgen"]
+    assert rows["sd3"] == ["StableDiffusion3Pipeline", "flow", "40", "4.5", "on", "lssgen"]
+    assert rows["sdxl"] == ["StableDiffusionXLPipeline", "diffusion", "50", "5.0", "off", "lssgen"]
+    assert rows["sd"] == ["StableDiffusionPipeline", "diffusion", "50", "7.5", "off", "lssgen"]
+    assert rows["cogview4"] == ["CogView4Pipeline", "flow", "50", "3.5", "on", "lssgen"]

@@ -47,22 +47,13 @@ class TestCogView4(AdapterContract):
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         return cogview4_call_kwargs(pipe, prompts, seed, **overrides)
 
-    def trace(self, pipe):
+    def conditioning_hooks(self, pipe, records):
         # The size hook runs inside the transformer's forward, so the sizes are read where they are embedded.
-        records, handle = super().trace(pipe)
-
         def on_sizes(module, args):
             _, original, target, crop, _ = args
             records[-1]["sizes"] = tuple(tuple(map(int, t[0].tolist())) for t in (original, target, crop))
 
-        sizes_handle = pipe.transformer.time_condition_embed.register_forward_pre_hook(on_sizes)
-
-        class Both:
-            def remove(self):
-                handle.remove()
-                sizes_handle.remove()
-
-        return records, Both()
+        return [pipe.transformer.time_condition_embed.register_forward_pre_hook(on_sizes)]
 
     def observe(self, pipe, kwargs):
         return {"size": tuple(kwargs["hidden_states"].shape[-2:]), "timestep": float(kwargs["timestep"][0])}

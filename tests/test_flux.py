@@ -42,24 +42,15 @@ class TestFlux(AdapterContract):
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         return flux_call_kwargs(pipe, prompts, seed, **overrides)
 
-    def trace(self, pipe):
+    def conditioning_hooks(self, pipe, records):
         # The ids hook runs inside the transformer's forward, so the ids are read where they are used.
-        records, handle = super().trace(pipe)
-
         def on_ids(module, args):
             image_ids = args[0][TEXT_TOKENS:]
             rows, cols = int(image_ids[:, 1].max()) + 1, int(image_ids[:, 2].max()) + 1
             row_major = image_ids.shape[0] == rows * cols and torch.equal(image_ids[cols, 1:], torch.tensor([1.0, 0]))
             records[-1]["ids"] = (rows, cols, row_major)
 
-        ids_handle = pipe.transformer.pos_embed.register_forward_pre_hook(on_ids)
-
-        class Both:
-            def remove(self):
-                handle.remove()
-                ids_handle.remove()
-
-        return records, Both()
+        return [pipe.transformer.pos_embed.register_forward_pre_hook(on_ids)]
 
     def observe(self, pipe, kwargs):
         return {"tokens": kwargs["hidden_states"].shape[1], "timestep": float(kwargs["timestep"][0]) * 1000}

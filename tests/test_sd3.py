@@ -61,21 +61,12 @@ class TestSD3(AdapterContract):
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         return sd3_call_kwargs(pipe, prompts, seed, **overrides)
 
-    def trace(self, pipe):
+    def conditioning_hooks(self, pipe, records):
         # The patch embedding crops its position table to the latent it is given: record what it embedded.
-        records, handle = super().trace(pipe)
-
         def on_pos_embed(module, args, output):
             records[-1]["pos_embed"] = (*args[0].shape[-2:], output.shape[1])
 
-        pos_handle = pipe.transformer.pos_embed.register_forward_hook(on_pos_embed)
-
-        class Both:
-            def remove(self):
-                handle.remove()
-                pos_handle.remove()
-
-        return records, Both()
+        return [pipe.transformer.pos_embed.register_forward_hook(on_pos_embed)]
 
     def observe(self, pipe, kwargs):
         hidden = kwargs["hidden_states"]

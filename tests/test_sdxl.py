@@ -32,21 +32,12 @@ class TestSDXL(UNetContract):
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         return sdxl_call_kwargs(pipe, prompts, seed, **overrides)
 
-    def trace(self, pipe):
+    def conditioning_hooks(self, pipe, records):
         # The time ids hook runs inside the UNet's forward, so the ids are read where the UNet embeds them.
-        records, handle = super().trace(pipe)
-
         def on_time_ids(module, args):
             records[-1]["time_ids"] = [tuple(row) for row in args[0].reshape(-1, 6).tolist()]
 
-        ids_handle = pipe.unet.add_time_proj.register_forward_pre_hook(on_time_ids)
-
-        class Both:
-            def remove(self):
-                handle.remove()
-                ids_handle.remove()
-
-        return records, Both()
+        return [pipe.unet.add_time_proj.register_forward_pre_hook(on_time_ids)]
 
     def expected(self, pipe, stage, timestep, crops=((0, 0), (0, 0))):
         # Original and target size are the stage's size, in the negative (first) and the positive row alike.

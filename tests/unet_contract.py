@@ -12,16 +12,6 @@ import lssgen
 class UNetContract(AdapterContract):
     calls_per_step = 1  # CFG runs as one batched UNet call per step
 
-    def trace(self, pipe):
-        # The pipelines pass `sample` and `timestep` to the UNet by position: name them for `observe`.
-        records = []
-        signature = inspect.signature(type(pipe.unet).forward)
-
-        def record(module, args, kwargs):
-            records.append(self.observe(pipe, signature.bind(module, *args, **kwargs).arguments))
-
-        return records, pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
-
     def observe(self, pipe, kwargs):
         sample = kwargs["sample"]
         return {"size": tuple(sample.shape[-2:]), "batch": sample.shape[0], "timestep": float(kwargs["timestep"])}
