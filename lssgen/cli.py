@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -11,9 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# transformers warns at import time about optional image backends (torchvision) the CLI never uses.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,13 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(generate, steps=None, size=1024)
     generate.add_argument("--out", default="out.png", help="where to save the image")
     generate.add_argument("--baseline", action="store_true", help="run the stock pipeline (no scaling)")
+    generate.set_defaults(func=run_generate)
 
-    commands.add_parser("adapters", help="list the installed adapters and the package providing each")
+    adapters = commands.add_parser("adapters", help="list the installed adapters and the package providing each")
+    adapters.set_defaults(func=run_adapters)
 
     demo = commands.add_parser("demo", help="baseline vs LSSGen on a small random-weight Flux pipeline")
     demo.add_argument("--model", help="use a real local pipeline instead of the random-weight one")
     _add_method_options(demo, steps=None, size=None)
     demo.add_argument("--out-dir", default="outputs/demo", help="folder for the two images")
+    demo.set_defaults(func=run_demo)
     return parser
 
 
@@ -210,7 +209,7 @@ def run_adapters(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "demo": run_demo, "adapters": run_adapters}[args.command](args)
+        args.func(args)
     except (ValueError, TypeError) as error:
         print(f"lssgen: error: {error}", file=sys.stderr)
         return 2

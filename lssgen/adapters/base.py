@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from ..latents import LatentNormalization
+
 if TYPE_CHECKING:
     from ..plan import Stage
 
@@ -125,26 +127,17 @@ class Adapter:
         """Undo `install_hooks`."""
 
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
-    def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
-        config = pipe.vae.config
-        scaling = config.scaling_factor
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(mean, device=like.device, dtype=torch.float32).view(shape)
-            std = torch.tensor(std, device=like.device, dtype=torch.float32).view(shape)
-            return mean, std, scaling
-        return getattr(config, "shift_factor", None) or 0.0, 1.0, scaling
+    def latent_normalization(self, pipe: Any) -> LatentNormalization:
+        """How the pipeline maps VAE latents to the latents it denoises."""
+        return LatentNormalization.from_vae_config(pipe.vae.config)
 
     def latents_to_vae(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Undo the pipeline's latent normalisation, giving what `vae.decode` expects."""
-        mean, std, scaling = self._vae_stats(pipe, latents)
-        return latents.float() * std / scaling + mean
+        return self.latent_normalization(pipe).to_vae(latents)
 
     def vae_to_latents(self, pipe: Any, vae_latents: torch.Tensor) -> torch.Tensor:
         """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
-        mean, std, scaling = self._vae_stats(pipe, vae_latents)
-        return (vae_latents.float() - mean) * scaling / std
+        return self.latent_normalization(pipe).from_vae(vae_latents)
 
     def __repr__(self) -> str:
         return f"<lssgen adapter {self.name!r} for {', '.join(self.pipeline_classes)}>"

@@ -11,6 +11,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 from ..hookspecs import hookimpl
+from ..latents import LatentNormalization
 from .base import Adapter
 
 SIZE_CONDITIONING_HOOK = "lssgen_cogview4_size_conditioning"
@@ -111,9 +112,9 @@ class CogView4Adapter(Adapter):
         if registry is not None:
             registry.remove_hook(SIZE_CONDITIONING_HOOK, recurse=False)
 
-    def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
+    def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # CogView4Pipeline decodes `latents / scaling_factor`, whatever else the config holds.
-        return 0.0, 1.0, pipe.vae.config.scaling_factor
+        return LatentNormalization(0.0, 1.0, pipe.vae.config.scaling_factor)
 
 
 @hookimpl

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..hookspecs import hookimpl
+from ..latents import LatentNormalization
 from .base import Adapter, flow_stage_kwargs, linear_time_shift
 
 
@@ -51,10 +50,10 @@ class SD3Adapter(Adapter):
         # Nothing to hook: the patch position embedding is cropped to the latent's shape.
         self.check_patch_size(pipe)
 
-    def _vae_stats(self, pipe: Any, like: torch.Tensor) -> tuple[Any, Any, float]:
+    def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # StableDiffusion3Pipeline decodes `latents / scaling_factor + shift_factor`, whatever else the config holds.
         config = pipe.vae.config
-        return getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor
+        return LatentNormalization(getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor)
 
 
 @hookimpl

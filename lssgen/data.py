@@ -1,0 +1,103 @@
+"""Images and VAE latents for training and evaluating latent upsamplers (DESIGN §1.9)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .latents import LatentNormalization
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every jpg/png/webp file under `root` (recursively), in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--images {root}: no such folder.")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"--images {root}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in it or below it.")
+    return paths
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An RGB image as a float tensor `(3, H, W)` in [-1, 1]."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Cannot read image {path}: {error}. Remove it or convert it to png/jpg.") from None
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """`(3, H, W)` in [-1, 1] → PIL image."""
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A `size` x `size` crop at a random place; smaller images are first scaled up to fit (bicubic)."""
+    _, height, width = image.shape
+    if min(height, width) < size:
+        factor = size / min(height, width)
+        new_size = (max(size, round(height * factor)), max(size, round(width * factor)))
+        image = F.interpolate(image[None], size=new_size, mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+        _, height, width = image.shape
+    top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+    return image[:, top : top + size, left : left + size]
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The central `size` x `size` crop (scaled up first when the image is smaller)."""
+    _, height, width = image.shape
+    if min(height, width) < size:
+        return random_crop(image, size, torch.Generator().manual_seed(0))
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[:, top : top + size, left : left + size]
+
+
+def downsample_nearest(images: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """The x`factor` nearest-neighbour downsample the method trains on (DESIGN §1.9)."""
+    return F.interpolate(images, scale_factor=1 / factor, mode="nearest")
+
+
+def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, ...) from a folder or hub id, in eval mode."""
+    from diffusers import AutoModel
+
+    try:
+        vae = AutoModel.from_pretrained(path_or_id, subfolder=subfolder, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        hint = "" if subfolder else " For a whole pipeline folder, add --subfolder vae."
+        raise ValueError(f"Cannot load a VAE from {path_or_id!r}: {error}.{hint}") from None
+    if not hasattr(vae, "encode") or not hasattr(vae, "decode"):
+        raise ValueError(f"{path_or_id!r} holds a {type(vae).__name__}, not a VAE with encode/decode.")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_latent_channels(vae: Any) -> int:
+    return vae.config.latent_channels
+
+
+@torch.no_grad()
+def encode(vae: Any, images: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
+    """Images in [-1, 1] → normalised latents, as the matching pipeline denoises them (float32)."""
+    param = next(vae.parameters())
+    encoded = vae.encode(images.to(param.device, param.dtype))
+    latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+    return normalization.from_vae(latents)
+
+
+def decode(vae: Any, latents: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
+    """Normalised latents → images in [-1, 1] (float32). Differentiable, for a pixel loss."""
+    param = next(vae.parameters())
+    images = vae.decode(normalization.to_vae(latents).to(param.device, param.dtype), return_dict=False)[0]
+    return images.float().clamp(-1, 1)
