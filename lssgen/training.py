@@ -1,0 +1,439 @@
+"""Training a `LatentUpsampler` for a VAE on a folder of images (DESIGN §1.9)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import center_crop, decode, downsample_nearest, encode, load_image, random_crop
+from .latents import LatentNormalization
+from .upsampler import LatentUpsampler
+
+CHECKPOINT = "checkpoint"
+CACHE = "cache"
+# A fixed share of the images is held out, so the reported margin over bicubic is measured on unseen images.
+VAL_EVERY_NTH_IMAGE = 10
+VAL_CROPS_PER_IMAGE = 4
+
+
+@dataclass
+class TrainResult:
+    r"""
+    What [`train_upsampler`] did.
+
+    Args:
+        out_dir (`Path`): folder holding the trained upsampler, its model card and the last checkpoint.
+        steps (`int`): optimizer steps taken in total (including those of a resumed run).
+        train_images (`int`), val_images (`int`): sizes of the two splits.
+        val_mse (`float`): latent MSE of the trained upsampler on the held-out pairs.
+        bicubic_mse (`float`): latent MSE of x2 bicubic latent interpolation on the same pairs.
+        first_loss (`float`), last_loss (`float`): mean training loss of the first and last few steps of this run.
+        seconds (`float`): wall time of this run.
+    """
+
+    out_dir: Path
+    steps: int
+    train_images: int
+    val_images: int
+    val_mse: float
+    bicubic_mse: float
+    first_loss: float
+    last_loss: float
+    seconds: float
+
+
+def vae_spatial_factor(vae: Any) -> int:
+    """How much the VAE shrinks each side (8 for SD/SDXL/SD3/Flux), as diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def default_upsampler_config(latent_channels: int) -> dict[str, Any]:
+    """The published widths: [128, 64] for 16+ channel VAEs, [64, 32] for 4-channel ones (DESIGN §1.8)."""
+    widths = [128, 64] if latent_channels >= 16 else [64, 32]
+    return {"in_channels": latent_channels, "out_channels": latent_channels, "block_out_channels": widths}
+
+
+def split_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """Every 10th image (at least one) is held out for validation; the rest are trained on."""
+    if len(paths) < 2:
+        raise ValueError(
+            f"--images: found {len(paths)} image; training needs at least 2 (one is held out for validation)."
+        )
+    val = [p for i, p in enumerate(paths) if i % VAL_EVERY_NTH_IMAGE == VAL_EVERY_NTH_IMAGE - 1] or [paths[-1]]
+    held_out = set(val)
+    return [p for p in paths if p not in held_out], val
+
+
+def _check_readable(paths: Sequence[Path]) -> None:
+    # Fail before any training (and before an output folder exists) rather than hours in.
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for broken files
+            message = f"--images: cannot read image {path}: {error}. Remove it or re-save it as png/jpg."
+            raise ValueError(message) from None
+
+
+def _check_writable(out_dir: Path) -> Path:
+    """The nearest existing folder at or above `out_dir`, which must be writable; temporary files go there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is an existing file. Choose a folder path.")
+    ancestor = out_dir if out_dir.exists() else out_dir.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out_dir}: {ancestor} is a file, so the folder cannot be created there.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir}: {ancestor} is not writable. Choose a folder you can write to.")
+    return ancestor
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    # Cosine decay to a tenth, a function of the step alone so that --resume continues the same curve.
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
+
+
+class _PairSource:
+    """Random (low, high, target image) training pairs, encoded on the fly or drawn from a fixed cache."""
+
+    def __init__(self, vae, norm, paths, resolution, generator, device, cache_file=None, cache_crops=8, pixels=False):
+        self.vae, self.norm, self.paths, self.resolution = vae, norm, list(paths), resolution
+        self.generator, self.device, self.pixels = generator, device, pixels
+        self.cache = None
+        if cache_file is not None:
+            if cache_file.exists():
+                self.cache = load_file(str(cache_file))
+            else:
+                crops = [self._crops(range(len(self.paths))) for _ in range(cache_crops)]
+                self.cache = {key: torch.cat([c[key] for c in crops]).contiguous() for key in crops[0]}
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                save_file(self.cache, str(cache_file))
+
+    def _crops(self, indices) -> dict[str, torch.Tensor]:
+        images = torch.stack(
+            [random_crop(load_image(self.paths[i]), self.resolution, self.generator) for i in indices]
+        ).to(self.device)
+        pair = {
+            "low": encode(self.vae, downsample_nearest(images), self.norm),
+            "high": encode(self.vae, images, self.norm),
+        }
+        if self.pixels:
+            pair["images"] = images
+        return {key: value.cpu() for key, value in pair.items()}
+
+    def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            rows = torch.randint(0, len(self.cache["low"]), (batch_size,), generator=self.generator)
+            picked = {key: value[rows] for key, value in self.cache.items()}
+        else:
+            picked = self._crops(torch.randint(0, len(self.paths), (batch_size,), generator=self.generator).tolist())
+        return {key: value.to(self.device) for key, value in picked.items()}
+
+
+def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The centre crop plus seeded random crops: the same pairs every run, so reports are comparable.
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for path in paths:
+        image = load_image(path)
+        images.append(center_crop(image, resolution))
+        images += [random_crop(image, resolution, generator) for _ in range(VAL_CROPS_PER_IMAGE - 1)]
+    images = torch.stack(images).to(device)
+    return encode(vae, downsample_nearest(images), norm), encode(vae, images, norm)
+
+
+@torch.no_grad()
+def validation_mse(upsampler: LatentUpsampler, low: torch.Tensor, high: torch.Tensor) -> tuple[float, float]:
+    """Latent MSE of `upsampler` and of x2 bicubic latent interpolation on the same (low, high) pairs."""
+    was_training = upsampler.training
+    upsampler.eval()
+    learned = F.mse_loss(upsampler(low), high)
+    upsampler.train(was_training)
+    bicubic = F.mse_loss(F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False), high)
+    return float(learned), float(bicubic)
+
+
+def _save_checkpoint(folder: Path, upsampler, optimizer, step: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    upsampler.save_pretrained(folder)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, folder / "optimizer.pt")
+
+
+def _model_card(path: Path, facts: dict[str, Any]) -> None:
+    rows = "\n".join(f"| {name} | {value} |" for name, value in facts.items())
+    path.write_text(
+        "# LatentUpsampler\n\n"
+        "A x2 latent upsampler for lssgen, trained with `lssgen train-upsampler`. Load it with\n"
+        "`lssgen.LatentUpsampler.from_pretrained(this_folder)` and pass it to `lssgen.patch(pipe, upsampler)`\n"
+        "for a pipeline that uses the VAE below.\n\n"
+        f"| | |\n|---|---|\n{rows}\n\n"
+        "Validation MSE is measured between normalised latents on held-out images "
+        "(learned upsampler vs x2 bicubic interpolation of the same low-resolution latents).\n"
+    )
+
+
+def train_upsampler(
+    vae: Any,
+    image_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    resolution: int = 256,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    pixel_loss: str = "none",
+    pixel_loss_weight: float = 0.1,
+    val_every: int = 250,
+    save_every: int = 500,
+    resume: bool = False,
+    cache_latents: bool = False,
+    cache_crops: int = 8,
+    vae_name: str | None = None,
+    images_name: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> TrainResult:
+    r"""
+    Train a [`LatentUpsampler`] for `vae` on random crops of `image_paths` and save it to `out_dir`.
+
+    Each pair is a `resolution` crop (target) and its x2 nearest downsample (input), both encoded by `vae` and
+    normalised as the pipelines do; the loss is the latent MSE, plus an optional L1 loss on the decoded image.
+    Every 10th image is held out; the final validation MSE is reported next to bicubic latent interpolation's.
+    A new `out_dir` is written in a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
+
+    Args:
+        vae (`AutoencoderKL` or `AutoencoderTiny`): the VAE of the pipelines the upsampler is for (frozen).
+        image_paths (`list[Path]`): training and validation images (see `lssgen.data.find_images`).
+        out_dir (`str` or `Path`): where the upsampler (`config.json` + safetensors), `README.md` and
+            `checkpoint/` go. Must not hold files unless `resume=True`.
+        resolution (`int`, defaults to `256`): crop size of the target, a multiple of 2 x the VAE's spatial factor.
+        steps (`int`, defaults to `2000`): total optimizer steps (a resumed run continues up to this number).
+        batch_size (`int`, defaults to `8`), lr (`float`, defaults to `1e-3`): AdamW with cosine decay to lr / 10.
+        seed (`int`, defaults to `0`): seeds the weights and the crops.
+        config (`dict`, *optional*): `LatentUpsampler` config keys; defaults to [`default_upsampler_config`].
+        pixel_loss (`str`, defaults to `"none"`): `"l1"` adds `pixel_loss_weight` x L1(decode(up(z_low)), target).
+        val_every (`int`, defaults to `250`), save_every (`int`, defaults to `500`): intervals in steps (0: never).
+        resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
+        cache_latents (`bool`, defaults to `False`): encode `cache_crops` crops per training image once, keep them
+            in `out_dir/cache` and train on those (much cheaper steps, fewer distinct crops).
+        vae_name (`str`, *optional*), images_name (`str`, *optional*): recorded in the model card.
+
+    Example:
+
+    ```py
+    >>> from lssgen.data import find_images, load_vae
+    >>> vae = load_vae("black-forest-labs/FLUX.1-dev", subfolder="vae")
+    >>> result = train_upsampler(vae, find_images("photos/"), "flux-x2", resolution=256, steps=2000)
+    >>> result.val_mse, result.bicubic_mse
+    ```
+    """
+    start_time = time.perf_counter()
+    paths = [Path(p) for p in image_paths]
+    out_dir = Path(out_dir)
+    factor = vae_spatial_factor(vae)
+    if resolution <= 0 or resolution % (2 * factor):
+        nearest = max(2 * factor, resolution // (2 * factor) * 2 * factor)
+        raise ValueError(
+            f"--resolution {resolution}: must be a multiple of {2 * factor} (2 x the VAE's spatial factor {factor}), "
+            f"so that the half-size input encodes to a whole latent. Try {nearest}."
+        )
+    if pixel_loss not in ("none", "l1"):
+        raise ValueError(f"--pixel-loss {pixel_loss!r}: choose 'none' or 'l1'.")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be positive, got {steps} and {batch_size}.")
+    channels = vae.config.latent_channels
+    checkpoint = out_dir / CHECKPOINT
+    if resume:
+        if not (checkpoint / "optimizer.pt").is_file():
+            raise ValueError(f"--resume: no checkpoint in {checkpoint}. Drop --resume to start a new run.")
+        config = dict(LatentUpsampler.load_config(checkpoint))
+    else:
+        config = {**default_upsampler_config(channels), **(config or {})}
+    if config.get("in_channels") != channels or config.get("out_channels", channels) != channels:
+        raise ValueError(
+            f"--config: in_channels={config.get('in_channels')}, out_channels={config.get('out_channels')}, but the "
+            f"VAE has {channels} latent channels. Set both to {channels} (or leave them out to follow the VAE)."
+        )
+    try:
+        upsampler = LatentUpsampler.from_config(config) if not resume else LatentUpsampler.from_pretrained(checkpoint)
+    except TypeError as error:
+        raise ValueError(f"--config: {error}. Use LatentUpsampler's config keys.") from None
+    if upsampler.scale_factor != 2:
+        raise ValueError(f"--config: the upsampler scales by {upsampler.scale_factor}; train-upsampler needs x2.")
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir}: folder exists and is not empty. Pass --resume or choose a new folder.")
+    ancestor = _check_writable(out_dir)
+    _check_readable(paths)
+    train_paths, val_paths = split_images(paths)
+
+    # A new run works in a sibling folder renamed at the end; a resumed one updates its folder in place.
+    work = out_dir if resume else Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=ancestor))
+    try:
+        result = _train(
+            vae,
+            upsampler,
+            work,
+            train_paths,
+            val_paths,
+            resolution,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            pixel_loss,
+            pixel_loss_weight,
+            val_every,
+            save_every,
+            resume,
+            cache_latents,
+            cache_crops,
+            progress,
+            log,
+        )
+    except BaseException:
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    facts = {
+        "VAE": f"{vae_name or type(vae).__name__} ({type(vae).__name__}, {channels} latent channels, x{factor})",
+        "data": f"{images_name or 'images'}: {len(paths)} images, {len(train_paths)} train / {len(val_paths)} val",
+        "resolution": f"{resolution} px crops, x2 nearest downsample as input",
+        "steps": result["step"],
+        "batch size": batch_size,
+        "learning rate": f"{lr:g} (AdamW, cosine to {lr / 10:g})",
+        "pixel loss": "none" if pixel_loss == "none" else f"{pixel_loss} x {pixel_loss_weight:g}",
+        "latent cache": f"{cache_crops} crops per image" if cache_latents else "off",
+        "seed": seed,
+        "device": str(next(upsampler.parameters()).device),
+        "time": f"{time.perf_counter() - start_time:.1f} s",
+        "validation MSE, learned": f"{result['val_mse']:.5f}",
+        "validation MSE, bicubic": f"{result['bicubic_mse']:.5f}",
+        "upsampler config": json.dumps({k: v for k, v in upsampler.config.items() if not k.startswith("_")}),
+    }
+    try:
+        upsampler.to("cpu").save_pretrained(work)
+        _model_card(work / "README.md", facts)
+        if not resume:
+            if out_dir.is_dir():
+                out_dir.rmdir()  # empty, checked above
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            work.rename(out_dir)
+    except BaseException:
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return TrainResult(
+        out_dir=out_dir,
+        steps=result["step"],
+        train_images=len(train_paths),
+        val_images=len(val_paths),
+        val_mse=result["val_mse"],
+        bicubic_mse=result["bicubic_mse"],
+        first_loss=result["first_loss"],
+        last_loss=result["last_loss"],
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _train(
+    vae,
+    upsampler,
+    work,
+    train_paths,
+    val_paths,
+    resolution,
+    steps,
+    batch_size,
+    lr,
+    seed,
+    pixel_loss,
+    pixel_loss_weight,
+    val_every,
+    save_every,
+    resume,
+    cache_latents,
+    cache_crops,
+    progress,
+    log,
+) -> dict[str, Any]:
+    device = next(vae.parameters()).device
+    norm = LatentNormalization.from_vae_config(vae.config)
+    torch.manual_seed(seed)
+    upsampler = upsampler.to(device).train()  # float32: built that way, saved that way
+    optimizer = torch.optim.AdamW(upsampler.parameters(), lr=lr)
+    start = 0
+    if resume:
+        state = torch.load(work / CHECKPOINT / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if start >= steps:
+            raise ValueError(f"--resume: the checkpoint is at step {start} already; pass --steps above {start}.")
+        log(f"resuming from step {start}")
+
+    # Resumed runs draw different crops from the first run's, rather than replaying them.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+    cache_file = work / CACHE / f"train-{resolution}px-{len(train_paths)}img-{cache_crops}x-seed{seed}.safetensors"
+    source = _PairSource(
+        vae,
+        norm,
+        train_paths,
+        resolution,
+        generator,
+        device,
+        cache_file=cache_file if cache_latents else None,
+        cache_crops=cache_crops,
+        pixels=pixel_loss != "none",
+    )
+    val_low, val_high = _validation_pairs(vae, norm, val_paths, resolution, device)
+    val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
+    log(f"validation MSE at step {start}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
+
+    losses = []
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-upsampler", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        pair = source.batch(batch_size)
+        predicted = upsampler(pair["low"])
+        loss = F.mse_loss(predicted, pair["high"])
+        if pixel_loss == "l1":
+            loss = loss + pixel_loss_weight * F.l1_loss(decode(vae, predicted, norm), pair["images"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if val_every and done % val_every == 0 and done < steps:
+            val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
+            tqdm.write(f"validation MSE at step {done}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
+        if save_every and done % save_every == 0:
+            _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, done)
+    bar.close()
+    _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, steps)
+    val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
+    window = max(1, min(20, len(losses) // 4))
+    return {
+        "step": steps,
+        "val_mse": val_mse,
+        "bicubic_mse": bicubic_mse,
+        "first_loss": sum(losses[:window]) / window,
+        "last_loss": sum(losses[-window:]) / window,
+    }
