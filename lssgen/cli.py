@@ -1,4 +1,4 @@
-"""The `lssgen` command: `lssgen generate` and `lssgen demo`."""
+"""The `lssgen` command: generate, demo, adapters, eval-upsampler and train-upsampler."""
 
 from __future__ import annotations
 
@@ -54,7 +54,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(demo, steps=None, size=None)
     demo.add_argument("--out-dir", default="outputs/demo", help="folder for the two images")
     demo.set_defaults(func=run_demo)
+
+    evaluate = commands.add_parser(
+        "eval-upsampler", help="compare a latent upsampler with bicubic and pixel-round-trip x2 on held-out images"
+    )
+    evaluate.add_argument("--vae", required=True, help="VAE folder or hub id (a pipeline folder with --subfolder vae)")
+    evaluate.add_argument("--subfolder", default=None, help="subfolder of --vae holding the VAE, e.g. vae")
+    evaluate.add_argument("--upsampler", help="LatentUpsampler folder; without it only the baselines are evaluated")
+    evaluate.add_argument("--images", required=True, help="folder of held-out images (searched recursively)")
+    evaluate.add_argument("--resolution", type=int, default=512, help="centre-crop size of the full image, px")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    evaluate.add_argument("--out", default="outputs/eval-upsampler", help="report folder")
+    evaluate.add_argument("--grid", type=int, default=4, help="images (rows) in grid.png")
+    evaluate.add_argument("--repeats", type=int, default=10, help="timed calls per method for latency")
+    evaluate.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    evaluate.set_defaults(func=run_eval_upsampler)
+    _add_train_parser(commands)
     return parser
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser("train-upsampler", help="train a LatentUpsampler for a VAE on a folder of images")
+    train.add_argument("--vae", required=True, help="diffusers VAE folder or hub id (a pipeline with --subfolder vae)")
+    train.add_argument("--subfolder", default=None, help="e.g. vae, for a whole pipeline folder")
+    train.add_argument("--images", required=True, help="folder of jpg/png/webp images (searched recursively)")
+    train.add_argument("--out", required=True, help="folder for the upsampler, its model card and checkpoint")
+    train.add_argument("--resolution", type=int, default=256, help="crop size of the high-res target, px")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay to a tenth)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VAE dtype (upsampler: float32)")
+    train.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    train.add_argument("--config", help="JSON file of LatentUpsampler config keys (default: from the VAE)")
+    train.add_argument("--pixel-loss", choices=["none", "l1"], default="none", help="also compare decoded images")
+    train.add_argument("--pixel-loss-weight", type=float, default=0.1)
+    train.add_argument("--val-every", type=int, default=250, help="validate every N steps (0: only at the end)")
+    train.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--cache-latents", action="store_true", help="encode fixed crops once into --out/cache")
+    train.add_argument("--cache-crops", type=int, default=8, help="crops per image with --cache-latents")
+    train.set_defaults(func=run_train_upsampler)
 
 
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -182,6 +223,82 @@ def run_demo(args) -> None:
     print(f"lssgen   (same call, start_sigma={options['start_sigma']}):  {fast:.2f} s")
     print(f"speed-up: {base / fast:.2f}x (median of 2 alternating runs, {device}, {str(dtype).split('.')[-1]})")
     print(f"images: {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
+
+
+def run_eval_upsampler(args) -> None:
+    import lssgen
+    from lssgen.data import find_images, load_vae
+    from lssgen.evaluation import evaluate_upsampler, write_report
+
+    device, dtype = _device_and_dtype(args)
+    images = find_images(args.images)
+    vae = load_vae(args.vae, args.subfolder, dtype, device)
+    upsampler = None
+    if args.upsampler:
+        try:
+            upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=dtype)
+        except OSError as error:
+            raise ValueError(f"--upsampler {args.upsampler}: cannot load a LatentUpsampler: {error}") from None
+    vae_name = f"{args.vae}/{args.subfolder}" if args.subfolder else args.vae
+    report = evaluate_upsampler(
+        vae,
+        images,
+        upsampler=upsampler,
+        resolution=args.resolution,
+        limit=args.limit,
+        grid=args.grid,
+        repeats=args.repeats,
+        vae_name=vae_name,
+        upsampler_name=args.upsampler,
+    )
+    out = write_report(report, args.out)
+    print(Path(out, "report.md").read_text(), end="")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}" + (f", {out / 'grid.png'}" if report.grid else ""))
+
+
+def run_train_upsampler(args) -> None:
+    import json
+
+    from .data import find_images, load_vae
+    from .training import train_upsampler
+
+    config = None
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--config {args.config}: {error}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--config {args.config}: must hold a JSON object of LatentUpsampler config keys.")
+    images = find_images(args.images)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(args.vae, args.subfolder, DTYPES[args.dtype], device)
+    result = train_upsampler(
+        vae,
+        images,
+        args.out,
+        resolution=args.resolution,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        config=config,
+        pixel_loss=args.pixel_loss,
+        pixel_loss_weight=args.pixel_loss_weight,
+        val_every=args.val_every,
+        save_every=args.save_every,
+        resume=args.resume,
+        cache_latents=args.cache_latents,
+        cache_crops=args.cache_crops,
+        vae_name=args.vae + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
+        images_name=args.images,
+    )
+    margin = 100 * (1 - result.val_mse / result.bicubic_mse) if result.bicubic_mse else 0.0
+    print(
+        f"validation MSE ({result.val_images} held-out images): learned {result.val_mse:.5f}, "
+        f"bicubic {result.bicubic_mse:.5f} ({abs(margin):.0f}% {'lower' if margin >= 0 else 'HIGHER: train longer'})"
+    )
+    print(f"trained {result.steps} steps on {result.train_images} images in {result.seconds:.1f} s -> {result.out_dir}")
 
 
 def run_adapters(args) -> None:

@@ -1,0 +1,350 @@
+"""Held-out evaluation of a latent upsampler against the bicubic and pixel-round-trip baselines (DESIGN §1.9)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from .data import center_crop, decode, downsample_nearest, encode, find_images, load_image, to_pil
+from .latents import LatentNormalization
+from .metrics import ms_ssim, psnr, ssim
+from .scaling import interpolate_latent, upsample_learned
+
+LEARNED, BICUBIC, PIXEL, CEILING = "learned", "bicubic_latent", "pixel_round_trip", "vae_round_trip"
+METHOD_LABELS = {
+    LEARNED: "learned upsampler",
+    BICUBIC: "bicubic (latent)",
+    PIXEL: "pixel round trip",
+    CEILING: "VAE round trip (ceiling)",
+}
+IMAGE_METRICS = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim}
+# Pixel height of the label band above each grid column.
+LABEL_HEIGHT = 14
+
+
+@dataclass
+class EvalReport:
+    r"""
+    What [`evaluate_upsampler`] measured.
+
+    Args:
+        settings (`dict`): resolution, dtype, device, repeats and the metric conventions.
+        vae (`str`): the VAE's class and where it came from.
+        upsampler (`str` or `None`): the upsampler's folder or class, `None` when only baselines ran.
+        methods (`list[str]`): the x2 methods evaluated, then `"vae_round_trip"` (the ceiling).
+        images (`list[str]`): the evaluated image paths.
+        per_image (`list[dict]`): for each image, `{method: {metric: value}}`.
+        mean (`dict`): `{method: {metric: mean over images}}`; `None` where a metric does not apply.
+        latency_ms (`dict`): median milliseconds per call of each x2 method on one latent.
+        grid (`PIL.Image.Image` or `None`): the comparison grid (not serialised into `report.json`).
+    """
+
+    settings: dict[str, Any]
+    vae: str
+    upsampler: str | None
+    methods: list[str]
+    images: list[str]
+    per_image: list[dict[str, dict[str, float | None]]]
+    mean: dict[str, dict[str, float | None]]
+    latency_ms: dict[str, float]
+    grid: Image.Image | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "vae": self.vae,
+            "upsampler": self.upsampler,
+            "image_count": len(self.images),
+            "methods": self.methods,
+            "mean": self.mean,
+            "latency_ms": self.latency_ms,
+            "images": self.images,
+            "per_image": self.per_image,
+        }
+
+
+def vae_spatial_factor(vae: Any) -> int:
+    """How many pixels one latent cell covers per side (8 for the VAEs of SD, SDXL, SD3 and Flux)."""
+    config = vae.config
+    blocks = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else 8
+
+
+def _method_functions(vae: Any, norm: LatentNormalization, upsampler: Any) -> dict[str, Callable]:
+    def pixel_round_trip(z_low: torch.Tensor) -> torch.Tensor:
+        image = F.interpolate(decode(vae, z_low, norm), scale_factor=2, mode="bicubic", align_corners=False)
+        return encode(vae, image.clamp(-1, 1), norm)
+
+    methods = {LEARNED: lambda z: upsample_learned(z, upsampler)} if upsampler is not None else {}
+    methods[BICUBIC] = interpolate_latent
+    methods[PIXEL] = pixel_round_trip
+    return methods
+
+
+def _check_inputs(vae: Any, upsampler: Any, resolution: int) -> None:
+    factor = vae_spatial_factor(vae)
+    step = 2 * factor
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % step:
+        nearest = max(1, round(resolution / step)) * step if isinstance(resolution, (int, float)) else 32 * step
+        raise ValueError(
+            f"--resolution {resolution!r} must be a positive multiple of {step} (2 x the VAE's x{factor} spatial "
+            f"factor, so the x2-downsampled image still encodes to whole latent cells), e.g. {nearest}."
+        )
+    if upsampler is None:
+        return
+    channels = vae.config.latent_channels
+    config = upsampler.config
+    if config.in_channels != channels or config.out_channels != channels:
+        raise ValueError(
+            f"The upsampler maps {config.in_channels} → {config.out_channels} latent channels but the VAE has "
+            f"{channels}. Pass the upsampler trained for this VAE (--upsampler), or the VAE it was trained with "
+            "(--vae)."
+        )
+    if getattr(upsampler, "scale_factor", 2) != 2:
+        raise ValueError(f"The upsampler scales by x{upsampler.scale_factor}; evaluation compares x2 methods only.")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _median_ms(function: Callable, z_low: torch.Tensor, repeats: int) -> float:
+    function(z_low)  # warm-up: first calls pay for allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        _sync(z_low.device)
+        start = time.perf_counter()
+        function(z_low)
+        _sync(z_low.device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _image_metrics(image: torch.Tensor, reference: torch.Tensor, suffix: str) -> dict[str, float]:
+    # Metrics are defined on [0, 1]; the VAE works on [-1, 1].
+    a, b = (image + 1) / 2, (reference + 1) / 2
+    return {f"{name}_{suffix}": float(metric(a, b)[0]) for name, metric in IMAGE_METRICS.items()}
+
+
+def _labelled_grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    tile = rows[0][0].width
+    grid = Image.new("RGB", (tile * len(labels), LABEL_HEIGHT + tile * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(labels):
+        draw.text((column * tile + 2, 1), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * tile, LABEL_HEIGHT + r * tile))
+    return grid
+
+
+def evaluate_upsampler(
+    vae: Any,
+    image_paths: Sequence[str | Path] | str | Path,
+    *,
+    upsampler: Any = None,
+    resolution: int = 512,
+    limit: int | None = None,
+    grid: int = 4,
+    repeats: int = 10,
+    vae_name: str | None = None,
+    upsampler_name: str | None = None,
+) -> EvalReport:
+    r"""
+    Compare x2 latent upsampling methods on held-out images, in the VAE's normalised latent space.
+
+    For each image `x` (centre crop of `resolution` px): `z_high = encode(x)`, `z_low = encode(nearest_x2_down(x))`;
+    `z_low` is scaled up by the learned upsampler (if given), bicubic latent interpolation and the pixel round trip
+    (decode → bicubic x2 → encode), and each result is decoded. PSNR, SSIM and MS-SSIM are measured against
+    `decode(z_high)` (`*_vs_vae`, what a perfect x2 in latent space would give) and against `x` (`*_vs_image`);
+    `latent_mse` is against `z_high`. The VAE round trip `decode(z_high)` vs `x` is reported as the ceiling.
+
+    Args:
+        vae (`AutoencoderKL` or another diffusers VAE):
+            The VAE of the pipeline the upsampler serves, on the device and dtype to evaluate in.
+        image_paths (`list[str | Path]`, or a folder):
+            Held-out images; a folder is searched recursively.
+        upsampler (`LatentUpsampler`, *optional*):
+            The learned upsampler. Without it only the two baselines are evaluated.
+        resolution (`int`, defaults to `512`):
+            Side of the centre crop of each full-size image; a multiple of 2 x the VAE's spatial factor.
+        limit (`int`, *optional*): evaluate at most this many images.
+        grid (`int`, defaults to `4`): images (rows) in the comparison grid; `0` for none.
+        repeats (`int`, defaults to `10`): timed calls per method; latency is their median, after one warm-up.
+        vae_name (`str`, *optional*), upsampler_name (`str`, *optional*): how the report names them.
+
+    Returns:
+        [`EvalReport`]
+
+    Example:
+
+    ```py
+    >>> from lssgen.data import load_vae
+    >>> vae = load_vae("black-forest-labs/FLUX.1-dev", subfolder="vae")
+    >>> up = lssgen.LatentUpsampler.from_pretrained("path/to/flux-x2")
+    >>> report = evaluate_upsampler(vae, "held-out/", upsampler=up, resolution=512, limit=100)
+    >>> write_report(report, "eval-flux")
+    ```
+    """
+    _check_inputs(vae, upsampler, resolution)
+    paths = find_images(image_paths) if isinstance(image_paths, (str, Path)) else [Path(p) for p in image_paths]
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: must be at least 1 (or left out for every image).")
+    paths = paths[:limit] if limit is not None else paths
+    if not paths:
+        raise ValueError("No images to evaluate: pass a non-empty list of image paths (--images DIR with images).")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats}: must be at least 1.")
+    norm = LatentNormalization.from_vae_config(vae.config)
+    device = next(vae.parameters()).device
+    if upsampler is not None:
+        upsampler = upsampler.to(device).eval().requires_grad_(False)
+    methods = _method_functions(vae, norm, upsampler)
+
+    per_image, rows, latency = [], [], {}
+    with torch.no_grad():
+        for index, path in enumerate(paths):
+            image = center_crop(load_image(path), resolution)[None].to(device)
+            low = downsample_nearest(image)
+            z_high, z_low = encode(vae, image, norm), encode(vae, low, norm)
+            reference = decode(vae, z_high, norm)
+            image = image.float()
+            if index == 0:
+                latency = {name: _median_ms(function, z_low, repeats) for name, function in methods.items()}
+            scores, decoded = {}, {}
+            for name, function in methods.items():
+                z = function(z_low)
+                decoded[name] = decode(vae, z, norm)
+                scores[name] = {
+                    **_image_metrics(decoded[name], reference, "vs_vae"),
+                    **_image_metrics(decoded[name], image, "vs_image"),
+                    "latent_mse": float(F.mse_loss(z.float(), z_high.float())),
+                }
+            # The ceiling compared with itself would be trivially perfect, so only its error against x is reported.
+            scores[CEILING] = {
+                **{f"{name}_vs_vae": None for name in IMAGE_METRICS},
+                **_image_metrics(reference, image, "vs_image"),
+                "latent_mse": None,
+            }
+            per_image.append(scores)
+            if index < grid:
+                shown = [F.interpolate(low, scale_factor=2, mode="nearest"), *decoded.values(), reference, image]
+                rows.append([to_pil(t[0]) for t in shown])
+
+    names = [*methods, CEILING]
+    mean = {
+        name: {
+            metric: (None if per_image[0][name][metric] is None else _mean([s[name][metric] for s in per_image]))
+            for metric in per_image[0][name]
+        }
+        for name in names
+    }
+    labels = ["input (low-res)", *(METHOD_LABELS[n] for n in methods), "VAE round trip", "original"]
+    return EvalReport(
+        settings={
+            "resolution": resolution,
+            "low_resolution": resolution // 2,
+            "downsample": "nearest x2",
+            "device": str(device),
+            "dtype": str(next(vae.parameters()).dtype).removeprefix("torch."),
+            "repeats": repeats,
+            "metrics": "PSNR (dB, inf when identical), SSIM, MS-SSIM on [0, 1] RGB; latent MSE on normalised latents",
+        },
+        vae=vae_name or type(vae).__name__,
+        upsampler=(upsampler_name or type(upsampler).__name__) if upsampler is not None else None,
+        methods=names,
+        images=[str(p) for p in paths],
+        per_image=per_image,
+        mean=mean,
+        latency_ms=latency,
+        grid=_labelled_grid(rows, labels) if rows else None,
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _json_safe(value: Any) -> Any:
+    # Strict JSON has no Infinity (PSNR of identical images); write it as a string a reader can float().
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _markdown(report: EvalReport) -> str:
+    s = report.settings
+    lines = [
+        "# Latent x2 upsampler evaluation",
+        "",
+        f"VAE: `{report.vae}`; upsampler: `{report.upsampler or 'none (baselines only)'}`; "
+        f"{len(report.images)} held-out images, centre crop {s['resolution']} px, input = nearest x2 downsample "
+        f"({s['low_resolution']} px); {s['device']}, {s['dtype']}.",
+        "",
+        "Means over images. `vs VAE` = against decode(encode(full image)), the best a latent x2 can do; "
+        "`vs image` = against the original crop. Latent MSE is against encode(full image) in normalised latents. "
+        f"Latency: median of {s['repeats']} calls on one latent.",
+        "",
+        "| method | PSNR vs VAE (dB) | SSIM vs VAE | MS-SSIM vs VAE | PSNR vs image (dB) | SSIM vs image "
+        "| MS-SSIM vs image | latent MSE | latency (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    columns = ["psnr_vs_vae", "ssim_vs_vae", "ms_ssim_vs_vae", "psnr_vs_image", "ssim_vs_image", "ms_ssim_vs_image"]
+    for name in report.methods:
+        m = report.mean[name]
+        cells = [_cell(m[c], 2 if c.startswith("psnr") else 4) for c in columns]
+        cells += [_cell(m["latent_mse"], 5), _cell(report.latency_ms.get(name), 2)]
+        lines.append(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(report: EvalReport, out_dir: str | Path) -> Path:
+    r"""
+    Write `report.json`, `report.md` and (when the report has one) `grid.png` into `out_dir`.
+
+    The files are written into a temporary sibling folder first and moved in at the end, so a failure leaves no
+    half-written report.
+
+    Example:
+
+    ```py
+    >>> write_report(evaluate_upsampler(vae, "held-out/"), "eval-out")
+    PosixPath('eval-out')
+    ```
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (staging / "report.json").write_text(json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False))
+        (staging / "report.md").write_text(_markdown(report))
+        if report.grid is not None:
+            report.grid.save(staging / "grid.png")
+        out_dir.mkdir(exist_ok=True)
+        for file in staging.iterdir():
+            file.replace(out_dir / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

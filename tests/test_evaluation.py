@@ -1,0 +1,208 @@
+"""Offline image metrics and `lssgen eval-upsampler` on a tiny random-weight VAE."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lssgen import LatentUpsampler
+from lssgen.evaluation import (
+    BICUBIC,
+    CEILING,
+    LABEL_HEIGHT,
+    LEARNED,
+    PIXEL,
+    _method_functions,
+    evaluate_upsampler,
+    write_report,
+)
+from lssgen.latents import LatentNormalization
+from lssgen.metrics import ms_ssim, ms_ssim_scales, psnr, ssim
+from lssgen.tiny.flux import build_tiny_vae
+
+# The installed console script, looked up beside this interpreter first (the venv need not be on PATH).
+LSSGEN = shutil.which("lssgen", path=str(Path(sys.executable).parent)) or shutil.which("lssgen")
+RESOLUTION = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors are tiny: extra threads only add synchronisation, which on a shared 2-core machine costs seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(seed=0, shape=(2, 3, 48, 48)):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def noisy(x, scale, seed=1):
+    return (x + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+
+def test_psnr_known_values():
+    x = images()
+    assert torch.isinf(psnr(x, x)).all()
+    y = torch.full_like(x, 0.5)
+    torch.testing.assert_close(psnr(y, y + 0.1), torch.full((2,), 20.0))  # MSE 0.01 → 20 dB
+
+
+def test_ssim_identity_noise_and_symmetry():
+    x = images()
+    torch.testing.assert_close(ssim(x, x), torch.ones(2))
+    slightly, very = ssim(x, noisy(x, 0.05)), ssim(x, noisy(x, 0.3))
+    assert (very < slightly).all() and (slightly < 1).all()
+    torch.testing.assert_close(ssim(x, very_noisy := noisy(x, 0.3)), ssim(very_noisy, x))
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    a, b, c1 = 0.3, 0.7, 0.01**2
+    x, y = torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b)
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    assert ssim(x, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ms_ssim_identity_noise_symmetry_and_scales():
+    x = images(shape=(2, 3, 180, 180))
+    assert ms_ssim_scales(180, 180) == 5 and ms_ssim_scales(64, 64) == 3 and ms_ssim_scales(10, 64) == 0
+    torch.testing.assert_close(ms_ssim(x, x), torch.ones(2))
+    y = noisy(x, 0.2)
+    score = ms_ssim(x, y)
+    assert ((score > 0) & (score < 1)).all()
+    torch.testing.assert_close(score, ms_ssim(y, x))
+    small = images(shape=(1, 3, 40, 40))  # 2 scales with renormalised weights
+    assert 0 < ms_ssim(small, noisy(small, 0.2)).item() < 1
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ms_ssim(x[..., :8, :8], y[..., :8, :8])
+
+
+# --- evaluate_upsampler ----------------------------------------------------------------------------------------
+
+
+def tiny_upsampler(channels):
+    torch.manual_seed(0)
+    return LatentUpsampler(in_channels=channels, out_channels=channels, block_out_channels=(16, 16), norm_num_groups=8)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return build_tiny_vae(4, scaling_factor=0.18215).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("held-out")
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(80, 96), (64, 64), (100, 70)]):
+        (folder / f"sub{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"sub{i % 2}" / f"{i}.png")
+    return folder
+
+
+def test_evaluate_reports_every_method_with_finite_numbers(vae, image_dir, tmp_path):
+    report = evaluate_upsampler(vae, image_dir, upsampler=tiny_upsampler(4), resolution=RESOLUTION, repeats=2, grid=2)
+    assert report.methods == [LEARNED, BICUBIC, PIXEL, CEILING]
+    assert len(report.images) == len(report.per_image) == 3
+    for name in (LEARNED, BICUBIC, PIXEL):
+        assert all(math.isfinite(v) for v in report.mean[name].values()), name
+        assert report.latency_ms[name] > 0
+    assert report.mean[CEILING]["latent_mse"] is None and math.isfinite(report.mean[CEILING]["psnr_vs_image"])
+
+    out = write_report(report, tmp_path / "report")
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["image_count"] == 3 and set(saved["mean"]) == set(report.methods)
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(report.methods)  # header + one row per method
+    columns = 6  # input, learned, bicubic, pixel, VAE round trip, original
+    assert Image.open(out / "grid.png").size == (columns * RESOLUTION, LABEL_HEIGHT + 2 * RESOLUTION)
+
+
+def test_pixel_round_trip_encodes_once_more_than_bicubic(vae, image_dir, monkeypatch):
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    methods = _method_functions(vae, LatentNormalization.from_vae_config(vae.config), None)
+    z_low = torch.randn(1, 4, 4, 4)
+    methods[BICUBIC](z_low)
+    assert len(calls) == 0
+    methods[PIXEL](z_low)
+    assert len(calls) == 1
+
+    calls.clear()
+    repeats = 2
+    evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, repeats=repeats, grid=0)
+    # Per image: the full and the low-res image, plus the pixel round trip; latency adds a warm-up and the repeats.
+    assert len(calls) == 3 * 3 + (1 + repeats)
+
+
+def test_evaluate_rejects_bad_inputs(vae, image_dir):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        evaluate_upsampler(vae, image_dir, resolution=72)
+    with pytest.raises(ValueError, match="16 → 16 latent channels but the VAE has 4"):
+        evaluate_upsampler(vae, image_dir, upsampler=tiny_upsampler(16), resolution=RESOLUTION)
+    with pytest.raises(ValueError, match="No images"):
+        evaluate_upsampler(vae, [], resolution=RESOLUTION)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def run(*args):
+    assert LSSGEN, "the `lssgen` console script is not installed: pip install -e ."
+    command = [LSSGEN, "eval-upsampler", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `one_thread`, for the child process
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def saved(vae, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    vae.save_pretrained(folder / "vae")
+    tiny_upsampler(4).save_pretrained(folder / "up4")
+    tiny_upsampler(16).save_pretrained(folder / "up16")
+    return folder
+
+
+def test_cli_writes_the_report(saved, image_dir, tmp_path):
+    out = tmp_path / "eval"
+    common = ["--vae", saved / "vae", "--images", image_dir, "--resolution", RESOLUTION, "--device", "cpu"]
+    result = run(*common, "--upsampler", saved / "up4", "--limit", 2, "--repeats", 2, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "| learned upsampler |" in result.stdout
+    assert json.loads((out / "report.json").read_text())["image_count"] == 2
+    assert Image.open(out / "grid.png").size == (6 * RESOLUTION, LABEL_HEIGHT + 2 * RESOLUTION)
+
+
+@pytest.mark.parametrize("case", ["empty folder", "unreadable image", "16-channel upsampler"])
+def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_path):
+    images, extra = image_dir, []
+    if case == "empty folder":
+        images = tmp_path / "empty"
+        images.mkdir()
+        expected = "no jpg/jpeg/png/webp images"
+    elif case == "unreadable image":
+        images = tmp_path / "broken"
+        images.mkdir()
+        (images / "bad.png").write_bytes(b"not a png")
+        expected = "Cannot read image"
+    else:
+        extra, expected = ["--upsampler", saved / "up16"], "16 → 16 latent channels but the VAE has 4"
+    out = tmp_path / "eval"
+    result = run("--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--out", out, *extra)
+    assert result.returncode == 2
+    assert "lssgen: error:" in result.stderr and expected in result.stderr
+    assert not out.exists()
