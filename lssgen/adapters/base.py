@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.hooks import HookRegistry
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..latents import LatentNormalization
@@ -119,12 +120,23 @@ class Adapter:
         return {"num_inference_steps": num_steps}
 
     # Resolution conditioning ------------------------------------------------------------------------------------
+    # A diffusers ModelHook class, built with the `current_stage` callable, for conditioning that must follow the
+    # stage's size (Flux's position ids, SDXL's time ids); registered on the denoiser under `stage_hook_name`.
+    stage_hook: type | None = None
+    stage_hook_name: str = ""
+
     def install_hooks(self, pipe: Any, current_stage: Callable[[], Stage | None]) -> None:
         """Register hooks that give the model the conditioning of `current_stage()`, a low-resolution stage;
         None means leave the pipeline's own conditioning alone (no lssgen call, or the target-size stage)."""
+        if self.stage_hook is not None:
+            registry = HookRegistry.check_if_exists_or_initialize(getattr(pipe, self.denoiser))
+            registry.register_hook(self.stage_hook(current_stage), self.stage_hook_name)
 
     def remove_hooks(self, pipe: Any) -> None:
         """Undo `install_hooks`."""
+        registry = getattr(getattr(pipe, self.denoiser), "_diffusers_hook", None)
+        if self.stage_hook is not None and registry is not None:
+            registry.remove_hook(self.stage_hook_name, recurse=False)
 
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:

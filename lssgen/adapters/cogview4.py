@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 from ..hookspecs import hookimpl
@@ -80,6 +80,8 @@ class CogView4Adapter(Adapter):
     shorten_intermediate_steps = True
     default_steps = 50
     default_guidance = 3.5
+    stage_hook = CogView4SizeConditioningHook
+    stage_hook_name = SIZE_CONDITIONING_HOOK
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
@@ -104,13 +106,7 @@ class CogView4Adapter(Adapter):
 
     def install_hooks(self, pipe, current_stage):
         self.check_patch_size(pipe)
-        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-        registry.register_hook(CogView4SizeConditioningHook(current_stage), SIZE_CONDITIONING_HOOK)
-
-    def remove_hooks(self, pipe):
-        registry = getattr(pipe.transformer, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(SIZE_CONDITIONING_HOOK, recurse=False)
+        super().install_hooks(pipe, current_stage)
 
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # CogView4Pipeline decodes `latents / scaling_factor`, whatever else the config holds.

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from diffusers import FluxPipeline
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
 from .base import Adapter, flow_stage_kwargs, linear_time_shift
@@ -51,6 +51,8 @@ class FluxAdapter(Adapter):
     shorten_intermediate_steps = True
     default_steps = 50
     default_guidance = 3.5
+    stage_hook = FluxImageIdsHook
+    stage_hook_name = IMAGE_IDS_HOOK
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4
@@ -66,15 +68,6 @@ class FluxAdapter(Adapter):
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
         tokens = (latent_height // 2) * (latent_width // 2)
         return flow_stage_kwargs(scheduler, num_steps, linear_time_shift(scheduler.config, tokens, 1.15))
-
-    def install_hooks(self, pipe, current_stage):
-        registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-        registry.register_hook(FluxImageIdsHook(current_stage), IMAGE_IDS_HOOK)
-
-    def remove_hooks(self, pipe):
-        registry = getattr(pipe.transformer, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(IMAGE_IDS_HOOK, recurse=False)
 
 
 @hookimpl

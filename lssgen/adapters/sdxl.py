@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
 from .base import Adapter
@@ -80,15 +80,8 @@ class SDXLAdapter(Adapter):
     base_size = 1024
     default_steps = 50
     default_guidance = 5.0
-
-    def install_hooks(self, pipe, current_stage):
-        registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
-        registry.register_hook(SDXLTimeIdsHook(current_stage), TIME_IDS_HOOK)
-
-    def remove_hooks(self, pipe):
-        registry = getattr(pipe.unet, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(TIME_IDS_HOOK, recurse=False)
+    stage_hook = SDXLTimeIdsHook
+    stage_hook_name = TIME_IDS_HOOK
 
 
 @hookimpl
