@@ -1,4 +1,4 @@
-"""The `lssgen` command: generate, demo, adapters, eval-upsampler and train-upsampler."""
+"""The `lssgen` command: generate, demo, adapters, eval-upsampler, train-upsampler and bench."""
 
 from __future__ import annotations
 
@@ -71,7 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     evaluate.set_defaults(func=run_eval_upsampler)
     _add_train_parser(commands)
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="time the stock pipeline against LSSGen settings, alternately")
+    bench.add_argument("--model", help="a real local pipeline (default: a small random-weight Flux pipeline)")
+    bench.add_argument("--preset", choices=["flux-dev"], help="FLUX.1-dev architecture, random weights (GPU)")
+    bench.add_argument("--allow-cpu-preset", action="store_true", help="let --preset run on the CPU anyway")
+    bench.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
+    bench.add_argument("--height", type=int, default=None, help="image height, px (default: the model's size)")
+    bench.add_argument("--width", type=int, default=None, help="image width, px (default: the model's size)")
+    bench.add_argument("--steps", type=int, default=None, help="denoising steps")
+    bench.add_argument("--min-resolution", type=int, default=None, help="smallest stage's short side, px")
+    bench.add_argument("--start-sigmas", type=float, nargs="+", default=[0.75, 0.667], help="settings to time")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds (plus one warm-up per setting)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    bench.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
+    bench.add_argument("--plot", action="store_true", help="also write bench.png, a bar chart")
+    bench.set_defaults(func=run_bench)
 
 
 def _add_train_parser(commands) -> None:
@@ -223,6 +246,75 @@ def run_demo(args) -> None:
     print(f"lssgen   (same call, start_sigma={options['start_sigma']}):  {fast:.2f} s")
     print(f"speed-up: {base / fast:.2f}x (median of 2 alternating runs, {device}, {str(dtype).split('.')[-1]})")
     print(f"images: {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
+
+
+def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, dict, str]:
+    """The pipe, its call (less height/width/steps), lssgen defaults and a line saying what it is."""
+    import lssgen
+    from lssgen import bench
+    from lssgen.tiny import build_tiny_flux_pipeline
+
+    if args.preset:
+        if not device.startswith("cuda") and not args.allow_cpu_preset:
+            raise ValueError("--preset flux-dev builds a 12B-parameter model: run it on a GPU (or --allow-cpu-preset).")
+        pipe = bench.build_flux_dev_pipeline(device, dtype)
+        call = {**bench.random_flux_prompt(pipe, args.seed), "guidance_scale": 3.5}
+        sizes = {"size": 1024, "steps": 28, "min_resolution": 512}
+        what = "FLUX.1-dev architecture (12B) with RANDOM weights and random prompt embeddings, no text encoders"
+    elif args.model:
+        pipe = load_pipeline(args.model, device, dtype)
+        adapter = lssgen.find_adapter(pipe)
+        call = {"prompt": args.prompt, "guidance_scale": adapter.default_guidance}
+        sizes = {"size": adapter.base_size, "steps": adapter.default_steps, "min_resolution": 512}
+        what = f"{type(pipe).__name__} from {args.model}"
+    else:
+        pipe = build_tiny_flux_pipeline(
+            num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, text_dim=64
+        ).to(device)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        call = {"prompt": args.prompt, "guidance_scale": 3.5, "max_sequence_length": 64}
+        # A small model at a small native size: 512 px plays FLUX.1's 1024 px, so stages are at half scale.
+        sizes = {"size": 512, "steps": 20, "min_resolution": 256, "base_height": 512, "base_width": 512}
+        what = (
+            "a small FLUX.1-architecture pipeline with RANDOM weights (no download), playing a 1024-px model "
+            "at half scale: 512 px stands for 1024, min_resolution 256 for 512"
+        )
+    return pipe, call, sizes, what
+
+
+def run_bench(args) -> None:
+    import lssgen
+    from lssgen import bench
+
+    device, dtype = _device_and_dtype(args)
+    pipe, call, sizes, what = _bench_pipeline(args, device, dtype)
+    height, width = args.height or sizes["size"], args.width or sizes["size"]
+    call.update(height=height, width=width, num_inference_steps=args.steps or sizes["steps"])
+    min_resolution = args.min_resolution or sizes["min_resolution"]
+    defaults = {key: sizes[key] for key in ("base_height", "base_width") if key in sizes}
+    settings = [
+        bench.Setting(sigma, shorten, min_resolution) for sigma in args.start_sigmas for shorten in (True, False)
+    ]
+    upsampler = None
+    if args.upsampler:
+        upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=dtype).to(device)
+    print(f"lssgen bench: {what}; {device}, {str(dtype).removeprefix('torch.')}")
+    print(f"{call['num_inference_steps']} steps at {width}x{height}, seed {args.seed}, {args.repeats} rounds")
+    report = bench.run_bench(
+        pipe,
+        settings,
+        repeats=args.repeats,
+        call_kwargs=call,
+        seed=args.seed,
+        upsampler=upsampler,
+        compile=args.compile,
+        patch_defaults=defaults,
+    )
+    report.note = f"model: {what}"
+    out = bench.write_report(report, args.out, plot=args.plot)
+    print(report.markdown(), end="")
+    print(f"report: {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if args.plot else ""))
 
 
 def run_eval_upsampler(args) -> None:

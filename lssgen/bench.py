@@ -1,0 +1,477 @@
+"""Benchmark: the stock pipeline against LSSGen settings, timed alternately in one process.
+
+`run_bench` times, round after round, the truly unpatched pipe, the patched pipe at `start_sigma=1.0` (which
+runs the stock pipeline, so the two give lssgen's overhead) and each LSSGen setting, all with the same call
+and seed. Alternating puts every configuration through the same machine state (thermals, caches, other load),
+and ratios are taken pair by pair within a round before the median.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNPATCHED = "stock (unpatched)"
+BASELINE = "stock via lssgen (start_sigma=1.0)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One LSSGen configuration: the options passed to the patched pipe's call."""
+
+    start_sigma: float
+    shorten_intermediate_steps: bool | None = None
+    min_resolution: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.start_sigma == 1.0:
+            return BASELINE
+        shorten = {None: "", True: ", shorten", False: ", no shorten"}[self.shorten_intermediate_steps]
+        return f"lssgen sigma={self.start_sigma}{shorten}"
+
+    def options(self) -> dict[str, Any]:
+        options = {"start_sigma": self.start_sigma, "shorten_intermediate_steps": self.shorten_intermediate_steps}
+        options["min_resolution"] = self.min_resolution
+        return {key: value for key, value in options.items() if value is not None}
+
+
+def default_settings(min_resolution: int | None = None) -> list[Setting]:
+    return [Setting(sigma, shorten, min_resolution) for sigma in (0.75, 0.667) for shorten in (True, False)]
+
+
+@dataclass
+class SettingResult:
+    name: str
+    options: dict[str, Any]
+    times: list[float]
+    ratios: list[float]  # this run's time / the baseline's time in the same round
+    planned_steps: list[int]  # denoiser steps per stage, from the plan
+    denoiser_calls: list[int]  # denoiser forward calls per stage, counted by a hook
+    peak_memory_mib: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+@dataclass
+class BenchReport:
+    device: str
+    dtype: str
+    call: dict[str, Any]  # the shared call arguments (tensors described, not stored)
+    repeats: int
+    compiled: bool
+    memory_kind: str  # what peak_memory_mib measures
+    results: list[SettingResult]
+    overhead_ratio: float  # patched at start_sigma=1.0 / unpatched, median of per-round ratios
+    recompilations: int | None = None
+    upsampler_cost: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def result(self, name: str) -> SettingResult:
+        return next(result for result in self.results if result.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for entry, result in zip(data["results"], self.results):
+            entry.update(median=result.median, ratio=result.ratio)
+        return data
+
+    def markdown(self) -> str:
+        lines = [
+            f"device {self.device}, {self.dtype}, {self.repeats} timed repeats per setting"
+            + (", compiled" if self.compiled else ""),
+            "",
+            "| setting | median s | min–max s | ratio vs baseline | denoiser calls per stage | peak memory MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            calls = " + ".join(map(str, r.denoiser_calls))
+            lines.append(
+                f"| {r.name} | {r.median:.3f} | {min(r.times):.3f}–{max(r.times):.3f} | {r.ratio:.3f} | {calls} "
+                f"| {r.peak_memory_mib:.0f} |"
+            )
+        lines += ["", f"overhead (patched at start_sigma=1.0 / unpatched): {self.overhead_ratio:.4f}"]
+        if self.recompilations is not None:
+            lines.append(f"torch.compile graphs compiled: {self.recompilations}")
+        cost = self.upsampler_cost
+        if cost:
+            lines.append(
+                f"x2 to a {cost['latent_side']}x{cost['latent_side']} latent: learned upsampler "
+                f"{cost['upsampler_s'] * 1e3:.2f} ms = {cost['upsampler_fraction']:.3f} of one denoiser call "
+                f"({cost['denoiser_call_s'] * 1e3:.1f} ms); pixel round trip {cost['pixel_round_trip_s'] * 1e3:.1f} ms "
+                f"= {cost['pixel_round_trip_fraction']:.3f}"
+            )
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines) + "\n"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory during one run: CUDA allocator peak, or sampled process RSS on CPU.
+
+    `ru_maxrss` only ever grows over the process's life, so on CPU a sampling thread reads the current RSS
+    from /proc; where /proc is missing the lifetime peak is the fallback.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.statm = Path("/proc/self/statm")
+        if device.type == "cuda":
+            self.kind = "torch.cuda.max_memory_allocated"
+        elif self.statm.exists():
+            self.kind = "peak process RSS (sampled every 2 ms)"
+        else:
+            self.kind = "process lifetime peak RSS (ru_maxrss)"
+        self.peak = 0
+
+    def _rss(self) -> int:
+        return int(self.statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self, stop: threading.Event) -> None:
+        while not stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.statm.exists():
+            self.peak = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, args=(self._stop,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.statm.exists():
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+class _DenoiserCounter:
+    """Counts denoiser forward calls per stage, reading the stage the patched call is running."""
+
+    def __init__(self, pipe: Any, denoiser: torch.nn.Module, timed: bool, device: torch.device):
+        self.pipe, self.calls, self.durations = pipe, {}, []
+        self.timed, self.device = timed, device
+        self.handles = [denoiser.register_forward_pre_hook(self._before)]
+        if timed:  # per-call durations, for the upsampler comparison (syncs: only on untimed runs)
+            self.handles.append(denoiser.register_forward_hook(self._after))
+
+    def _before(self, module, args):
+        state = self.pipe.__dict__.get("_lssgen")
+        run = state.run if state is not None else None
+        index = run.current_stage.index if run is not None else 0
+        self.calls[index] = self.calls.get(index, 0) + 1
+        if self.timed:
+            _sync(self.device)
+            self.start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        _sync(self.device)
+        self.durations.append(time.perf_counter() - self.start)
+
+    def per_stage(self) -> list[int]:
+        return [self.calls.get(index, 0) for index in range(max(self.calls, default=-1) + 1)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _recompile_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_bench(
+    pipe: Any,
+    settings: list[Setting] | None = None,
+    *,
+    repeats: int = 3,
+    call_kwargs: dict[str, Any],
+    seed: int = 0,
+    upsampler: Any = None,
+    compile: bool = False,
+    measure_upsampler: bool = True,
+    patch_defaults: dict[str, Any] | None = None,
+    log=print,
+) -> BenchReport:
+    r"""
+    Time the stock pipeline and LSSGen `settings` alternately on `pipe` (patched here; unpatched at the end).
+
+    Args:
+        pipe: a stock pipeline an lssgen adapter supports.
+        settings: LSSGen configurations (default: start_sigma 0.75 and 0.667, shortening on and off).
+        repeats: timed rounds; every configuration also gets one untimed warm-up call first.
+        call_kwargs: the call shared by every run (prompt or prompt_embeds, height, width, num_inference_steps).
+        patch_defaults: lssgen call defaults, e.g. `base_height`/`base_width` of a scaled-down model.
+        compile: compile the denoiser after the (uncompiled) counting warm-ups, and count compiled graphs.
+    """
+    import lssgen
+
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
+    settings = list(settings or default_settings())
+    patch_defaults = dict(patch_defaults or {})
+    lssgen.patch(pipe, upsampler, **patch_defaults)
+    adapter = pipe.__dict__["_lssgen"].adapter
+    denoiser = getattr(pipe, adapter.denoiser)
+    device = denoiser.device
+    pipe.set_progress_bar_config(disable=True)
+    height, width, steps = call_kwargs["height"], call_kwargs["width"], call_kwargs["num_inference_steps"]
+
+    # Configuration name -> lssgen options; None is the unpatched pipe.
+    configs: dict[str, dict[str, Any] | None] = {UNPATCHED: None, BASELINE: {"start_sigma": 1.0}}
+    for setting in settings:
+        configs[setting.name] = setting.options()
+    # The stock runs are one stage of all the steps (a plan at start_sigma=1.0 would still shorten it).
+    plans = {name: lssgen.plan_for(pipe, height, width, steps, **opts) for name, opts in configs.items() if opts}
+    plans[UNPATCHED] = plans[BASELINE] = None
+
+    def call(name: str, counter: bool = False) -> tuple[float, float, _DenoiserCounter | None]:
+        options = configs[name]
+        if options is None:
+            lssgen.unpatch(pipe)
+        hook = _DenoiserCounter(pipe, denoiser, timed=name == BASELINE, device=device) if counter else None
+        generator = torch.Generator("cpu").manual_seed(seed)
+        try:
+            with _PeakMemory(device) as memory:
+                _sync(device)
+                start = time.perf_counter()
+                pipe(**call_kwargs, generator=generator, output_type="pil", **(options or {}))
+                _sync(device)
+                seconds = time.perf_counter() - start
+        finally:
+            if hook is not None:
+                hook.remove()
+            if options is None:
+                lssgen.patch(pipe, upsampler, **patch_defaults)
+        return seconds, memory.mib, hook
+
+    # Warm-up, uncompiled: counts denoiser calls per stage and times single denoiser calls.
+    calls, denoiser_call_s = {}, float("nan")
+    for name in configs:
+        _, _, hook = call(name, counter=True)
+        calls[name] = hook.per_stage()
+        if name == BASELINE:
+            denoiser_call_s = statistics.median(hook.durations)
+    graphs_before = None
+    if compile:
+        from torch import _dynamo
+
+        _dynamo.reset()
+        graphs_before = _recompile_count()
+        denoiser.compile()
+        for name in configs:  # compile warm-ups
+            call(name)
+        log(f"compiled the {adapter.denoiser}: {_recompile_count() - graphs_before} graphs in the warm-ups")
+
+    times = {name: [] for name in configs}
+    peaks = {name: 0.0 for name in configs}
+    for round_index in range(repeats):
+        for name in configs:
+            seconds, mib, _ = call(name)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], mib)
+        log(f"round {round_index + 1}/{repeats}: " + ", ".join(f"{times[n][-1]:.2f}" for n in configs) + " s")
+
+    base = times[BASELINE]
+    results = [
+        SettingResult(
+            name=name,
+            options=options or {},
+            times=times[name],
+            ratios=[t / b for t, b in zip(times[name], base)],
+            planned_steps=[steps] if plans[name] is None else [s.num_denoiser_steps for s in plans[name].stages],
+            denoiser_calls=calls[name],
+            peak_memory_mib=peaks[name],
+        )
+        for name, options in configs.items()
+    ]
+    overhead = statistics.median(b / u for b, u in zip(base, times[UNPATCHED]))
+    report = BenchReport(
+        device=str(device),
+        dtype=str(denoiser.dtype).removeprefix("torch."),
+        call=_describe(call_kwargs),
+        repeats=repeats,
+        compiled=compile,
+        memory_kind=_PeakMemory(device).kind,
+        results=results,
+        overhead_ratio=overhead,
+        recompilations=None if graphs_before is None else _recompile_count() - graphs_before,
+    )
+    if measure_upsampler:
+        report.upsampler_cost = upsampler_cost(pipe, adapter, height, width, denoiser_call_s, upsampler)
+    lssgen.unpatch(pipe)
+    return report
+
+
+def _describe(call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else value
+        for key, value in call_kwargs.items()
+    }
+
+
+def _median_time(function, device: torch.device, repeats: int = 5) -> float:
+    function()  # warm-up
+    durations = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        function()
+        _sync(device)
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
+
+
+@torch.no_grad()
+def upsampler_cost(
+    pipe: Any, adapter: Any, height: int, width: int, denoiser_call_s: float, upsampler: Any = None
+) -> dict[str, float]:
+    """One x2 scale-up into the target's latent, learned and by pixel round trip, against one denoiser call
+    at the target size (timed in the baseline warm-up). Without an upsampler, a random one of the default
+    (released) architecture stands in: its cost does not depend on its weights."""
+    from .scaling import pixel_round_trip
+    from .upsampler import LatentUpsampler
+
+    vae_param = next(pipe.vae.parameters())
+    device, dtype = vae_param.device, vae_param.dtype
+    channels = pipe.vae.config.latent_channels
+    if upsampler is None:
+        upsampler = LatentUpsampler(in_channels=channels, out_channels=channels)
+        # Plain Module.to: ModelMixin.to warns about dtype casts meant for loaded checkpoints.
+        torch.nn.Module.to(upsampler, device, dtype)
+    factor = pipe.vae_scale_factor
+    latents = torch.randn(1, channels, height // factor // 2, width // factor // 2, device=device, dtype=dtype)
+    up_s = _median_time(lambda: upsampler(latents), device)
+    pixel_s = _median_time(lambda: pixel_round_trip(latents, pipe, adapter), device, repeats=3)
+    return {
+        "latent_side": height // factor,
+        "upsampler_s": up_s,
+        "pixel_round_trip_s": pixel_s,
+        "denoiser_call_s": denoiser_call_s,
+        "upsampler_fraction": up_s / denoiser_call_s,
+        "pixel_round_trip_fraction": pixel_s / denoiser_call_s,
+    }
+
+
+def write_report(report: BenchReport, out_dir: str | Path, *, plot: bool = False) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    (out / "bench.md").write_text(report.markdown())
+    if plot:
+        _plot(report, out / "bench.png")
+    return out
+
+
+def _plot(report: BenchReport, path: Path) -> None:
+    """A plain PIL bar chart of median time per setting (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    bar, gap, label_w, scale_w = 22, 8, 260, 400
+    longest = max(r.median for r in report.results) or 1.0
+    image = Image.new("RGB", (label_w + scale_w + 80, gap + len(report.results) * (bar + gap)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, r in enumerate(report.results):
+        y = gap + i * (bar + gap)
+        draw.text((4, y + 5), r.name, fill="black")
+        length = int(scale_w * r.median / longest) if math.isfinite(r.median) else 0
+        draw.rectangle((label_w, y, label_w + length, y + bar), fill=(70, 110, 180))
+        draw.text((label_w + length + 4, y + 5), f"{r.median:.2f} s", fill="black")
+    image.save(path)
+
+
+def build_flux_dev_pipeline(device: str, dtype: torch.dtype, **overrides: Any) -> Any:
+    """FLUX.1-dev's transformer and VAE architectures with random weights and no text encoders (call it
+    with `prompt_embeds` and `pooled_prompt_embeds`). Built directly on `device` in `dtype`: 12B parameters
+    in float32 on the CPU first would need 48 GB. `overrides` shrink the transformer (tests)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from .tiny.flux import FLUX_SCHEDULER_CONFIG
+
+    config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    config.update(overrides)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype`, never in float32 first
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config)
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    return pipe
+
+
+def random_flux_prompt(pipe: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random T5 and CLIP embeddings of FLUX.1's shapes (512 tokens), standing in for encoded prompts."""
+    config = pipe.transformer.config
+    generator = torch.Generator("cpu").manual_seed(seed)
+    embeds = torch.randn(1, 512, config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    return {"prompt_embeds": embeds.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}

@@ -1,0 +1,94 @@
+"""`lssgen bench` end to end on a tiny model: report shape only, no timing assertions (timings are noise)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lssgen
+from lssgen.bench import BASELINE, UNPATCHED, Setting, default_settings, run_bench
+from lssgen.tiny import build_tiny_flux_pipeline
+
+CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 32}
+LSSGEN = shutil.which("lssgen") or str(Path(sys.executable).with_name("lssgen"))
+
+
+def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
+    pipe = build_tiny_flux_pipeline()
+    settings = default_settings(min_resolution=128)
+    report = run_bench(pipe, settings, repeats=1, call_kwargs=CALL, log=lambda line: None)
+
+    names = [result.name for result in report.results]
+    assert names == [UNPATCHED, BASELINE, *(setting.name for setting in settings)]
+    assert len(set(names)) == len(names)
+    for result in report.results:
+        assert len(result.times) == 1 and math.isfinite(result.ratio) and result.ratio > 0
+        assert result.peak_memory_mib > 0
+        assert result.denoiser_calls == result.planned_steps
+    assert not lssgen.is_patched(pipe)  # run_bench leaves the pipe as it found it
+    lssgen.patch(pipe)
+    for setting in settings:  # the counts are the plan's, stage by stage
+        plan = lssgen.plan_for(pipe, 256, 256, 4, **setting.options())
+        assert report.result(setting.name).denoiser_calls == [s.num_denoiser_steps for s in plan.stages]
+        assert len(plan.stages) == 2
+    assert report.result(BASELINE).denoiser_calls == [4] and report.result(BASELINE).ratio == 1.0
+    assert math.isfinite(report.overhead_ratio) and report.overhead_ratio > 0
+    assert report.upsampler_cost["latent_side"] == 32 and report.upsampler_cost["upsampler_fraction"] > 0
+
+
+def test_setting_names_and_options():
+    assert Setting(0.75, True, 256).options() == {
+        "start_sigma": 0.75,
+        "shorten_intermediate_steps": True,
+        "min_resolution": 256,
+    }
+    assert Setting(0.667, False).name == "lssgen sigma=0.667, no shorten"
+
+
+def test_bench_command_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128]
+    args += ["--repeats", 1, "--start-sigmas", 0.75, "--out", out, "--plot"]
+    result = subprocess.run([LSSGEN, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout and "overhead (patched at start_sigma=1.0 / unpatched)" in result.stdout
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in data["results"]] == [
+        UNPATCHED,
+        BASELINE,
+        "lssgen sigma=0.75, shorten",
+        "lssgen sigma=0.75, no shorten",
+    ]
+    for entry in data["results"]:
+        assert entry["denoiser_calls"] == entry["planned_steps"] and entry["ratio"] > 0
+    assert "| lssgen sigma=0.75, shorten |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_preset_refuses_cpu_without_opt_in(tmp_path):
+    args = ["bench", "--preset", "flux-dev", "--device", "cpu", "--out", tmp_path]
+    result = subprocess.run([LSSGEN, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run it on a GPU" in result.stderr
+
+
+def test_compile_flag_is_wired():
+    from lssgen.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--compile"]).compile is True
+
+
+@pytest.mark.gpu
+def test_flux_dev_preset_builds_the_real_architecture_small():
+    # Full FLUX.1-dev widths, one block of each kind: the preset's construction path on a GPU.
+    from lssgen.bench import build_flux_dev_pipeline, random_flux_prompt
+
+    if not __import__("torch").cuda.is_available():
+        pytest.skip("needs CUDA")
+    pipe = build_flux_dev_pipeline("cuda", __import__("torch").bfloat16, num_layers=1, num_single_layers=1)
+    call = {**random_flux_prompt(pipe), "height": 512, "width": 512, "num_inference_steps": 4}
+    report = run_bench(pipe, [Setting(0.75, True, 256)], repeats=1, call_kwargs={**call, "guidance_scale": 3.5})
+    assert report.result(BASELINE).denoiser_calls == [4]
