@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from diffusers import FluxPipeline
 from diffusers.hooks import ModelHook
 
@@ -25,20 +24,17 @@ class FluxImageIdsHook(ModelHook):
     def __init__(self, current_stage: Callable):
         super().__init__()
         self.current_stage = current_stage
-        self._cache: tuple[Any, torch.Tensor] | None = None
 
     def pre_forward(self, module, *args, **kwargs):
         stage = self.current_stage()
         img_ids = kwargs.get("img_ids")
         if stage is None or img_ids is None:
             return args, kwargs
-        key = (stage.latent_height, stage.latent_width, img_ids.device, img_ids.dtype)
-        if self._cache is None or self._cache[0] != key:
-            ids = FluxPipeline._prepare_latent_image_ids(
-                None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
-            )
-            self._cache = (key, ids)
-        kwargs["img_ids"] = self._cache[1]
+        # Built afresh each call (a few small aranges) rather than cached: under torch.compile a cache would
+        # become guarded state and cost extra recompilations; this way each stage size compiles once.
+        kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(
+            None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
+        )
         return args, kwargs
 
 
