@@ -109,9 +109,13 @@ class Architecture:
     config: dict
     text_tokens: int  # length of `encoder_hidden_states` in a default call
     cfg_factor: int  # denoiser batch per image: 2 with classifier-free guidance, 1 for guidance-distilled models
-    steps: int  # the family's published step count
     adapter: Callable[[], Any]  # builds the family's adapter (its schedule facts)
     scheduler: Callable[[], Any]  # builds a fresh scheduler with the published config
+
+    @property
+    def steps(self) -> int:
+        """The family's published step count (its adapter's default)."""
+        return self.adapter.default_steps
 
 
 def _flux_scheduler():
@@ -166,7 +170,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             config=FLUX_DEV_CONFIG,
             text_tokens=512,
             cfg_factor=1,
-            steps=50,
             adapter=FluxAdapter,
             scheduler=_flux_scheduler,
         ),
@@ -176,7 +179,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             config=SD35_LARGE_CONFIG,
             text_tokens=333,
             cfg_factor=2,
-            steps=40,
             adapter=SD3Adapter,
             scheduler=_sd3_scheduler,
         ),
@@ -186,7 +188,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             config=SDXL_UNET_CONFIG,
             text_tokens=77,
             cfg_factor=2,
-            steps=50,
             adapter=SDXLAdapter,
             scheduler=_sdxl_scheduler,
         ),
@@ -196,7 +197,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             config=SD15_UNET_CONFIG,
             text_tokens=77,
             cfg_factor=2,
-            steps=50,
             adapter=SDAdapter,
             scheduler=_sd_scheduler,
         ),
@@ -206,7 +206,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             config=COGVIEW4_6B_CONFIG,
             text_tokens=128,
             cfg_factor=2,
-            steps=50,
             adapter=CogView4Adapter,
             scheduler=_cogview4_scheduler,
         ),
