@@ -40,16 +40,15 @@ class StagedScheduler:
         )
         self._sigmas = _concatenated_sigmas(self.stage_schedulers, plan)
         self.steps_taken = 0
+        # Kept alongside `steps_taken` (not derived on read) so hooks that read the stage under torch.compile
+        # guard on the stage, not on the step counter: one graph per stage size.
+        self.stage_index = 0
 
         # Pipelines inspect `step`'s signature to decide whether to pass `eta` and `generator`.
         def step(*args, **kwargs):
             return self._step(*args, **kwargs)
 
         self.step = functools.wraps(template.step)(step)
-
-    @property
-    def stage_index(self) -> int:
-        return self.plan.stage_at(self.steps_taken).index
 
     @property
     def current(self) -> Any:
@@ -103,6 +102,7 @@ class StagedScheduler:
         stage = self.plan.stage_at(self.steps_taken)
         output = self.current.step(*args, **kwargs)
         self.steps_taken += 1
+        self.stage_index = self.plan.stage_at(self.steps_taken).index
         if (
             self.on_stage_end is not None
             and stage is not self.plan.stages[-1]
@@ -120,7 +120,14 @@ class StagedScheduler:
 
     def __getattr__(self, name: str):
         # Anything else (add_noise, scale_noise, helpers) belongs to the stage in force.
-        if name.startswith("__") or name in {"plan", "template", "stage_schedulers", "steps_taken", "step"}:
+        if name.startswith("__") or name in {
+            "plan",
+            "template",
+            "stage_schedulers",
+            "steps_taken",
+            "stage_index",
+            "step",
+        }:
             raise AttributeError(name)
         return getattr(self.current, name)
 
