@@ -286,27 +286,23 @@ def train_upsampler(
     # A new run works in a sibling folder renamed at the end; a resumed one updates its folder in place.
     work = out_dir if resume else Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=ancestor))
     try:
-        result = _train(
-            vae,
-            upsampler,
-            work,
-            train_paths,
-            val_paths,
-            resolution,
-            steps,
-            batch_size,
-            lr,
-            seed,
-            pixel_loss,
-            pixel_loss_weight,
-            val_every,
-            save_every,
-            resume,
-            cache_latents,
-            cache_crops,
-            progress,
-            log,
+        settings = _Settings(
+            resolution=resolution,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            pixel_loss=pixel_loss,
+            pixel_loss_weight=pixel_loss_weight,
+            val_every=val_every,
+            save_every=save_every,
+            resume=resume,
+            cache_latents=cache_latents,
+            cache_crops=cache_crops,
+            progress=progress,
+            log=log,
         )
+        result = _train(vae, upsampler, work, train_paths, val_paths, settings)
     except BaseException:
         if not resume:
             shutil.rmtree(work, ignore_errors=True)
@@ -352,86 +348,96 @@ def train_upsampler(
     )
 
 
-def _train(
-    vae,
-    upsampler,
-    work,
-    train_paths,
-    val_paths,
-    resolution,
-    steps,
-    batch_size,
-    lr,
-    seed,
-    pixel_loss,
-    pixel_loss_weight,
-    val_every,
-    save_every,
-    resume,
-    cache_latents,
-    cache_crops,
-    progress,
-    log,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Settings:
+    """The knobs of one training run, as `train_upsampler` received them."""
+
+    resolution: Any
+    steps: Any
+    batch_size: Any
+    lr: Any
+    seed: Any
+    pixel_loss: Any
+    pixel_loss_weight: Any
+    val_every: Any
+    save_every: Any
+    resume: Any
+    cache_latents: Any
+    cache_crops: Any
+    progress: Any
+    log: Any
+
+
+def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) -> dict[str, Any]:
     device = next(vae.parameters()).device
     norm = LatentNormalization.from_vae_config(vae.config)
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     upsampler = upsampler.to(device).train()  # float32: built that way, saved that way
-    optimizer = torch.optim.AdamW(upsampler.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(upsampler.parameters(), lr=settings.lr)
     start = 0
-    if resume:
+    if settings.resume:
         state = torch.load(work / CHECKPOINT / "optimizer.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        if start >= steps:
+        if start >= settings.steps:
             raise ValueError(f"--resume: the checkpoint is at step {start} already; pass --steps above {start}.")
-        log(f"resuming from step {start}")
+        settings.log(f"resuming from step {start}")
 
     # Resumed runs draw different crops from the first run's, rather than replaying them.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-    cache_file = work / CACHE / f"train-{resolution}px-{len(train_paths)}img-{cache_crops}x-seed{seed}.safetensors"
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + start)
+    cache_file = (
+        work
+        / CACHE
+        / f"train-{settings.resolution}px-{len(train_paths)}img-{settings.cache_crops}x-seed{settings.seed}.safetensors"
+    )
     source = _PairSource(
         vae,
         norm,
         train_paths,
-        resolution,
+        settings.resolution,
         generator,
         device,
-        cache_file=cache_file if cache_latents else None,
-        cache_crops=cache_crops,
-        pixels=pixel_loss != "none",
+        cache_file=cache_file if settings.cache_latents else None,
+        cache_crops=settings.cache_crops,
+        pixels=settings.pixel_loss != "none",
     )
-    val_low, val_high = _validation_pairs(vae, norm, val_paths, resolution, device)
+    val_low, val_high = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
     val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
-    log(f"validation MSE at step {start}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
+    settings.log(f"validation MSE at step {start}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
 
     losses = []
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-upsampler", disable=not progress)
+    bar = tqdm(
+        range(start, settings.steps),
+        initial=start,
+        total=settings.steps,
+        desc="train-upsampler",
+        disable=not settings.progress,
+    )
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
-        pair = source.batch(batch_size)
+            group["lr"] = _lr_at(step, settings.steps, settings.lr)
+        pair = source.batch(settings.batch_size)
         predicted = upsampler(pair["low"])
         loss = F.mse_loss(predicted, pair["high"])
-        if pixel_loss == "l1":
-            loss = loss + pixel_loss_weight * F.l1_loss(decode(vae, predicted, norm), pair["images"])
+        if settings.pixel_loss == "l1":
+            loss = loss + settings.pixel_loss_weight * F.l1_loss(decode(vae, predicted, norm), pair["images"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
-        if val_every and done % val_every == 0 and done < steps:
+        if settings.val_every and done % settings.val_every == 0 and done < settings.steps:
             val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
             tqdm.write(f"validation MSE at step {done}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
-        if save_every and done % save_every == 0:
+        if settings.save_every and done % settings.save_every == 0:
             _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, done)
     bar.close()
-    _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, steps)
+    _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, settings.steps)
     val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
     window = max(1, min(20, len(losses) // 4))
     return {
-        "step": steps,
+        "step": settings.steps,
         "val_mse": val_mse,
         "bicubic_mse": bicubic_mse,
         "first_loss": sum(losses[:window]) / window,
