@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,20 +352,20 @@ def train_upsampler(
 class _Settings:
     """The knobs of one training run, as `train_upsampler` received them."""
 
-    resolution: Any
-    steps: Any
-    batch_size: Any
-    lr: Any
-    seed: Any
-    pixel_loss: Any
-    pixel_loss_weight: Any
-    val_every: Any
-    save_every: Any
-    resume: Any
-    cache_latents: Any
-    cache_crops: Any
-    progress: Any
-    log: Any
+    resolution: int
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    pixel_loss: str
+    pixel_loss_weight: float
+    val_every: int
+    save_every: int
+    resume: bool
+    cache_latents: bool
+    cache_crops: int
+    progress: bool
+    log: Callable[[str], Any]
 
 
 def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) -> dict[str, Any]:
