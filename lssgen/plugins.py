@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "lssgen"
 # installed (no package metadata) still has them.
 BUILTIN_PLUGINS = (
     "lssgen.adapters.flux",
+    "lssgen.adapters.flux2",
     "lssgen.adapters.sd3",
     "lssgen.adapters.sdxl",
     "lssgen.adapters.sd",

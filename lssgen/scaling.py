@@ -66,8 +66,12 @@ def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torc
 
 def scale_up(latents: torch.Tensor, space: str, *, pipe: Any, adapter: Adapter, upsampler: Any) -> torch.Tensor:
     """Scale an unpacked `(B, C, h, w)` latent to `(B, C, 2h, 2w)` in `space`."""
-    if space == "learned":
-        return upsample_learned(latents, upsampler)
     if space == "pixel":
         return pixel_round_trip(latents, pipe, adapter)
-    return interpolate_latent(latents)
+    # The learned and the interpolating upsampler work in the adapter's scaling space (see
+    # `Adapter.scale_in_vae_space`): the pipeline's latent, or the VAE's own one, converted there and back.
+    x = adapter.latents_to_vae(pipe, latents) if adapter.scale_in_vae_space else latents
+    up = upsample_learned(x, upsampler) if space == "learned" else interpolate_latent(x)
+    if adapter.scale_in_vae_space:
+        up = adapter.vae_to_latents(pipe, up).to(latents.device, latents.dtype)
+    return up

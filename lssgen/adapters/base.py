@@ -60,6 +60,12 @@ class Adapter:
     base_size: int = 1024  # native resolution, the reference for shortening
     default_steps: int = 50  # published settings of the method for this family
     default_guidance: float = 3.5
+    # Whether the learned upsampler and latent interpolation work on the VAE's own latent (`latents_to_vae` of the
+    # unpacked latents) instead of the pipeline's normalised one. For normalisations that are not one affine map
+    # per channel of the unpacked grid (FLUX.2's BatchNorm over 2x2 patches gives each cell of a patch its own
+    # statistics), interpolating the normalised grid would mix differently scaled cells, and upsampler weights
+    # trained there would depend on one checkpoint's statistics.
+    scale_in_vae_space: bool = False
 
     # Selection --------------------------------------------------------------------------------------------------
     def match_rank(self, pipe: Any) -> int | None:

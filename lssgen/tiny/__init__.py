@@ -5,6 +5,7 @@ The weights are random: images are noise. What they show is the machinery (shape
 
 from .cogview4 import build_tiny_cogview4_pipeline
 from .flux import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline, build_tiny_vae
+from .flux2 import build_tiny_flux2_pipeline, tiny_flux2_prompt_embeds
 from .sd import build_tiny_sd_pipeline
 from .sd3 import build_tiny_sd3_pipeline
 from .sdxl import build_tiny_sdxl_pipeline
@@ -14,6 +15,7 @@ __all__ = [
     "FLUX_SCHEDULER_CONFIG",
     "build_tiny_clip",
     "build_tiny_cogview4_pipeline",
+    "build_tiny_flux2_pipeline",
     "build_tiny_flux_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
@@ -21,4 +23,5 @@ __all__ = [
     "build_tiny_t5",
     "build_tiny_vae",
     "character_tokenizer",
+    "tiny_flux2_prompt_embeds",
 ]
