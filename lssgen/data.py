@@ -42,14 +42,20 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def scale_to_at_least(image: torch.Tensor, size: int) -> torch.Tensor:
+    """`image` `(3, H, W)`, scaled up (bicubic) so that its short side is at least `size`."""
+    _, height, width = image.shape
+    if min(height, width) >= size:
+        return image
+    factor = size / min(height, width)
+    new_size = (max(size, round(height * factor)), max(size, round(width * factor)))
+    return F.interpolate(image[None], size=new_size, mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+
+
 def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """A `size` x `size` crop at a random place; smaller images are first scaled up to fit (bicubic)."""
+    image = scale_to_at_least(image, size)
     _, height, width = image.shape
-    if min(height, width) < size:
-        factor = size / min(height, width)
-        new_size = (max(size, round(height * factor)), max(size, round(width * factor)))
-        image = F.interpolate(image[None], size=new_size, mode="bicubic", align_corners=False)[0].clamp(-1, 1)
-        _, height, width = image.shape
     top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
     return image[:, top : top + size, left : left + size]
@@ -70,9 +76,16 @@ def downsample_nearest(images: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, ...) from a folder or hub id, in eval mode."""
+    """A VAE in eval mode: a diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, ...) from a folder or hub id, or
+    a tiny autoencoder in the original `.pth` layout (a folder with one `*encoder.pth` and one `*decoder.pth`,
+    such as taef2's)."""
     from diffusers import AutoModel
 
+    from .tiny_autoencoder import TinyAutoencoder, is_tiny_autoencoder_folder
+
+    folder = Path(path_or_id, subfolder or "")
+    if is_tiny_autoencoder_folder(folder):
+        return TinyAutoencoder.from_folder(folder).to(device, dtype)
     try:
         vae = AutoModel.from_pretrained(path_or_id, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as error:
@@ -83,8 +96,11 @@ def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype =
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_latent_channels(vae: Any) -> int:
-    return vae.config.latent_channels
+def vae_spatial_factor(vae: Any) -> int:
+    """How many pixels one latent cell covers per side (8 for the VAEs of SD, SDXL, SD3, Flux and the tiny ones)."""
+    config = vae.config
+    blocks = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data import center_crop, decode, downsample_nearest, encode, find_images, load_image, to_pil
+from .data import center_crop, decode, downsample_nearest, encode, find_images, load_image, to_pil, vae_spatial_factor
 from .latents import LatentNormalization
 from .metrics import ms_ssim, psnr, ssim
 from .scaling import interpolate_latent, upsample_learned
@@ -73,13 +73,6 @@ class EvalReport:
             "images": self.images,
             "per_image": self.per_image,
         }
-
-
-def vae_spatial_factor(vae: Any) -> int:
-    """How many pixels one latent cell covers per side (8 for the VAEs of SD, SDXL, SD3 and Flux)."""
-    config = vae.config
-    blocks = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels", None)
-    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def _method_functions(vae: Any, norm: LatentNormalization, upsampler: Any) -> dict[str, Callable]:
