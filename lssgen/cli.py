@@ -116,8 +116,9 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--val-every", type=int, default=250, help="validate every N steps (0: only at the end)")
     train.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    train.add_argument("--cache-latents", action="store_true", help="encode fixed crops once into --out/cache")
-    train.add_argument("--cache-crops", type=int, default=8, help="crops per image with --cache-latents")
+    train.add_argument(
+        "--cache-latents", action="store_true", help="encode whole images once into --out/cache, crop their latents"
+    )
     train.set_defaults(func=run_train_upsampler)
 
 
@@ -381,7 +382,6 @@ def run_train_upsampler(args) -> None:
         save_every=args.save_every,
         resume=args.resume,
         cache_latents=args.cache_latents,
-        cache_crops=args.cache_crops,
         vae_name=args.vae + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
         images_name=args.images,
     )

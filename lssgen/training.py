@@ -19,7 +19,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import center_crop, decode, downsample_nearest, encode, load_image, random_crop
+from .data import (
+    center_crop,
+    decode,
+    downsample_nearest,
+    encode,
+    load_image,
+    random_crop,
+    scale_to_at_least,
+    vae_spatial_factor,
+)
 from .latents import LatentNormalization
 from .upsampler import LatentUpsampler
 
@@ -54,11 +63,6 @@ class TrainResult:
     first_loss: float
     last_loss: float
     seconds: float
-
-
-def vae_spatial_factor(vae: Any) -> int:
-    """How much the VAE shrinks each side (8 for SD/SDXL/SD3/Flux), as diffusers' pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def default_upsampler_config(latent_channels: int) -> dict[str, Any]:
@@ -109,20 +113,50 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 
 
 class _PairSource:
-    """Random (low, high, target image) training pairs, encoded on the fly or drawn from a fixed cache."""
+    """Random (low, high, target image) training pairs: crops encoded on the fly, or, with a cache, aligned crops
+    cut from latents of whole images encoded once.
 
-    def __init__(self, vae, norm, paths, resolution, generator, device, cache_file=None, cache_crops=8, pixels=False):
+    A crop cut from a whole image's latent differs from the crop's own latent only near its edges, where the
+    encoder saw more of the image (as it does in generation); cutting them costs nothing, so every step sees new
+    crops instead of a few fixed ones.
+    """
+
+    def __init__(self, vae, norm, paths, resolution, generator, device, factor, cache_file=None, pixels=False):
         self.vae, self.norm, self.paths, self.resolution = vae, norm, list(paths), resolution
-        self.generator, self.device, self.pixels = generator, device, pixels
+        self.generator, self.device, self.pixels, self.factor = generator, device, pixels, factor
         self.cache = None
         if cache_file is not None:
-            if cache_file.exists():
-                self.cache = load_file(str(cache_file))
-            else:
-                crops = [self._crops(range(len(self.paths))) for _ in range(cache_crops)]
-                self.cache = {key: torch.cat([c[key] for c in crops]).contiguous() for key in crops[0]}
+            if not cache_file.exists():
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
-                save_file(self.cache, str(cache_file))
+                save_file(self._encode_whole_images(), str(cache_file))
+            self.cache = load_file(str(cache_file))
+
+    def _encode_whole_images(self) -> dict[str, torch.Tensor]:
+        cache = {}
+        for index, path in enumerate(tqdm(self.paths, desc="encoding whole images", leave=False)):
+            image = scale_to_at_least(load_image(path), self.resolution)
+            # Even sides in latent cells, so the half-size image's latent lines up with the full one's.
+            cell = 2 * self.factor
+            image = image[:, : image.shape[1] // cell * cell, : image.shape[2] // cell * cell][None].to(self.device)
+            cache[f"high.{index}"] = encode(self.vae, image, self.norm)[0].cpu()
+            cache[f"low.{index}"] = encode(self.vae, downsample_nearest(image), self.norm)[0].cpu()
+            if self.pixels:
+                cache[f"image.{index}"] = image[0].cpu()
+        return cache
+
+    def _cached_crop(self, index: int) -> dict[str, torch.Tensor]:
+        high, low = self.cache[f"high.{index}"], self.cache[f"low.{index}"]
+        size = self.resolution // self.factor  # latent cells of a crop
+        top = 2 * int(torch.randint(0, (high.shape[1] - size) // 2 + 1, (1,), generator=self.generator))
+        left = 2 * int(torch.randint(0, (high.shape[2] - size) // 2 + 1, (1,), generator=self.generator))
+        pair = {
+            "high": high[:, top : top + size, left : left + size],
+            "low": low[:, top // 2 : (top + size) // 2, left // 2 : (left + size) // 2],
+        }
+        if self.pixels:
+            y, x, r = top * self.factor, left * self.factor, self.resolution
+            pair["images"] = self.cache[f"image.{index}"][:, y : y + r, x : x + r]
+        return pair
 
     def _crops(self, indices) -> dict[str, torch.Tensor]:
         images = torch.stack(
@@ -137,11 +171,12 @@ class _PairSource:
         return {key: value.cpu() for key, value in pair.items()}
 
     def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        indices = torch.randint(0, len(self.paths), (batch_size,), generator=self.generator).tolist()
         if self.cache is not None:
-            rows = torch.randint(0, len(self.cache["low"]), (batch_size,), generator=self.generator)
-            picked = {key: value[rows] for key, value in self.cache.items()}
+            crops = [self._cached_crop(i) for i in indices]
+            picked = {key: torch.stack([c[key] for c in crops]) for key in crops[0]}
         else:
-            picked = self._crops(torch.randint(0, len(self.paths), (batch_size,), generator=self.generator).tolist())
+            picked = self._crops(indices)
         return {key: value.to(self.device) for key, value in picked.items()}
 
 
@@ -204,7 +239,6 @@ def train_upsampler(
     save_every: int = 500,
     resume: bool = False,
     cache_latents: bool = False,
-    cache_crops: int = 8,
     vae_name: str | None = None,
     images_name: str | None = None,
     progress: bool = True,
@@ -231,8 +265,8 @@ def train_upsampler(
         pixel_loss (`str`, defaults to `"none"`): `"l1"` adds `pixel_loss_weight` x L1(decode(up(z_low)), target).
         val_every (`int`, defaults to `250`), save_every (`int`, defaults to `500`): intervals in steps (0: never).
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
-        cache_latents (`bool`, defaults to `False`): encode `cache_crops` crops per training image once, keep them
-            in `out_dir/cache` and train on those (much cheaper steps, fewer distinct crops).
+        cache_latents (`bool`, defaults to `False`): encode each training image once, whole, at full and half
+            size, keep the latents in `out_dir/cache` and cut aligned random crops from them (much cheaper steps).
         vae_name (`str`, *optional*), images_name (`str`, *optional*): recorded in the model card.
 
     Example:
@@ -298,7 +332,6 @@ def train_upsampler(
             save_every=save_every,
             resume=resume,
             cache_latents=cache_latents,
-            cache_crops=cache_crops,
             progress=progress,
             log=log,
         )
@@ -315,7 +348,7 @@ def train_upsampler(
         "batch size": batch_size,
         "learning rate": f"{lr:g} (AdamW, cosine to {lr / 10:g})",
         "pixel loss": "none" if pixel_loss == "none" else f"{pixel_loss} x {pixel_loss_weight:g}",
-        "latent cache": f"{cache_crops} crops per image" if cache_latents else "off",
+        "latent cache": "whole images encoded once, random aligned crops" if cache_latents else "off",
         "seed": seed,
         "device": str(next(upsampler.parameters()).device),
         "time": f"{time.perf_counter() - start_time:.1f} s",
@@ -363,7 +396,6 @@ class _Settings:
     save_every: int
     resume: bool
     cache_latents: bool
-    cache_crops: int
     progress: bool
     log: Callable[[str], Any]
 
@@ -385,11 +417,8 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
 
     # Resumed runs draw different crops from the first run's, rather than replaying them.
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + start)
-    cache_file = (
-        work
-        / CACHE
-        / f"train-{settings.resolution}px-{len(train_paths)}img-{settings.cache_crops}x-seed{settings.seed}.safetensors"
-    )
+    pixels = settings.pixel_loss != "none"
+    cache_file = work / CACHE / f"train-{len(train_paths)}img{'-pixels' if pixels else ''}.safetensors"
     source = _PairSource(
         vae,
         norm,
@@ -397,9 +426,9 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
         settings.resolution,
         generator,
         device,
+        vae_spatial_factor(vae),
         cache_file=cache_file if settings.cache_latents else None,
-        cache_crops=settings.cache_crops,
-        pixels=settings.pixel_loss != "none",
+        pixels=pixels,
     )
     val_low, val_high = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
     val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
