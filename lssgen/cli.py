@@ -1,4 +1,4 @@
-"""The `lssgen` command: generate, demo, adapters, eval-upsampler, train-upsampler and bench."""
+"""The `lssgen` command: generate, demo, adapters, eval-upsampler, train-upsampler, bench and geneval."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _add_method_options(parser: argparse.ArgumentParser, *, steps: int | None, size: int | None) -> None:
-    parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
+def _add_method_options(
+    parser: argparse.ArgumentParser, *, steps: int | None, size: int | None, prompt: bool = True
+) -> None:
+    if prompt:
+        parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
     parser.add_argument("--height", type=int, default=size, help="image height in pixels")
     parser.add_argument("--width", type=int, default=size, help="image width in pixels")
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps of a plain generation")
@@ -72,7 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=run_eval_upsampler)
     _add_train_parser(commands)
     _add_bench_parser(commands)
+    _add_geneval_parser(commands)
     return parser
+
+
+def _add_geneval_parser(commands) -> None:
+    geneval = commands.add_parser(
+        "geneval",
+        help="generate images for every prompt of a GenEval prompt file, in GenEval's layout (resumable)",
+        description="Generate images for a GenEval prompt file (evaluation_metadata.jsonl) into GenEval's folder "
+        "layout, with run.json (settings, versions, timings). Re-running resumes. Several processes: "
+        "`accelerate launch --num_processes N -m lssgen geneval ...` splits the prompts between them.",
+    )
+    geneval.add_argument("prompts", help="GenEval prompt file: one JSON object with a `prompt` key per line")
+    geneval.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
+    geneval.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
+    geneval.add_argument("--mode", choices=["lssgen", "baseline"], default="lssgen", help="patched or stock pipeline")
+    geneval.add_argument("--pipeline", default=None, help="force an adapter by name (default: detect; see adapters)")
+    _add_method_options(geneval, steps=None, size=None, prompt=False)
+    geneval.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt (GenEval: 4)")
+    geneval.add_argument(
+        "--batch-size", type=int, default=None, help="images of one prompt per pipeline call (default: all of them)"
+    )
+    geneval.set_defaults(func=run_geneval)
 
 
 def _add_bench_parser(commands) -> None:
@@ -391,6 +416,32 @@ def run_train_upsampler(args) -> None:
         f"bicubic {result.bicubic_mse:.5f} ({abs(margin):.0f}% {'lower' if margin >= 0 else 'HIGHER: train longer'})"
     )
     print(f"trained {result.steps} steps on {result.train_images} images in {result.seconds:.1f} s -> {result.out_dir}")
+
+
+def run_geneval(args) -> None:
+    from .geneval import GenEvalSettings, run_geneval
+
+    settings = GenEvalSettings(
+        model=args.model,
+        out=args.out,
+        mode=args.mode,
+        pipeline=args.pipeline,
+        upsampler=args.upsampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        start_sigma=args.start_sigma,
+        min_resolution=args.min_resolution,
+        shorten_intermediate_steps=args.shorten_intermediate_steps,
+        scaling_space=args.scaling_space,
+        images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    run_geneval(args.prompts, settings)
 
 
 def run_adapters(args) -> None:
