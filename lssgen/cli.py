@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True, help="folder of held-out images (searched recursively)")
     evaluate.add_argument("--resolution", type=int, default=512, help="centre-crop size of the full image, px")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    evaluate.add_argument("--crops-per-image", type=int, default=1, help="centre crop + seeded random crops")
     evaluate.add_argument("--out", default="outputs/eval-upsampler", help="report folder")
     evaluate.add_argument("--grid", type=int, default=4, help="images (rows) in grid.png")
     evaluate.add_argument("--repeats", type=int, default=10, help="timed calls per method for latency")
@@ -364,6 +365,7 @@ def run_eval_upsampler(args) -> None:
         upsampler=upsampler,
         resolution=args.resolution,
         limit=args.limit,
+        crops_per_image=args.crops_per_image,
         grid=args.grid,
         repeats=args.repeats,
         vae_name=vae_name,

@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data import center_crop, decode, downsample_nearest, encode, find_images, load_image, to_pil, vae_spatial_factor
+from .data import (
+    center_crop,
+    decode,
+    downsample_nearest,
+    encode,
+    find_images,
+    load_image,
+    random_crop,
+    to_pil,
+    vae_spatial_factor,
+)
 from .latents import LatentNormalization
 from .metrics import ms_ssim, psnr, ssim
 from .scaling import interpolate_latent, upsample_learned
@@ -152,6 +162,7 @@ def evaluate_upsampler(
     upsampler: Any = None,
     resolution: int = 512,
     limit: int | None = None,
+    crops_per_image: int = 1,
     grid: int = 4,
     repeats: int = 10,
     vae_name: str | None = None,
@@ -160,11 +171,12 @@ def evaluate_upsampler(
     r"""
     Compare x2 latent upsampling methods on held-out images, in the VAE's normalised latent space.
 
-    For each image `x` (centre crop of `resolution` px): `z_high = encode(x)`, `z_low = encode(nearest_x2_down(x))`;
-    `z_low` is scaled up by the learned upsampler (if given), bicubic latent interpolation and the pixel round trip
-    (decode → bicubic x2 → encode), and each result is decoded. PSNR, SSIM and MS-SSIM are measured against
-    `decode(z_high)` (`*_vs_vae`, what a perfect x2 in latent space would give) and against `x` (`*_vs_image`);
-    `latent_mse` is against `z_high`. The VAE round trip `decode(z_high)` vs `x` is reported as the ceiling.
+    For each image `x` (the centre crop of `resolution` px, plus seeded random crops with `crops_per_image` > 1):
+    `z_high = encode(x)`, `z_low = encode(nearest_x2_down(x))`; `z_low` is scaled up by the learned upsampler (if
+    given), bicubic latent interpolation and the pixel round trip (decode → bicubic x2 → encode), and each result
+    is decoded. PSNR, SSIM and MS-SSIM are measured against `decode(z_high)` (`*_vs_vae`, what a perfect x2 in
+    latent space would give) and against `x` (`*_vs_image`); `latent_mse` is against `z_high`. The VAE round
+    trip `decode(z_high)` vs `x` is reported as the ceiling.
 
     Args:
         vae (`AutoencoderKL` or another diffusers VAE):
@@ -176,6 +188,8 @@ def evaluate_upsampler(
         resolution (`int`, defaults to `512`):
             Side of the centre crop of each full-size image; a multiple of 2 x the VAE's spatial factor.
         limit (`int`, *optional*): evaluate at most this many images.
+        crops_per_image (`int`, defaults to `1`): the centre crop plus `crops_per_image - 1` random crops of each
+            image (seeded, the same every run): more samples from few large held-out photos.
         grid (`int`, defaults to `4`): images (rows) in the comparison grid; `0` for none.
         repeats (`int`, defaults to `10`): timed calls per method; latency is their median, after one warm-up.
         vae_name (`str`, *optional*), upsampler_name (`str`, *optional*): how the report names them.
@@ -202,16 +216,20 @@ def evaluate_upsampler(
         raise ValueError("No images to evaluate: pass a non-empty list of image paths (--images DIR with images).")
     if repeats < 1:
         raise ValueError(f"--repeats {repeats}: must be at least 1.")
+    if crops_per_image < 1:
+        raise ValueError(f"--crops-per-image {crops_per_image}: must be at least 1 (the centre crop).")
     norm = LatentNormalization.from_vae_config(vae.config)
     device = next(vae.parameters()).device
     if upsampler is not None:
         upsampler = upsampler.to(device).eval().requires_grad_(False)
     methods = _method_functions(vae, norm, upsampler)
 
-    per_image, rows, latency = [], [], {}
+    per_image, rows, latency, names_of_crops = [], [], {}, []
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for index, path in enumerate(paths):
-            image = center_crop(load_image(path), resolution)[None].to(device)
+        for index, (path, image) in enumerate(_crops(paths, resolution, crops_per_image, generator)):
+            names_of_crops.append(path)
+            image = image[None].to(device)
             low = downsample_nearest(image)
             z_high, z_low = encode(vae, image, norm), encode(vae, low, norm)
             reference = decode(vae, z_high, norm)
@@ -250,6 +268,7 @@ def evaluate_upsampler(
     return EvalReport(
         settings={
             "resolution": resolution,
+            "crops_per_image": crops_per_image,
             "low_resolution": resolution // 2,
             "downsample": "nearest x2",
             "device": str(device),
@@ -260,12 +279,21 @@ def evaluate_upsampler(
         vae=vae_name or type(vae).__name__,
         upsampler=(upsampler_name or type(upsampler).__name__) if upsampler is not None else None,
         methods=names,
-        images=[str(p) for p in paths],
+        images=names_of_crops,
         per_image=per_image,
         mean=mean,
         latency_ms=latency,
         grid=_labelled_grid(rows, labels) if rows else None,
     )
+
+
+def _crops(paths: Sequence[Path], resolution: int, per_image: int, generator: torch.Generator):
+    """(name, crop) pairs: each image's centre crop, then its seeded random ones."""
+    for path in paths:
+        image = load_image(path)
+        yield str(path), center_crop(image, resolution)
+        for k in range(1, per_image):
+            yield f"{path} (crop {k})", random_crop(image, resolution, generator)
 
 
 def _mean(values: list[float]) -> float:
@@ -283,16 +311,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _crop_summary(crops: int, per_image: int, resolution: int) -> str:
+    if per_image == 1:
+        return f"{crops} held-out images, centre crop {resolution} px"
+    return f"{crops // per_image} held-out images x {per_image} crops of {resolution} px (centre + seeded random)"
+
+
 def _markdown(report: EvalReport) -> str:
     s = report.settings
     lines = [
         "# Latent x2 upsampler evaluation",
         "",
         f"VAE: `{report.vae}`; upsampler: `{report.upsampler or 'none (baselines only)'}`; "
-        f"{len(report.images)} held-out images, centre crop {s['resolution']} px, input = nearest x2 downsample "
+        f"{_crop_summary(len(report.images), s.get('crops_per_image', 1), s['resolution'])}, "
+        "input = nearest x2 downsample "
         f"({s['low_resolution']} px); {s['device']}, {s['dtype']}.",
         "",
-        "Means over images. `vs VAE` = against decode(encode(full image)), the best a latent x2 can do; "
+        "Means over crops. `vs VAE` = against decode(encode(full image)), the best a latent x2 can do; "
         "`vs image` = against the original crop. Latent MSE is against encode(full image) in normalised latents. "
         f"Latency: median of {s['repeats']} calls on one latent.",
         "",

@@ -131,6 +131,19 @@ def test_evaluate_reports_every_method_with_finite_numbers(vae, image_dir, tmp_p
     assert Image.open(out / "grid.png").size == (columns * RESOLUTION, LABEL_HEIGHT + 2 * RESOLUTION)
 
 
+def test_crops_per_image_adds_seeded_random_crops(vae, image_dir):
+    one = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, repeats=1, grid=0)
+    three = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=0)
+    again = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=0)
+    assert len(three.per_image) == len(three.images) == 3 * len(one.images)
+    # The first crop of each image is its centre crop; the others are random but the same every run.
+    assert [three.per_image[3 * i] for i in range(len(one.images))] == one.per_image
+    assert three.per_image == again.per_image and three.per_image[1] != three.per_image[0]
+    assert three.settings["crops_per_image"] == 3 and "(crop 2)" in three.images[2]
+    with pytest.raises(ValueError, match="--crops-per-image 0"):
+        evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=0)
+
+
 def test_pixel_round_trip_encodes_once_more_than_bicubic(vae, image_dir, monkeypatch):
     calls = []
     encode = vae.encode
