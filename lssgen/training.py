@@ -142,7 +142,7 @@ class _PairSource:
             cache[f"low.{index}"] = encode(self.vae, downsample_nearest(image), self.norm)[0].cpu()
             if self.pixels:
                 cache[f"image.{index}"] = image[0].cpu()
-        return cache
+        return {key: value.contiguous() for key, value in cache.items()}  # safetensors stores whole tensors only
 
     def _cached_crop(self, index: int) -> dict[str, torch.Tensor]:
         high, low = self.cache[f"high.{index}"], self.cache[f"low.{index}"]

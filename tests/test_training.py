@@ -259,3 +259,48 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
             expect_error(capsys, locked / "up", [*args, "--images", data, "--out", locked / "up"], "not writable")
         finally:
             locked.chmod(0o755)
+
+
+def test_cached_crops_line_up_with_their_image_and_its_half_size(vae, data, tmp_path):
+    from lssgen.training import _PairSource
+
+    norm = LatentNormalization.from_vae_config(vae.config)
+    path = find_images(data)[0]
+    source = _PairSource(
+        vae, norm, [path], 32, torch.Generator().manual_seed(0), "cpu", 8, cache_file=tmp_path / "c.safetensors",
+        pixels=True,
+    )  # fmt: skip
+    image = load_image(path)[None]
+    image = image[..., : image.shape[2] // 16 * 16, : image.shape[3] // 16 * 16]  # whole 2x2 latent cells
+    whole_high, whole_low = encode(vae, image, norm)[0], encode(vae, downsample_nearest(image), norm)[0]
+    offsets = set()
+    for _ in range(6):
+        pair = {key: value[0] for key, value in source.batch(1).items()}
+        assert (
+            pair["high"].shape == (4, 4, 4) and pair["low"].shape == (4, 2, 2) and pair["images"].shape == (3, 32, 32)
+        )
+        # Where the high-res crop sits in the whole image's latent: an even cell, so the half-size latent's cell
+        # (top/2, left/2) and the pixels (8 top, 8 left) are the same region.
+        top, left = next(
+            (y, x)
+            for y in range(0, whole_high.shape[1] - 3)
+            for x in range(0, whole_high.shape[2] - 3)
+            if torch.equal(whole_high[:, y : y + 4, x : x + 4], pair["high"])
+        )
+        assert top % 2 == 0 and left % 2 == 0
+        assert torch.equal(pair["low"], whole_low[:, top // 2 : top // 2 + 2, left // 2 : left // 2 + 2])
+        assert torch.equal(pair["images"], image[0, :, 8 * top : 8 * top + 32, 8 * left : 8 * left + 32])
+        offsets.add((top, left))
+    assert len(offsets) > 1  # random places, not one fixed crop
+
+
+def test_pixel_loss_with_the_latent_cache(vae, data, tmp_path):
+    kwargs = {
+        "resolution": 64, "steps": 12, "batch_size": 4, "seed": 0, "config": SMALL, "cache_latents": True,
+        "val_every": 0, "save_every": 0, "progress": False, "log": lambda *_: None,
+    }  # fmt: skip
+    plain = train_upsampler(vae, find_images(data), tmp_path / "plain", **kwargs)
+    pixels = train_upsampler(vae, find_images(data), tmp_path / "pixels", pixel_loss="l1", **kwargs)
+    assert "l1 x 0.1" in (tmp_path / "pixels" / "README.md").read_text()
+    # The same crops and weights, a different loss: the pixel term really reaches the gradient.
+    assert pixels.last_loss != plain.last_loss and pixels.val_mse != plain.val_mse
