@@ -190,7 +190,7 @@ def evaluate_upsampler(
         limit (`int`, *optional*): evaluate at most this many images.
         crops_per_image (`int`, defaults to `1`): the centre crop plus `crops_per_image - 1` random crops of each
             image (seeded, the same every run): more samples from few large held-out photos.
-        grid (`int`, defaults to `4`): images (rows) in the comparison grid; `0` for none.
+        grid (`int`, defaults to `4`): images (rows, each its centre crop) in the comparison grid; `0` for none.
         repeats (`int`, defaults to `10`): timed calls per method; latency is their median, after one warm-up.
         vae_name (`str`, *optional*), upsampler_name (`str`, *optional*): how the report names them.
 
@@ -227,8 +227,8 @@ def evaluate_upsampler(
     per_image, rows, latency, names_of_crops = [], [], {}, []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for index, (path, image) in enumerate(_crops(paths, resolution, crops_per_image, generator)):
-            names_of_crops.append(path)
+        for index, (name, crop_index, image) in enumerate(_crops(paths, resolution, crops_per_image, generator)):
+            names_of_crops.append(name)
             image = image[None].to(device)
             low = downsample_nearest(image)
             z_high, z_low = encode(vae, image, norm), encode(vae, low, norm)
@@ -252,7 +252,7 @@ def evaluate_upsampler(
                 "latent_mse": None,
             }
             per_image.append(scores)
-            if index < grid:
+            if len(rows) < grid and crop_index == 0:  # one row per image: its centre crop
                 shown = [F.interpolate(low, scale_factor=2, mode="nearest"), *decoded.values(), reference, image]
                 rows.append([to_pil(t[0]) for t in shown])
 
@@ -288,12 +288,12 @@ def evaluate_upsampler(
 
 
 def _crops(paths: Sequence[Path], resolution: int, per_image: int, generator: torch.Generator):
-    """(name, crop) pairs: each image's centre crop, then its seeded random ones."""
+    """(name, index, crop): each image's centre crop (index 0), then its seeded random ones."""
     for path in paths:
         image = load_image(path)
-        yield str(path), center_crop(image, resolution)
+        yield str(path), 0, center_crop(image, resolution)
         for k in range(1, per_image):
-            yield f"{path} (crop {k})", random_crop(image, resolution, generator)
+            yield f"{path} (crop {k})", k, random_crop(image, resolution, generator)
 
 
 def _mean(values: list[float]) -> float:

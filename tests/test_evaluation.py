@@ -133,7 +133,15 @@ def test_evaluate_reports_every_method_with_finite_numbers(vae, image_dir, tmp_p
 
 def test_crops_per_image_adds_seeded_random_crops(vae, image_dir):
     one = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, repeats=1, grid=0)
-    three = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=0)
+    three = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=2)
+    # The grid shows one row per image (its centre crop), not the first crops of the first image.
+    from lssgen.data import center_crop, find_images, load_image, to_pil
+
+    original_column = (len(three.methods) + 1) * RESOLUTION  # input, methods, VAE round trip, original
+    for row, path in enumerate(find_images(image_dir)[:2]):
+        top = LABEL_HEIGHT + row * RESOLUTION
+        tile = three.grid.crop((original_column, top, original_column + RESOLUTION, top + RESOLUTION))
+        assert np.array_equal(np.asarray(tile), np.asarray(to_pil(center_crop(load_image(path), RESOLUTION))))
     again = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=0)
     assert len(three.per_image) == len(three.images) == 3 * len(one.images)
     # The first crop of each image is its centre crop; the others are random but the same every run.
