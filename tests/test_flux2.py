@@ -1,6 +1,8 @@
 """FLUX.2 (`Flux2Pipeline`, `Flux2KleinPipeline`): the adapter contract, plus what is particular to FLUX.2 (the
 patchified, BatchNorm-normalised latent, scaling in the VAE's space, reference images)."""
 
+from pathlib import Path
+
 import torch
 from adapter_contract import AdapterContract
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -211,3 +213,22 @@ def test_torch_compile_compiles_once_per_stage_size():
     torch.testing.assert_close(compiled_images, eager(**flux2_call_kwargs(eager)).images, atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == len(lssgen.plan_for(pipe, 256, 256, 8).stages) == 3
     torch._dynamo.reset()
+
+
+def test_our_flux2_upsampler_loads_and_runs_in_a_patched_flux2_pipeline():
+    """weights/flux2-x2 (trained on taef2 latents, the VAE's own latent space) in a FLUX.2 pipeline with 32-channel
+    latents: it receives the low-resolution stage's VAE-space latent and the call completes."""
+    weights = Path(__file__).resolve().parents[1] / "weights" / "flux2-x2"
+    upsampler = lssgen.LatentUpsampler.from_pretrained(weights)
+    assert (upsampler.config.in_channels, upsampler.config.out_channels) == (32, 32)
+    pipe = build_tiny_flux2_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, upsampler)
+    calls = []
+    handle = upsampler.register_forward_hook(lambda module, args, out: calls.append((args[0].shape, out.shape)))
+    try:
+        image = pipe(**flux2_call_kwargs(pipe, min_resolution=128)).images
+    finally:
+        handle.remove()
+    assert calls == [((1, 32, 16, 16), (1, 32, 32, 32))]
+    assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
