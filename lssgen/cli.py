@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .loading import DTYPES, default_dtype, load_pipeline, load_upsampler
 
 
 def _add_method_options(
@@ -150,18 +150,8 @@ def _add_train_parser(commands) -> None:
 
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     return device, dtype
-
-
-def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"lssgen: could not load a diffusers pipeline from {model!r}: {error}") from None
-    return pipe.to(device)
 
 
 def _call_arguments(args, adapter, *, height: int, width: int, steps: int) -> dict[str, Any]:
@@ -199,10 +189,7 @@ def _timed(pipe, call: dict[str, Any], seed: int, device: str, **options) -> tup
 def _patch(pipe, args) -> Any:
     import lssgen
 
-    upsampler = None
-    if args.upsampler:
-        upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=pipe.dtype)
-        upsampler = upsampler.to(pipe.device)
+    upsampler = load_upsampler(args.upsampler, pipe.dtype, pipe.device) if args.upsampler else None
     return lssgen.patch(pipe, upsampler)
 
 
@@ -311,7 +298,6 @@ def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, d
 
 
 def run_bench(args) -> None:
-    import lssgen
     from lssgen import bench
 
     device, dtype = _device_and_dtype(args)
@@ -323,9 +309,7 @@ def run_bench(args) -> None:
     settings = [
         bench.Setting(sigma, shorten, min_resolution) for sigma in args.start_sigmas for shorten in (True, False)
     ]
-    upsampler = None
-    if args.upsampler:
-        upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=dtype).to(device)
+    upsampler = load_upsampler(args.upsampler, dtype, device) if args.upsampler else None
     print(f"lssgen bench: {what}; {device}, {str(dtype).removeprefix('torch.')}")
     print(f"{call['num_inference_steps']} steps at {width}x{height}, seed {args.seed}, {args.repeats} rounds")
     report = bench.run_bench(
@@ -345,19 +329,13 @@ def run_bench(args) -> None:
 
 
 def run_eval_upsampler(args) -> None:
-    import lssgen
     from lssgen.data import find_images, load_vae
     from lssgen.evaluation import evaluate_upsampler, write_report
 
     device, dtype = _device_and_dtype(args)
     images = find_images(args.images)
     vae = load_vae(args.vae, args.subfolder, dtype, device)
-    upsampler = None
-    if args.upsampler:
-        try:
-            upsampler = lssgen.LatentUpsampler.from_pretrained(args.upsampler, torch_dtype=dtype)
-        except OSError as error:
-            raise ValueError(f"--upsampler {args.upsampler}: cannot load a LatentUpsampler: {error}") from None
+    upsampler = load_upsampler(args.upsampler, dtype, device) if args.upsampler else None
     vae_name = f"{args.vae}/{args.subfolder}" if args.subfolder else args.vae
     report = evaluate_upsampler(
         vae,

@@ -41,10 +41,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_adapter
+from .loading import DTYPES, default_dtype, load_pipeline, load_upsampler
 from .patch import patch, plan_for
 
 MODES = ("lssgen", "baseline")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
 SAMPLES_DIR = "samples"
@@ -261,29 +261,6 @@ def _resolve_device(requested: str | None, state: Any) -> str:
     return requested
 
 
-def _load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"could not load a diffusers pipeline from --model {model!r}: {error}. Give a pipeline folder "
-            "(with model_index.json) or a hub id."
-        ) from None
-    return pipe.to(device)
-
-
-def _load_upsampler(path: str, pipe: Any) -> Any:
-    from .upsampler import LatentUpsampler
-
-    try:
-        upsampler = LatentUpsampler.from_pretrained(path, torch_dtype=pipe.dtype)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--upsampler {path}: cannot load a LatentUpsampler: {error}") from None
-    return upsampler.to(pipe.device)
-
-
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("lssgen", "diffusers", "torch", "transformers", "accelerate"):
@@ -447,16 +424,13 @@ def run_geneval(
             log(message)
 
     device = _resolve_device(settings.device, state)
-    if settings.dtype is not None:
-        dtype = DTYPES[settings.dtype]
-    else:
-        dtype = torch.float32 if device.startswith("cpu") else torch.bfloat16
-    pipe = _load_pipeline(settings.model, device, dtype)
+    dtype = DTYPES[settings.dtype] if settings.dtype is not None else default_dtype(device)
+    pipe = load_pipeline(settings.model, device, dtype)
     adapter = find_adapter(pipe, settings.pipeline)
     resolved = _resolved_settings(settings, pipe, adapter, dtype)
     options = {}
     if settings.mode == "lssgen":
-        upsampler = _load_upsampler(settings.upsampler, pipe) if settings.upsampler else None
+        upsampler = load_upsampler(settings.upsampler, pipe.dtype, pipe.device) if settings.upsampler else None
         patch(pipe, upsampler, adapter=adapter)
         options = _method_options(resolved)
         # Plans before anything is written: a bad option combination fails here, not after the first prompt.
