@@ -22,8 +22,8 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"could not load a diffusers pipeline from --model {model!r}: {error}. Give a pipeline folder "
-            "(with model_index.json) or a hub id."
+            f"could not load a diffusers pipeline from --model {model!r}: {str(error).rstrip('.')}. Give a pipeline "
+            "folder (with model_index.json) or a hub id."
         ) from None
     return pipe.to(device)
 
