@@ -145,6 +145,10 @@ def _add_train_parser(commands) -> None:
     train.add_argument(
         "--cache-latents", action="store_true", help="encode whole images once into --out/cache, crop their latents"
     )
+    train.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], help="also train on images reduced to these sizes, e.g. 1 0.5"
+    )
+    train.add_argument("--hflip", action="store_true", help="also train on mirrored images")
     train.set_defaults(func=run_train_upsampler)
 
 
@@ -387,6 +391,8 @@ def run_train_upsampler(args) -> None:
         save_every=args.save_every,
         resume=args.resume,
         cache_latents=args.cache_latents,
+        scales=args.scales,
+        hflip=args.hflip,
         vae_name=args.vae + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
         images_name=args.images,
     )

@@ -112,18 +112,31 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
 
 
+def augmented(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
+    """`image` `(3, H, W)` reduced to `scale` of its size (antialiased) and, if `flip`, mirrored left to right."""
+    if scale != 1.0:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return image.flip(-1) if flip else image
+
+
 class _PairSource:
     """Random (low, high, target image) training pairs: crops encoded on the fly, or, with a cache, aligned crops
     cut from latents of whole images encoded once.
 
-    A crop cut from a whole image's latent differs from the crop's own latent only near its edges, where the
-    encoder saw more of the image (as it does in generation); cutting them costs nothing, so every step sees new
-    crops instead of a few fixed ones.
+    Each image comes in `len(scales) x (2 if hflip else 1)` variants (smaller copies and mirrored ones), so a few
+    photos show the upsampler more scales of detail than they hold at one size.
+
+    A crop cut from a whole image's latent is not the crop's own latent: the encoder saw more of the image (as it
+    does in generation), and VAEs with GroupNorm (taef2, the KL VAEs) normalise over the whole image. Cutting them
+    costs nothing, so every step sees new crops instead of a few fixed ones.
     """
 
-    def __init__(self, vae, norm, paths, resolution, generator, device, factor, cache_file=None, pixels=False):
+    def __init__(self, vae, norm, paths, resolution, generator, device, factor, *, cache_file=None, pixels=False,
+                 scales=(1.0,), hflip=False):  # fmt: skip
         self.vae, self.norm, self.paths, self.resolution = vae, norm, list(paths), resolution
         self.generator, self.device, self.pixels, self.factor = generator, device, pixels, factor
+        self.variants = [(scale, flip) for scale in scales for flip in ((False, True) if hflip else (False,))]
         self.cache = None
         if cache_file is not None:
             if not cache_file.exists():
@@ -133,8 +146,9 @@ class _PairSource:
 
     def _encode_whole_images(self) -> dict[str, torch.Tensor]:
         cache = {}
-        for index, path in enumerate(tqdm(self.paths, desc="encoding whole images", leave=False)):
-            image = scale_to_at_least(load_image(path), self.resolution)
+        wholes = [(path, variant) for path in self.paths for variant in self.variants]
+        for index, (path, variant) in enumerate(tqdm(wholes, desc="encoding whole images", leave=False)):
+            image = scale_to_at_least(augmented(load_image(path), *variant), self.resolution)
             # Even sides in latent cells, so the half-size image's latent lines up with the full one's.
             cell = 2 * self.factor
             image = image[:, : image.shape[1] // cell * cell, : image.shape[2] // cell * cell][None].to(self.device)
@@ -158,10 +172,14 @@ class _PairSource:
             pair["images"] = self.cache[f"image.{index}"][:, y : y + r, x : x + r]
         return pair
 
+    def _random_variant(self) -> tuple[float, bool]:
+        if len(self.variants) == 1:
+            return self.variants[0]
+        return self.variants[int(torch.randint(0, len(self.variants), (1,), generator=self.generator))]
+
     def _crops(self, indices) -> dict[str, torch.Tensor]:
-        images = torch.stack(
-            [random_crop(load_image(self.paths[i]), self.resolution, self.generator) for i in indices]
-        ).to(self.device)
+        images = [augmented(load_image(self.paths[i]), *self._random_variant()) for i in indices]
+        images = torch.stack([random_crop(image, self.resolution, self.generator) for image in images]).to(self.device)
         pair = {
             "low": encode(self.vae, downsample_nearest(images), self.norm),
             "high": encode(self.vae, images, self.norm),
@@ -171,12 +189,12 @@ class _PairSource:
         return {key: value.cpu() for key, value in pair.items()}
 
     def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        indices = torch.randint(0, len(self.paths), (batch_size,), generator=self.generator).tolist()
         if self.cache is not None:
-            crops = [self._cached_crop(i) for i in indices]
+            indices = torch.randint(0, len(self.paths) * len(self.variants), (batch_size,), generator=self.generator)
+            crops = [self._cached_crop(i) for i in indices.tolist()]
             picked = {key: torch.stack([c[key] for c in crops]) for key in crops[0]}
         else:
-            picked = self._crops(indices)
+            picked = self._crops(torch.randint(0, len(self.paths), (batch_size,), generator=self.generator).tolist())
         return {key: value.to(self.device) for key, value in picked.items()}
 
 
@@ -239,6 +257,8 @@ def train_upsampler(
     save_every: int = 500,
     resume: bool = False,
     cache_latents: bool = False,
+    scales: Sequence[float] = (1.0,),
+    hflip: bool = False,
     vae_name: str | None = None,
     images_name: str | None = None,
     progress: bool = True,
@@ -267,6 +287,9 @@ def train_upsampler(
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
         cache_latents (`bool`, defaults to `False`): encode each training image once, whole, at full and half
             size, keep the latents in `out_dir/cache` and cut aligned random crops from them (much cheaper steps).
+        scales (`list[float]`, defaults to `(1.0,)`): also train on each image reduced to these fractions of its
+            size (antialiased), e.g. `(1.0, 0.75, 0.5)`: more scales of detail from few photos.
+        hflip (`bool`, defaults to `False`): also train on each image mirrored left to right.
         vae_name (`str`, *optional*), images_name (`str`, *optional*): recorded in the model card.
 
     Example:
@@ -290,6 +313,12 @@ def train_upsampler(
         )
     if pixel_loss not in ("none", "l1"):
         raise ValueError(f"--pixel-loss {pixel_loss!r}: choose 'none' or 'l1'.")
+    scales = tuple(float(scale) for scale in scales)
+    if not scales or any(not 0 < scale <= 1 for scale in scales) or len(set(scales)) != len(scales):
+        raise ValueError(
+            f"--scales {' '.join(f'{scale:g}' for scale in scales) or '(none)'}: give distinct fractions of the "
+            "image size in (0, 1], e.g. --scales 1 0.75 0.5."
+        )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be positive, got {steps} and {batch_size}.")
     channels = vae.config.latent_channels
@@ -332,6 +361,8 @@ def train_upsampler(
             save_every=save_every,
             resume=resume,
             cache_latents=cache_latents,
+            scales=scales,
+            hflip=hflip,
             progress=progress,
             log=log,
         )
@@ -348,6 +379,7 @@ def train_upsampler(
         "batch size": batch_size,
         "learning rate": f"{lr:g} (AdamW, cosine to {lr / 10:g})",
         "pixel loss": "none" if pixel_loss == "none" else f"{pixel_loss} x {pixel_loss_weight:g}",
+        "augmentation": f"sizes x{', x'.join(f'{scale:g}' for scale in scales)}{', mirrored' if hflip else ''}",
         "latent cache": "whole images encoded once, random aligned crops" if cache_latents else "off",
         "seed": seed,
         "device": str(next(upsampler.parameters()).device),
@@ -396,6 +428,8 @@ class _Settings:
     save_every: int
     resume: bool
     cache_latents: bool
+    scales: tuple[float, ...]
+    hflip: bool
     progress: bool
     log: Callable[[str], Any]
 
@@ -418,7 +452,9 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
     # Resumed runs draw different crops from the first run's, rather than replaying them.
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + start)
     pixels = settings.pixel_loss != "none"
-    cache_file = work / CACHE / f"train-{len(train_paths)}img{'-pixels' if pixels else ''}.safetensors"
+    variants = f"x{'-'.join(f'{scale:g}' for scale in settings.scales)}{'-hflip' if settings.hflip else ''}"
+    name = f"train-{len(train_paths)}img-{settings.resolution}px-{variants}{'-pixels' if pixels else ''}"
+    cache_file = work / CACHE / f"{name}.safetensors"
     source = _PairSource(
         vae,
         norm,
@@ -429,6 +465,8 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
         vae_spatial_factor(vae),
         cache_file=cache_file if settings.cache_latents else None,
         pixels=pixels,
+        scales=settings.scales,
+        hflip=settings.hflip,
     )
     val_low, val_high = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
     val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)

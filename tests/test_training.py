@@ -191,11 +191,13 @@ def small_config(tmp_path_factory) -> Path:
 def test_cli_trains_and_resumes(vae_dir, data, small_config, tmp_path):
     out = tmp_path / "runs" / "up"
     common = ["--vae", vae_dir, "--images", data, "--out", out, "--resolution", 64, "--batch-size", 4]
-    done = run_cli(*common, "--steps", 6, "--save-every", 3, "--config", small_config, "--device", "cpu")
+    first = ["--steps", 6, "--save-every", 3, "--config", small_config, "--scales", 1, 0.5, "--hflip"]
+    done = run_cli(*common, *first, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert "bicubic" in done.stdout and "trained 6 steps" in done.stdout
     card = (out / "README.md").read_text()
     assert str(vae_dir) in card and "validation MSE, learned" in card and "27 train / 3 val" in card
+    assert "sizes x1, x0.5, mirrored" in card
     assert lssgen.LatentUpsampler.from_pretrained(out).config.in_channels == 4
 
     resumed = run_cli(*common, "--steps", 9, "--resume", "--device", "cpu")
@@ -244,6 +246,8 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
     expect_error(capsys, out, bad, "--config", "4 latent channels")
 
     expect_error(capsys, out, [*args, "--images", data, "--out", out, "--resolution", 72], "multiple of 16")
+    for scales in (["1", "1.5"], ["0"], ["1", "1"]):
+        expect_error(capsys, out, [*args, "--images", data, "--out", out, "--scales", *scales], "--scales", "(0, 1]")
 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
@@ -292,6 +296,58 @@ def test_cached_crops_line_up_with_their_image_and_its_half_size(vae, data, tmp_
         assert torch.equal(pair["images"], image[0, :, 8 * top : 8 * top + 32, 8 * left : 8 * left + 32])
         offsets.add((top, left))
     assert len(offsets) > 1  # random places, not one fixed crop
+
+
+def test_augmented_is_a_smaller_or_mirrored_copy():
+    from lssgen.training import augmented
+
+    image = torch.rand(3, 40, 60) * 2 - 1
+    assert torch.equal(augmented(image, 1.0, False), image)
+    assert torch.equal(augmented(image, 1.0, True), image.flip(-1))
+    assert augmented(image, 0.5, False).shape == (3, 20, 30) and augmented(image, 0.7, True).shape == (3, 28, 42)
+    assert torch.equal(augmented(image, 0.5, True), augmented(image, 0.5, False).flip(-1))
+    # Antialiased: a one-pixel checkerboard averages out to grey instead of aliasing to black or white.
+    checkerboard = (torch.arange(40)[:, None] + torch.arange(60)).remainder(2).float().expand(3, 40, 60) * 2 - 1
+    assert augmented(checkerboard, 0.5, False).abs().max() < 0.3
+
+
+def test_cache_holds_every_size_and_mirror_of_each_image(vae, data, tmp_path):
+    from lssgen.training import _PairSource
+
+    norm = LatentNormalization.from_vae_config(vae.config)
+    path = find_images(data)[0]
+    source = _PairSource(
+        vae, norm, [path], 32, torch.Generator().manual_seed(0), "cpu", 8, cache_file=tmp_path / "c.safetensors",
+        pixels=True, scales=(1.0, 0.5), hflip=True,
+    )  # fmt: skip
+    image = load_image(path)
+
+    def whole_cells(x):
+        return x[:, : x.shape[1] // 16 * 16, : x.shape[2] // 16 * 16]
+
+    half_size = (round(image.shape[1] / 2), round(image.shape[2] / 2))
+    half = F.interpolate(image[None], size=half_size, mode="bilinear", antialias=True)[0]
+    expected = [image, image.flip(-1), half, half.flip(-1)]  # sizes x (plain, mirrored)
+    for index, variant in enumerate(expected):
+        variant = whole_cells(variant)
+        assert torch.allclose(source.cache[f"image.{index}"], variant, atol=1e-5), index
+        assert torch.allclose(source.cache[f"high.{index}"], encode(vae, variant[None], norm)[0], atol=1e-5)
+    assert f"image.{len(expected)}" not in source.cache
+    # Batches draw crops from every variant.
+    seen = set()
+    for _ in range(40):
+        crop = source.batch(1)["images"][0]
+        seen |= {i for i, v in enumerate(expected) if _is_crop_of(crop, whole_cells(v))}
+    assert seen == {0, 1, 2, 3}
+
+
+def _is_crop_of(crop: torch.Tensor, image: torch.Tensor) -> bool:
+    size = crop.shape[-1]
+    return any(
+        torch.equal(image[:, y : y + size, x : x + size], crop)
+        for y in range(0, image.shape[1] - size + 1, 8)
+        for x in range(0, image.shape[2] - size + 1, 8)
+    )
 
 
 def test_pixel_loss_with_the_latent_cache(vae, data, tmp_path):
