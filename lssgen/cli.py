@@ -137,8 +137,12 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VAE dtype (upsampler: float32)")
     train.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     train.add_argument("--config", help="JSON file of LatentUpsampler config keys (default: from the VAE)")
-    train.add_argument("--pixel-loss", choices=["none", "l1"], default="none", help="also compare decoded images")
+    train.add_argument(
+        "--pixel-loss", choices=["none", "l1", "mse"], default="none", help="also compare decoded images"
+    )
     train.add_argument("--pixel-loss-weight", type=float, default=0.1)
+    train.add_argument("--latent-loss-weight", type=float, default=1.0, help="0: train on the pixel loss alone")
+    train.add_argument("--init-from", help="LatentUpsampler folder to start from (fine-tuning)")
     train.add_argument("--val-every", type=int, default=250, help="validate every N steps (0: only at the end)")
     train.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -387,6 +391,8 @@ def run_train_upsampler(args) -> None:
         config=config,
         pixel_loss=args.pixel_loss,
         pixel_loss_weight=args.pixel_loss_weight,
+        latent_loss_weight=args.latent_loss_weight,
+        init_from=args.init_from,
         val_every=args.val_every,
         save_every=args.save_every,
         resume=args.resume,
@@ -401,6 +407,7 @@ def run_train_upsampler(args) -> None:
         f"validation MSE ({result.val_images} held-out images): learned {result.val_mse:.5f}, "
         f"bicubic {result.bicubic_mse:.5f} ({abs(margin):.0f}% {'lower' if margin >= 0 else 'HIGHER: train longer'})"
     )
+    print(f"validation PSNR: learned {result.val_psnr:.2f} dB, pixel round trip {result.pixel_round_trip_psnr:.2f} dB")
     print(f"trained {result.steps} steps on {result.train_images} images in {result.seconds:.1f} s -> {result.out_dir}")
 
 

@@ -30,6 +30,7 @@ from .data import (
     vae_spatial_factor,
 )
 from .latents import LatentNormalization
+from .metrics import psnr
 from .upsampler import LatentUpsampler
 
 CHECKPOINT = "checkpoint"
@@ -50,6 +51,8 @@ class TrainResult:
         train_images (`int`), val_images (`int`): sizes of the two splits.
         val_mse (`float`): latent MSE of the trained upsampler on the held-out pairs.
         bicubic_mse (`float`): latent MSE of x2 bicubic latent interpolation on the same pairs.
+        val_psnr (`float`), pixel_round_trip_psnr (`float`): dB of the decoded result against the held-out crops,
+            for the upsampler and for the pixel round trip (decode, bicubic x2, encode).
         first_loss (`float`), last_loss (`float`): mean training loss of the first and last few steps of this run.
         seconds (`float`): wall time of this run.
     """
@@ -60,6 +63,8 @@ class TrainResult:
     val_images: int
     val_mse: float
     bicubic_mse: float
+    val_psnr: float
+    pixel_round_trip_psnr: float
     first_loss: float
     last_loss: float
     seconds: float
@@ -133,9 +138,10 @@ class _PairSource:
     """
 
     def __init__(self, vae, norm, paths, resolution, generator, device, factor, *, cache_file=None, pixels=False,
-                 scales=(1.0,), hflip=False):  # fmt: skip
+                 latents=True, scales=(1.0,), hflip=False):  # fmt: skip
         self.vae, self.norm, self.paths, self.resolution = vae, norm, list(paths), resolution
         self.generator, self.device, self.pixels, self.factor = generator, device, pixels, factor
+        self.latents = latents  # on the fly, encoding the targets is skipped when only the pixel loss needs them
         self.variants = [(scale, flip) for scale in scales for flip in ((False, True) if hflip else (False,))]
         self.cache = None
         if cache_file is not None:
@@ -180,10 +186,9 @@ class _PairSource:
     def _crops(self, indices) -> dict[str, torch.Tensor]:
         images = [augmented(load_image(self.paths[i]), *self._random_variant()) for i in indices]
         images = torch.stack([random_crop(image, self.resolution, self.generator) for image in images]).to(self.device)
-        pair = {
-            "low": encode(self.vae, downsample_nearest(images), self.norm),
-            "high": encode(self.vae, images, self.norm),
-        }
+        pair = {"low": encode(self.vae, downsample_nearest(images), self.norm)}
+        if self.latents:
+            pair["high"] = encode(self.vae, images, self.norm)
         if self.pixels:
             pair["images"] = images
         return {key: value.cpu() for key, value in pair.items()}
@@ -198,7 +203,7 @@ class _PairSource:
         return {key: value.to(self.device) for key, value in picked.items()}
 
 
-def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The centre crop plus seeded random crops: the same pairs every run, so reports are comparable.
     generator = torch.Generator().manual_seed(0)
     images = []
@@ -207,7 +212,7 @@ def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tenso
         images.append(center_crop(image, resolution))
         images += [random_crop(image, resolution, generator) for _ in range(VAL_CROPS_PER_IMAGE - 1)]
     images = torch.stack(images).to(device)
-    return encode(vae, downsample_nearest(images), norm), encode(vae, images, norm)
+    return encode(vae, downsample_nearest(images), norm), encode(vae, images, norm), images
 
 
 @torch.no_grad()
@@ -219,6 +224,19 @@ def validation_mse(upsampler: LatentUpsampler, low: torch.Tensor, high: torch.Te
     upsampler.train(was_training)
     bicubic = F.mse_loss(F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False), high)
     return float(learned), float(bicubic)
+
+
+@torch.no_grad()
+def validation_psnr(vae, norm, upsampler, low: torch.Tensor, images: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) against `images` of the decoded upsampler output and of the pixel round trip."""
+    was_training = upsampler.training
+    upsampler.eval()
+    learned = decode(vae, upsampler(low), norm)
+    upsampler.train(was_training)
+    pixels = F.interpolate(decode(vae, low, norm), scale_factor=2, mode="bicubic", align_corners=False)
+    round_trip = decode(vae, encode(vae, pixels.clamp(-1, 1), norm), norm)
+    target = (images + 1) / 2
+    return tuple(float(psnr((result + 1) / 2, target).mean()) for result in (learned, round_trip))
 
 
 def _save_checkpoint(folder: Path, upsampler, optimizer, step: int) -> None:
@@ -253,6 +271,8 @@ def train_upsampler(
     config: dict[str, Any] | None = None,
     pixel_loss: str = "none",
     pixel_loss_weight: float = 0.1,
+    latent_loss_weight: float = 1.0,
+    init_from: str | Path | None = None,
     val_every: int = 250,
     save_every: int = 500,
     resume: bool = False,
@@ -268,7 +288,7 @@ def train_upsampler(
     Train a [`LatentUpsampler`] for `vae` on random crops of `image_paths` and save it to `out_dir`.
 
     Each pair is a `resolution` crop (target) and its x2 nearest downsample (input), both encoded by `vae` and
-    normalised as the pipelines do; the loss is the latent MSE, plus an optional L1 loss on the decoded image.
+    normalised as the pipelines do; the loss is the latent MSE, plus an optional loss on the decoded image.
     Every 10th image is held out; the final validation MSE is reported next to bicubic latent interpolation's.
     A new `out_dir` is written in a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
 
@@ -282,7 +302,12 @@ def train_upsampler(
         batch_size (`int`, defaults to `8`), lr (`float`, defaults to `1e-3`): AdamW with cosine decay to lr / 10.
         seed (`int`, defaults to `0`): seeds the weights and the crops.
         config (`dict`, *optional*): `LatentUpsampler` config keys; defaults to [`default_upsampler_config`].
-        pixel_loss (`str`, defaults to `"none"`): `"l1"` adds `pixel_loss_weight` x L1(decode(up(z_low)), target).
+        pixel_loss (`str`, defaults to `"none"`): `"l1"` or `"mse"` adds `pixel_loss_weight` x that distance
+            between `decode(up(z_low))` and the target crop. The latent MSE is the average over latents, which do
+            not decode to its average image; the MSE on pixels is what PSNR measures.
+        latent_loss_weight (`float`, defaults to `1.0`): weight of the latent MSE; `0` trains on pixels alone.
+        init_from (`str` or `Path`, *optional*): a `LatentUpsampler` folder to start from (fine-tuning); its
+            config is used, so `config` must not be given.
         val_every (`int`, defaults to `250`), save_every (`int`, defaults to `500`): intervals in steps (0: never).
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
         cache_latents (`bool`, defaults to `False`): encode each training image once, whole, at full and half
@@ -311,8 +336,15 @@ def train_upsampler(
             f"--resolution {resolution}: must be a multiple of {2 * factor} (2 x the VAE's spatial factor {factor}), "
             f"so that the half-size input encodes to a whole latent. Try {nearest}."
         )
-    if pixel_loss not in ("none", "l1"):
-        raise ValueError(f"--pixel-loss {pixel_loss!r}: choose 'none' or 'l1'.")
+    if pixel_loss not in ("none", "l1", "mse"):
+        raise ValueError(f"--pixel-loss {pixel_loss!r}: choose 'none', 'l1' or 'mse'.")
+    if latent_loss_weight < 0 or pixel_loss_weight < 0:
+        raise ValueError("--latent-loss-weight and --pixel-loss-weight must not be negative.")
+    if latent_loss_weight == 0 and pixel_loss == "none":
+        raise ValueError("--latent-loss-weight 0 leaves no loss: add --pixel-loss mse (or l1), or keep the latent MSE.")
+    if init_from is not None and (resume or config):
+        other = "--resume continues its own checkpoint" if resume else "--config would replace its architecture"
+        raise ValueError(f"--init-from: {other}; drop one of the two.")
     scales = tuple(float(scale) for scale in scales)
     if not scales or any(not 0 < scale <= 1 for scale in scales) or len(set(scales)) != len(scales):
         raise ValueError(
@@ -327,6 +359,11 @@ def train_upsampler(
         if not (checkpoint / "optimizer.pt").is_file():
             raise ValueError(f"--resume: no checkpoint in {checkpoint}. Drop --resume to start a new run.")
         config = dict(LatentUpsampler.load_config(checkpoint))
+    elif init_from is not None:
+        try:
+            config = dict(LatentUpsampler.load_config(init_from))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--init-from {init_from}: {error}") from None
     else:
         config = {**default_upsampler_config(channels), **(config or {})}
     if config.get("in_channels") != channels or config.get("out_channels", channels) != channels:
@@ -335,7 +372,10 @@ def train_upsampler(
             f"VAE has {channels} latent channels. Set both to {channels} (or leave them out to follow the VAE)."
         )
     try:
-        upsampler = LatentUpsampler.from_config(config) if not resume else LatentUpsampler.from_pretrained(checkpoint)
+        if resume or init_from is not None:
+            upsampler = LatentUpsampler.from_pretrained(checkpoint if resume else init_from)
+        else:
+            upsampler = LatentUpsampler.from_config(config)
     except TypeError as error:
         raise ValueError(f"--config: {error}. Use LatentUpsampler's config keys.") from None
     if upsampler.scale_factor != 2:
@@ -357,6 +397,7 @@ def train_upsampler(
             seed=seed,
             pixel_loss=pixel_loss,
             pixel_loss_weight=pixel_loss_weight,
+            latent_loss_weight=latent_loss_weight,
             val_every=val_every,
             save_every=save_every,
             resume=resume,
@@ -378,7 +419,8 @@ def train_upsampler(
         "steps": result["step"],
         "batch size": batch_size,
         "learning rate": f"{lr:g} (AdamW, cosine to {lr / 10:g})",
-        "pixel loss": "none" if pixel_loss == "none" else f"{pixel_loss} x {pixel_loss_weight:g}",
+        "started from": str(init_from) if init_from is not None else "random weights (seeded)",
+        "loss": _loss_description(latent_loss_weight, pixel_loss, pixel_loss_weight),
         "augmentation": f"sizes x{', x'.join(f'{scale:g}' for scale in scales)}{', mirrored' if hflip else ''}",
         "latent cache": "whole images encoded once, random aligned crops" if cache_latents else "off",
         "seed": seed,
@@ -386,6 +428,8 @@ def train_upsampler(
         "time": f"{time.perf_counter() - start_time:.1f} s",
         "validation MSE, learned": f"{result['val_mse']:.5f}",
         "validation MSE, bicubic": f"{result['bicubic_mse']:.5f}",
+        "validation PSNR, learned": f"{result['val_psnr']:.2f} dB",
+        "validation PSNR, pixel round trip": f"{result['pixel_round_trip_psnr']:.2f} dB",
         "upsampler config": json.dumps({k: v for k, v in upsampler.config.items() if not k.startswith("_")}),
     }
     try:
@@ -407,10 +451,19 @@ def train_upsampler(
         val_images=len(val_paths),
         val_mse=result["val_mse"],
         bicubic_mse=result["bicubic_mse"],
+        val_psnr=result["val_psnr"],
+        pixel_round_trip_psnr=result["pixel_round_trip_psnr"],
         first_loss=result["first_loss"],
         last_loss=result["last_loss"],
         seconds=time.perf_counter() - start_time,
     )
+
+
+def _loss_description(latent_weight: float, pixel_loss: str, pixel_weight: float) -> str:
+    terms = [f"{latent_weight:g} x latent MSE"] if latent_weight else []
+    if pixel_loss != "none":
+        terms.append(f"{pixel_weight:g} x pixel {pixel_loss.upper()}")
+    return " + ".join(terms)
 
 
 @dataclass(frozen=True)
@@ -424,6 +477,7 @@ class _Settings:
     seed: int
     pixel_loss: str
     pixel_loss_weight: float
+    latent_loss_weight: float
     val_every: int
     save_every: int
     resume: bool
@@ -465,12 +519,29 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
         vae_spatial_factor(vae),
         cache_file=cache_file if settings.cache_latents else None,
         pixels=pixels,
+        latents=settings.latent_loss_weight > 0,
         scales=settings.scales,
         hflip=settings.hflip,
     )
-    val_low, val_high = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
-    val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
-    settings.log(f"validation MSE at step {start}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
+    if pixels and settings.cache_latents:
+        settings.log(
+            "warning: --pixel-loss with --cache-latents decodes crops cut from whole-image latents. VAEs that "
+            "normalise over the whole image (GroupNorm: taef2, the KL VAEs) decode such crops worse than the crop's "
+            "own latent, and the pixel loss then fits those artefacts. Drop --cache-latents to encode each crop."
+        )
+    val_low, val_high, val_images = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
+
+    def validate(step: int, write=settings.log) -> dict[str, float]:
+        val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
+        val_psnr, round_trip_psnr = validation_psnr(vae, norm, upsampler, val_low, val_images)
+        write(
+            f"validation at step {step}: latent MSE {val_mse:.5f} (bicubic {bicubic_mse:.5f}), "
+            f"PSNR {val_psnr:.2f} dB (pixel round trip {round_trip_psnr:.2f} dB)"
+        )
+        return {"val_mse": val_mse, "bicubic_mse": bicubic_mse, "val_psnr": val_psnr,
+                "pixel_round_trip_psnr": round_trip_psnr}  # fmt: skip
+
+    validate(start)
 
     losses = []
     bar = tqdm(
@@ -485,9 +556,10 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
             group["lr"] = _lr_at(step, settings.steps, settings.lr)
         pair = source.batch(settings.batch_size)
         predicted = upsampler(pair["low"])
-        loss = F.mse_loss(predicted, pair["high"])
-        if settings.pixel_loss == "l1":
-            loss = loss + settings.pixel_loss_weight * F.l1_loss(decode(vae, predicted, norm), pair["images"])
+        loss = settings.latent_loss_weight * F.mse_loss(predicted, pair["high"]) if "high" in pair else 0.0
+        if pixels:
+            distance = F.l1_loss if settings.pixel_loss == "l1" else F.mse_loss
+            loss = loss + settings.pixel_loss_weight * distance(decode(vae, predicted, norm), pair["images"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -495,18 +567,15 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if settings.val_every and done % settings.val_every == 0 and done < settings.steps:
-            val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
-            tqdm.write(f"validation MSE at step {done}: learned {val_mse:.5f}, bicubic {bicubic_mse:.5f}")
+            validate(done, write=tqdm.write)
         if settings.save_every and done % settings.save_every == 0:
             _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, done)
     bar.close()
     _save_checkpoint(work / CHECKPOINT, upsampler, optimizer, settings.steps)
-    val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
     window = max(1, min(20, len(losses) // 4))
     return {
         "step": settings.steps,
-        "val_mse": val_mse,
-        "bicubic_mse": bicubic_mse,
+        **validate(settings.steps),
         "first_loss": sum(losses[:window]) / window,
         "last_loss": sum(losses[-window:]) / window,
     }

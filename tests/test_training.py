@@ -17,7 +17,7 @@ from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
 import lssgen
-from lssgen.data import center_crop, downsample_nearest, encode, find_images, load_image
+from lssgen.data import center_crop, decode, downsample_nearest, encode, find_images, load_image
 from lssgen.latents import LatentNormalization
 from lssgen.tiny import build_tiny_sd_pipeline, build_tiny_vae
 from lssgen.training import split_images, train_upsampler
@@ -118,6 +118,7 @@ def test_output_folder_loads_and_patches(trained):
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
     card = (out / "README.md").read_text()
     assert "AutoencoderKL" in card and f"{trained.val_mse:.5f}" in card and f"{trained.bicubic_mse:.5f}" in card
+    assert f"{trained.val_psnr:.2f} dB" in card and f"{trained.pixel_round_trip_psnr:.2f} dB" in card
     upsampler = lssgen.LatentUpsampler.from_pretrained(out)
     assert upsampler.config.in_channels == 4 and list(upsampler.config.block_out_channels) == [32, 32]
 
@@ -246,6 +247,11 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
     expect_error(capsys, out, bad, "--config", "4 latent channels")
 
     expect_error(capsys, out, [*args, "--images", data, "--out", out, "--resolution", 72], "multiple of 16")
+    expect_error(capsys, out, [*args, "--images", data, "--out", out, "--latent-loss-weight", 0], "no loss")
+    bad = [*args, "--images", data, "--out", out, "--init-from", tmp_path / "nowhere"]
+    expect_error(capsys, out, bad, "--init-from", "nowhere")
+    bad = [*args, "--images", data, "--out", out, "--init-from", tmp_path / "nowhere", "--config", mismatch]
+    expect_error(capsys, out, bad, "--init-from", "drop one")
     for scales in (["1", "1.5"], ["0"], ["1", "1"]):
         expect_error(capsys, out, [*args, "--images", data, "--out", out, "--scales", *scales], "--scales", "(0, 1]")
 
@@ -350,6 +356,49 @@ def _is_crop_of(crop: torch.Tensor, image: torch.Tensor) -> bool:
     )
 
 
+def validation_psnr_here(upsampler, vae, paths) -> float:
+    """PSNR of the decoded upsampler output on centre crops of held-out images, computed independently."""
+    norm = LatentNormalization.from_vae_config(vae.config)
+    images = torch.stack([center_crop(load_image(p), 64) for p in paths])
+    with torch.no_grad():
+        decoded = decode(vae, upsampler(encode(vae, downsample_nearest(images), norm)), norm)
+    mse = ((decoded.clamp(-1, 1) - images) / 2).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def test_fine_tuning_on_the_pixel_mse_alone(trained, vae, data, tmp_path):
+    messages = []
+    result = train_upsampler(
+        vae, find_images(data), tmp_path / "tuned", resolution=64, steps=20, batch_size=4, lr=1e-4, seed=1,
+        init_from=trained.out_dir, pixel_loss="mse", pixel_loss_weight=1.0, latent_loss_weight=0.0, val_every=0,
+        save_every=0, progress=False, log=messages.append,
+    )  # fmt: skip
+    # It starts where the trained upsampler ended: the same validation figures before the first step.
+    assert messages[0].startswith("validation at step 0") and f"{trained.val_mse:.5f}" in messages[0], messages
+    assert f"PSNR {trained.val_psnr:.2f} dB" in messages[0]
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert str(trained.out_dir) in card and "| loss | 1 x pixel MSE |" in card
+    tuned = lssgen.LatentUpsampler.from_pretrained(tmp_path / "tuned")
+    start = lssgen.LatentUpsampler.from_pretrained(trained.out_dir)
+    assert {k: v for k, v in tuned.config.items() if not k.startswith("_")} == {
+        k: v for k, v in start.config.items() if not k.startswith("_")
+    }
+    _, val_paths = split_images(find_images(data))
+    # Fitting the decoded image raises its PSNR on images it never saw.
+    assert validation_psnr_here(tuned, vae, val_paths) > validation_psnr_here(start, vae, val_paths)
+    assert result.val_psnr > trained.val_psnr
+
+
+def test_pixel_loss_alone_skips_encoding_the_targets(vae, data):
+    from lssgen.training import _PairSource
+
+    norm = LatentNormalization.from_vae_config(vae.config)
+    source = _PairSource(
+        vae, norm, find_images(data), 32, torch.Generator().manual_seed(0), "cpu", 8, pixels=True, latents=False
+    )
+    assert set(source.batch(2)) == {"low", "images"}
+
+
 def test_pixel_loss_with_the_latent_cache(vae, data, tmp_path):
     kwargs = {
         "resolution": 64, "steps": 12, "batch_size": 4, "seed": 0, "config": SMALL, "cache_latents": True,
@@ -357,6 +406,6 @@ def test_pixel_loss_with_the_latent_cache(vae, data, tmp_path):
     }  # fmt: skip
     plain = train_upsampler(vae, find_images(data), tmp_path / "plain", **kwargs)
     pixels = train_upsampler(vae, find_images(data), tmp_path / "pixels", pixel_loss="l1", **kwargs)
-    assert "l1 x 0.1" in (tmp_path / "pixels" / "README.md").read_text()
+    assert "1 x latent MSE + 0.1 x pixel L1" in (tmp_path / "pixels" / "README.md").read_text()
     # The same crops and weights, a different loss: the pixel term really reaches the gradient.
     assert pixels.last_loss != plain.last_loss and pixels.val_mse != plain.val_mse
