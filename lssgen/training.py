@@ -138,12 +138,12 @@ class _PairSource:
     """
 
     def __init__(self, vae, norm, paths, resolution, generator, device, factor, *, cache_file=None, pixels=False,
-                 latents=True, scales=(1.0,), hflip=False):  # fmt: skip
+                 latents=True, scales=(1.0,), hflip=False, progress=True):  # fmt: skip
         self.vae, self.norm, self.paths, self.resolution = vae, norm, list(paths), resolution
         self.generator, self.device, self.pixels, self.factor = generator, device, pixels, factor
         self.latents = latents  # on the fly, encoding the targets is skipped when only the pixel loss needs them
         self.variants = [(scale, flip) for scale in scales for flip in ((False, True) if hflip else (False,))]
-        self.cache = None
+        self.cache, self.progress = None, progress
         if cache_file is not None:
             if not cache_file.exists():
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,8 @@ class _PairSource:
     def _encode_whole_images(self) -> dict[str, torch.Tensor]:
         cache = {}
         wholes = [(path, variant) for path in self.paths for variant in self.variants]
-        for index, (path, variant) in enumerate(tqdm(wholes, desc="encoding whole images", leave=False)):
+        bar = tqdm(wholes, desc="encoding whole images", leave=False, disable=not self.progress)
+        for index, (path, variant) in enumerate(bar):
             image = scale_to_at_least(augmented(load_image(path), *variant), self.resolution)
             # Even sides in latent cells, so the half-size image's latent lines up with the full one's.
             cell = 2 * self.factor
@@ -522,6 +523,7 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
         latents=settings.latent_loss_weight > 0,
         scales=settings.scales,
         hflip=settings.hflip,
+        progress=settings.progress,
     )
     if pixels and settings.cache_latents:
         settings.log(
