@@ -240,9 +240,19 @@ def validation_psnr(vae, norm, upsampler, low: torch.Tensor, images: torch.Tenso
     return tuple(float(psnr((result + 1) / 2, target).mean()) for result in (learned, round_trip))
 
 
+def _save_upsampler(upsampler: LatentUpsampler, folder: Path) -> None:
+    upsampler.save_pretrained(folder)
+    # An upsampler loaded with from_pretrained (--init-from, --resume) records the local folder it came from;
+    # the saved one should not carry that path.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _save_checkpoint(folder: Path, upsampler, optimizer, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    upsampler.save_pretrained(folder)
+    _save_upsampler(upsampler, folder)
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, folder / "optimizer.pt")
 
 
@@ -379,6 +389,8 @@ def train_upsampler(
             upsampler = LatentUpsampler.from_config(config)
     except TypeError as error:
         raise ValueError(f"--config: {error}. Use LatentUpsampler's config keys.") from None
+    except OSError as error:  # a config without its weights file
+        raise ValueError(f"{'--resume' if resume else '--init-from'}: {error}") from None
     if upsampler.scale_factor != 2:
         raise ValueError(f"--config: the upsampler scales by {upsampler.scale_factor}; train-upsampler needs x2.")
     if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
@@ -434,7 +446,7 @@ def train_upsampler(
         "upsampler config": json.dumps({k: v for k, v in upsampler.config.items() if not k.startswith("_")}),
     }
     try:
-        upsampler.to("cpu").save_pretrained(work)
+        _save_upsampler(upsampler.to("cpu"), work)
         _model_card(work / "README.md", facts)
         if not resume:
             if out_dir.is_dir():

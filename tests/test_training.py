@@ -250,6 +250,9 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
     expect_error(capsys, out, [*args, "--images", data, "--out", out, "--latent-loss-weight", 0], "no loss")
     bad = [*args, "--images", data, "--out", out, "--init-from", tmp_path / "nowhere"]
     expect_error(capsys, out, bad, "--init-from", "nowhere")
+    config_only = tmp_path / "config-only"
+    lssgen.LatentUpsampler(in_channels=4, out_channels=4, **SMALL).save_config(config_only)  # no weights file
+    expect_error(capsys, out, [*args, "--images", data, "--out", out, "--init-from", config_only], "--init-from")
     bad = [*args, "--images", data, "--out", out, "--init-from", tmp_path / "nowhere", "--config", mismatch]
     expect_error(capsys, out, bad, "--init-from", "drop one")
     for scales in (["1", "1.5"], ["0"], ["1", "1"]):
@@ -378,6 +381,7 @@ def test_fine_tuning_on_the_pixel_mse_alone(trained, vae, data, tmp_path):
     assert f"PSNR {trained.val_psnr:.2f} dB" in messages[0]
     card = (tmp_path / "tuned" / "README.md").read_text()
     assert str(trained.out_dir) in card and "| loss | 1 x pixel MSE |" in card
+    assert "_name_or_path" not in json.loads((tmp_path / "tuned" / "config.json").read_text())  # no local path
     tuned = lssgen.LatentUpsampler.from_pretrained(tmp_path / "tuned")
     start = lssgen.LatentUpsampler.from_pretrained(trained.out_dir)
     assert {k: v for k, v in tuned.config.items() if not k.startswith("_")} == {
