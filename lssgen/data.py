@@ -112,6 +112,13 @@ def encode(vae: Any, images: torch.Tensor, normalization: LatentNormalization) -
     return normalization.from_vae(latents)
 
 
+@torch.no_grad()
+def pixel_round_trip(vae: Any, latents: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
+    """The x2 baseline of the pixel round trip: decode, bicubic x2 in pixels, encode again."""
+    image = F.interpolate(decode(vae, latents, normalization), scale_factor=2, mode="bicubic", align_corners=False)
+    return encode(vae, image.clamp(-1, 1), normalization)
+
+
 def decode(vae: Any, latents: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
     """Normalised latents → images in [-1, 1] (float32). Differentiable, for a pixel loss."""
     param = next(vae.parameters())

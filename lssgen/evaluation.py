@@ -24,6 +24,7 @@ from .data import (
     encode,
     find_images,
     load_image,
+    pixel_round_trip,
     random_crop,
     to_pil,
     vae_spatial_factor,
@@ -86,13 +87,9 @@ class EvalReport:
 
 
 def _method_functions(vae: Any, norm: LatentNormalization, upsampler: Any) -> dict[str, Callable]:
-    def pixel_round_trip(z_low: torch.Tensor) -> torch.Tensor:
-        image = F.interpolate(decode(vae, z_low, norm), scale_factor=2, mode="bicubic", align_corners=False)
-        return encode(vae, image.clamp(-1, 1), norm)
-
     methods = {LEARNED: lambda z: upsample_learned(z, upsampler)} if upsampler is not None else {}
     methods[BICUBIC] = interpolate_latent
-    methods[PIXEL] = pixel_round_trip
+    methods[PIXEL] = lambda z: pixel_round_trip(vae, z, norm)
     return methods
 
 

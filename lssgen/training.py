@@ -25,6 +25,7 @@ from .data import (
     downsample_nearest,
     encode,
     load_image,
+    pixel_round_trip,
     random_crop,
     scale_to_at_least,
     vae_spatial_factor,
@@ -234,8 +235,7 @@ def validation_psnr(vae, norm, upsampler, low: torch.Tensor, images: torch.Tenso
     upsampler.eval()
     learned = decode(vae, upsampler(low), norm)
     upsampler.train(was_training)
-    pixels = F.interpolate(decode(vae, low, norm), scale_factor=2, mode="bicubic", align_corners=False)
-    round_trip = decode(vae, encode(vae, pixels.clamp(-1, 1), norm), norm)
+    round_trip = decode(vae, pixel_round_trip(vae, low, norm), norm)
     target = (images + 1) / 2
     return tuple(float(psnr((result + 1) / 2, target).mean()) for result in (learned, round_trip))
 
