@@ -218,26 +218,9 @@ def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def validation_mse(upsampler: LatentUpsampler, low: torch.Tensor, high: torch.Tensor) -> tuple[float, float]:
-    """Latent MSE of `upsampler` and of x2 bicubic latent interpolation on the same (low, high) pairs."""
-    was_training = upsampler.training
-    upsampler.eval()
-    learned = F.mse_loss(upsampler(low), high)
-    upsampler.train(was_training)
-    bicubic = F.mse_loss(F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False), high)
-    return float(learned), float(bicubic)
-
-
-@torch.no_grad()
-def validation_psnr(vae, norm, upsampler, low: torch.Tensor, images: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR (dB) against `images` of the decoded upsampler output and of the pixel round trip."""
-    was_training = upsampler.training
-    upsampler.eval()
-    learned = decode(vae, upsampler(low), norm)
-    upsampler.train(was_training)
-    round_trip = decode(vae, pixel_round_trip(vae, low, norm), norm)
-    target = (images + 1) / 2
-    return tuple(float(psnr((result + 1) / 2, target).mean()) for result in (learned, round_trip))
+def _decoded_psnr(vae, norm, latents: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the decoded `latents` against `images` (both in [-1, 1])."""
+    return float(psnr((decode(vae, latents, norm) + 1) / 2, (images + 1) / 2).mean())
 
 
 def _save_upsampler(upsampler: LatentUpsampler, folder: Path) -> None:
@@ -544,16 +527,28 @@ def _train(vae, upsampler, work, train_paths, val_paths, settings: _Settings) ->
             "own latent, and the pixel loss then fits those artefacts. Drop --cache-latents to encode each crop."
         )
     val_low, val_high, val_images = _validation_pairs(vae, norm, val_paths, settings.resolution, device)
+    # The baselines do not change during training: measured once.
+    bicubic = F.interpolate(val_low, scale_factor=2, mode="bicubic", align_corners=False)
+    baselines = {
+        "bicubic_mse": F.mse_loss(bicubic, val_high).item(),
+        "pixel_round_trip_psnr": _decoded_psnr(vae, norm, pixel_round_trip(vae, val_low, norm), val_images),
+    }
 
     def validate(step: int, write=settings.log) -> dict[str, float]:
-        val_mse, bicubic_mse = validation_mse(upsampler, val_low, val_high)
-        val_psnr, round_trip_psnr = validation_psnr(vae, norm, upsampler, val_low, val_images)
+        upsampler.eval()
+        with torch.no_grad():
+            predicted = upsampler(val_low)
+        upsampler.train()
+        figures = {
+            "val_mse": F.mse_loss(predicted, val_high).item(),
+            "val_psnr": _decoded_psnr(vae, norm, predicted, val_images),
+            **baselines,
+        }
         write(
-            f"validation at step {step}: latent MSE {val_mse:.5f} (bicubic {bicubic_mse:.5f}), "
-            f"PSNR {val_psnr:.2f} dB (pixel round trip {round_trip_psnr:.2f} dB)"
+            f"validation at step {step}: latent MSE {figures['val_mse']:.5f} (bicubic {figures['bicubic_mse']:.5f}), "
+            f"PSNR {figures['val_psnr']:.2f} dB (pixel round trip {figures['pixel_round_trip_psnr']:.2f} dB)"
         )
-        return {"val_mse": val_mse, "bicubic_mse": bicubic_mse, "val_psnr": val_psnr,
-                "pixel_round_trip_psnr": round_trip_psnr}  # fmt: skip
+        return figures
 
     validate(start)
 
