@@ -105,7 +105,7 @@ def vae_spatial_factor(vae: Any) -> int:
 
 @torch.no_grad()
 def encode(vae: Any, images: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
-    """Images in [-1, 1] → normalised latents, as the matching pipeline denoises them (float32)."""
+    """Images in [-1, 1] → latents in the upsampler's space, the VAE's scaled as its config says (float32)."""
     param = next(vae.parameters())
     encoded = vae.encode(images.to(param.device, param.dtype))
     latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
@@ -120,7 +120,7 @@ def pixel_round_trip(vae: Any, latents: torch.Tensor, normalization: LatentNorma
 
 
 def decode(vae: Any, latents: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
-    """Normalised latents → images in [-1, 1] (float32). Differentiable, for a pixel loss."""
+    """Latents in the upsampler's space → images in [-1, 1] (float32). Differentiable, for a pixel loss."""
     param = next(vae.parameters())
     images = vae.decode(normalization.to_vae(latents).to(param.device, param.dtype), return_dict=False)[0]
     return images.float().clamp(-1, 1)

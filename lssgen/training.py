@@ -247,8 +247,9 @@ def _model_card(path: Path, facts: dict[str, Any]) -> None:
         "`lssgen.LatentUpsampler.from_pretrained(this_folder)` and pass it to `lssgen.patch(pipe, upsampler)`\n"
         "for a pipeline that uses the VAE below.\n\n"
         f"| | |\n|---|---|\n{rows}\n\n"
-        "Validation MSE is measured between normalised latents on held-out images "
-        "(learned upsampler vs x2 bicubic interpolation of the same low-resolution latents).\n"
+        "Validation MSE is measured on held-out images between latents scaled as the VAE config says "
+        "(`scaling_factor`, `shift_factor` or `latents_mean`/`latents_std`; none for a tiny autoencoder): "
+        "learned upsampler vs x2 bicubic interpolation of the same low-resolution latents.\n"
     )
 
 
