@@ -34,8 +34,7 @@ def _add_method_options(
     parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
     parser.add_argument("--upsampler", help="folder of a LatentUpsampler (config.json + safetensors)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_device_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="outputs/eval-upsampler", help="report folder")
     evaluate.add_argument("--grid", type=int, default=4, help="images (rows) in grid.png")
     evaluate.add_argument("--repeats", type=int, default=10, help="timed calls per method for latency")
-    evaluate.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_device_arguments(evaluate)
     evaluate.set_defaults(func=run_eval_upsampler)
     _add_train_parser(commands)
     _add_bench_parser(commands)
@@ -116,8 +114,7 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
-    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_device_arguments(bench)
     bench.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
     bench.add_argument("--plot", action="store_true", help="also write bench.png, a bar chart")
     bench.set_defaults(func=run_bench)
@@ -154,6 +151,11 @@ def _add_train_parser(commands) -> None:
     )
     train.add_argument("--hflip", action="store_true", help="also train on mirrored images")
     train.set_defaults(func=run_train_upsampler)
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
@@ -377,8 +379,8 @@ def run_train_upsampler(args) -> None:
         if not isinstance(config, dict):
             raise ValueError(f"--config {args.config}: must hold a JSON object of LatentUpsampler config keys.")
     images = find_images(args.images)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args.vae, args.subfolder, DTYPES[args.dtype], device)
+    device, dtype = _device_and_dtype(args)
+    vae = load_vae(args.vae, args.subfolder, dtype, device)
     result = train_upsampler(
         vae,
         images,
