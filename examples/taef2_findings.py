@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from lssgen.data import (
-    center_crop,
     decode,
     downsample_nearest,
     encode,
     find_images,
+    fixed_crops,
     load_image,
     load_vae,
     pixel_round_trip,
@@ -86,12 +86,8 @@ def skimage_photos(vae, norm, upsampler_folders) -> None:
     import skimage
 
     folder = Path(skimage.__file__).parent / "data"
-    generator = torch.Generator().manual_seed(0)
-    crops = []
-    for name in SKIMAGE_PHOTOS:
-        image = load_image(next(folder.glob(f"{name}.*")))
-        crops += [center_crop(image, CROP), random_crop(image, CROP, generator), random_crop(image, CROP, generator)]
-    images = torch.stack(crops)
+    paths = [next(folder.glob(f"{name}.*")) for name in SKIMAGE_PHOTOS]
+    images = torch.stack([crop for _, _, crop in fixed_crops(paths, CROP, per_image=3)])
     low = encode(vae, downsample_nearest(images), norm)
     print(f"pixel round trip: {mean_psnr(decode(vae, pixel_round_trip(vae, low, norm), norm), images):.2f} dB")
     for upsampler_folder in upsampler_folders:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,19 @@ def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> t
     top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
     return image[:, top : top + size, left : left + size]
+
+
+def fixed_crops(paths: Sequence[Path], size: int, per_image: int) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """`(name, index, crop)`: each image's centre crop (index 0), then `per_image - 1` seeded random ones.
+
+    The same crops on every call (one generator seeded 0 for all images), so reports and validations compare.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for path in paths:
+        image = load_image(path)
+        yield str(path), 0, center_crop(image, size)
+        for index in range(1, per_image):
+            yield f"{path} (crop {index})", index, random_crop(image, size, generator)
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:

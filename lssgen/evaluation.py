@@ -18,14 +18,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .data import (
-    center_crop,
     decode,
     downsample_nearest,
     encode,
     find_images,
-    load_image,
+    fixed_crops,
     pixel_round_trip,
-    random_crop,
     to_pil,
     vae_spatial_factor,
 )
@@ -222,9 +220,8 @@ def evaluate_upsampler(
     methods = _method_functions(vae, norm, upsampler)
 
     per_image, rows, latency, names_of_crops = [], [], {}, []
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for index, (name, crop_index, image) in enumerate(_crops(paths, resolution, crops_per_image, generator)):
+        for index, (name, crop_index, image) in enumerate(fixed_crops(paths, resolution, crops_per_image)):
             names_of_crops.append(name)
             image = image[None].to(device)
             low = downsample_nearest(image)
@@ -282,15 +279,6 @@ def evaluate_upsampler(
         latency_ms=latency,
         grid=_labelled_grid(rows, labels) if rows else None,
     )
-
-
-def _crops(paths: Sequence[Path], resolution: int, per_image: int, generator: torch.Generator):
-    """(name, index, crop): each image's centre crop (index 0), then its seeded random ones."""
-    for path in paths:
-        image = load_image(path)
-        yield str(path), 0, center_crop(image, resolution)
-        for k in range(1, per_image):
-            yield f"{path} (crop {k})", k, random_crop(image, resolution, generator)
 
 
 def _mean(values: list[float]) -> float:

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import (
-    center_crop,
     decode,
     downsample_nearest,
     encode,
+    fixed_crops,
     load_image,
     pixel_round_trip,
     random_crop,
@@ -206,14 +206,7 @@ class _PairSource:
 
 
 def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The centre crop plus seeded random crops: the same pairs every run, so reports are comparable.
-    generator = torch.Generator().manual_seed(0)
-    images = []
-    for path in paths:
-        image = load_image(path)
-        images.append(center_crop(image, resolution))
-        images += [random_crop(image, resolution, generator) for _ in range(VAL_CROPS_PER_IMAGE - 1)]
-    images = torch.stack(images).to(device)
+    images = torch.stack([crop for _, _, crop in fixed_crops(paths, resolution, VAL_CROPS_PER_IMAGE)]).to(device)
     return encode(vae, downsample_nearest(images), norm), encode(vae, images, norm), images
 
 
