@@ -276,7 +276,7 @@ def train_upsampler(
     Train a [`LatentUpsampler`] for `vae` on random crops of `image_paths` and save it to `out_dir`.
 
     Each pair is a `resolution` crop (target) and its x2 nearest downsample (input), both encoded by `vae` and
-    normalised as the pipelines do; the loss is the latent MSE, plus an optional loss on the decoded image.
+    scaled as the VAE config says; the loss is the latent MSE, plus an optional loss on the decoded image.
     Every 10th image is held out; the final validation MSE is reported next to bicubic latent interpolation's.
     A new `out_dir` is written in a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
 
