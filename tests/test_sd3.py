@@ -38,10 +38,17 @@ def sd3_call_kwargs(pipe, prompts="a red fox in the snow", seed=0, **overrides):
     return kwargs
 
 
+def shifted(sigma: float, shift: float) -> float:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def reference_timesteps(num_steps: int, shift: float, start_sigma: float, first: bool) -> list[float]:
-    """One stage's timesteps, from the method's rules alone: shifted linspace sigmas, truncated at start_sigma."""
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-    timesteps = [1000 * shift * s / (1 + (shift - 1) * s) for s in sigmas]
+    """One stage's timesteps, by hand: the static-shift scheduler's default n-step schedule (what
+    StableDiffusion3Pipeline uses: it passes no sigmas), truncated at start_sigma. The default schedule runs
+    linearly from sigma 1 to the scheduler's smallest training sigma, itself shifted (1/1000 -> 0.002994), then
+    shifts every sigma."""
+    sigmas = np.linspace(1.0, shifted(1 / 1000, shift), num_steps)
+    timesteps = [1000 * shifted(s, shift) for s in sigmas]
     begin = 0 if first else max(i for i, t in enumerate(timesteps) if t >= start_sigma * 1000)
     return timesteps[begin:]
 
@@ -89,6 +96,24 @@ class TestSD3(AdapterContract):
                 assert stage.timesteps == pytest.approx(want, abs=1e-3)
                 assert stage.first_sigma == pytest.approx(want[0] / 1000, abs=1e-6)
 
+    def test_schedule_is_the_stock_pipelines_not_linspace_sigmas(self, pipe):
+        # Hand-computed: 512 px, 20 steps, min_resolution 256 -> stages of 256 px (5 steps) and 512 px (10).
+        # The default 5-step schedule's second sigma is shift(1 - (1 - 0.002994) / 4) = shift(0.75075) = 0.90036;
+        # linspace sigmas would give shift(0.8) = 0.92308.
+        lssgen.patch(pipe)
+        plan = self.plan(pipe, 512, 512, 20, min_resolution=256, start_sigma=0.667)
+        assert [s.num_steps for s in plan.stages] == [5, 10]
+        assert plan.stages[0].timesteps[1] == pytest.approx(900.36, abs=0.01)
+        # 8 steps, start_sigma 0.75: the 512 px stage has 4 steps, 1000, 857.69, 602.15, 8.93; it restarts at 857.69
+        # and runs 3 of them (linspace sigmas, 1000, 900, 750, 500, would restart at 750 and run 2).
+        plan = self.plan(pipe, 512, 512, 8, min_resolution=256, start_sigma=0.75)
+        assert plan.stages[1].timesteps == pytest.approx([857.69, 602.15, 8.93], abs=0.01)
+        assert plan.stages[1].num_denoiser_steps == 3
+        # The stock pipeline's own 4-step schedule at 512 px, unpatched, is the one the last stage truncates.
+        stock = build_tiny_sd3_pipeline()
+        stock.scheduler.set_timesteps(4)
+        assert [float(t) for t in stock.scheduler.timesteps[1:]] == pytest.approx(plan.stages[1].timesteps)
+
     def test_dynamic_shift_uses_each_stage_own_patch_count(self):
         pipe = build_tiny_sd3_pipeline(scheduler_config=DYNAMIC_SCHEDULER_CONFIG)
         pipe.set_progress_bar_config(disable=True)
@@ -99,7 +124,8 @@ class TestSD3(AdapterContract):
         mus = [0.5 + (1.15 - 0.5) * (patches - 256) / (4096 - 256) for patches in (64, 256, 1024)]
         assert [s.scheduler_kwargs["mu"] for s in plan.stages] == pytest.approx(mus)
         for stage, mu in zip(plan.stages, mus):
-            sigmas = np.linspace(1.0, 1.0 / stage.num_steps, stage.num_steps)
+            # The dynamic scheduler's smallest training sigma is the unshifted 1/1000.
+            sigmas = np.linspace(1.0, 1 / 1000, stage.num_steps)
             full = [1000 * math.exp(mu) / (math.exp(mu) + (1 / s - 1)) for s in sigmas]
             assert stage.timesteps == pytest.approx(full[stage.begin_index :], abs=1e-3)
             if stage.index:

@@ -31,8 +31,9 @@ def linear_time_shift(scheduler_config: Any, image_seq_len: int, default_max_shi
 
 
 def flow_stage_kwargs(scheduler: Any, num_steps: int, mu: float | None) -> dict[str, Any]:
-    """`set_timesteps` arguments of a flow-model stage: `sigmas = linspace(1, 1/n, n)` (the step count for
-    schedulers that take no custom sigmas) and the stage's time shift `mu`, if any, where the scheduler takes one."""
+    """`set_timesteps` arguments of a stage of a pipeline that passes `sigmas = linspace(1, 1/n, n)` (FLUX.1,
+    FLUX.2; the step count for schedulers that take no custom sigmas) and the stage's time shift `mu`, if any,
+    where the scheduler takes one."""
     accepted = inspect.signature(scheduler.set_timesteps).parameters
     kwargs: dict[str, Any] = {}
     if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):

@@ -6,16 +6,18 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, flow_stage_kwargs, linear_time_shift
+from .base import Adapter, linear_time_shift
 
 
 class SD3Adapter(Adapter):
     r"""
     Adapter for [`~diffusers.StableDiffusion3Pipeline`] (SD3 and SD3.5).
 
-    Each stage gets `sigmas = linspace(1, 1/n, n)`; with a dynamically shifting scheduler also the `mu` of the
-    stage's own patch count, else the scheduler's static `shift` applies. The transformer crops its patch position
-    embedding to the shape of the latent it is given, so no conditioning needs replacing per stage.
+    Each stage gets the schedule `StableDiffusion3Pipeline` itself sets for that stage's step count: the
+    scheduler's default n-step schedule (the stock pipeline passes no `sigmas`), with the scheduler's static
+    `shift`, or, for a dynamically shifting scheduler, the `mu` of the stage's own patch count. The transformer
+    crops its patch position embedding to the shape of the latent it is given, so no conditioning needs replacing
+    per stage.
 
     Example:
 
@@ -39,12 +41,13 @@ class SD3Adapter(Adapter):
     default_guidance = 4.5
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
-        # As StableDiffusion3Pipeline: a `mu` (max_shift defaulting to 1.16) only for a dynamically shifting
-        # scheduler, here of the stage's own 2x2 patch count; else the scheduler's static `shift` applies.
-        mu = None
+        # As StableDiffusion3Pipeline: no custom sigmas (unlike FLUX.1, whose pipeline passes a linspace; that
+        # would change SD3's timesteps and, after truncation, its step counts), and a `mu` (max_shift defaulting
+        # to 1.16) only for a dynamically shifting scheduler, here of the stage's own 2x2 patch count.
+        kwargs: dict[str, Any] = {"num_inference_steps": num_steps}
         if scheduler.config.get("use_dynamic_shifting", False):
-            mu = linear_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2), 1.16)
-        return flow_stage_kwargs(scheduler, num_steps, mu)
+            kwargs["mu"] = linear_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2), 1.16)
+        return kwargs
 
     def install_hooks(self, pipe, current_stage):
         # Nothing to hook: the patch position embedding is cropped to the latent's shape.
