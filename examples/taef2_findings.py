@@ -1,4 +1,4 @@
-"""Reproduce the figures of the README's FLUX.2 section that do not come from `lssgen eval-upsampler`: the two
+"""Reproduce the figures of docs/flux2-upsampler.md that do not come from `lssgen eval-upsampler`: the two
 measured reasons why stage 2 encodes each crop on its own and uses a small learning rate, and the scikit-image
 photos used to follow the training. Photos from `python -m lssgen.photos --out data/photos`.
 

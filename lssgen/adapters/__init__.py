@@ -93,7 +93,7 @@ def find_adapter(pipe: Any, adapter: Adapter | str | None = None) -> Adapter:
     raise ValueError(
         f"lssgen has no adapter for {type(pipe).__name__}. Installed adapters: {supported}. Pass `adapter=` to "
         "lssgen.patch, or write an lssgen.Adapter subclass for this pipeline and register it (a plugin package "
-        "with an `lssgen` entry point, or lssgen.register_adapter); see the README's 'Writing an adapter plugin'."
+        "with an `lssgen` entry point, or lssgen.register_adapter); see docs/plugins.md in the lssgen repository."
     )
 
 
