@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -12,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
 from .controller import Run, StageSwitchCallback, chain_callbacks
-from .plan import Stage, StagePlan, plan_stages
+from .plan import Stage, StagePlan, plan_stages, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -74,6 +75,18 @@ def _check_option_names(names, where: str) -> None:
         raise TypeError(f"{where} got unknown lssgen option(s) {unknown}; known options are {list(OPTION_NAMES)}.")
 
 
+def _check_options(options: Options, upsampler: Any) -> str:
+    """Raise a clear error for any invalid option; the scaling space the options select."""
+    validate_options(
+        start_sigma=options.start_sigma,
+        min_resolution=options.min_resolution,
+        base_height=options.base_height,
+        base_width=options.base_width,
+        shorten_intermediate_steps=options.shorten_intermediate_steps,
+    )
+    return resolve_scaling_space(options.scaling_space, upsampler)
+
+
 def _check_upsampler(upsampler: Any, adapter: Adapter, pipe: Any) -> None:
     if upsampler is None:
         return
@@ -126,8 +139,7 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
     chosen = find_adapter(pipe, adapter)
     _check_upsampler(upsampler, chosen, pipe)
     options = replace(Options(), **defaults)
-    if options.scaling_space is not None:
-        resolve_scaling_space(options.scaling_space, upsampler)
+    _check_options(options, upsampler)
 
     original_class = type(pipe)
     state = PatchState(adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class)
@@ -207,11 +219,13 @@ def _patched_call(self, *args, **kwargs):
     stock_call = state.original_class.__call__
     overrides = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
     options = replace(state.defaults, **overrides)
+    # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake.
+    scaling_space = _check_options(options, state.upsampler)
     if options.start_sigma == 1.0:
         return stock_call(self, *args, **kwargs)
 
     call = _bound_arguments(stock_call, self, args, kwargs)
-    run = _prepare_run(self, state, options, call, _defaults_of(stock_call))
+    run = _prepare_run(self, state, options, scaling_space, call, _defaults_of(stock_call))
     if run is None:
         return stock_call(self, *args, **kwargs)
 
@@ -247,7 +261,9 @@ def plan_for(
         raise ValueError("This pipeline is not patched; call `lssgen.patch(pipe)` first.")
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
-    return _plan(pipe, state, replace(state.defaults, **options), height, width, steps)
+    chosen = replace(state.defaults, **options)
+    _check_options(chosen, state.upsampler)
+    return _plan(pipe, state, chosen, height, width, steps)
 
 
 def _plan(
@@ -265,8 +281,6 @@ def _plan(
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
     shorten = options.shorten_intermediate_steps
-    if shorten is not None and not isinstance(shorten, bool):
-        raise TypeError(f"`shorten_intermediate_steps` must be True or False, got {shorten!r}.")
     return plan_stages(
         height,
         width,
@@ -282,7 +296,9 @@ def _plan(
     )
 
 
-def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, stock_defaults: dict) -> Run | None:
+def _prepare_run(
+    pipe: Any, state: PatchState, options: Options, scaling_space: str, call: dict, stock_defaults: dict
+) -> Run | None:
     """Validate the call, plan it, and rewrite `call` for one stock call; None when no low-res stage fits."""
     adapter = state.adapter
     for name in _CONFLICTING_ARGUMENTS:
@@ -292,7 +308,6 @@ def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, sto
                 f"plans the schedule of every stage itself. Drop `{name}`, or pass `start_sigma=1.0` to run the "
                 "stock pipeline."
             )
-    scaling_space = resolve_scaling_space(options.scaling_space, state.upsampler)
     steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
     plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps, call)
     if not plan.is_multi_resolution:
@@ -303,7 +318,10 @@ def _prepare_run(pipe: Any, state: PatchState, options: Options, call: dict, sto
         )
         return None
 
-    num_images = call.get("num_images_per_prompt") or 1
+    num_images = call.get("num_images_per_prompt")
+    num_images = 1 if num_images is None else num_images
+    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
+        raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images!r}.")
     batch = adapter.batch_size(call) * num_images
     generator = call.get("generator")
     if isinstance(generator, list) and len(generator) != batch:

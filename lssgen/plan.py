@@ -20,6 +20,7 @@ class ScheduleFacts(Protocol):
 
     flow: bool  # flow matching (sigma schedule, truncation on timesteps) or diffusion (img2img rule)
     latent_multiple: int  # latent sides must be multiples of this (2 for 2x2-packed latents)
+    min_stage_latent_side: int  # the smallest stage's short side, in latent cells, at least
 
     def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
         """The `set_timesteps` arguments that give a stage of this size its own schedule."""
@@ -126,6 +127,35 @@ def stage_step_count(
     return int(num_inference_steps // factor)
 
 
+def validate_options(
+    *,
+    start_sigma: float,
+    min_resolution: int,
+    base_height: int | None = None,
+    base_width: int | None = None,
+    shorten_intermediate_steps: bool | None = None,
+) -> None:
+    """Raise a clear error for method options no image size could make valid (checked on every call, even one
+    that `start_sigma=1.0` hands to the stock pipeline unchanged)."""
+    _check_number("start_sigma", start_sigma)
+    if not 0.0 < start_sigma <= 1.0:
+        raise ValueError(
+            f"`start_sigma` must be in (0, 1], got {start_sigma}. Use 0.75 (default) or 0.667 (faster); "
+            "1.0 turns multi-resolution generation off."
+        )
+    _check_number("min_resolution", min_resolution, integer=True)
+    if min_resolution <= 0:
+        raise ValueError(f"`min_resolution` must be a positive number of pixels (e.g. 512), got {min_resolution}.")
+    for name, value in (("base_height", base_height), ("base_width", base_width)):
+        if value is None:
+            continue
+        _check_number(name, value, integer=True)
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive number of pixels (the model's native size), got {value}.")
+    if shorten_intermediate_steps is not None and not isinstance(shorten_intermediate_steps, bool):
+        raise TypeError(f"`shorten_intermediate_steps` must be True or False, got {shorten_intermediate_steps!r}.")
+
+
 def validate_arguments(
     *,
     height: int,
@@ -141,25 +171,15 @@ def validate_arguments(
         _check_number(name, value, integer=True)
         if value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-    _check_number("start_sigma", start_sigma)
-    if not 0.0 < start_sigma <= 1.0:
-        raise ValueError(
-            f"`start_sigma` must be in (0, 1], got {start_sigma}. Use 0.75 (default) or 0.667 (faster); "
-            "1.0 turns multi-resolution generation off."
-        )
-    _check_number("min_resolution", min_resolution, integer=True)
-    if min_resolution <= 0:
-        raise ValueError(f"`min_resolution` must be a positive number of pixels (e.g. 512), got {min_resolution}.")
+    validate_options(
+        start_sigma=start_sigma, min_resolution=min_resolution, base_height=base_height, base_width=base_width
+    )
     if start_sigma < 1.0 and min_resolution > min(height, width):
         raise ValueError(
             f"`min_resolution`={min_resolution} is larger than the image's short side ({min(height, width)} px "
             f"for {width}x{height}). Use a `min_resolution` of at most {min(height, width)} (half of it gives one "
             "low-resolution stage), or pass `start_sigma=1.0` for plain generation."
         )
-    for name, value in (("base_height", base_height), ("base_width", base_width)):
-        _check_number(name, value, integer=True)
-        if value < 1:
-            raise ValueError(f"`{name}` must be a positive number of pixels (the model's native size), got {value}.")
 
 
 def plan_stages(
@@ -214,6 +234,7 @@ def plan_stages(
     num_low = count_low_resolution_stages(height, width, min_resolution, start_sigma)
     unit = vae_scale_factor * facts.latent_multiple * 2**num_low
     target_height, target_width = height // unit * unit, width // unit * unit
+    _check_smallest_stage(height, width, target_height, target_width, num_low, min_resolution, vae_scale_factor, facts)
     if (target_height, target_width) != (height, width):
         logger.warning(
             f"{width}x{height} does not halve cleanly into {num_low + 1} stages; generating "
@@ -246,6 +267,36 @@ def plan_stages(
             )
         )
     return StagePlan(stages=tuple(stages), height=target_height, width=target_width)
+
+
+def _check_smallest_stage(
+    height: int,
+    width: int,
+    target_height: int,
+    target_width: int,
+    num_low: int,
+    min_resolution: int,
+    vae_scale_factor: int,
+    facts: ScheduleFacts,
+) -> None:
+    """A stage of a latent cell or two is no image, and the denoiser's, VAE's or upsampler's convolutions fail on
+    it: refuse plans whose smallest stage is below the family's minimum (or that round the image away)."""
+    smallest = min(target_height, target_width) // vae_scale_factor // 2**num_low
+    if smallest >= facts.min_stage_latent_side:
+        return
+    minimum_px = facts.min_stage_latent_side * vae_scale_factor
+    if min(height, width) < 2 * minimum_px:
+        fix = (
+            f"This image is too small for a low-resolution stage: generate at least {2 * minimum_px} px a side, "
+            "or pass `start_sigma=1.0` for plain generation."
+        )
+    else:
+        fix = f"Use a `min_resolution` of at least {minimum_px} (the default is 512)."
+    raise ValueError(
+        f"`min_resolution`={min_resolution} plans {num_low + 1} stages for {width}x{height} whose smallest is "
+        f"{smallest * vae_scale_factor} px ({smallest} latent cells) on its short side; every stage needs at least "
+        f"{facts.min_stage_latent_side} latent cells ({minimum_px} px). {fix}"
+    )
 
 
 def fresh_scheduler(template: Any) -> Any:

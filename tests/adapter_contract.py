@@ -11,11 +11,20 @@ from typing import Any
 import diffusers
 import pytest
 import torch
+from call_arguments import FOUND, Drawn, call_arguments
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from hypothesis import event, example, given
 from packaging import version
 
 import lssgen
+from lssgen.patch import OPTION_NAMES, Options
 from lssgen.plan import StagePlan
+
+
+def found_examples(test):
+    for drawn in reversed(FOUND):
+        test = example(drawn=drawn)(test)
+    return test
 
 
 class _Handles:
@@ -322,6 +331,68 @@ class AdapterContract:
         with pytest.raises(error, match=match):
             pipe(**kwargs)
         self.assert_still_works(pipe, stock_scheduler)
+
+    def test_any_call_arguments_give_an_image_or_a_clear_error(self):
+        """Property: whatever a user passes, the patched call returns finite images of the planned size, or raises a
+        ValueError/TypeError that names the argument (or the error the stock pipeline itself raises for that call);
+        either way the pipe is unchanged: a reference call afterwards is bit-identical to one before."""
+        pipe, stock = self.build_pipe(seed=0), self.build_pipe(seed=0)
+        for p in (pipe, stock):
+            p.set_progress_bar_config(disable=True)
+        lssgen.patch(pipe, self.small_upsampler(pipe))
+        stock_scheduler = pipe.scheduler
+
+        def reference():
+            kwargs = self.call_kwargs(pipe, height=128, width=128, num_inference_steps=4)
+            return self.images(
+                pipe, **kwargs, min_resolution=64, shorten_intermediate_steps=False, scaling_space="learned"
+            )
+
+        before = reference()
+
+        @given(drawn=call_arguments())
+        @found_examples
+        def check(drawn: Drawn):
+            kwargs = self.call_kwargs(pipe, prompts=drawn.prompts, generator=drawn.generator(), **drawn.call)
+            try:
+                images = self.images(pipe, **kwargs, **drawn.options)
+            except Exception as error:  # noqa: BLE001 - the property is about which errors
+                event(f"raised {type(error).__name__}")
+                self.assert_clear_or_stock_error(error, drawn, stock)
+            else:
+                event("generated")
+                self.assert_planned_images(pipe, stock, images, drawn)
+            assert pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
+            assert torch.equal(reference(), before)
+
+        check()
+
+    def assert_clear_or_stock_error(self, error: Exception, drawn: Drawn, stock) -> None:
+        # The call's arguments and the method's options (a default `min_resolution` can be what does not fit).
+        names = [*drawn.call, *OPTION_NAMES, "prompt", "generator"]
+        if isinstance(error, (ValueError, TypeError)) and any(name in str(error) for name in names):
+            return
+        # Else it must be the very error the stock pipeline raises for the same call: that one is not ours to change.
+        kwargs = self.call_kwargs(stock, prompts=drawn.prompts, generator=drawn.generator(), **drawn.call)
+        try:
+            self.images(stock, **kwargs)
+        except Exception as stock_error:  # noqa: BLE001
+            if type(stock_error) is type(error) and str(stock_error) == str(error):
+                return
+            raise AssertionError(f"{drawn}: lssgen raised {error!r}, the stock pipeline {stock_error!r}") from error
+        raise AssertionError(f"{drawn}: the stock pipeline runs this call, lssgen raised {error!r}") from error
+
+    def assert_planned_images(self, pipe, stock, images: torch.Tensor, drawn: Drawn) -> None:
+        assert torch.isfinite(images).all(), drawn
+        if drawn.options.get("start_sigma", Options.start_sigma) == 1.0:
+            # The stock pipeline ran, unchanged: the same call on a never-patched pipe gives the same images.
+            kwargs = self.call_kwargs(stock, prompts=drawn.prompts, generator=drawn.generator(), **drawn.call)
+            assert torch.equal(images, self.images(stock, **kwargs)), drawn
+            return
+        height, width = drawn.call.get("height", self.height), drawn.call.get("width", self.width)
+        steps = drawn.call.get("num_inference_steps", self.steps)
+        plan = lssgen.plan_for(pipe, height, width, steps, **drawn.options)
+        assert tuple(images.shape) == (drawn.images_in_batch(), 3, plan.height, plan.width), drawn
 
     def test_error_inside_the_loop_restores_the_scheduler(self, pipe):
         stock_scheduler = pipe.scheduler

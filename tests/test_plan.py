@@ -35,6 +35,7 @@ from lssgen.plan import (
     plan_stages,
     stage_step_count,
     validate_arguments,
+    validate_options,
 )
 from lssgen.tiny import FLUX_SCHEDULER_CONFIG
 
@@ -557,6 +558,8 @@ VALID = dict(
         ({"min_resolution": 2048}, ValueError, "min_resolution"),
         ({"height": 768, "min_resolution": 1024}, ValueError, "min_resolution"),
         ({"min_resolution": 512.5}, TypeError, "min_resolution"),
+        ({"min_resolution": 1}, ValueError, "min_resolution`=1 plans 11 stages"),  # was a ZeroDivisionError
+        ({"min_resolution": 8}, ValueError, "min_resolution`=8 plans 8 stages for 1024x1024 whose smallest is 0 px"),
         ({"height": 0}, ValueError, "height"),
         ({"height": -8}, ValueError, "height"),
         ({"width": 0}, ValueError, "width"),
@@ -570,8 +573,9 @@ VALID = dict(
 )
 def test_invalid_arguments(changes, error, match):
     arguments = {**VALID, **changes}
-    with pytest.raises(error, match=match):
-        validate_arguments(**arguments)
+    if "plans" not in match:  # the stage count needs the plan, not just the arguments
+        with pytest.raises(error, match=match):
+            validate_arguments(**arguments)
     with pytest.raises(error, match=match):
         plan_stages(
             arguments.pop("height"),
@@ -602,3 +606,32 @@ def test_invalid_arguments(changes, error, match):
 )
 def test_valid_arguments(changes):
     validate_arguments(**{**VALID, **changes})
+
+
+def test_smallest_stage_may_be_one_patch_and_no_smaller():
+    # 1024 px, min_resolution 16: K = log2(1024 // 16) = 6, unit 8 * 2 * 64 = 1024 px, smallest stage 2x2 latent
+    # cells (16 px), one FLUX patch.
+    stages = plan(1024, 1024, 50, min_resolution=16).stages
+    assert [(s.latent_height, s.latent_width) for s in stages] == [(2**k, 2**k) for k in range(1, 8)]
+    # Half that: the 8 stages' unit (2048 px) rounds the image away, an error rather than a crash.
+    with pytest.raises(ValueError, match="smallest is 0 px .* at least 2 latent cells .*at least 16"):
+        plan(1024, 1024, 50, min_resolution=8)
+    # An image under two patches a side has no room for a low-resolution stage at all.
+    with pytest.raises(ValueError, match="too small for a low-resolution stage: generate at least 32 px"):
+        plan(16, 16, 8, min_resolution=8)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"start_sigma": True}, TypeError, "start_sigma"),
+        ({"start_sigma": float("nan")}, ValueError, "start_sigma"),
+        ({"min_resolution": "64"}, TypeError, "min_resolution"),
+        ({"base_width": 512.5}, TypeError, "base_width"),
+        ({"shorten_intermediate_steps": "no"}, TypeError, "shorten_intermediate_steps"),
+    ],
+)
+def test_options_are_checked_without_an_image_size(options, error, match):
+    # What `start_sigma=1.0` calls check too, before handing the call to the stock pipeline.
+    with pytest.raises(error, match=match):
+        validate_options(**{"start_sigma": 1.0, "min_resolution": 512, **options})

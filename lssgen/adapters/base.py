@@ -77,6 +77,12 @@ class Adapter:
         return None
 
     # Geometry ---------------------------------------------------------------------------------------------------
+    @property
+    def min_stage_latent_side(self) -> int:
+        """The smallest stage's short side in latent cells, at least: one patch (every built-in family runs a
+        one-patch stage in every scaling space; a subclass may set a larger number)."""
+        return self.latent_multiple
+
     def latent_channels(self, pipe: Any) -> int:
         return getattr(pipe, self.denoiser).config.in_channels
 
@@ -116,8 +122,10 @@ class Adapter:
         prompt = call.get("prompt")
         if isinstance(prompt, str):
             return 1
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             return len(prompt)
+        if prompt is not None:
+            raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
         if call.get("prompt_embeds") is not None:
             return call["prompt_embeds"].shape[0]
         raise ValueError("Pass either `prompt` or `prompt_embeds`.")
