@@ -319,6 +319,11 @@ class AdapterContract:
             ({"scaling_space": "learned"}, ValueError, "needs a latent upsampler"),
             ({"latents": "noise"}, ValueError, "`latents` cannot be combined"),
             ({"generator": [torch.Generator()] * 3, "min_resolution": 128}, ValueError, "3 generators"),
+            (
+                {"prompt": 5, "min_resolution": 128},
+                TypeError,
+                "`prompt` must be a string or a non-empty list of strings",
+            ),
         ],
     )
     def test_bad_call_arguments_raise_and_leave_the_pipe_usable(self, pipe, options, error, match):
