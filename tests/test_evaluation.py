@@ -1,6 +1,7 @@
 """Offline image metrics and `lssgen eval-upsampler` on a tiny random-weight VAE."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -232,6 +233,46 @@ def test_pixel_round_trip_encodes_once_more_than_bicubic(vae, image_dir, monkeyp
     assert len(calls) == 3 * 3 + (1 + repeats)
 
 
+def test_images_smaller_than_the_resolution_are_evaluated_at_their_own_size(vae, tmp_path, caplog):
+    from lssgen.data import load_image, to_pil
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    # Short sides 40 and 50 (→ 32 and 48 px, multiples of 16 for the x8 VAE) and one image large enough.
+    for name, size in {"a": (40, 40), "b": (90, 50), "c": (96, 80)}.items():
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="lssgen.evaluation"):
+        report = evaluate_upsampler(vae, folder, resolution=RESOLUTION, repeats=1, grid=3, progress=False)
+    assert report.crop_sizes == [32, 48, 64]
+    assert "2 of 3 images are smaller than 64 px: at their own size (48 px, 32 px)" in caplog.text
+    assert "multiple of 16 px, not scaled up. Pass --resolution 32" in caplog.text
+    # Not scaled up: the grid's "original" column holds each image's own centre pixels.
+    original_column = (len(report.methods) + 1) * RESOLUTION
+    top = LABEL_HEIGHT
+    for path, side in zip(sorted(folder.iterdir()), report.crop_sizes):
+        image = load_image(path)
+        y, x = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
+        tile = report.grid.crop((original_column, top, original_column + side, top + side))
+        assert np.array_equal(np.asarray(tile), np.asarray(to_pil(image[:, y : y + side, x : x + side])))
+        top += side
+    assert report.grid.height == top
+    out = write_report(report, tmp_path / "report")
+    assert json.loads((out / "report.json").read_text())["crop_sizes"] == [32, 48, 64]
+    markdown = (out / "report.md").read_text()
+    assert "(2 of 3 images are smaller than 64 px: at their own size (48 px, 32 px))" in markdown
+    assert "MS-SSIM scales (too small for 5; weights renormalised): 2 at 32 px, 3 at 48 px, 3 at 64 px." in markdown
+
+
+def test_progress_bars_over_crops_and_timed_calls_unless_turned_off(vae, image_dir, capsys):
+    evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, limit=2, repeats=3, grid=0)
+    bars = capsys.readouterr().err
+    assert "eval-upsampler: 100%" in bars and "2/2" in bars
+    assert "latency: 100%" in bars and "8/8" in bars  # 2 methods x (1 warm-up + 3 timed calls)
+    evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, limit=2, repeats=3, grid=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_rejects_bad_inputs(vae, image_dir):
     with pytest.raises(ValueError, match="multiple of 16"):
         evaluate_upsampler(vae, image_dir, resolution=72)
@@ -239,6 +280,12 @@ def test_evaluate_rejects_bad_inputs(vae, image_dir):
         evaluate_upsampler(vae, image_dir, upsampler=tiny_upsampler(16), resolution=RESOLUTION)
     with pytest.raises(ValueError, match="No images"):
         evaluate_upsampler(vae, [], resolution=RESOLUTION)
+
+
+def test_evaluate_names_an_image_too_small_for_the_vae(vae, tmp_path):
+    Image.new("RGB", (40, 12)).save(tmp_path / "strip.png")
+    with pytest.raises(ValueError, match=r"strip.png is 40x12 px, smaller than the 16 px this VAE needs.*Remove it"):
+        evaluate_upsampler(vae, tmp_path, resolution=RESOLUTION, progress=False)
 
 
 # --- the command line ------------------------------------------------------------------------------------------
