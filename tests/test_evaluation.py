@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from lssgen import LatentUpsampler
+from lssgen.cli import main
 from lssgen.evaluation import (
     BICUBIC,
     CEILING,
@@ -313,12 +314,14 @@ def test_cli_writes_the_report(saved, image_dir, tmp_path):
     result = run(*common, "--upsampler", saved / "up4", "--limit", 2, "--repeats", 2, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "| learned upsampler |" in result.stdout
+    assert "eval-upsampler: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar
     assert json.loads((out / "report.json").read_text())["image_count"] == 2
     assert Image.open(out / "grid.png").size == (6 * RESOLUTION, LABEL_HEIGHT + 2 * RESOLUTION)
 
 
 @pytest.mark.parametrize("case", ["empty folder", "unreadable image", "16-channel upsampler"])
-def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_path):
+def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_path, capsys):
+    # In this process (`main` is what the console script runs): a fresh interpreter per case cost ~10 s each.
     images, extra = image_dir, []
     if case == "empty folder":
         images = tmp_path / "empty"
@@ -332,7 +335,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_pat
     else:
         extra, expected = ["--upsampler", saved / "up16"], "16 → 16 latent channels but the VAE has 4"
     out = tmp_path / "eval"
-    result = run("--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--out", out, *extra)
-    assert result.returncode == 2
-    assert "lssgen: error:" in result.stderr and expected in result.stderr
+    common = ["--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--device", "cpu"]
+    assert main(["eval-upsampler", *map(str, [*common, "--out", out, *extra])]) == 2
+    stderr = capsys.readouterr().err
+    assert "lssgen: error:" in stderr and expected in stderr
     assert not out.exists()
