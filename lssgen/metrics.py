@@ -6,14 +6,17 @@ What this module adds to `torchmetrics.functional.image`:
 - Per-image values with the data range fixed to 1 (torchmetrics averages over the batch by default and guesses the
   range from the data).
 - SSIM averaged over the window positions that lie inside the image, as Wang et al.'s reference code, scikit-image,
-  TensorFlow and pytorch-msssim do. torchmetrics (since 1.5) also averages over a reflect-padded 5 px border, which
-  moves SSIM by about 1e-3 on 512 px crops and by 1e-2 on 48 px ones; its full SSIM map, cut to the inside, gives
-  scikit-image's value (within 1e-5 in float32, checked in the tests).
+  TensorFlow and pytorch-msssim do. torchmetrics (1.9) also averages over a reflect-padded 5 px border, which moves
+  SSIM by about 1e-3 on 512 px crops and by 1e-2 on 48 px ones; its full SSIM map, cut to the inside, gives
+  scikit-image's value (within 5e-5 in float32, checked in the tests).
 - MS-SSIM (Wang et al. 2003, the standard five weights) on the same footing: torchmetrics' contrast-structure term
   at each finer scale, the inside-the-image SSIM at the coarsest. An image too small for five scales (the coarsest
   must still hold one 11x11 window: a short side of at least 176 px) uses as many scales as fit, with the leading
   weights renormalised to sum to 1 (4 scales from 88 px, 3 from 44, 2 from 22, 1, which is plain SSIM, from 11).
   Negative terms are clamped to 0 so fractional powers stay real, as torchmetrics and pytorch-msssim do.
+
+Arithmetic runs in the input's dtype. Keep float32: on a CPU here float64 SSIM was 17x slower at 512 px, and float32
+stays within 5e-5 of it on photos (a perfectly flat bright image is the worst case, 3e-4 off).
 """
 
 from __future__ import annotations
