@@ -64,12 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subfolder", default=None, help="subfolder of --vae holding the VAE, e.g. vae")
     evaluate.add_argument("--upsampler", help="LatentUpsampler folder; without it only the baselines are evaluated")
     evaluate.add_argument("--images", required=True, help="folder of held-out images (searched recursively)")
-    evaluate.add_argument("--resolution", type=int, default=512, help="centre-crop size of the full image, px")
+    evaluate.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="centre-crop side, px (default 512). Smaller images are never scaled up: each is evaluated at its own "
+        "size, its short side rounded down to a multiple of 2 x the VAE's spatial factor (16 for most), with a warning",
+    )
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     evaluate.add_argument("--crops-per-image", type=int, default=1, help="centre crop + seeded random crops")
     evaluate.add_argument("--out", default="outputs/eval-upsampler", help="report folder")
     evaluate.add_argument("--grid", type=int, default=4, help="images (rows) in grid.png")
     evaluate.add_argument("--repeats", type=int, default=10, help="timed calls per method for latency")
+    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     _add_device_arguments(evaluate)
     evaluate.set_defaults(func=run_eval_upsampler)
     _add_train_parser(commands)
@@ -358,6 +365,7 @@ def run_eval_upsampler(args) -> None:
         repeats=args.repeats,
         vae_name=vae_name,
         upsampler_name=args.upsampler,
+        progress=args.progress,
     )
     out = write_report(report, args.out)
     print(Path(out, "report.md").read_text(), end="")

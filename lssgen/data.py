@@ -62,17 +62,34 @@ def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> t
     return image[:, top : top + size, left : left + size]
 
 
-def fixed_crops(paths: Sequence[Path], size: int, per_image: int) -> Iterator[tuple[str, int, torch.Tensor]]:
+def fixed_crops(
+    paths: Sequence[Path], size: int, per_image: int, *, own_size_multiple: int | None = None
+) -> Iterator[tuple[str, int, torch.Tensor]]:
     """`(name, index, crop)`: each image's centre crop (index 0), then `per_image - 1` seeded random ones.
 
     The same crops on every call (one generator seeded 0 for all images), so reports and validations compare.
+    An image smaller than `size` is scaled up to fit, unless `own_size_multiple` is given: then its crops are as
+    large as it is (its short side rounded down to that multiple), never scaled, since scaling up would hand the
+    x2 methods a smooth image that is easier to upsample than real ones.
     """
     generator = torch.Generator().manual_seed(0)
     for path in paths:
         image = load_image(path)
-        yield str(path), 0, center_crop(image, size)
+        side = size if own_size_multiple is None else own_size(path, image, size, own_size_multiple)
+        yield str(path), 0, center_crop(image, side)
         for index in range(1, per_image):
-            yield f"{path} (crop {index})", index, random_crop(image, size, generator)
+            yield f"{path} (crop {index})", index, random_crop(image, side, generator)
+
+
+def own_size(path: str | Path, image: torch.Tensor, size: int, multiple: int) -> int:
+    """`size`, or the image's short side rounded down to a multiple of `multiple` when that is smaller."""
+    short = min(image.shape[-2:])
+    if short < multiple:
+        raise ValueError(
+            f"Image {path} is {image.shape[-1]}x{image.shape[-2]} px, smaller than the {multiple} px this VAE needs "
+            "(2 x its spatial factor, so that the x2 downsample still encodes to whole latent cells). Remove it."
+        )
+    return min(size, short // multiple * multiple)
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:

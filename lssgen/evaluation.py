@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from .data import (
     decode,
@@ -28,7 +30,7 @@ from .data import (
     vae_spatial_factor,
 )
 from .latents import LatentNormalization
-from .metrics import ms_ssim, psnr, ssim
+from .metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from .scaling import interpolate_latent, upsample_learned
 
 LEARNED, BICUBIC, PIXEL, CEILING = "learned", "bicubic_latent", "pixel_round_trip", "vae_round_trip"
@@ -42,6 +44,8 @@ IMAGE_METRICS = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim}
 # Pixel height of the label band above each grid column.
 LABEL_HEIGHT = 14
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class EvalReport:
@@ -54,6 +58,7 @@ class EvalReport:
         upsampler (`str` or `None`): the upsampler's folder or class, `None` when only baselines ran.
         methods (`list[str]`): the x2 methods evaluated, then `"vae_round_trip"` (the ceiling).
         images (`list[str]`): the evaluated image paths.
+        crop_sizes (`list[int]`): the side of each evaluated crop, px: `resolution`, or less for smaller images.
         per_image (`list[dict]`): for each image, `{method: {metric: value}}`.
         mean (`dict`): `{method: {metric: mean over images}}`; `None` where a metric does not apply.
         latency_ms (`dict`): median milliseconds per call of each x2 method on one latent.
@@ -65,6 +70,7 @@ class EvalReport:
     upsampler: str | None
     methods: list[str]
     images: list[str]
+    crop_sizes: list[int]
     per_image: list[dict[str, dict[str, float | None]]]
     mean: dict[str, dict[str, float | None]]
     latency_ms: dict[str, float]
@@ -80,6 +86,7 @@ class EvalReport:
             "mean": self.mean,
             "latency_ms": self.latency_ms,
             "images": self.images,
+            "crop_sizes": self.crop_sizes,
             "per_image": self.per_image,
         }
 
@@ -120,8 +127,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _median_ms(function: Callable, z_low: torch.Tensor, repeats: int) -> float:
+def _median_ms(function: Callable, z_low: torch.Tensor, repeats: int, bar: tqdm) -> float:
     function(z_low)  # warm-up: first calls pay for allocation and kernel selection
+    bar.update()
     times = []
     for _ in range(repeats):
         _sync(z_low.device)
@@ -129,24 +137,30 @@ def _median_ms(function: Callable, z_low: torch.Tensor, repeats: int) -> float:
         function(z_low)
         _sync(z_low.device)
         times.append((time.perf_counter() - start) * 1000)
+        bar.update()
     return statistics.median(times)
 
 
-def _image_metrics(image: torch.Tensor, reference: torch.Tensor, suffix: str) -> dict[str, float]:
+def _image_metrics(images: torch.Tensor, reference: torch.Tensor, suffix: str) -> list[dict[str, float]]:
+    """`{metric_suffix: value}` for each image of the batch `images` against the one `reference`."""
     # Metrics are defined on [0, 1]; the VAE works on [-1, 1].
-    a, b = (image + 1) / 2, (reference + 1) / 2
-    return {f"{name}_{suffix}": float(metric(a, b)[0]) for name, metric in IMAGE_METRICS.items()}
+    a, b = (images + 1) / 2, (reference.expand_as(images) + 1) / 2
+    values = {f"{name}_{suffix}": metric(a, b).tolist() for name, metric in IMAGE_METRICS.items()}
+    return [dict(zip(values, per_image)) for per_image in zip(*values.values())]
 
 
 def _labelled_grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
-    tile = rows[0][0].width
-    grid = Image.new("RGB", (tile * len(labels), LABEL_HEIGHT + tile * len(rows)), "white")
+    # Images smaller than --resolution are shown at their own size, in the top-left corner of their cell.
+    tile = max(row[0].width for row in rows)
+    grid = Image.new("RGB", (tile * len(labels), LABEL_HEIGHT + sum(row[0].height for row in rows)), "white")
     draw = ImageDraw.Draw(grid)
     for column, label in enumerate(labels):
         draw.text((column * tile + 2, 1), label, fill="black")
-    for r, row in enumerate(rows):
+    top = LABEL_HEIGHT
+    for row in rows:
         for c, image in enumerate(row):
-            grid.paste(image, (c * tile, LABEL_HEIGHT + r * tile))
+            grid.paste(image, (c * tile, top))
+        top += row[0].height
     return grid
 
 
@@ -162,11 +176,13 @@ def evaluate_upsampler(
     repeats: int = 10,
     vae_name: str | None = None,
     upsampler_name: str | None = None,
+    progress: bool = True,
 ) -> EvalReport:
     r"""
     Compare x2 latent upsampling methods on held-out images, in the VAE's normalised latent space.
 
-    For each image `x` (the centre crop of `resolution` px, plus seeded random crops with `crops_per_image` > 1):
+    For each image `x` (the centre crop of `resolution` px, plus seeded random crops with `crops_per_image` > 1;
+    an image smaller than that is evaluated at its own size, never scaled up):
     `z_high = encode(x)`, `z_low = encode(nearest_x2_down(x))`; `z_low` is scaled up by the learned upsampler (if
     given), bicubic latent interpolation and the pixel round trip (decode → bicubic x2 → encode), and each result
     is decoded. PSNR, SSIM and MS-SSIM are measured against `decode(z_high)` (`*_vs_vae`, what a perfect x2 in
@@ -181,13 +197,16 @@ def evaluate_upsampler(
         upsampler (`LatentUpsampler`, *optional*):
             The learned upsampler. Without it only the two baselines are evaluated.
         resolution (`int`, defaults to `512`):
-            Side of the centre crop of each full-size image; a multiple of 2 x the VAE's spatial factor.
+            Side of the centre crop of each full-size image; a multiple of 2 x the VAE's spatial factor. An image
+            whose short side is smaller is cropped to its short side rounded down to that multiple (a warning says
+            how many); scaling it up would make every x2 method look better than it is on real images.
         limit (`int`, *optional*): evaluate at most this many images.
         crops_per_image (`int`, defaults to `1`): the centre crop plus `crops_per_image - 1` random crops of each
             image (seeded, the same every run): more samples from few large held-out photos.
         grid (`int`, defaults to `4`): images (rows, each its centre crop) in the comparison grid; `0` for none.
         repeats (`int`, defaults to `10`): timed calls per method; latency is their median, after one warm-up.
         vae_name (`str`, *optional*), upsampler_name (`str`, *optional*): how the report names them.
+        progress (`bool`, defaults to `True`): show progress bars (over crops, then over the timed calls).
 
     Returns:
         [`EvalReport`]
@@ -219,36 +238,41 @@ def evaluate_upsampler(
         upsampler = upsampler.to(device).eval().requires_grad_(False)
     methods = _method_functions(vae, norm, upsampler)
 
-    per_image, rows, latency, names_of_crops = [], [], {}, []
+    per_image, rows, names_of_crops, crop_sizes, first_low = [], [], [], [], None
+    multiple = 2 * vae_spatial_factor(vae)
+    crops = fixed_crops(paths, resolution, crops_per_image, own_size_multiple=multiple)
+    bar = tqdm(crops, total=len(paths) * crops_per_image, desc="eval-upsampler", unit="crop", disable=not progress)
     with torch.no_grad():
-        for index, (name, crop_index, image) in enumerate(fixed_crops(paths, resolution, crops_per_image)):
-            names_of_crops.append(name)
+        for crop_name, crop_index, image in bar:
+            names_of_crops.append(crop_name)
+            crop_sizes.append(image.shape[-1])
             image = image[None].to(device)
             low = downsample_nearest(image)
             z_high, z_low = encode(vae, image, norm), encode(vae, low, norm)
+            first_low = z_low if first_low is None else first_low
             reference = decode(vae, z_high, norm)
             image = image.float()
-            if index == 0:
-                latency = {name: _median_ms(function, z_low, repeats) for name, function in methods.items()}
-            scores, decoded = {}, {}
+            decoded, mse = {}, {}
             for name, function in methods.items():
                 z = function(z_low)
                 decoded[name] = decode(vae, z, norm)
-                scores[name] = {
-                    **_image_metrics(decoded[name], reference, "vs_vae"),
-                    **_image_metrics(decoded[name], image, "vs_image"),
-                    "latent_mse": float(F.mse_loss(z.float(), z_high.float())),
-                }
+                mse[name] = float(F.mse_loss(z.float(), z_high.float()))
+            # One batched call per metric and reference: at small sizes each call's fixed cost outweighs its
+            # arithmetic, most of all with several CPU threads.
+            outputs = torch.cat(list(decoded.values()))
+            vs_vae = _image_metrics(outputs, reference, "vs_vae")
+            vs_image = _image_metrics(torch.cat([outputs, reference]), image, "vs_image")
+            scores = {name: {**vs_vae[i], **vs_image[i], "latent_mse": mse[name]} for i, name in enumerate(methods)}
             # The ceiling compared with itself would be trivially perfect, so only its error against x is reported.
-            scores[CEILING] = {
-                **{f"{name}_vs_vae": None for name in IMAGE_METRICS},
-                **_image_metrics(reference, image, "vs_image"),
-                "latent_mse": None,
-            }
+            scores[CEILING] = {**dict.fromkeys(vs_vae[0]), **vs_image[-1], "latent_mse": None}
             per_image.append(scores)
             if len(rows) < grid and crop_index == 0:  # one row per image: its centre crop
                 shown = [F.interpolate(low, scale_factor=2, mode="nearest"), *decoded.values(), reference, image]
                 rows.append([to_pil(t[0]) for t in shown])
+    _warn_about_small_images(crop_sizes, resolution, crops_per_image, multiple)
+    # Timed on the first crop's latent, after the loop, so each bar is one plain line.
+    with tqdm(total=len(methods) * (repeats + 1), desc="latency", unit="call", disable=not progress) as bar:
+        latency = {name: _median_ms(function, first_low, repeats, bar) for name, function in methods.items()}
 
     names = [*methods, CEILING]
     mean = {
@@ -263,22 +287,43 @@ def evaluate_upsampler(
         settings={
             "resolution": resolution,
             "crops_per_image": crops_per_image,
-            "low_resolution": resolution // 2,
-            "downsample": "nearest x2",
+            "latency_resolution": crop_sizes[0],
+            "downsample": "nearest x2 (half the crop's size)",
             "device": str(device),
             "dtype": str(next(vae.parameters()).dtype).removeprefix("torch."),
             "repeats": repeats,
-            "metrics": "PSNR (dB, inf when identical), SSIM, MS-SSIM on [0, 1] RGB; latent MSE on normalised latents",
+            "metrics": "PSNR (dB, inf when identical), SSIM, MS-SSIM on [0, 1] RGB (torchmetrics' maps, averaged "
+            "over the window positions inside the image, as scikit-image); latent MSE on normalised latents",
         },
         vae=vae_name or type(vae).__name__,
         upsampler=(upsampler_name or type(upsampler).__name__) if upsampler is not None else None,
         methods=names,
         images=names_of_crops,
+        crop_sizes=crop_sizes,
         per_image=per_image,
         mean=mean,
         latency_ms=latency,
         grid=_labelled_grid(rows, labels) if rows else None,
     )
+
+
+def _smaller_images(crop_sizes: list[int], resolution: int, crops_per_image: int) -> str | None:
+    """How many images were evaluated below `resolution` and at which sizes, or `None` when none was."""
+    smaller = [size for size in crop_sizes[::crops_per_image] if size < resolution]
+    if not smaller:
+        return None
+    sizes = ", ".join(f"{size} px" for size in sorted(set(smaller), reverse=True))
+    images = len(crop_sizes) // crops_per_image
+    return f"{len(smaller)} of {images} images are smaller than {resolution} px: at their own size ({sizes})"
+
+
+def _warn_about_small_images(crop_sizes: list[int], resolution: int, crops_per_image: int, multiple: int) -> None:
+    smaller = _smaller_images(crop_sizes, resolution, crops_per_image)
+    if smaller:
+        logger.warning(
+            f"{smaller}: each is cropped to its short side rounded down to a multiple of {multiple} px, not scaled "
+            f"up. Pass --resolution {min(crop_sizes)} to evaluate every image at the same size."
+        )
 
 
 def _mean(values: list[float]) -> float:
@@ -296,10 +341,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _crop_summary(crops: int, per_image: int, resolution: int) -> str:
+def _crop_summary(report: EvalReport) -> str:
+    per_image, resolution = report.settings["crops_per_image"], report.settings["resolution"]
+    images = len(report.images) // per_image
     if per_image == 1:
-        return f"{crops} held-out images, centre crop {resolution} px"
-    return f"{crops // per_image} held-out images x {per_image} crops of {resolution} px (centre + seeded random)"
+        summary = f"{images} held-out images, centre crop {resolution} px"
+    else:
+        summary = f"{images} held-out images x {per_image} crops of {resolution} px (centre + seeded random)"
+    smaller = _smaller_images(report.crop_sizes, resolution, per_image)
+    return f"{summary} ({smaller})" if smaller else summary
+
+
+def _ms_ssim_note(crop_sizes: list[int]) -> str:
+    scales = {size: ms_ssim_scales(size, size) for size in sorted(set(crop_sizes))}
+    fewer = [f"{count} at {size} px" for size, count in scales.items() if count < len(MS_SSIM_WEIGHTS)]
+    if not fewer:
+        return ""
+    return f" MS-SSIM scales (too small for {len(MS_SSIM_WEIGHTS)}; weights renormalised): {', '.join(fewer)}."
 
 
 def _markdown(report: EvalReport) -> str:
@@ -308,13 +366,12 @@ def _markdown(report: EvalReport) -> str:
         "# Latent x2 upsampler evaluation",
         "",
         f"VAE: `{report.vae}`; upsampler: `{report.upsampler or 'none (baselines only)'}`; "
-        f"{_crop_summary(len(report.images), s.get('crops_per_image', 1), s['resolution'])}, "
-        "input = nearest x2 downsample "
-        f"({s['low_resolution']} px); {s['device']}, {s['dtype']}.",
+        f"{_crop_summary(report)}, input = nearest x2 downsample (half the crop's size); {s['device']}, {s['dtype']}.",
         "",
         "Means over crops. `vs VAE` = against decode(encode(full image)), the best a latent x2 can do; "
         "`vs image` = against the original crop. Latent MSE is against encode(full image) in normalised latents. "
-        f"Latency: median of {s['repeats']} calls on one latent.",
+        f"Latency: median of {s['repeats']} calls on the latent of one {s['latency_resolution']} px crop."
+        f"{_ms_ssim_note(report.crop_sizes)}",
         "",
         "| method | PSNR vs VAE (dB) | SSIM vs VAE | MS-SSIM vs VAE | PSNR vs image (dB) | SSIM vs image "
         "| MS-SSIM vs image | latent MSE | latency (ms) |",

@@ -1,6 +1,7 @@
 """Offline image metrics and `lssgen eval-upsampler` on a tiny random-weight VAE."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from lssgen import LatentUpsampler
+from lssgen.cli import main
 from lssgen.evaluation import (
     BICUBIC,
     CEILING,
@@ -25,7 +27,7 @@ from lssgen.evaluation import (
     write_report,
 )
 from lssgen.latents import LatentNormalization
-from lssgen.metrics import ms_ssim, ms_ssim_scales, psnr, ssim
+from lssgen.metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from lssgen.tiny.flux import build_tiny_vae
 
 # The installed console script, looked up beside this interpreter first (the venv need not be on PATH).
@@ -70,7 +72,9 @@ def test_ssim_identity_noise_and_symmetry():
 
 def test_ssim_of_constant_images_is_the_luminance_term():
     a, b, c1 = 0.3, 0.7, 0.01**2
-    x, y = torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b)
+    # float64: in float32 a flat image's variance, E[x^2] - E[x]^2, keeps a rounding error of ~1e-7 that moves
+    # this (worst) case by 3e-4; on photos float32 stays within 5e-5 (the scikit-image test below).
+    x, y = torch.full((1, 3, 16, 16), a, dtype=torch.float64), torch.full((1, 3, 16, 16), b, dtype=torch.float64)
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
     assert ssim(x, y).item() == pytest.approx(expected, rel=1e-6)
 
@@ -85,8 +89,68 @@ def test_ms_ssim_identity_noise_symmetry_and_scales():
     torch.testing.assert_close(score, ms_ssim(y, x))
     small = images(shape=(1, 3, 40, 40))  # 2 scales with renormalised weights
     assert 0 < ms_ssim(small, noisy(small, 0.2)).item() < 1
+    tiny = images(shape=(1, 3, 16, 16))  # 1 scale: its renormalised weight is 1, so MS-SSIM is plain SSIM
+    torch.testing.assert_close(ms_ssim(tiny, noisy(tiny, 0.2)), ssim(tiny, noisy(tiny, 0.2)))
     with pytest.raises(ValueError, match="at least 11x11"):
         ms_ssim(x[..., :8, :8], y[..., :8, :8])
+
+
+# Cross-check against scikit-image on its bundled photos (a test dependency), cut to `side` px and degraded like
+# an x2 method's output: nearest down, bicubic up, a little noise.
+PHOTOS = [("astronaut", 192), ("coffee", 96), ("chelsea", 48)]
+
+
+def _skimage_ssim(x: np.ndarray, y: np.ndarray, **extra) -> float:
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1, **extra
+    )
+
+
+def _skimage_ms_ssim(x: np.ndarray, y: np.ndarray, scales: int) -> float:
+    """Wang et al. 2003 from scikit-image's SSIM, which has no MS-SSIM: at each finer scale the contrast-structure
+    term (skimage's SSIM with K1 so large that the luminance term is 1 within 1e-8), the SSIM at the coarsest,
+    2x2 means in between."""
+    weights = np.array(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    result = 1.0
+    for scale, weight in enumerate(weights):
+        coarsest = scale == scales - 1
+        result *= max(_skimage_ssim(x, y) if coarsest else _skimage_ssim(x, y, K1=1e4), 0) ** weight
+        h, w = x.shape[0] // 2, x.shape[1] // 2
+        x, y = (a[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3)) for a in (x, y))
+    return result
+
+
+@pytest.mark.parametrize("name, side", PHOTOS)
+def test_metrics_match_scikit_image_on_photos(name, side):
+    skimage = pytest.importorskip("skimage")
+    from skimage.metrics import peak_signal_noise_ratio
+    from skimage.transform import resize
+
+    photo = getattr(skimage.data, name)() / 255.0
+    top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+    x = photo[top : top + side, left : left + side]
+    y = resize(x[::2, ::2], x.shape, order=3)
+    y = np.clip(y + np.random.default_rng(0).normal(0, 0.02, y.shape), 0, 1)
+    tx, ty = (torch.from_numpy(a).permute(2, 0, 1)[None].float() for a in (x, y))
+    # float32 here against scikit-image's float64: PSNR to 1e-4 dB, SSIM and MS-SSIM to 5e-5.
+    assert psnr(ty, tx).item() == pytest.approx(peak_signal_noise_ratio(x, y, data_range=1), abs=1e-4)
+    assert ssim(ty, tx).item() == pytest.approx(_skimage_ssim(x, y), abs=5e-5)
+    scales = ms_ssim_scales(side, side)
+    assert scales == {192: 5, 96: 4, 48: 3}[side]
+    assert ms_ssim(ty, tx).item() == pytest.approx(_skimage_ms_ssim(x, y, scales), abs=5e-5)
+
+
+def test_ms_ssim_agrees_with_torchmetrics_where_it_has_five_scales():
+    # torchmetrics' own MS-SSIM differs only in averaging the coarsest scale (12 px here) over its reflect-padded
+    # border too: 9e-4 apart on these noise images, 1e-4 on 176-256 px photos.
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    x = images(shape=(2, 3, 192, 192))
+    y = noisy(x, 0.1)
+    expected = multiscale_structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ms_ssim(y, x), expected, atol=2e-3, rtol=0)
 
 
 # --- evaluate_upsampler ----------------------------------------------------------------------------------------
@@ -170,6 +234,46 @@ def test_pixel_round_trip_encodes_once_more_than_bicubic(vae, image_dir, monkeyp
     assert len(calls) == 3 * 3 + (1 + repeats)
 
 
+def test_images_smaller_than_the_resolution_are_evaluated_at_their_own_size(vae, tmp_path, caplog):
+    from lssgen.data import load_image, to_pil
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    # Short sides 40 and 50 (→ 32 and 48 px, multiples of 16 for the x8 VAE) and one image large enough.
+    for name, size in {"a": (40, 40), "b": (90, 50), "c": (96, 80)}.items():
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="lssgen.evaluation"):
+        report = evaluate_upsampler(vae, folder, resolution=RESOLUTION, repeats=1, grid=3, progress=False)
+    assert report.crop_sizes == [32, 48, 64]
+    assert "2 of 3 images are smaller than 64 px: at their own size (48 px, 32 px)" in caplog.text
+    assert "multiple of 16 px, not scaled up. Pass --resolution 32" in caplog.text
+    # Not scaled up: the grid's "original" column holds each image's own centre pixels.
+    original_column = (len(report.methods) + 1) * RESOLUTION
+    top = LABEL_HEIGHT
+    for path, side in zip(sorted(folder.iterdir()), report.crop_sizes):
+        image = load_image(path)
+        y, x = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
+        tile = report.grid.crop((original_column, top, original_column + side, top + side))
+        assert np.array_equal(np.asarray(tile), np.asarray(to_pil(image[:, y : y + side, x : x + side])))
+        top += side
+    assert report.grid.height == top
+    out = write_report(report, tmp_path / "report")
+    assert json.loads((out / "report.json").read_text())["crop_sizes"] == [32, 48, 64]
+    markdown = (out / "report.md").read_text()
+    assert "(2 of 3 images are smaller than 64 px: at their own size (48 px, 32 px))" in markdown
+    assert "MS-SSIM scales (too small for 5; weights renormalised): 2 at 32 px, 3 at 48 px, 3 at 64 px." in markdown
+
+
+def test_progress_bars_over_crops_and_timed_calls_unless_turned_off(vae, image_dir, capsys):
+    evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, limit=2, repeats=3, grid=0)
+    bars = capsys.readouterr().err
+    assert "eval-upsampler: 100%" in bars and "2/2" in bars
+    assert "latency: 100%" in bars and "8/8" in bars  # 2 methods x (1 warm-up + 3 timed calls)
+    evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, limit=2, repeats=3, grid=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_rejects_bad_inputs(vae, image_dir):
     with pytest.raises(ValueError, match="multiple of 16"):
         evaluate_upsampler(vae, image_dir, resolution=72)
@@ -177,6 +281,12 @@ def test_evaluate_rejects_bad_inputs(vae, image_dir):
         evaluate_upsampler(vae, image_dir, upsampler=tiny_upsampler(16), resolution=RESOLUTION)
     with pytest.raises(ValueError, match="No images"):
         evaluate_upsampler(vae, [], resolution=RESOLUTION)
+
+
+def test_evaluate_names_an_image_too_small_for_the_vae(vae, tmp_path):
+    Image.new("RGB", (40, 12)).save(tmp_path / "strip.png")
+    with pytest.raises(ValueError, match=r"strip.png is 40x12 px, smaller than the 16 px this VAE needs.*Remove it"):
+        evaluate_upsampler(vae, tmp_path, resolution=RESOLUTION, progress=False)
 
 
 # --- the command line ------------------------------------------------------------------------------------------
@@ -204,12 +314,14 @@ def test_cli_writes_the_report(saved, image_dir, tmp_path):
     result = run(*common, "--upsampler", saved / "up4", "--limit", 2, "--repeats", 2, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "| learned upsampler |" in result.stdout
+    assert "eval-upsampler: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar
     assert json.loads((out / "report.json").read_text())["image_count"] == 2
     assert Image.open(out / "grid.png").size == (6 * RESOLUTION, LABEL_HEIGHT + 2 * RESOLUTION)
 
 
 @pytest.mark.parametrize("case", ["empty folder", "unreadable image", "16-channel upsampler"])
-def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_path):
+def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_path, capsys):
+    # In this process (`main` is what the console script runs): a fresh interpreter per case cost ~10 s each.
     images, extra = image_dir, []
     if case == "empty folder":
         images = tmp_path / "empty"
@@ -223,7 +335,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_pat
     else:
         extra, expected = ["--upsampler", saved / "up16"], "16 → 16 latent channels but the VAE has 4"
     out = tmp_path / "eval"
-    result = run("--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--out", out, *extra)
-    assert result.returncode == 2
-    assert "lssgen: error:" in result.stderr and expected in result.stderr
+    common = ["--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--device", "cpu"]
+    assert main(["eval-upsampler", *map(str, [*common, "--out", out, *extra])]) == 2
+    stderr = capsys.readouterr().err
+    assert "lssgen: error:" in stderr and expected in stderr
     assert not out.exists()
