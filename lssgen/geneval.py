@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_adapter
-from .loading import DTYPES, default_dtype, load_pipeline, load_upsampler
+from .loading import DTYPES, check_device, default_dtype, load_pipeline, load_upsampler
+from .outputs import atomic_write, check_writable
 from .patch import patch, plan_for
 
 MODES = ("lssgen", "baseline")
@@ -190,19 +191,8 @@ def is_complete(folder: Path, entry: dict[str, Any], images_per_prompt: int) -> 
     return found == {sample_name(i) for i in range(images_per_prompt)}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # A hidden temporary name in the same folder: `os.replace` is then an atomic rename, and a leftover from a
-    # crash never looks like a sample (`*.png`) or the metadata.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def _clear_prompt_folder(folder: Path) -> None:
@@ -226,9 +216,8 @@ def _check_settings(settings: GenEvalSettings) -> None:
         raise ValueError(f"--start-sigma must be in (0, 1], got {settings.start_sigma} (0.75 is the default).")
     if settings.dtype is not None and settings.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
-    out = Path(settings.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {settings.out!r} is a file; give a folder (it is created if missing).")
+    check_device(settings.device)
+    check_writable(settings.out, "--out")
     if settings.pipeline is not None:
         from .adapters import installed_adapters
 
@@ -361,13 +350,13 @@ def _generate_prompt(
             **options,
         ).images
         for sample_index, image in zip(indices, images):
-            _atomic_write(samples / sample_name(sample_index), lambda p, image=image: image.save(p, format="PNG"))
+            atomic_write(samples / sample_name(sample_index), lambda p, image=image: image.save(p, format="PNG"))
     _write_json_line(folder / METADATA_FILE, entry)
     return time.perf_counter() - start
 
 
 def _write_json_line(path: Path, entry: dict[str, Any]) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(entry) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(entry) + "\n", encoding="utf-8"))
 
 
 def _summary(records: list[dict[str, Any]], skipped: list[int], wall_seconds: float) -> dict[str, Any]:

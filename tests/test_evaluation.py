@@ -225,5 +225,5 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_pat
     out = tmp_path / "eval"
     result = run("--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--out", out, *extra)
     assert result.returncode == 2
-    assert "lssgen: error:" in result.stderr and expected in result.stderr
+    assert "lssgen eval-upsampler: error:" in result.stderr and expected in result.stderr
     assert not out.exists()
