@@ -24,6 +24,18 @@ from .loading import (
 )
 from .outputs import atomic_write, check_writable, write_folder
 
+# The option names of the published LSSGen batch script (its README's command line), accepted by `geneval` next
+# to ours with the same meaning. Its `--pipeline_type` and `--shorten_intermediate_steps True` take values, so
+# they are options of their own (see `_add_geneval_parser`).
+PUBLISHED_SPELLINGS = {
+    "--steps": "--num_inference_steps",
+    "--guidance": "--guidance_scale",
+    "--start-sigma": "--start_sigma",
+    "--min-resolution": "--min_size",
+    "--upsampler": "--upscale_model",
+    "--out": "--output_dir",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage block of a command with 30 options buries it)."""
@@ -51,25 +63,66 @@ _positive_int = _integer(1, "a positive integer")
 _interval = _integer(0, "0 or a positive integer")
 
 
+def _boolean(text: str) -> bool:
+    values = {"true": True, "1": True, "false": False, "0": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected True or False (or true/false/1/0), got {text!r}")
+    return values[text.lower()]
+
+
 def _add_method_options(
-    parser: argparse.ArgumentParser, *, steps: int | None, size: int | None, prompt: bool = True
+    parser: argparse.ArgumentParser,
+    *,
+    steps: int | None,
+    size: int | None,
+    prompt: bool = True,
+    published: bool = False,
 ) -> None:
+    def names(name: str) -> list[str]:
+        return [name, PUBLISHED_SPELLINGS[name]] if published else [name]
+
     if prompt:
         parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
     parser.add_argument("--height", type=_positive_int, default=size, help="image height in pixels")
     parser.add_argument("--width", type=_positive_int, default=size, help="image width in pixels")
-    parser.add_argument("--steps", type=_positive_int, default=steps, help="denoising steps of a plain generation")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (family's default)")
-    parser.add_argument("--start-sigma", type=float, default=0.75, help="noise level later stages restart from")
-    parser.add_argument("--min-resolution", type=_positive_int, default=None, help="smallest stage's short side, px")
+    parser.add_argument(
+        *names("--steps"), dest="steps", type=_positive_int, default=steps, help="denoising steps of a plain generation"
+    )
+    parser.add_argument(
+        *names("--guidance"), dest="guidance", type=float, default=None, help="guidance scale (family's default)"
+    )
+    parser.add_argument(
+        *names("--start-sigma"),
+        dest="start_sigma",
+        type=float,
+        default=0.75,
+        help="noise level later stages restart from",
+    )
+    parser.add_argument(
+        *names("--min-resolution"),
+        dest="min_resolution",
+        type=_positive_int,
+        default=None,
+        help="smallest stage's short side, px",
+    )
     parser.add_argument(
         "--shorten-intermediate-steps",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="fewer steps for smaller stages (family's default)",
     )
+    if published:
+        parser.add_argument(
+            "--shorten_intermediate_steps",
+            dest="shorten_intermediate_steps",
+            type=_boolean,
+            metavar="{True,False}",
+            help="the published script's spelling of --[no-]shorten-intermediate-steps",
+        )
     parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
-    parser.add_argument("--upsampler", help="folder of a LatentUpsampler (config.json + safetensors)")
+    parser.add_argument(
+        *names("--upsampler"), dest="upsampler", help="folder of a LatentUpsampler (config.json + safetensors)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     _add_device_arguments(parser)
 
@@ -125,10 +178,27 @@ def _add_geneval_parser(commands) -> None:
     )
     geneval.add_argument("prompts", help="GenEval prompt file: one JSON object with a `prompt` key per line")
     geneval.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    geneval.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
-    geneval.add_argument("--mode", choices=["lssgen", "baseline"], default="lssgen", help="patched or stock pipeline")
-    geneval.add_argument("--pipeline", default=None, help="force an adapter by name (default: detect; see adapters)")
-    _add_method_options(geneval, steps=None, size=None, prompt=False)
+    geneval.add_argument(
+        "--out",
+        PUBLISHED_SPELLINGS["--out"],
+        dest="out",
+        required=True,
+        help="output folder (created; an existing one is resumed)",
+    )
+    geneval.add_argument(
+        "--mode", choices=["lssgen", "baseline"], default=None, help="patched (lssgen, the default) or stock pipeline"
+    )
+    geneval.add_argument(
+        "--pipeline", default=None, help="the adapter, by name (default: detected); must serve the model's pipeline"
+    )
+    geneval.add_argument(
+        "--pipeline_type",
+        default=None,
+        help="the published script's spelling: a family (flux, sd3, sdxl, sd, cogview4) runs its stock pipeline "
+        "(flux = --mode baseline --pipeline flux), lss + the family runs LSSGen (lssflux = --mode lssgen --pipeline "
+        "flux)",
+    )
+    _add_method_options(geneval, steps=None, size=None, prompt=False, published=True)
     geneval.add_argument("--images-per-prompt", type=_positive_int, default=4, help="samples per prompt (GenEval: 4)")
     geneval.add_argument(
         "--batch-size", type=_positive_int, default=None, help="images of one prompt per pipeline call (default: all)"
@@ -452,14 +522,31 @@ def run_train_upsampler(args) -> None:
     print(f"trained {result.steps} steps on {result.train_images} images in {result.seconds:.1f} s -> {result.out_dir}")
 
 
+def _mode_and_pipeline(args) -> tuple[str, str | None]:
+    """`--mode` and `--pipeline`, or what the published `--pipeline_type` says (both given: they must agree)."""
+    from .geneval import parse_pipeline_type
+
+    if args.pipeline_type is None:
+        return args.mode or "lssgen", args.pipeline
+    mode, pipeline = parse_pipeline_type(args.pipeline_type)
+    for option, given, implied in (("--mode", args.mode, mode), ("--pipeline", args.pipeline, pipeline)):
+        if given is not None and given != implied:
+            raise ValueError(
+                f"--pipeline_type {args.pipeline_type} means {option} {implied}, but {option} {given} was given; "
+                "pass one of the two."
+            )
+    return mode, pipeline
+
+
 def run_geneval(args) -> None:
     from .geneval import GenEvalSettings, run_geneval
 
+    mode, pipeline = _mode_and_pipeline(args)
     settings = GenEvalSettings(
         model=args.model,
         out=args.out,
-        mode=args.mode,
-        pipeline=args.pipeline,
+        mode=mode,
+        pipeline=pipeline,
         upsampler=args.upsampler,
         steps=args.steps,
         guidance=args.guidance,

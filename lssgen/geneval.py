@@ -78,7 +78,7 @@ class GenEvalSettings:
         model (`str`): diffusers pipeline folder or hub id.
         out (`str`): output folder (GenEval layout).
         mode (`str`, defaults to `"lssgen"`): `"lssgen"` (patched pipeline) or `"baseline"` (stock pipeline).
-        pipeline (`str`, *optional*): adapter name to force instead of detecting the family from the checkpoint.
+        pipeline (`str`, *optional*): adapter name instead of detecting it; it must serve the checkpoint's pipeline.
         upsampler (`str`, *optional*): folder of a `LatentUpsampler` (lssgen mode).
         steps (`int`), guidance (`float`): denoising steps and guidance scale.
         height (`int`), width (`int`): image size in pixels (default: the pipeline's native size).
@@ -228,6 +228,33 @@ def _check_settings(settings: GenEvalSettings) -> None:
                 f"{', '.join(sorted(installed))} (`lssgen adapters` lists them). Leave it out to detect the family "
                 "from the checkpoint."
             )
+
+
+def parse_pipeline_type(pipeline_type: str) -> tuple[str, str]:
+    r"""
+    The published LSSGen batch script's `--pipeline_type` as `(mode, adapter name)`: a family name (`flux`, `sd3`,
+    `sdxl`, `sd`, `cogview4`, or any installed adapter's) runs the stock pipeline, `lss` + a family name runs
+    LSSGen. Raises a `ValueError` listing the valid names.
+
+    Example:
+
+    ```py
+    >>> parse_pipeline_type("lssflux"), parse_pipeline_type("sd3")
+    (('lssgen', 'flux'), ('baseline', 'sd3'))
+    ```
+    """
+    from .adapters import installed_adapters
+
+    installed = installed_adapters()
+    if pipeline_type in installed:
+        return "baseline", pipeline_type
+    if pipeline_type.startswith("lss") and pipeline_type[3:] in installed:
+        return "lssgen", pipeline_type[3:]
+    valid = [name for family in sorted(installed) for name in (family, f"lss{family}")]
+    raise ValueError(
+        f"--pipeline_type {pipeline_type!r} is none of {', '.join(valid)} (a family name runs the stock pipeline, "
+        "lss + the family name runs LSSGen)."
+    )
 
 
 def _process_state(device: str | None) -> Any:
@@ -416,6 +443,12 @@ def run_geneval(
     dtype = DTYPES[settings.dtype] if settings.dtype is not None else default_dtype(device)
     pipe = load_pipeline(settings.model, device, dtype)
     adapter = find_adapter(pipe, settings.pipeline)
+    if adapter.match_rank(pipe) is None:  # only when named: its hooks and defaults would not fit this pipeline
+        raise ValueError(
+            f"--model {settings.model} holds a {type(pipe).__name__}, not a pipeline of the {adapter.name} family "
+            f"({', '.join(adapter.pipeline_classes)}) asked for with --pipeline or --pipeline_type; leave those out "
+            "to detect the family."
+        )
     resolved = _resolved_settings(settings, pipe, adapter, dtype)
     options = {}
     if settings.mode == "lssgen":

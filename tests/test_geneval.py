@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli import main
-from lssgen.geneval import GenEvalSettings, image_seed, read_prompts, run_geneval
+from lssgen.cli import build_parser, main
+from lssgen.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
 
 LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
@@ -249,3 +249,84 @@ def test_image_seed_is_stable():
     assert image_seed(0, 0, 0) == 2865820019155232562
     assert image_seed(0, 12, 3) == 1447446557767598380
     assert len({image_seed(s, p, i) for s in range(2) for p in range(20) for i in range(4)}) == 160
+
+
+# --- the published batch script's command line ------------------------------------------------------------------
+
+
+def published_and_ours(model, upsampler, prompts, out, pipeline_type):
+    """The published README's line (plus the size and device options both spellings share) and ours."""
+    shared = [prompts, "--model", model, "--height", 128, "--width", 96, "--images-per-prompt", 1, "--device", "cpu"]
+    published = [*shared, "--upscale_model", upsampler, "--pipeline_type", pipeline_type]
+    published += ["--output_dir", out / "published", "--num_inference_steps", 4, "--guidance_scale", 3.5]
+    published += ["--start_sigma", 0.75, "--shorten_intermediate_steps", "True", "--min_size", 48]
+    mode = "lssgen" if pipeline_type.startswith("lss") else "baseline"
+    ours = [*shared, "--upsampler", upsampler, "--mode", mode, "--pipeline", "flux", "--out", out / "ours"]
+    ours += ["--steps", 4, "--guidance", 3.5, "--start-sigma", 0.75, "--shorten-intermediate-steps"]
+    ours += ["--min-resolution", 48]
+    return ["geneval", *map(str, published)], ["geneval", *map(str, ours)]
+
+
+@pytest.mark.parametrize(("pipeline_type", "mode"), [("lssflux", "lssgen"), ("flux", "baseline")])
+def test_published_command_line_runs_as_ours(pipeline_type, mode, tiny_flux_dir, tiny_upsampler_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(entry) + "\n" for entry in PROMPTS[:2]))
+    published, ours = published_and_ours(tiny_flux_dir, tiny_upsampler_dir, prompts, tmp_path, pipeline_type)
+    assert main(published) == 0 and main(ours) == 0
+
+    runs = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in ("published", "ours")}
+    settings = {name: {k: v for k, v in run["settings"].items() if k != "out"} for name, run in runs.items()}
+    assert settings["published"] == settings["ours"]
+    assert settings["ours"]["mode"] == mode and settings["ours"]["pipeline"] == "flux"
+    assert settings["ours"]["steps"] == 4 and settings["ours"]["guidance"] == 3.5
+    if mode == "lssgen":
+        assert settings["ours"]["upsampler"] == str(tiny_upsampler_dir.resolve())
+        assert settings["ours"]["min_resolution"] == 48 and settings["ours"]["shorten_intermediate_steps"] is True
+    names = files_under(tmp_path / "ours")
+    assert names == files_under(tmp_path / "published") and len(names) == 4  # 2 prompts: metadata + 1 sample
+    for name in names:
+        if name.endswith(".png"):
+            assert np.array_equal(pixels(tmp_path / "ours" / name), pixels(tmp_path / "published" / name)), name
+
+
+def test_each_pipeline_type_is_a_family_and_a_mode():
+    expected = {}
+    for family in ("flux", "sd3", "sdxl", "sd", "cogview4"):
+        expected[family] = ("baseline", family)
+        expected[f"lss{family}"] = ("lssgen", family)
+    assert {name: parse_pipeline_type(name) for name in expected} == expected
+    with pytest.raises(ValueError, match=r"'fluxx' is none of .*flux, lssflux.*sdxl, lsssdxl"):
+        parse_pipeline_type("fluxx")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--pipeline_type", "lss-flux"], "--pipeline_type 'lss-flux' is none of cogview4, lsscogview4, flux, lssflux"),
+        (["--pipeline_type", "lsssd3"], "holds a FluxPipeline, not a pipeline of the sd3 family"),
+        (["--pipeline_type", "sdxl"], "holds a FluxPipeline, not a pipeline of the sdxl family"),
+        (["--pipeline_type", "lssflux", "--mode", "baseline"], "means --mode lssgen, but --mode baseline was given"),
+        (["--pipeline_type", "flux", "--pipeline", "sd3"], "means --pipeline flux, but --pipeline sd3 was given"),
+        (["--shorten_intermediate_steps", "yes"], "expected True or False (or true/false/1/0), got 'yes'"),
+    ],
+)
+def test_wrong_pipeline_type_is_a_clear_error(extra, message, tiny_flux_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["geneval", str(prompts_file), "--model", str(tiny_flux_dir), "--output_dir", str(out), *extra]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    # A family mismatch is seen once the pipeline is loaded, after diffusers' loading bars: the error is the one
+    # line that says "error", and the last.
+    assert [line for line in lines if "error" in line] == lines[-1:], lines
+    assert lines[-1].startswith("lssgen geneval: error: ") and message in lines[-1], lines
+    assert not out.exists()
+
+
+def test_shorten_intermediate_steps_takes_a_value_in_the_published_spelling():
+    parser = build_parser()
+    base = ["geneval", "prompts.jsonl", "--model", "m", "--out", "o"]
+    for value, expected in [("True", True), ("true", True), ("1", True), ("False", False), ("false", False)]:
+        assert parser.parse_args([*base, "--shorten_intermediate_steps", value]).shorten_intermediate_steps is expected
+    assert parser.parse_args([*base, "--shorten_intermediate_steps", "0"]).shorten_intermediate_steps is False
+    assert parser.parse_args([*base, "--no-shorten-intermediate-steps"]).shorten_intermediate_steps is False
+    assert parser.parse_args([*base, "--shorten-intermediate-steps"]).shorten_intermediate_steps is True
+    assert parser.parse_args(base).shorten_intermediate_steps is None  # the family's default
