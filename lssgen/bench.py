@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .outputs import write_folder
+
 UNPATCHED = "stock (unpatched)"
 BASELINE = "stock via lssgen (start_sigma=1.0)"
 
@@ -388,13 +390,13 @@ def upsampler_cost(
 
 
 def write_report(report: BenchReport, out_dir: str | Path, *, plot: bool = False) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-    (out / "bench.md").write_text(report.markdown())
+    files = {
+        "bench.json": lambda path: path.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n"),
+        "bench.md": lambda path: path.write_text(report.markdown()),
+    }
     if plot:
-        _plot(report, out / "bench.png")
-    return out
+        files["bench.png"] = lambda path: _plot(report, path)
+    return write_folder(out_dir, files)
 
 
 def _plot(report: BenchReport, path: Path) -> None:

@@ -10,35 +10,125 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from .loading import DTYPES, default_dtype, load_pipeline, load_upsampler
+from .loading import (
+    DTYPES,
+    check_device,
+    check_pipeline,
+    check_upsampler,
+    check_vae,
+    default_dtype,
+    load_pipeline,
+    load_upsampler,
+)
+from .outputs import atomic_write, check_writable, write_folder
+
+# The option names of the published LSSGen batch script (its README's command line), accepted by `geneval` next
+# to ours with the same meaning. Its `--pipeline_type` and `--shorten_intermediate_steps True` take values, so
+# they are options of their own (see `_add_geneval_parser`).
+PUBLISHED_SPELLINGS = {
+    "--steps": "--num_inference_steps",
+    "--guidance": "--guidance_scale",
+    "--start-sigma": "--start_sigma",
+    "--min-resolution": "--min_size",
+    "--upsampler": "--upscale_model",
+    "--out": "--output_dir",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage block of a command with 30 options buries it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _integer(minimum: int, what: str):
+    """An argparse `type`: an integer of at least `minimum` (0 would silently mean "the default" below)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _integer(1, "a positive integer")
+_interval = _integer(0, "0 or a positive integer")
+
+
+def _boolean(text: str) -> bool:
+    values = {"true": True, "1": True, "false": False, "0": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected True or False (or true/false/1/0), got {text!r}")
+    return values[text.lower()]
 
 
 def _add_method_options(
-    parser: argparse.ArgumentParser, *, steps: int | None, size: int | None, prompt: bool = True
+    parser: argparse.ArgumentParser,
+    *,
+    steps: int | None,
+    size: int | None,
+    prompt: bool = True,
+    published: bool = False,
 ) -> None:
+    def names(name: str) -> list[str]:
+        return [name, PUBLISHED_SPELLINGS[name]] if published else [name]
+
     if prompt:
         parser.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
-    parser.add_argument("--height", type=int, default=size, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=size, help="image width in pixels")
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps of a plain generation")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (family's default)")
-    parser.add_argument("--start-sigma", type=float, default=0.75, help="noise level later stages restart from")
-    parser.add_argument("--min-resolution", type=int, default=None, help="smallest stage's short side, px")
+    parser.add_argument("--height", type=_positive_int, default=size, help="image height in pixels")
+    parser.add_argument("--width", type=_positive_int, default=size, help="image width in pixels")
+    parser.add_argument(
+        *names("--steps"), dest="steps", type=_positive_int, default=steps, help="denoising steps of a plain generation"
+    )
+    parser.add_argument(
+        *names("--guidance"), dest="guidance", type=float, default=None, help="guidance scale (family's default)"
+    )
+    parser.add_argument(
+        *names("--start-sigma"),
+        dest="start_sigma",
+        type=float,
+        default=0.75,
+        help="noise level later stages restart from",
+    )
+    parser.add_argument(
+        *names("--min-resolution"),
+        dest="min_resolution",
+        type=_positive_int,
+        default=None,
+        help="smallest stage's short side, px",
+    )
     parser.add_argument(
         "--shorten-intermediate-steps",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="fewer steps for smaller stages (family's default)",
     )
+    if published:
+        parser.add_argument(
+            "--shorten_intermediate_steps",
+            dest="shorten_intermediate_steps",
+            type=_boolean,
+            metavar="{True,False}",
+            help="the published script's spelling of --[no-]shorten-intermediate-steps",
+        )
     parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
-    parser.add_argument("--upsampler", help="folder of a LatentUpsampler (config.json + safetensors)")
+    parser.add_argument(
+        *names("--upsampler"), dest="upsampler", help="folder of a LatentUpsampler (config.json + safetensors)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     _add_device_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lssgen", description=__doc__)
+    parser = _Parser(prog="lssgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate one image with a local or hub pipeline")
@@ -46,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(generate, steps=None, size=1024)
     generate.add_argument("--out", default="out.png", help="where to save the image")
     generate.add_argument("--baseline", action="store_true", help="run the stock pipeline (no scaling)")
-    generate.set_defaults(func=run_generate)
+    generate.set_defaults(func=run_generate, out_is_image=True)
 
     adapters = commands.add_parser("adapters", help="list the installed adapters and the package providing each")
     adapters.set_defaults(func=run_adapters)
@@ -95,13 +185,30 @@ def _add_geneval_parser(commands) -> None:
     )
     geneval.add_argument("prompts", help="GenEval prompt file: one JSON object with a `prompt` key per line")
     geneval.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    geneval.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
-    geneval.add_argument("--mode", choices=["lssgen", "baseline"], default="lssgen", help="patched or stock pipeline")
-    geneval.add_argument("--pipeline", default=None, help="force an adapter by name (default: detect; see adapters)")
-    _add_method_options(geneval, steps=None, size=None, prompt=False)
-    geneval.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt (GenEval: 4)")
     geneval.add_argument(
-        "--batch-size", type=int, default=None, help="images of one prompt per pipeline call (default: all of them)"
+        "--out",
+        PUBLISHED_SPELLINGS["--out"],
+        dest="out",
+        required=True,
+        help="output folder (created; an existing one is resumed)",
+    )
+    geneval.add_argument(
+        "--mode", choices=["lssgen", "baseline"], default=None, help="patched (lssgen, the default) or stock pipeline"
+    )
+    geneval.add_argument(
+        "--pipeline", default=None, help="the adapter, by name (default: detected); must serve the model's pipeline"
+    )
+    geneval.add_argument(
+        "--pipeline_type",
+        default=None,
+        help="the published script's spelling: a family (flux, sd3, sdxl, sd, cogview4) runs its stock pipeline "
+        "(flux = --mode baseline --pipeline flux), lss + the family runs LSSGen (lssflux = --mode lssgen --pipeline "
+        "flux)",
+    )
+    _add_method_options(geneval, steps=None, size=None, prompt=False, published=True)
+    geneval.add_argument("--images-per-prompt", type=_positive_int, default=4, help="samples per prompt (GenEval: 4)")
+    geneval.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="images of one prompt per pipeline call (default: all)"
     )
     geneval.set_defaults(func=run_geneval)
 
@@ -112,12 +219,14 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--preset", choices=["flux-dev"], help="FLUX.1-dev architecture, random weights (GPU)")
     bench.add_argument("--allow-cpu-preset", action="store_true", help="let --preset run on the CPU anyway")
     bench.add_argument("--prompt", default="a lighthouse on a cliff at dusk, oil painting")
-    bench.add_argument("--height", type=int, default=None, help="image height, px (default: the model's size)")
-    bench.add_argument("--width", type=int, default=None, help="image width, px (default: the model's size)")
-    bench.add_argument("--steps", type=int, default=None, help="denoising steps")
-    bench.add_argument("--min-resolution", type=int, default=None, help="smallest stage's short side, px")
+    bench.add_argument(
+        "--height", type=_positive_int, default=None, help="image height, px (default: the model's size)"
+    )
+    bench.add_argument("--width", type=_positive_int, default=None, help="image width, px (default: the model's size)")
+    bench.add_argument("--steps", type=_positive_int, default=None, help="denoising steps")
+    bench.add_argument("--min-resolution", type=_positive_int, default=None, help="smallest stage's short side, px")
     bench.add_argument("--start-sigmas", type=float, nargs="+", default=[0.75, 0.667], help="settings to time")
-    bench.add_argument("--repeats", type=int, default=3, help="timed rounds (plus one warm-up per setting)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds (plus one warm-up per setting)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
     bench.add_argument("--seed", type=int, default=0)
@@ -133,9 +242,9 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--subfolder", default=None, help="e.g. vae, for a whole pipeline folder")
     train.add_argument("--images", required=True, help="folder of jpg/png/webp images (searched recursively)")
     train.add_argument("--out", required=True, help="folder for the upsampler, its model card and checkpoint")
-    train.add_argument("--resolution", type=int, default=256, help="crop size of the high-res target, px")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--resolution", type=_positive_int, default=256, help="crop size of the high-res target, px")
+    train.add_argument("--steps", type=_positive_int, default=2000)
+    train.add_argument("--batch-size", type=_positive_int, default=8)
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay to a tenth)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VAE dtype (upsampler: float32)")
@@ -147,8 +256,10 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--pixel-loss-weight", type=float, default=0.1)
     train.add_argument("--latent-loss-weight", type=float, default=1.0, help="0: train on the pixel loss alone")
     train.add_argument("--init-from", help="LatentUpsampler folder to start from (fine-tuning)")
-    train.add_argument("--val-every", type=int, default=250, help="validate every N steps (0: only at the end)")
-    train.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    train.add_argument("--val-every", type=_interval, default=250, help="validate every N steps (0: only at the end)")
+    train.add_argument(
+        "--save-every", type=_interval, default=500, help="checkpoint every N steps (0: only at the end)"
+    )
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument(
         "--cache-latents", action="store_true", help="encode whole images once into --out/cache, crop their latents"
@@ -166,7 +277,7 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device_and_dtype(args) -> tuple[str, torch.dtype]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     return device, dtype
 
@@ -224,8 +335,9 @@ def run_generate(args) -> None:
         options = _method_options(args)
         print(lssgen.plan_for(pipe, args.height, args.width, steps, **options).describe())
     image, seconds = _timed(pipe, call, args.seed, device, **options)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda path: image.save(path, format=Image.registered_extensions()[out.suffix.lower()]))
     print(f"{'baseline' if args.baseline else 'lssgen'}: {seconds:.2f} s -> {args.out}")
 
 
@@ -268,10 +380,7 @@ def run_demo(args) -> None:
         baseline_times.append(seconds)
         scaled, seconds = _timed(pipe, call, args.seed, device, **options)
         lssgen_times.append(seconds)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    baseline.save(out_dir / "baseline.png")
-    scaled.save(out_dir / "lssgen.png")
+    out_dir = write_folder(args.out_dir, {"baseline.png": baseline.save, "lssgen.png": scaled.save})
     base, fast = statistics.median(baseline_times), statistics.median(lssgen_times)
     print(f"baseline (stock pipeline, {steps} steps at {width}x{height}): {base:.2f} s")
     print(f"lssgen   (same call, start_sigma={options['start_sigma']}):  {fast:.2f} s")
@@ -421,14 +530,31 @@ def run_train_upsampler(args) -> None:
     print(f"trained {result.steps} steps on {result.train_images} images in {result.seconds:.1f} s -> {result.out_dir}")
 
 
+def _mode_and_pipeline(args) -> tuple[str, str | None]:
+    """`--mode` and `--pipeline`, or what the published `--pipeline_type` says (both given: they must agree)."""
+    from .geneval import parse_pipeline_type
+
+    if args.pipeline_type is None:
+        return args.mode or "lssgen", args.pipeline
+    mode, pipeline = parse_pipeline_type(args.pipeline_type)
+    for option, given, implied in (("--mode", args.mode, mode), ("--pipeline", args.pipeline, pipeline)):
+        if given is not None and given != implied:
+            raise ValueError(
+                f"--pipeline_type {args.pipeline_type} means {option} {implied}, but {option} {given} was given; "
+                "pass one of the two."
+            )
+    return mode, pipeline
+
+
 def run_geneval(args) -> None:
     from .geneval import GenEvalSettings, run_geneval
 
+    mode, pipeline = _mode_and_pipeline(args)
     settings = GenEvalSettings(
         model=args.model,
         out=args.out,
-        mode=args.mode,
-        pipeline=args.pipeline,
+        mode=mode,
+        pipeline=pipeline,
         upsampler=args.upsampler,
         steps=args.steps,
         guidance=args.guidance,
@@ -469,12 +595,38 @@ def run_adapters(args) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+def _check_inputs(args) -> None:
+    """What every command is given, checked before anything slow is loaded or anything is written."""
+    check_device(getattr(args, "device", None))
+    if getattr(args, "model", None):
+        check_pipeline(args.model)
+    if getattr(args, "vae", None):
+        check_vae(args.vae, args.subfolder)
+    for name in ("upsampler", "init_from"):
+        if getattr(args, name, None):
+            check_upsampler(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("out", "out_dir"):
+        if getattr(args, name, None):
+            check_writable(
+                getattr(args, name), "--" + name.replace("_", "-"), image=getattr(args, "out_is_image", False)
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    r"""
+    The `lssgen` command. Returns the exit status: 0, or 2 for bad input, reported as one line on stderr
+    (`lssgen <command>: error: ...`) with nothing written. Anything else is a bug and keeps its traceback.
+    """
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already reported in one line
+        return int(exit.code or 0)
+    try:
+        _check_inputs(args)
         args.func(args)
-    except (ValueError, TypeError) as error:
-        print(f"lssgen: error: {error}", file=sys.stderr)
+    except ValueError as error:
+        message = " ".join(str(error).split())  # one line, however a library below worded it
+        print(f"lssgen {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_adapter
-from .loading import DTYPES, default_dtype, load_pipeline, load_upsampler
+from .loading import DTYPES, check_device, default_dtype, load_pipeline, load_upsampler
+from .outputs import atomic_write, check_writable
 from .patch import patch, plan_for
 
 MODES = ("lssgen", "baseline")
@@ -77,7 +78,7 @@ class GenEvalSettings:
         model (`str`): diffusers pipeline folder or hub id.
         out (`str`): output folder (GenEval layout).
         mode (`str`, defaults to `"lssgen"`): `"lssgen"` (patched pipeline) or `"baseline"` (stock pipeline).
-        pipeline (`str`, *optional*): adapter name to force instead of detecting the family from the checkpoint.
+        pipeline (`str`, *optional*): adapter name instead of detecting it; it must serve the checkpoint's pipeline.
         upsampler (`str`, *optional*): folder of a `LatentUpsampler` (lssgen mode).
         steps (`int`), guidance (`float`): denoising steps and guidance scale.
         height (`int`), width (`int`): image size in pixels (default: the pipeline's native size).
@@ -190,19 +191,8 @@ def is_complete(folder: Path, entry: dict[str, Any], images_per_prompt: int) -> 
     return found == {sample_name(i) for i in range(images_per_prompt)}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # A hidden temporary name in the same folder: `os.replace` is then an atomic rename, and a leftover from a
-    # crash never looks like a sample (`*.png`) or the metadata.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def _clear_prompt_folder(folder: Path) -> None:
@@ -226,9 +216,8 @@ def _check_settings(settings: GenEvalSettings) -> None:
         raise ValueError(f"--start-sigma must be in (0, 1], got {settings.start_sigma} (0.75 is the default).")
     if settings.dtype is not None and settings.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
-    out = Path(settings.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {settings.out!r} is a file; give a folder (it is created if missing).")
+    check_device(settings.device)
+    check_writable(settings.out, "--out")
     if settings.pipeline is not None:
         from .adapters import installed_adapters
 
@@ -239,6 +228,33 @@ def _check_settings(settings: GenEvalSettings) -> None:
                 f"{', '.join(sorted(installed))} (`lssgen adapters` lists them). Leave it out to detect the family "
                 "from the checkpoint."
             )
+
+
+def parse_pipeline_type(pipeline_type: str) -> tuple[str, str]:
+    r"""
+    The published LSSGen batch script's `--pipeline_type` as `(mode, adapter name)`: a family name (`flux`, `sd3`,
+    `sdxl`, `sd`, `cogview4`, or any installed adapter's) runs the stock pipeline, `lss` + a family name runs
+    LSSGen. Raises a `ValueError` listing the valid names.
+
+    Example:
+
+    ```py
+    >>> parse_pipeline_type("lssflux"), parse_pipeline_type("sd3")
+    (('lssgen', 'flux'), ('baseline', 'sd3'))
+    ```
+    """
+    from .adapters import installed_adapters
+
+    installed = installed_adapters()
+    if pipeline_type in installed:
+        return "baseline", pipeline_type
+    if pipeline_type.startswith("lss") and pipeline_type[3:] in installed:
+        return "lssgen", pipeline_type[3:]
+    valid = [name for family in sorted(installed) for name in (family, f"lss{family}")]
+    raise ValueError(
+        f"--pipeline_type {pipeline_type!r} is none of {', '.join(valid)} (a family name runs the stock pipeline, "
+        "lss + the family name runs LSSGen)."
+    )
 
 
 def _process_state(device: str | None) -> Any:
@@ -361,13 +377,13 @@ def _generate_prompt(
             **options,
         ).images
         for sample_index, image in zip(indices, images):
-            _atomic_write(samples / sample_name(sample_index), lambda p, image=image: image.save(p, format="PNG"))
+            atomic_write(samples / sample_name(sample_index), lambda p, image=image: image.save(p, format="PNG"))
     _write_json_line(folder / METADATA_FILE, entry)
     return time.perf_counter() - start
 
 
 def _write_json_line(path: Path, entry: dict[str, Any]) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(entry) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(entry) + "\n", encoding="utf-8"))
 
 
 def _summary(records: list[dict[str, Any]], skipped: list[int], wall_seconds: float) -> dict[str, Any]:
@@ -427,6 +443,12 @@ def run_geneval(
     dtype = DTYPES[settings.dtype] if settings.dtype is not None else default_dtype(device)
     pipe = load_pipeline(settings.model, device, dtype)
     adapter = find_adapter(pipe, settings.pipeline)
+    if adapter.match_rank(pipe) is None:  # only when named: its hooks and defaults would not fit this pipeline
+        raise ValueError(
+            f"--model {settings.model} holds a {type(pipe).__name__}, not a pipeline of the {adapter.name} family "
+            f"({', '.join(adapter.pipeline_classes)}) asked for with --pipeline or --pipeline_type; leave those out "
+            "to detect the family."
+        )
     resolved = _resolved_settings(settings, pipe, adapter, dtype)
     options = {}
     if settings.mode == "lssgen":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -32,6 +31,7 @@ from .data import (
 )
 from .latents import LatentNormalization
 from .metrics import psnr
+from .outputs import check_writable
 from .upsampler import LatentUpsampler
 
 CHECKPOINT = "checkpoint"
@@ -97,20 +97,6 @@ def _check_readable(paths: Sequence[Path]) -> None:
         except Exception as error:  # PIL raises many types for broken files
             message = f"--images: cannot read image {path}: {error}. Remove it or re-save it as png/jpg."
             raise ValueError(message) from None
-
-
-def _check_writable(out_dir: Path) -> Path:
-    """The nearest existing folder at or above `out_dir`, which must be writable; temporary files go there."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: is an existing file. Choose a folder path.")
-    ancestor = out_dir if out_dir.exists() else out_dir.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"--out {out_dir}: {ancestor} is a file, so the folder cannot be created there.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out_dir}: {ancestor} is not writable. Choose a folder you can write to.")
-    return ancestor
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -372,7 +358,7 @@ def train_upsampler(
         raise ValueError(f"--config: the upsampler scales by {upsampler.scale_factor}; train-upsampler needs x2.")
     if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(f"--out {out_dir}: folder exists and is not empty. Pass --resume or choose a new folder.")
-    ancestor = _check_writable(out_dir)
+    ancestor = check_writable(out_dir, "--out")
     _check_readable(paths)
     train_paths, val_paths = split_images(paths)
 

@@ -1,13 +1,17 @@
 """The `lssgen` command line, run as a real installed console script."""
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from lssgen.tiny import build_tiny_flux_pipeline
+from lssgen.cli import main
+from lssgen.loading import check_device
 
 LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen.cli"
 
@@ -15,13 +19,6 @@ LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen.cli"
 def run(*args, cwd=None):
     command = [*LSSGEN.split(), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-flux")
-    build_tiny_flux_pipeline(seed=0).save_pretrained(folder)
-    return folder
 
 
 def test_demo_prints_plan_and_both_timings(tmp_path):
@@ -37,8 +34,8 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
         assert Image.open(tmp_path / "demo" / name).size == (256, 256)
 
 
-def test_generate_with_a_local_checkpoint(tiny_model_dir, tmp_path):
-    common = ["--model", tiny_model_dir, "--height", 256, "--width", 192, "--steps", 4, "--device", "cpu"]
+def test_generate_with_a_local_checkpoint(tiny_flux_dir, tmp_path):
+    common = ["--model", tiny_flux_dir, "--height", 256, "--width", 192, "--steps", 4, "--device", "cpu"]
     result = run("generate", *common, "--min-resolution", 64, "--out", tmp_path / "fast.png")
     assert result.returncode == 0, result.stderr
     assert "denoiser steps in all" in result.stdout and "lssgen:" in result.stdout
@@ -50,29 +47,159 @@ def test_generate_with_a_local_checkpoint(tiny_model_dir, tmp_path):
     assert Image.open(tmp_path / "stock.png").size == (192, 256)
 
 
-def test_generate_reports_bad_input_clearly(tiny_model_dir, tmp_path):
-    result = run(
-        "generate",
-        "--model",
-        tiny_model_dir,
-        "--height",
-        256,
-        "--width",
-        256,
-        "--steps",
-        2,
-        "--start-sigma",
-        1.5,
-        "--out",
-        tmp_path / "x.png",
-    )
+def test_console_script_reports_bad_input_in_one_line_without_traceback(tiny_flux_dir, tmp_path):
+    # An error found after the pipeline is loaded (by the stage planner), through the installed entry point.
+    out = tmp_path / "x.png"
+    common = ["--model", tiny_flux_dir, "--height", 256, "--width", 256, "--steps", 2, "--device", "cpu"]
+    result = run("generate", *common, "--start-sigma", 1.5, "--out", out)
     assert result.returncode == 2
-    assert "lssgen: error: `start_sigma` must be in (0, 1]" in result.stderr
-    assert not (tmp_path / "x.png").exists()
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [result.stderr.splitlines()[-1]], result.stderr  # one line, the last one
+    assert errors[0].startswith("lssgen generate: error: `start_sigma` must be in (0, 1]")
+    assert list(tmp_path.iterdir()) == []
 
-    result = run("generate", "--model", tmp_path / "missing", "--out", tmp_path / "x.png")
-    assert result.returncode != 0
-    assert "could not load a diffusers pipeline" in result.stderr
+
+# --- bad input, command by command -------------------------------------------------------------------------------
+# Every command, given one bad input at a time, must exit with status 2 and one line on stderr naming the problem,
+# before it loads or writes anything: no traceback, no output, no stray temporary files.
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # as an interrupted download or copy leaves it
+
+
+@pytest.fixture(scope="session")
+def inputs(tiny_flux_dir, tiny_upsampler_dir, tmp_path_factory):
+    """Good inputs for every command, and one broken variant of each."""
+    root = tmp_path_factory.mktemp("inputs")
+    paths = {"model": tiny_flux_dir, "vae": tiny_flux_dir / "vae", "upsampler": tiny_upsampler_dir}
+    paths["prompts"] = root / "prompts.jsonl"
+    paths["prompts"].write_text(json.dumps({"prompt": "a photo of a cat"}) + "\n")
+    paths["images"] = root / "images"
+    paths["images"].mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (40 * index, 80, 120)).save(paths["images"] / f"{index}.png")
+    paths["file"] = root / "a-file"
+    paths["file"].write_text("not a folder")
+    paths["missing"] = root / "missing"
+    paths["empty"] = root / "empty"
+    paths["empty"].mkdir()
+    # Both a pipeline's and a model's config file, malformed: the same folder serves --model and --vae.
+    paths["malformed"] = root / "malformed"
+    paths["malformed"].mkdir()
+    (paths["malformed"] / "model_index.json").write_text('{"_class_name": "FluxPipeline",')
+    (paths["malformed"] / "config.json").write_text("{not json")
+    paths["truncated"] = shutil.copytree(tiny_flux_dir, root / "truncated")
+    _truncate(paths["truncated"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    _truncate(paths["truncated"] / "vae" / "diffusion_pytorch_model.safetensors")
+    for name, edit in {
+        "up-not-json": lambda folder: (folder / "config.json").write_text("not json"),
+        "up-no-keys": lambda folder: (folder / "config.json").write_text('{"_class_name": "LatentUpsampler"}'),
+        "up-truncated": lambda folder: _truncate(folder / "diffusion_pytorch_model.safetensors"),
+    }.items():
+        paths[name] = shutil.copytree(tiny_upsampler_dir, root / name)
+        edit(paths[name])
+    return paths
+
+
+# Each command with good inputs (tiny sizes, on the CPU); `{model}` is its pipeline or VAE, `{up}` its upsampler
+# option (train-upsampler's is --init-from), `{out}` its output.
+SIZE = ["--height", "64", "--width", "64", "--steps", "2", "--min-resolution", "32"]
+COMMANDS = {
+    "generate": ["--model", "{model}", *SIZE, "{up}", "--out", "{out}"],
+    "demo": ["--model", "{model}", *SIZE, "{up}", "--out-dir", "{out}"],
+    "bench": ["--model", "{model}", *SIZE, "--repeats", "1", "--start-sigmas", "0.75", "{up}", "--out", "{out}"],
+    "geneval": ["{prompts}", "--model", "{model}", *SIZE, "--images-per-prompt", "1", "{up}", "--out", "{out}"],
+    "eval-upsampler": ["--vae", "{model}", "--images", "{images}", "--resolution", "32", "--repeats", "1", "{up}"]
+    + ["--out", "{out}"],
+    "train-upsampler": ["--vae", "{model}", "--images", "{images}", "--resolution", "32", "--steps", "1", "{up}"]
+    + ["--batch-size", "2", "--out", "{out}"],
+}
+VAE_COMMANDS = ("eval-upsampler", "train-upsampler")
+SIZED = ("generate", "demo", "bench", "geneval")  # the commands with --height and --steps
+# failure -> (what to change, words the message must hold, the commands that have the option)
+FAILURES = {
+    "missing folder": ({"model": "missing"}, "no such folder", COMMANDS),
+    "not a pipeline": ({"model": "empty"}, "has no ", COMMANDS),
+    "malformed config": ({"model": "malformed"}, "is not valid JSON", COMMANDS),
+    "truncated weights": ({"model": "truncated"}, "is not a complete safetensors file", COMMANDS),
+    "upsampler config not JSON": ({"up": "up-not-json"}, "config.json is not valid JSON", COMMANDS),
+    "upsampler config lacks keys": ({"up": "up-no-keys"}, "config.json lacks in_channels", COMMANDS),
+    "upsampler weights truncated": ({"up": "up-truncated"}, "is not a complete safetensors file", COMMANDS),
+    "unknown dtype": ({"extra": ["--dtype", "float17"]}, "argument --dtype: invalid choice: 'float17'", COMMANDS),
+    "no cuda": ({"extra": ["--device", "cuda"]}, "--device cuda: this machine has no cuda device", COMMANDS),
+    "unknown device": ({"extra": ["--device", "foo"]}, "--device 'foo' is not a device name", COMMANDS),
+    "output under a file": ({"out": "under-file"}, "is a file, so", COMMANDS),
+    "zero steps": ({"extra": ["--steps", "0"]}, "argument --steps", (*SIZED, "train-upsampler")),
+    "negative size": ({"extra": ["--height", "-64"]}, "argument --height: must be a positive integer", SIZED),
+    "zero resolution": ({"extra": ["--resolution", "0"]}, "--resolution", VAE_COMMANDS),
+}
+
+
+def _cases():
+    for failure, (_, _, commands) in FAILURES.items():
+        if failure == "no cuda" and torch.cuda.is_available():
+            continue
+        for command in commands:
+            yield pytest.param(command, failure, id=f"{command}-{failure.replace(' ', '-')}")
+
+
+def command_line(command, inputs, out, failure):
+    change = FAILURES[failure][0]
+    model = inputs[change.get("model", "vae" if command in VAE_COMMANDS else "model")]
+    if command in VAE_COMMANDS and change.get("model") == "truncated":
+        model = model / "vae"
+    up = ["--init-from" if command == "train-upsampler" else "--upsampler", inputs[change.get("up", "upsampler")]]
+    if change.get("out") == "under-file":
+        out = inputs["file"] / out.name  # a folder cannot be made there, even by root
+    values = {"model": model, "out": out, "prompts": inputs["prompts"], "images": inputs["images"]}
+    argv = [command]
+    for word in COMMANDS[command]:
+        argv += [str(part) for part in up] if word == "{up}" else [word.format(**values)]
+    return argv + ["--device", "cpu", *change.get("extra", [])]
+
+
+@pytest.mark.parametrize(("command", "failure"), list(_cases()))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(command, failure, inputs, tmp_path, capsys):
+    out = tmp_path / ("out.png" if command == "generate" else "out")
+    assert main(command_line(command, inputs, out, failure)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lssgen {command}: error: "), captured.err
+    assert FAILURES[failure][1] in lines[0], lines[0]
+    assert captured.out == ""  # refused before any work started
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder, no temporary file
+    assert inputs["file"].read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_the_bad_input_cases_differ_from_a_good_run_in_one_input_only(command, inputs, tmp_path, capsys):
+    out = tmp_path / ("out.png" if command == "generate" else "out")
+    argv = command_line(command, inputs, out, "unknown dtype")[:-2]  # the same command line, without the failure
+    assert main(argv) == 0, capsys.readouterr().err
+    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left behind
+
+
+def test_output_that_cannot_be_an_image_is_refused_before_loading(inputs, tmp_path, capsys):
+    for out, words in [(tmp_path, "is a folder"), (tmp_path / "image.xyz", "unknown image type '.xyz'")]:
+        argv = ["generate", "--model", str(inputs["model"]), "--device", "cpu", "--out", str(out)]
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert words in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_device_names_are_checked():
+    assert check_device("cpu") == "cpu"
+    assert check_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name, words in [("meta", "cannot compute on 'meta'"), ("cuda:x", "not a device name")]:
+        with pytest.raises(ValueError, match=words):
+            check_device(name)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="numbered from 0"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_adapters_lists_installed_adapters_with_their_package():

@@ -338,5 +338,5 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, saved, image_dir, tmp_pat
     common = ["--vae", saved / "vae", "--images", images, "--resolution", RESOLUTION, "--device", "cpu"]
     assert main(["eval-upsampler", *map(str, [*common, "--out", out, *extra])]) == 2
     stderr = capsys.readouterr().err
-    assert "lssgen: error:" in stderr and expected in stderr
+    assert "lssgen eval-upsampler: error:" in stderr and expected in stderr
     assert not out.exists()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli import main
-from lssgen.geneval import GenEvalSettings, image_seed, read_prompts, run_geneval
+from lssgen.cli import build_parser, main
+from lssgen.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
 
 LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
@@ -57,13 +57,6 @@ def files_under(folder):
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-flux")
-    build_tiny_flux_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "evaluation_metadata.jsonl"
     path.write_text("".join(json.dumps(entry) + "\n" for entry in PROMPTS))
@@ -71,11 +64,11 @@ def prompts_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def single_run(model_dir, prompts_file, tmp_path_factory):
+def single_run(tiny_flux_dir, prompts_file, tmp_path_factory):
     """One process, one image per call, through the installed console script."""
     tmp = tmp_path_factory.mktemp("single")
     out = tmp / "out"
-    result = run_cli(tmp, *common_args(model_dir, prompts_file, out, "--batch-size", 1))
+    result = run_cli(tmp, *common_args(tiny_flux_dir, prompts_file, out, "--batch-size", 1))
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -107,7 +100,7 @@ def test_layout_is_genevals(single_run):
     assert "1/2    48x64" in result.stdout and "2/2    96x128" in result.stdout  # two stages: lssgen really ran
 
 
-def test_resume_redoes_only_incomplete_prompts(single_run, model_dir, prompts_file, tmp_path):
+def test_resume_redoes_only_incomplete_prompts(single_run, tiny_flux_dir, prompts_file, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(single_run[0], out)  # copy2 keeps mtimes
     deleted = out / "00002" / "samples" / "0001.png"
@@ -116,7 +109,7 @@ def test_resume_redoes_only_incomplete_prompts(single_run, model_dir, prompts_fi
     (out / "00004" / "samples" / ".0000.png.999.tmp").write_bytes(b"\x89PNG trunc")  # a crash's leftover
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
 
-    result = run_cli(tmp_path, *common_args(model_dir, prompts_file, out, "--batch-size", 1))
+    result = run_cli(tmp_path, *common_args(tiny_flux_dir, prompts_file, out, "--batch-size", 1))
     assert result.returncode == 0, result.stderr
     assert "5 prompts already complete" in result.stdout
     changed = sorted(str(p.relative_to(out)) for p, t in before.items() if p.exists() and p.stat().st_mtime_ns != t)
@@ -127,7 +120,7 @@ def test_resume_redoes_only_incomplete_prompts(single_run, model_dir, prompts_fi
     assert run["summary"]["images"] == IMAGES
 
     # Other settings in the same folder would mix two experiments: refused before anything is written.
-    settings = GenEvalSettings(model=str(model_dir), out=str(out), images_per_prompt=IMAGES, seed=1, **SETTINGS)
+    settings = GenEvalSettings(model=str(tiny_flux_dir), out=str(out), images_per_prompt=IMAGES, seed=1, **SETTINGS)
     with pytest.raises(ValueError, match=r"holds a run with other settings \(seed: 0 -> 1\).*another --out"):
         run_geneval(prompts_file, settings)
     assert json.loads((out / "run.json").read_text()) == run
@@ -140,10 +133,10 @@ def assert_same_image(a, b, name=""):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, diff.max(), (diff > 0).mean())
 
 
-def test_images_do_not_depend_on_batch_size(model_dir, prompts_file, tmp_path):
+def test_images_do_not_depend_on_batch_size(tiny_flux_dir, prompts_file, tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(PROMPTS[3]) + "\n")
-    settings = GenEvalSettings(model=str(model_dir), out="", images_per_prompt=3, seed=7, device="cpu", **SETTINGS)
+    settings = GenEvalSettings(model=str(tiny_flux_dir), out="", images_per_prompt=3, seed=7, device="cpu", **SETTINGS)
     for batch in (1, 3):
         run_geneval(one, replace(settings, out=str(tmp_path / f"b{batch}"), batch_size=batch))
     names = files_under(tmp_path / "b1")
@@ -162,7 +155,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def test_two_processes_write_what_one_does(single_run, model_dir, prompts_file, tmp_path):
+def test_two_processes_write_what_one_does(single_run, tiny_flux_dir, prompts_file, tmp_path):
     accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     out = tmp_path / "out"
     # `--multi_gpu` is accelerate's multi-process launcher (torchrun); on a machine without GPUs lssgen runs the
@@ -170,7 +163,7 @@ def test_two_processes_write_what_one_does(single_run, model_dir, prompts_file, 
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     # The same batch size as the one-process run, so each image is the very same computation: bit-identical.
-    args = common_args(model_dir, prompts_file, out, "--batch-size", 1)
+    args = common_args(tiny_flux_dir, prompts_file, out, "--batch-size", 1)
     result = subprocess.run(
         [*launch, "-m", "lssgen", "geneval", *map(str, args)],
         capture_output=True,
@@ -207,19 +200,19 @@ def test_invalid_prompt_line_is_named(tmp_path, line, message):
         read_prompts(path)
 
 
-def test_malformed_file_exits_2_and_writes_nothing(model_dir, tmp_path, capsys):
+def test_malformed_file_exits_2_and_writes_nothing(tiny_flux_dir, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(PROMPTS[0]) + "\n\n" + '{"prompt": "a dog"' + "\n")
-    code = main(["geneval", str(path), "--model", str(model_dir), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert code == 2
-    assert f"lssgen: error: {path}, line 3: not valid JSON" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["geneval", str(path), "--model", str(tiny_flux_dir), "--out", str(out), "--device", "cpu"]) == 2
+    assert f"lssgen geneval: error: {path}, line 3: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_baseline_is_the_stock_pipeline(model_dir, tmp_path):
+def test_baseline_is_the_stock_pipeline(tiny_flux_dir, tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(PROMPTS[0]) + "\n")
-    common = {"model": str(model_dir), "images_per_prompt": 2, "seed": 5, "device": "cpu", **SETTINGS}
+    common = {"model": str(tiny_flux_dir), "images_per_prompt": 2, "seed": 5, "device": "cpu", **SETTINGS}
     run = run_geneval(one, GenEvalSettings(out=str(tmp_path / "base"), mode="baseline", **common))
     assert run["settings"]["mode"] == "baseline" and run["settings"]["start_sigma"] is None
     run_geneval(one, GenEvalSettings(out=str(tmp_path / "fast"), mode="lssgen", **common))
@@ -246,7 +239,7 @@ def test_bad_settings_are_refused_before_loading(prompts_file, tmp_path):
         run_geneval(prompts_file, GenEvalSettings(**settings, pipeline="nope"))
     with pytest.raises(ValueError, match="--images-per-prompt must be a positive integer"):
         run_geneval(prompts_file, GenEvalSettings(**settings, images_per_prompt=0))
-    with pytest.raises(ValueError, match="could not load a diffusers pipeline from --model"):
+    with pytest.raises(ValueError, match=r"--model .*no-model: no such folder"):
         run_geneval(prompts_file, GenEvalSettings(**settings))
     assert not (tmp_path / "out").exists()
 
@@ -256,3 +249,84 @@ def test_image_seed_is_stable():
     assert image_seed(0, 0, 0) == 2865820019155232562
     assert image_seed(0, 12, 3) == 1447446557767598380
     assert len({image_seed(s, p, i) for s in range(2) for p in range(20) for i in range(4)}) == 160
+
+
+# --- the published batch script's command line ------------------------------------------------------------------
+
+
+def published_and_ours(model, upsampler, prompts, out, pipeline_type):
+    """The published README's line (plus the size and device options both spellings share) and ours."""
+    shared = [prompts, "--model", model, "--height", 128, "--width", 96, "--images-per-prompt", 1, "--device", "cpu"]
+    published = [*shared, "--upscale_model", upsampler, "--pipeline_type", pipeline_type]
+    published += ["--output_dir", out / "published", "--num_inference_steps", 4, "--guidance_scale", 3.5]
+    published += ["--start_sigma", 0.75, "--shorten_intermediate_steps", "True", "--min_size", 48]
+    mode = "lssgen" if pipeline_type.startswith("lss") else "baseline"
+    ours = [*shared, "--upsampler", upsampler, "--mode", mode, "--pipeline", "flux", "--out", out / "ours"]
+    ours += ["--steps", 4, "--guidance", 3.5, "--start-sigma", 0.75, "--shorten-intermediate-steps"]
+    ours += ["--min-resolution", 48]
+    return ["geneval", *map(str, published)], ["geneval", *map(str, ours)]
+
+
+@pytest.mark.parametrize(("pipeline_type", "mode"), [("lssflux", "lssgen"), ("flux", "baseline")])
+def test_published_command_line_runs_as_ours(pipeline_type, mode, tiny_flux_dir, tiny_upsampler_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(entry) + "\n" for entry in PROMPTS[:2]))
+    published, ours = published_and_ours(tiny_flux_dir, tiny_upsampler_dir, prompts, tmp_path, pipeline_type)
+    assert main(published) == 0 and main(ours) == 0
+
+    runs = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in ("published", "ours")}
+    settings = {name: {k: v for k, v in run["settings"].items() if k != "out"} for name, run in runs.items()}
+    assert settings["published"] == settings["ours"]
+    assert settings["ours"]["mode"] == mode and settings["ours"]["pipeline"] == "flux"
+    assert settings["ours"]["steps"] == 4 and settings["ours"]["guidance"] == 3.5
+    if mode == "lssgen":
+        assert settings["ours"]["upsampler"] == str(tiny_upsampler_dir.resolve())
+        assert settings["ours"]["min_resolution"] == 48 and settings["ours"]["shorten_intermediate_steps"] is True
+    names = files_under(tmp_path / "ours")
+    assert names == files_under(tmp_path / "published") and len(names) == 4  # 2 prompts: metadata + 1 sample
+    for name in names:
+        if name.endswith(".png"):
+            assert np.array_equal(pixels(tmp_path / "ours" / name), pixels(tmp_path / "published" / name)), name
+
+
+def test_each_pipeline_type_is_a_family_and_a_mode():
+    expected = {}
+    for family in ("flux", "sd3", "sdxl", "sd", "cogview4"):
+        expected[family] = ("baseline", family)
+        expected[f"lss{family}"] = ("lssgen", family)
+    assert {name: parse_pipeline_type(name) for name in expected} == expected
+    with pytest.raises(ValueError, match=r"'fluxx' is none of .*flux, lssflux.*sdxl, lsssdxl"):
+        parse_pipeline_type("fluxx")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--pipeline_type", "lss-flux"], "--pipeline_type 'lss-flux' is none of cogview4, lsscogview4, flux, lssflux"),
+        (["--pipeline_type", "lsssd3"], "holds a FluxPipeline, not a pipeline of the sd3 family"),
+        (["--pipeline_type", "sdxl"], "holds a FluxPipeline, not a pipeline of the sdxl family"),
+        (["--pipeline_type", "lssflux", "--mode", "baseline"], "means --mode lssgen, but --mode baseline was given"),
+        (["--pipeline_type", "flux", "--pipeline", "sd3"], "means --pipeline flux, but --pipeline sd3 was given"),
+        (["--shorten_intermediate_steps", "yes"], "expected True or False (or true/false/1/0), got 'yes'"),
+    ],
+)
+def test_wrong_pipeline_type_is_a_clear_error(extra, message, tiny_flux_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["geneval", str(prompts_file), "--model", str(tiny_flux_dir), "--output_dir", str(out), *extra]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    # A family mismatch is seen once the pipeline is loaded, after diffusers' loading bars: the error is the one
+    # line that says "error", and the last.
+    assert [line for line in lines if "error" in line] == lines[-1:], lines
+    assert lines[-1].startswith("lssgen geneval: error: ") and message in lines[-1], lines
+    assert not out.exists()
+
+
+def test_shorten_intermediate_steps_takes_a_value_in_the_published_spelling():
+    parser = build_parser()
+    base = ["geneval", "prompts.jsonl", "--model", "m", "--out", "o"]
+    for value, expected in [("True", True), ("true", True), ("1", True), ("False", False), ("false", False)]:
+        assert parser.parse_args([*base, "--shorten_intermediate_steps", value]).shorten_intermediate_steps is expected
+    assert parser.parse_args([*base, "--shorten_intermediate_steps", "0"]).shorten_intermediate_steps is False
+    assert parser.parse_args([*base, "--no-shorten-intermediate-steps"]).shorten_intermediate_steps is False
+    assert parser.parse_args([*base, "--shorten-intermediate-steps"]).shorten_intermediate_steps is True
+    assert parser.parse_args(base).shorten_intermediate_steps is None  # the family's default

@@ -208,12 +208,12 @@ def test_cli_trains_and_resumes(vae_dir, data, small_config, tmp_path):
 
 
 def expect_error(capsys, out: Path, args, *words: str) -> None:
-    """Bad input: exit status 2, `lssgen: error:` naming the problem, and no output (or staging) folder."""
+    """Bad input: exit status 2, `lssgen train-upsampler: error:` naming the problem, and no output folder."""
     from lssgen.cli import main
 
     assert main(["train-upsampler", *map(str, args)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("lssgen: error:"), error
+    assert error.startswith("lssgen train-upsampler: error:"), error
     for word in words:
         assert word in error, error
     assert not out.exists() or out.is_file()
@@ -223,7 +223,7 @@ def expect_error(capsys, out: Path, args, *words: str) -> None:
 def test_cli_bad_input_exit_status(vae_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("--vae", vae_dir, "--images", tmp_path / "empty", "--out", tmp_path / "out", "--device", "cpu")
-    assert result.returncode == 2 and "lssgen: error: --images" in result.stderr, result.stderr
+    assert result.returncode == 2 and "lssgen train-upsampler: error: --images" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -253,7 +253,9 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
     config_only = tmp_path / "config-only"
     lssgen.LatentUpsampler(in_channels=4, out_channels=4, **SMALL).save_config(config_only)  # no weights file
     expect_error(capsys, out, [*args, "--images", data, "--out", out, "--init-from", config_only], "--init-from")
-    bad = [*args, "--images", data, "--out", out, "--init-from", tmp_path / "nowhere", "--config", mismatch]
+    init = tmp_path / "init"
+    lssgen.LatentUpsampler(in_channels=4, out_channels=4, **SMALL).save_pretrained(init)
+    bad = [*args, "--images", data, "--out", out, "--init-from", init, "--config", mismatch]
     expect_error(capsys, out, bad, "--init-from", "drop one")
     for scales in (["1", "1.5"], ["0"], ["1", "1"]):
         expect_error(capsys, out, [*args, "--images", data, "--out", out, "--scales", *scales], "--scales", "(0, 1]")
