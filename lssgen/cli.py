@@ -156,16 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True, help="folder of held-out images (searched recursively)")
     evaluate.add_argument(
         "--resolution",
-        type=int,
+        type=_positive_int,
         default=512,
         help="centre-crop side, px (default 512). Smaller images are never scaled up: each is evaluated at its own "
         "size, its short side rounded down to a multiple of 2 x the VAE's spatial factor (16 for most), with a warning",
     )
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    evaluate.add_argument("--crops-per-image", type=int, default=1, help="centre crop + seeded random crops")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many images")
+    evaluate.add_argument("--crops-per-image", type=_positive_int, default=1, help="centre crop + seeded random crops")
     evaluate.add_argument("--out", default="outputs/eval-upsampler", help="report folder")
-    evaluate.add_argument("--grid", type=int, default=4, help="images (rows) in grid.png")
-    evaluate.add_argument("--repeats", type=int, default=10, help="timed calls per method for latency")
+    evaluate.add_argument("--grid", type=_interval, default=4, help="images (rows) in grid.png; 0 for none")
+    evaluate.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per method for latency")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     _add_device_arguments(evaluate)
     evaluate.set_defaults(func=run_eval_upsampler)

@@ -135,6 +135,16 @@ FAILURES = {
     "zero steps": ({"extra": ["--steps", "0"]}, "argument --steps", (*SIZED, "train-upsampler")),
     "negative size": ({"extra": ["--height", "-64"]}, "argument --height: must be a positive integer", SIZED),
     "zero resolution": ({"extra": ["--resolution", "0"]}, "--resolution", VAE_COMMANDS),
+    "negative grid": (
+        {"extra": ["--grid", "-1"]},
+        "argument --grid: must be 0 or a positive integer",
+        ("eval-upsampler",),
+    ),
+    "zero repeats": (
+        {"extra": ["--repeats", "0"]},
+        "argument --repeats: must be a positive integer",
+        ("eval-upsampler",),
+    ),
 }
 
 
