@@ -279,8 +279,9 @@ def _check_smallest_stage(
     vae_scale_factor: int,
     facts: ScheduleFacts,
 ) -> None:
-    """A stage of a latent cell or two is no image, and the denoiser's, VAE's or upsampler's convolutions fail on
-    it: refuse plans whose smallest stage is below the family's minimum (or that round the image away)."""
+    """Refuse a plan whose smallest stage is under the family's minimum, or that rounds the image away altogether
+    (a tiny `min_resolution` asks for so many halvings): the denoiser's, VAE's and upsampler's convolutions fail on
+    such stages, or the plan divides by a zero size."""
     smallest = min(target_height, target_width) // vae_scale_factor // 2**num_low
     if smallest >= facts.min_stage_latent_side:
         return
