@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check lssgen tests && $(BIN)/ruff format --check lssgen tests
+	$(BIN)/ruff check lssgen tests weights && $(BIN)/ruff format --check lssgen tests weights
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -5,6 +5,7 @@ from .hookspecs import hookimpl
 from .patch import Options, is_patched, patch, plan_for, unpatch
 from .plan import Stage, StagePlan, plan_stages
 from .upsampler import LatentUpsampler
+from .weights import weights_path  # the weights we trained, shipped with the package
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "register_adapter",
     "unpatch",
     "unregister_adapter",
+    "weights_path",
 ]

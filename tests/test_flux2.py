@@ -1,8 +1,6 @@
 """FLUX.2 (`Flux2Pipeline`, `Flux2KleinPipeline`): the adapter contract, plus what is particular to FLUX.2 (the
 patchified, BatchNorm-normalised latent, scaling in the VAE's space, reference images)."""
 
-from pathlib import Path
-
 import torch
 from adapter_contract import AdapterContract
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -11,6 +9,7 @@ from PIL import Image
 import lssgen
 from lssgen.adapters.flux2 import Flux2Adapter, _latent_ids
 from lssgen.tiny.flux2 import build_tiny_flux2_pipeline, tiny_flux2_prompt_embeds
+from lssgen.weights import weights_path
 
 TEXT_TOKENS = 8
 
@@ -220,8 +219,7 @@ def test_torch_compile_compiles_once_per_stage_size():
 def test_our_flux2_upsampler_loads_and_runs_in_a_patched_flux2_pipeline():
     """weights/flux2-x2 (trained on taef2 latents, the VAE's own latent space) in a FLUX.2 pipeline with 32-channel
     latents: it receives the low-resolution stage's VAE-space latent and the call completes."""
-    weights = Path(__file__).resolve().parents[1] / "weights" / "flux2-x2"
-    upsampler = lssgen.LatentUpsampler.from_pretrained(weights)
+    upsampler = lssgen.LatentUpsampler.from_pretrained(weights_path("flux2-x2"))
     assert (upsampler.config.in_channels, upsampler.config.out_channels) == (32, 32)
     pipe = build_tiny_flux2_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
