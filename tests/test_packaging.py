@@ -44,8 +44,9 @@ def test_the_wheel_carries_the_weights_and_an_install_loads_them(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("lssgen-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md"):
-        assert f"lssgen/weights/flux2-x2/{name}" in names
+    weights = [path for path in (REPO / "weights").glob("*/**/*") if path.is_file() and "__pycache__" not in path.parts]
+    assert "lssgen/weights/flux2-x2/diffusion_pytorch_model.safetensors" in names
+    assert {f"lssgen/weights/{path.relative_to(REPO / 'weights').as_posix()}" for path in weights} <= names
 
     site = tmp_path / "site"
     install = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], capture_output=True)
