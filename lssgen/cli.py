@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=run_eval_upsampler)
     _add_train_parser(commands)
     _add_bench_parser(commands)
+    _add_eval_generation_parser(commands)
     _add_geneval_parser(commands)
     return parser
 
@@ -211,6 +212,35 @@ def _add_geneval_parser(commands) -> None:
         "--batch-size", type=_positive_int, default=None, help="images of one prompt per pipeline call (default: all)"
     )
     geneval.set_defaults(func=run_geneval)
+
+
+def _add_eval_generation_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval-generation",
+        help="stock vs lssgen settings on a scene text-to-image model: accuracy, KID, fidelity and time, in one run",
+        description="Generate the held-out scene prompts (lssgen.scenes) with the stock pipeline, lssgen in every "
+        "scaling space at start sigma 0.75 and 0.667 with 2 and 3 stages, and the stock pipeline at the step counts "
+        "that fit in each lssgen setting's time; score them with the scene scorer. Writes report.json, report.md "
+        "and grid.png.",
+    )
+    evaluate.add_argument("--model", help="pipeline folder taking string prompts (default: the shipped scene-t2i)")
+    evaluate.add_argument("--scorer", help="SceneScorer folder (default: the shipped scene-scorer)")
+    evaluate.add_argument("--upsampler", help="LatentUpsampler folder (without one, the learned space is skipped)")
+    evaluate.add_argument("--size", type=_positive_int, default=256, help="image side, px (the model's native size)")
+    evaluate.add_argument("--steps", type=_positive_int, default=20, help="denoising steps of the stock pipeline (N)")
+    evaluate.add_argument("--guidance", type=float, default=None, help="guidance scale (the pipeline's default)")
+    evaluate.add_argument(
+        "--per-category", type=_integer(1, "an integer from 1 to 8"), default=8, help="held-out prompts per category"
+    )
+    evaluate.add_argument("--stages", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="stage counts")
+    evaluate.add_argument(
+        "--equal-speed", action=argparse.BooleanOptionalAction, default=True, help="stock at equal-time step counts"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then one more per prompt)")
+    evaluate.add_argument("--out", default="outputs/eval-generation", help="report folder")
+    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    _add_device_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval_generation)
 
 
 def _add_bench_parser(commands) -> None:
@@ -571,6 +601,50 @@ def run_geneval(args) -> None:
         device=args.device,
     )
     run_geneval(args.prompts, settings)
+
+
+def _shipped(path: str | None, name: str, option: str) -> str:
+    """`path`, or the shipped weights `name` when it is not given."""
+    from .weights import shipped, weights_path
+
+    if path:
+        return path
+    if name not in shipped():
+        raise ValueError(f"{option}: lssgen ships no {name!r} weights ({', '.join(shipped())}); pass {option} FOLDER.")
+    return str(weights_path(name))
+
+
+def run_eval_generation(args) -> None:
+    from .eval_generation import default_settings, evaluate_generation, write_report
+    from .scenes import CATEGORIES, evaluation_scenes
+    from .scorer import SceneScorer
+
+    if args.per_category > 8:
+        raise ValueError(f"--per-category {args.per_category}: the held-out set has 8 prompts per category.")
+    device, dtype = _device_and_dtype(args)
+    model = _shipped(args.model, "scene-t2i", "--model")
+    pipe = load_pipeline(model, device, dtype)
+    scorer = SceneScorer.from_pretrained(_shipped(args.scorer, "scene-scorer", "--scorer")).to(device)
+    upsampler = load_upsampler(args.upsampler, dtype, device) if args.upsampler else None
+    scenes = evaluation_scenes()[: args.per_category * len(CATEGORIES)]  # categories take turns in the set
+    settings = default_settings(args.size, args.steps, learned=upsampler is not None, stages=args.stages)
+    report = evaluate_generation(
+        pipe,
+        scorer,
+        scenes,
+        size=args.size,
+        steps=args.steps,
+        upsampler=upsampler,
+        settings=settings,
+        equal_speed=args.equal_speed,
+        seed=args.seed,
+        call={} if args.guidance is None else {"guidance_scale": args.guidance},
+        progress=args.progress,
+        model_name=model,
+    )
+    out = write_report(report, args.out)
+    print(report.markdown())
+    print(f"wrote {out / 'report.json'}, report.md and grid.png")
 
 
 def run_adapters(args) -> None:

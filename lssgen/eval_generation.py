@@ -1,0 +1,298 @@
+"""What LSSGen costs and gives on a real (small) text-to-image model, every setting side by side in one run.
+
+On a fixed held-out prompt set of the scene vocabulary (`lssgen.scenes.evaluation_scenes`) one run generates with
+the stock pipeline at N steps; with lssgen in each scaling space at two start sigmas and with two or three stages;
+and with the stock pipeline at fewer steps, as many as fit in each lssgen setting's time (the paper's equal-speed
+baseline). The settings take turns prompt by prompt, so all of them meet the same machine state. Each setting is
+scored by the scene scorer (GenEval's rules, per category), by KID between its images and real renders of the same
+scenes (on the scorer's features), by PSNR and SSIM against the stock image of the same seed, and by its wall time
+relative to the stock pipeline in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from .metrics import psnr, ssim
+from .outputs import write_folder
+from .scenes import CATEGORIES, Scene, render
+
+STOCK = "stock"
+TILE = 128  # grid tile side, px
+
+
+@dataclass
+class GenerationSetting:
+    r"""
+    One way to generate: `steps` denoising steps and the lssgen options of the call (`start_sigma=1.0`: stock).
+
+    Args:
+        name (`str`): the row label.
+        steps (`int`): `num_inference_steps` of the call.
+        options (`dict`): lssgen options, e.g. `{"start_sigma": 0.75, "min_resolution": 128,
+            "scaling_space": "learned"}`.
+        matches (`str`, *optional*): for an equal-speed stock baseline, the lssgen setting whose time it matches.
+    """
+
+    name: str
+    steps: int
+    options: dict[str, Any] = field(default_factory=lambda: {"start_sigma": 1.0})
+    matches: str | None = None
+
+    @property
+    def is_stock(self) -> bool:
+        return self.options.get("start_sigma") == 1.0
+
+
+def default_settings(
+    size: int, steps: int, *, learned: bool, stages: Sequence[int] = (2, 3)
+) -> list[GenerationSetting]:
+    """The stock pipeline at `steps`, then lssgen in every scaling space at start sigma 0.75 and 0.667 with each
+    stage count (`min_resolution` = the target side halved `stages - 1` times)."""
+    settings = [GenerationSetting(f"{STOCK} {steps} steps", steps)]
+    spaces = (["learned"] if learned else []) + ["latent", "pixel"]
+    for count in stages:
+        for sigma in (0.75, 0.667):
+            for space in spaces:
+                options = {"start_sigma": sigma, "min_resolution": size // 2 ** (count - 1), "scaling_space": space}
+                settings.append(GenerationSetting(f"lssgen {space} s={sigma} {count} stages", steps, options))
+    return settings
+
+
+def equal_speed_settings(settings: list[GenerationSetting], seconds: dict[str, float]) -> list[GenerationSetting]:
+    """Stock settings with as many steps as fit in each lssgen setting's time (`seconds` per setting, measured with
+    the first stock setting), one per distinct step count."""
+    reference = next(s for s in settings if s.is_stock)
+    per_step = seconds[reference.name] / reference.steps
+    extra: dict[int, GenerationSetting] = {}
+    for setting in settings:
+        if setting.is_stock:
+            continue
+        count = max(1, round(seconds[setting.name] / per_step))
+        if count < reference.steps and count not in extra:
+            extra[count] = GenerationSetting(f"{STOCK} {count} steps (equal time)", count, matches=setting.name)
+    return [extra[count] for count in sorted(extra, reverse=True)]
+
+
+@dataclass
+class SettingScores:
+    name: str
+    steps: int
+    options: dict[str, Any]
+    matches: str | None
+    accuracy: dict[str, float]  # per category, and "overall" (GenEval's: the mean of the categories)
+    kid: float | None
+    psnr: float | None  # against the stock image of the same seed; None for the stock setting itself
+    ssim: float | None
+    seconds: float  # per image, mean over the prompts
+    time_ratio: float  # this setting's total time / the stock setting's, in the same run
+
+
+@dataclass
+class GenerationReport:
+    settings: dict[str, Any]
+    scores: list[SettingScores]
+    grid: Image.Image | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "scores": [asdict(score) for score in self.scores]}
+
+    def markdown(self) -> str:
+        s = self.settings
+        lines = [
+            f"{s['prompts']} held-out prompts ({s['per_category']} per category), {s['size']} px, seed {s['seed']}, "
+            f"{s['device']}, {s['dtype']}; model {s['model']}",
+            "",
+            "| setting | steps | " + " | ".join(CATEGORIES) + " | overall | KID | PSNR | SSIM | time |",
+            "|---|---:|" + "---:|" * (len(CATEGORIES) + 5),
+        ]
+        for score in self.scores:
+            cells = [f"{score.accuracy[c]:.2f}" for c in (*CATEGORIES, "overall")]
+            kid = "-" if score.kid is None else f"{score.kid:.4f}"
+            fidelity = ["-", "-"] if score.psnr is None else [f"{score.psnr:.2f}", f"{score.ssim:.3f}"]
+            lines.append(
+                f"| {score.name} | {score.steps} | "
+                + " | ".join([*cells, kid, *fidelity, f"{score.time_ratio:.2f}x"])
+                + " |"
+            )
+        lines += [
+            "",
+            "Accuracy: the scene scorer's verdict, GenEval's rules (overall: the mean of the categories). KID: on the "
+            "scorer's features, against real renders of the same scenes (lower is closer). PSNR/SSIM: against the "
+            "stock image of the same seed. Time: per image, relative to the stock setting, measured in the same run.",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _generate(pipe: Any, setting: GenerationSetting, scene: Scene, size: int, seed: int, call: dict[str, Any]):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    kwargs = {"height": size, "width": size, "num_inference_steps": setting.steps, "output_type": "pt", **call}
+    start = time.perf_counter()
+    images = pipe(scene.caption, generator=generator, **kwargs, **setting.options).images
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    return images[0].float().cpu().clamp(0, 1), time.perf_counter() - start
+
+
+def _run(pipe, settings, scenes, size, seed, call, progress, description) -> tuple[dict, dict]:
+    images = {s.name: [] for s in settings}
+    seconds = {s.name: 0.0 for s in settings}
+    for index, scene in enumerate(tqdm(scenes, desc=description, disable=not progress)):
+        # Turns rotate prompt by prompt, so no setting always runs first (or right after the slowest one).
+        shift = index % len(settings)
+        for setting in settings[shift:] + settings[:shift]:
+            image, elapsed = _generate(pipe, setting, scene, size, seed + index, call)
+            images[setting.name].append(image)
+            seconds[setting.name] += elapsed
+    return {name: torch.stack(stack) for name, stack in images.items()}, seconds
+
+
+def _kid(scorer: Any, real: torch.Tensor, generated: torch.Tensor) -> float | None:
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2:
+        return None  # KID compares distributions: it needs at least two images of each
+    kid = KernelInceptionDistance(feature=scorer.feature_extractor(), subset_size=len(real), subsets=10)
+    kid.update(real, real=True)
+    kid.update(generated, real=False)
+    return float(kid.compute()[0])
+
+
+def _grid(real: torch.Tensor, images: dict[str, torch.Tensor], rows: int) -> Image.Image:
+    columns = [("real render", real), *images.items()]
+    label_height = 12
+    grid = Image.new("RGB", (TILE * len(columns), label_height + TILE * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, (name, stack) in enumerate(columns):
+        draw.text((column * TILE + 2, 0), name[:24], fill="black")
+        for row in range(rows):
+            tile = F.interpolate(stack[row : row + 1], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
+            pixels = (tile.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            grid.paste(Image.fromarray(pixels), (column * TILE, label_height + row * TILE))
+    return grid
+
+
+@torch.no_grad()
+def evaluate_generation(
+    pipe: Any,
+    scorer: Any,
+    scenes: Sequence[Scene],
+    *,
+    size: int = 256,
+    steps: int = 20,
+    upsampler: Any = None,
+    settings: list[GenerationSetting] | None = None,
+    equal_speed: bool = True,
+    seed: int = 0,
+    call: dict[str, Any] | None = None,
+    grid_rows: int = 6,
+    progress: bool = True,
+    model_name: str = "",
+) -> GenerationReport:
+    r"""
+    Generate every scene with every setting and score the settings side by side (see the module docstring).
+
+    Args:
+        pipe (`DiffusionPipeline`): a stock pipeline taking string prompts; patched here with `upsampler`, with the
+            target size as the model's native size (`base_height`/`base_width`), and unpatched at the end.
+        scorer (`SceneScorer`): the judge of `lssgen.scorer`.
+        scenes (`list[Scene]`): the prompts, usually `lssgen.scenes.evaluation_scenes()`.
+        size (`int`, defaults to `256`), steps (`int`, defaults to `20`): the target side and N.
+        settings (`list[GenerationSetting]`, *optional*): defaults to [`default_settings`].
+        equal_speed (`bool`, defaults to `True`): add stock settings at the step counts that fit in each lssgen
+            setting's time, measured on the first scene in a warm-up round.
+        call (`dict`, *optional*): more call arguments for every setting, e.g. `{"guidance_scale": 4.0}`.
+        grid_rows (`int`, defaults to `6`): the first scenes, shown in the grid (the evaluation set's first six are
+            one of each category).
+
+    Example:
+
+    ```py
+    >>> report = evaluate_generation(pipe, SceneScorer.from_pretrained(path), evaluation_scenes(), upsampler=up)
+    >>> print(report.markdown())
+    ```
+    """
+    import lssgen
+
+    if not scenes:
+        raise ValueError("evaluate_generation needs at least one scene.")
+    call = dict(call or {})
+    settings = list(settings or default_settings(size, steps, learned=upsampler is not None))
+    if not any(setting.is_stock for setting in settings):
+        raise ValueError("The settings need a stock setting (start_sigma=1.0): everything is compared with it.")
+    lssgen.patch(pipe, upsampler, base_height=size, base_width=size)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        # Warm-up on the first scene: every code path runs once before timing, and it times the equal-speed steps.
+        _, warm = _run(pipe, settings, scenes[:1], size, seed, call, progress, "warm-up")
+        if equal_speed:
+            settings += equal_speed_settings(settings, warm)
+        images, seconds = _run(pipe, settings, scenes, size, seed, call, progress, "generating")
+    finally:
+        lssgen.unpatch(pipe)
+
+    real = torch.stack([torch.from_numpy(np.array(render(scene, size))) for scene in scenes])
+    real = real.permute(0, 3, 1, 2).float() / 255
+    stock = next(s for s in settings if s.is_stock)
+    scores = []
+    for setting in tqdm(settings, desc="scoring", disable=not progress):
+        generated = images[setting.name]
+        verdicts = scorer.score(generated, list(scenes))
+        accuracy = {}
+        for category in CATEGORIES:
+            passed = [v.passed for v in verdicts if v.category == category]
+            accuracy[category] = sum(passed) / len(passed) if passed else math.nan
+        accuracy["overall"] = statistics.fmean(a for a in accuracy.values() if not math.isnan(a))
+        same = setting.name == stock.name
+        scores.append(
+            SettingScores(
+                name=setting.name,
+                steps=setting.steps,
+                options=setting.options,
+                matches=setting.matches,
+                accuracy=accuracy,
+                kid=_kid(scorer, real, generated),
+                psnr=None if same else float(psnr(generated, images[stock.name]).mean()),
+                ssim=None if same else float(ssim(generated, images[stock.name]).mean()),
+                seconds=seconds[setting.name] / len(scenes),
+                time_ratio=seconds[setting.name] / seconds[stock.name],
+            )
+        )
+    parameters = {
+        "model": model_name,
+        "prompts": len(scenes),
+        "per_category": len(scenes) // len(CATEGORIES),
+        "size": size,
+        "steps": steps,
+        "seed": seed,
+        "call": call,
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "upsampler": None if upsampler is None else type(upsampler).__name__,
+    }
+    rows = min(grid_rows, len(scenes))
+    return GenerationReport(parameters, scores, _grid(real, images, rows) if rows else None)
+
+
+def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
+    """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none."""
+    files = {
+        "report.json": lambda path: path.write_text(json.dumps(report.to_dict(), indent=2) + "\n"),
+        "report.md": lambda path: path.write_text(report.markdown()),
+    }
+    if report.grid is not None:
+        files["grid.png"] = lambda path: report.grid.save(path, format="PNG")
+    return write_folder(out_dir, files)

@@ -1,0 +1,153 @@
+"""`lssgen eval-generation`: every setting side by side on the held-out scene prompts, scored and timed in one run.
+
+A tiny random-weight FluxPipeline (it takes string prompts) stands in for the trained scene model here: the images
+are noise, so these tests check the machinery (what runs, what is compared with what, the report), not accuracy.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lssgen
+from lssgen.cli import main
+from lssgen.eval_generation import (
+    TILE,
+    GenerationSetting,
+    default_settings,
+    equal_speed_settings,
+    evaluate_generation,
+)
+from lssgen.scenes import CATEGORIES, evaluation_scenes
+from lssgen.scorer import SceneScorer
+from lssgen.tiny import build_tiny_flux_pipeline
+
+SIZE, STEPS = 64, 4
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return SceneScorer.from_pretrained(lssgen.weights_path("scene-scorer"))
+
+
+def test_default_settings_cover_every_space_sigma_and_stage_count():
+    settings = default_settings(256, 20, learned=True)
+    assert settings[0].name == "stock 20 steps" and settings[0].is_stock
+    lssgen_settings = [s.options for s in settings[1:]]
+    assert len(lssgen_settings) == 3 * 2 * 2
+    assert {(o["scaling_space"], o["start_sigma"], o["min_resolution"]) for o in lssgen_settings} == {
+        (space, sigma, side)
+        for space in ("learned", "latent", "pixel")
+        for sigma in (0.75, 0.667)
+        for side in (128, 64)
+    }
+    assert all(s.options.get("scaling_space") != "learned" for s in default_settings(256, 20, learned=False))
+
+
+def test_equal_speed_baselines_fit_in_each_lssgen_settings_time():
+    settings = [GenerationSetting("stock 20 steps", 20), *default_settings(256, 20, learned=False)[1:4]]
+    # 1 s per stock step; the lssgen settings took 12.4, 7.6 and 12.6 s: 12, 8 and 13 steps fit in those times.
+    seconds = {"stock 20 steps": 20.0, **dict(zip([s.name for s in settings[1:]], (12.4, 7.6, 12.6)))}
+    extra = equal_speed_settings(settings, seconds)
+    assert [(s.steps, s.matches) for s in extra] == [
+        (13, settings[3].name),
+        (12, settings[1].name),
+        (8, settings[2].name),
+    ]
+    assert all(s.is_stock for s in extra)
+    # A setting no faster than the stock pipeline gets no baseline (it would not be fewer steps).
+    assert equal_speed_settings(settings[:2], {"stock 20 steps": 20.0, settings[1].name: 25.0}) == []
+
+
+def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(scorer):
+    pipe = build_tiny_flux_pipeline(seed=0)
+    scenes = evaluation_scenes()[:6]  # one of each category
+    settings = [
+        GenerationSetting("stock", STEPS),
+        GenerationSetting("lssgen", STEPS, {"start_sigma": 0.75, "min_resolution": SIZE // 2}),
+    ]
+    report = evaluate_generation(
+        pipe,
+        scorer,
+        scenes,
+        size=SIZE,
+        steps=STEPS,
+        settings=settings,
+        call={"max_sequence_length": 32},
+        progress=False,
+    )
+    assert not lssgen.is_patched(pipe)  # patched for the run only
+    names = [score.name for score in report.scores]
+    assert names[:2] == ["stock", "lssgen"]
+    assert all(s.startswith("stock ") and s.endswith("(equal time)") for s in names[2:])
+    stock, scaled = report.scores[:2]
+    for score in report.scores:
+        assert set(score.accuracy) == {*CATEGORIES, "overall"}
+        assert all(0.0 <= value <= 1.0 for value in score.accuracy.values())
+        assert score.accuracy["overall"] == pytest.approx(sum(score.accuracy[c] for c in CATEGORIES) / 6)
+        assert score.kid is not None and math.isfinite(score.kid)
+        assert score.seconds > 0
+    assert stock.psnr is None and stock.time_ratio == 1.0
+    assert math.isfinite(scaled.psnr) and -1 <= scaled.ssim < 1  # noise images of different plans differ
+    assert report.grid.size == (TILE * (1 + len(names)), 12 + TILE * 6)
+    assert "| stock | 4 |" in report.markdown() and "| lssgen | 4 |" in report.markdown()
+
+    # The stock column is the stock pipeline: the same seed on a never-patched pipe gives the same first image.
+    reference = build_tiny_flux_pipeline(seed=0)
+    reference.set_progress_bar_config(disable=True)
+    alone = reference(
+        scenes[0].caption,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    again = evaluate_generation(
+        pipe,
+        scorer,
+        scenes[:1],
+        size=SIZE,
+        steps=STEPS,
+        settings=settings[:1],
+        equal_speed=False,
+        call={"max_sequence_length": 32},
+        progress=False,
+    )
+    assert again.scores[0].kid is None  # one image is no distribution
+    assert torch.equal(_first_grid_tile(again, column=1), _tile(alone[0]))
+
+
+def _tile(image):
+    tile = torch.nn.functional.interpolate(image[None], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
+    return tile.clamp(0, 1).mul(255).round().byte()
+
+
+def _first_grid_tile(report, column):
+    pixels = torch.from_numpy(np.asarray(report.grid)).permute(2, 0, 1)
+    return pixels[:, 12 : 12 + TILE, column * TILE : (column + 1) * TILE]
+
+
+def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["eval-generation", "--model", str(tiny_flux_dir), "--size", str(SIZE), "--steps", "2"]
+    args += ["--per-category", "1", "--stages", "2", "--no-equal-speed", "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["prompts"] == 6 and report["settings"]["model"] == str(tiny_flux_dir)
+    assert [score["name"] for score in report["scores"]] == [
+        "stock 2 steps",
+        *(f"lssgen {space} s={sigma} 2 stages" for sigma in (0.75, 0.667) for space in ("latent", "pixel")),
+    ]
+    assert (out / "grid.png").stat().st_size > 0 and "| stock 2 steps |" in (out / "report.md").read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_refuses_more_prompts_than_the_held_out_set_has(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval-generation", "--per-category", "9", "--out", str(out), "--device", "cpu"]) == 2
+    assert "the held-out set has 8 prompts per category" in capsys.readouterr().err
+    assert not out.exists()
