@@ -91,3 +91,15 @@ def write_folder(out_dir: str | os.PathLike, files: dict[str, Callable[[Path], N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def save_pretrained_here(model, folder: str | os.PathLike) -> None:
+    """`model.save_pretrained(folder)`, without the `_name_or_path` a model loaded with `from_pretrained` records:
+    a saved model should not carry the local folder it was once loaded from (`--init-from`, `--resume`)."""
+    import json
+
+    model.save_pretrained(folder)
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

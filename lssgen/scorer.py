@@ -19,7 +19,6 @@ python -m lssgen.scorer evaluate --scorer weights/scene-scorer --taef2 /work/sha
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .outputs import save_pretrained_here
 from .scenes import (
     ATTRIBUTES,
     CATEGORIES,
@@ -586,7 +586,7 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         bar.set_postfix(stage=stage, loss=f"{average:.4f}")
         done = step + 1
         if done % settings.save_every == 0 or done in (settings.steps, total):
-            _save(scorer, checkpoint)
+            save_pretrained_here(scorer, checkpoint)
             state = {"optimizer": optimizer.state_dict(), "step": done, "stage": stage}
             torch.save(state, checkpoint / "optimizer.pt")
     bar.close()
@@ -595,7 +595,7 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
     log(f"trained to step {total} in {seconds:.0f} s (this run); measuring on fresh renders")
     report = evaluate(scorer, report_scenes, vae=vae, round_trip_scenes=report_scenes * 2 // 5, progress=progress)
     log(format_report(report))
-    _save(scorer, out_dir)
+    save_pretrained_here(scorer, out_dir)
     _write_model_card(out_dir / "README.md", settings, report, vae_name, seconds, command)
     return scorer
 
@@ -655,15 +655,6 @@ def format_report(report: dict[str, dict[str, dict[str, float]]]) -> str:
         ]
         lines.append(f"| {category} ({ATTRIBUTES[category]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _save(scorer: SceneScorer, folder: Path) -> None:
-    scorer.save_pretrained(folder)
-    # A scorer loaded from a folder (--resume) records that folder's path; the saved one should not carry it.
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str | None, seconds: float,

@@ -31,7 +31,7 @@ from .data import (
 )
 from .latents import LatentNormalization
 from .metrics import psnr
-from .outputs import check_writable
+from .outputs import check_writable, save_pretrained_here
 from .upsampler import LatentUpsampler
 
 CHECKPOINT = "checkpoint"
@@ -202,19 +202,9 @@ def _decoded_psnr(vae, norm, latents: torch.Tensor, images: torch.Tensor) -> flo
     return float(psnr((decode(vae, latents, norm) + 1) / 2, (images + 1) / 2).mean())
 
 
-def _save_upsampler(upsampler: LatentUpsampler, folder: Path) -> None:
-    upsampler.save_pretrained(folder)
-    # An upsampler loaded with from_pretrained (--init-from, --resume) records the local folder it came from;
-    # the saved one should not carry that path.
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def _save_checkpoint(folder: Path, upsampler, optimizer, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _save_upsampler(upsampler, folder)
+    save_pretrained_here(upsampler, folder)
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, folder / "optimizer.pt")
 
 
@@ -409,7 +399,7 @@ def train_upsampler(
         "upsampler config": json.dumps({k: v for k, v in upsampler.config.items() if not k.startswith("_")}),
     }
     try:
-        _save_upsampler(upsampler.to("cpu"), work)
+        save_pretrained_here(upsampler.to("cpu"), work)
         _model_card(work / "README.md", facts)
         if not resume:
             if out_dir.is_dir():
