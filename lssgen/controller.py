@@ -10,6 +10,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters.base import Adapter
+from .caches import reset_stateful_hooks
 from .plan import Stage, StagePlan
 from .scaling import scale_up
 from .schedule import StagedScheduler
@@ -59,6 +60,8 @@ class Run:
         following = self.plan.stages[stage.index + 1]
         upsampled = self.scale_up(latents, stage)
         self.show_stage(following)
+        # Caches hold tensors of this stage's size: the next stage starts with none (see lssgen.caches).
+        reset_stateful_hooks(getattr(self.pipe, self.adapter.denoiser))
         return self.adapter.pack(self.pipe, self.renoise(upsampled, following))
 
     def latents_at_target_size(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:

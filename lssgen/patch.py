@@ -12,6 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
+from .caches import reset_stateful_hooks
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .plan import Stage, StagePlan, plan_stages, validate_options
 from .scaling import resolve_scaling_space
@@ -230,14 +231,17 @@ def _patched_call(self, *args, **kwargs):
         return stock_call(self, *args, **kwargs)
 
     stock_scheduler = self.__dict__["scheduler"]
+    denoiser = getattr(self, state.adapter.denoiser)
     # Swap through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config.
     self.__dict__["scheduler"] = run.scheduler
     state.run = run
+    reset_stateful_hooks(denoiser)  # no cache state from an earlier call, whatever ended it
     try:
         return stock_call(self, **call)
     finally:
         self.__dict__["scheduler"] = stock_scheduler
         state.run = None
+        reset_stateful_hooks(denoiser)
 
 
 def plan_for(

@@ -427,6 +427,50 @@ class AdapterContract:
             lssgen.patch(pipe, wrong)
         assert not lssgen.is_patched(pipe)
 
+    # --- stateful hooks (caches) ---------------------------------------------------------------------------------
+    def test_stateful_hooks_are_reset_at_every_stage_and_around_every_call(self, pipe):
+        """A cache keeps tensors of earlier steps: none may reach a step of another resolution or another call."""
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        class SizeMemory(ModelHook):  # a stateful hook that remembers the size of the last latent it saw
+            _is_stateful = True
+
+            def __init__(self):
+                super().__init__()
+                self.last, self.seen = None, []
+
+            def pre_forward(self, module, *args, **kwargs):
+                latent = next(a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
+                self.seen.append((self.last, tuple(latent.shape)))
+                self.last = tuple(latent.shape)
+                return args, kwargs
+
+            def reset_state(self, module):
+                self.last = None
+                return module
+
+        memory = SizeMemory()
+        HookRegistry.check_if_exists_or_initialize(self.denoiser(pipe)).register_hook(memory, "size_memory")
+        lssgen.patch(pipe, **self.three_stages)
+        memory.last = "left over"  # as a call that was interrupted or raised would leave it
+        self.images(pipe, **self.call_kwargs(pipe))
+        plan = self.plan(pipe, **self.three_stages)
+        starts = {0, *plan.stage_ends[:-1]}
+        per_call = self.calls_per_step
+        assert len(memory.seen) == plan.total_steps * per_call
+        for index, (before, size) in enumerate(memory.seen):
+            # Cleared exactly before each stage's first call; within a stage the state carries over.
+            assert (before is None) == (index // per_call in starts and index % per_call == 0), index
+            assert before is None or before == size
+        assert memory.last is None  # and after the call
+
+        def broken(pipeline, step_index, timestep, callback_kwargs):
+            raise RuntimeError("user callback failed")
+
+        with pytest.raises(RuntimeError, match="user callback failed"):
+            pipe(**self.call_kwargs(pipe), callback_on_step_end=broken)
+        assert memory.last is None  # also after an exception
+
     # --- LoRA and offloading -----------------------------------------------------------------------------------
     def test_lora_applies_in_every_stage(self, pipe, tmp_path):
         from safetensors.torch import save_file
