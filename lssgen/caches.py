@@ -5,11 +5,19 @@ of earlier denoising steps. Those have the previous stage's token count after a 
 starts with the hooks' state cleared: its first step computes the whole model, and the cache fills again within
 the stage. The same reset runs before and after every call, an exception or an interrupt included, for every
 denoiser: the stock pipelines reset only `CacheMixin` models, and only at the end of a call that succeeded.
+Caches calibrated on an N-step schedule also get a per-stage schedule by noise level (`stage_rule` below).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .plan import Stage
 
 
 def reset_stateful_hooks(module: Any) -> None:
@@ -19,3 +27,87 @@ def reset_stateful_hooks(module: Any) -> None:
         registry = getattr(submodule, "_diffusers_hook", None)
         if registry is not None:
             registry.reset_stateful_hooks(recurse=False)
+
+
+# A cache calibrated on the step counter of one N-step schedule (MagCache's `mag_ratios`, its retention steps)
+# would, in a stage that starts part-way down the schedule, apply the calibration of other noise levels. A stage
+# rule maps such settings onto the stage by noise level: it returns `(object, attribute, value)` overrides for the
+# stage about to run, given the hook and a `StageContext`. Rules are registered by hook class name, so the
+# controller stays free of cache-specific branches; `StageCacheSchedule` applies them and undoes them.
+StageRule = Callable[[Any, "StageContext"], list[tuple[Any, str, Any]]]
+STAGE_RULES: dict[str, StageRule] = {}
+
+
+def stage_rule(hook_class_name: str) -> Callable[[StageRule], StageRule]:
+    """Register the per-stage rule of the hooks of class `hook_class_name`."""
+
+    def register(rule: StageRule) -> StageRule:
+        STAGE_RULES[hook_class_name] = rule
+        return rule
+
+    return register
+
+
+@dataclass
+class StageContext:
+    stage: Stage  # the stage about to run
+    reference_timesteps: Callable[[int], list[float]]  # the stock n-step schedule at the target size
+    original: Callable[[Any, str], Any]  # an attribute's value before any override of this call
+
+
+def _nearest(reference: list[float], timestep: float) -> int:
+    return min(range(len(reference)), key=lambda i: abs(reference[i] - timestep))
+
+
+@stage_rule("MagCacheHeadHook")
+def _mag_cache(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
+    config = hook.config
+    if config.calibrate:
+        return []
+    ratios = context.original(config, "mag_ratios")
+    calibrated_steps = context.original(config, "num_inference_steps")
+    reference = context.reference_timesteps(calibrated_steps)
+    indices = [_nearest(reference, t) for t in context.stage.timesteps]
+    # Steps before the calibration's retention step are never skipped: the same noise levels here.
+    retention = int(context.original(config, "retention_ratio") * calibrated_steps + 0.5)
+    kept = sum(1 for i in indices if i < retention)
+    count = len(indices)
+    return [
+        (config, "mag_ratios", torch.stack([torch.as_tensor(ratios[i]) for i in indices])),
+        (config, "num_inference_steps", count),
+        (config, "retention_ratio", kept / count),
+    ]
+
+
+class StageCacheSchedule:
+    """For one call: clears the denoiser's stateful hooks at every stage start and applies the stage rules of its
+    hooks; `restore` undoes every override and clears the state again."""
+
+    def __init__(self, denoiser: Any, reference_timesteps: Callable[[int], list[float]]):
+        self.denoiser = denoiser
+        self.reference_timesteps = reference_timesteps
+        self.hooks = [
+            hook
+            for module in denoiser.modules()
+            for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+            if type(hook).__name__ in STAGE_RULES
+        ]
+        self._originals: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+
+    def _original(self, obj: Any, name: str) -> Any:
+        saved = self._originals.get((id(obj), name))
+        return getattr(obj, name) if saved is None else saved[2]
+
+    def start(self, stage: Stage) -> None:
+        reset_stateful_hooks(self.denoiser)
+        context = StageContext(stage, self.reference_timesteps, self._original)
+        for hook in self.hooks:
+            for obj, name, value in STAGE_RULES[type(hook).__name__](hook, context):
+                self._originals.setdefault((id(obj), name), (obj, name, getattr(obj, name)))
+                setattr(obj, name, value)
+
+    def restore(self) -> None:
+        for obj, name, value in self._originals.values():
+            setattr(obj, name, value)
+        self._originals.clear()
+        reset_stateful_hooks(self.denoiser)

@@ -10,7 +10,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters.base import Adapter
-from .caches import reset_stateful_hooks
+from .caches import StageCacheSchedule
 from .plan import Stage, StagePlan
 from .scaling import scale_up
 from .schedule import StagedScheduler
@@ -27,6 +27,7 @@ class Run:
     scaling_space: str
     upsampler: Any
     generator: torch.Generator | list[torch.Generator] | None
+    caches: StageCacheSchedule
     progress_bar: Any = field(default=None, repr=False)
 
     @property
@@ -61,7 +62,7 @@ class Run:
         upsampled = self.scale_up(latents, stage)
         self.show_stage(following)
         # Caches hold tensors of this stage's size: the next stage starts with none (see lssgen.caches).
-        reset_stateful_hooks(getattr(self.pipe, self.adapter.denoiser))
+        self.caches.start(following)
         return self.adapter.pack(self.pipe, self.renoise(upsampled, following))
 
     def latents_at_target_size(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:

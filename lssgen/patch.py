@@ -12,9 +12,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
-from .caches import reset_stateful_hooks
+from .caches import StageCacheSchedule
 from .controller import Run, StageSwitchCallback, chain_callbacks
-from .plan import Stage, StagePlan, plan_stages, validate_options
+from .plan import Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -231,17 +231,16 @@ def _patched_call(self, *args, **kwargs):
         return stock_call(self, *args, **kwargs)
 
     stock_scheduler = self.__dict__["scheduler"]
-    denoiser = getattr(self, state.adapter.denoiser)
     # Swap through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config.
     self.__dict__["scheduler"] = run.scheduler
     state.run = run
-    reset_stateful_hooks(denoiser)  # no cache state from an earlier call, whatever ended it
+    run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
     try:
         return stock_call(self, **call)
     finally:
         self.__dict__["scheduler"] = stock_scheduler
         state.run = None
-        reset_stateful_hooks(denoiser)
+        run.caches.restore()
 
 
 def plan_for(
@@ -341,6 +340,7 @@ def _prepare_run(
         device=device,
         dtype=adapter.latent_dtype(pipe),
     )
+    final, template = plan.stages[-1], pipe.scheduler  # the stock scheduler (the staged one stands in during the call)
     run = Run(
         pipe=pipe,
         adapter=adapter,
@@ -349,6 +349,10 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
+        caches=StageCacheSchedule(
+            getattr(pipe, adapter.denoiser),
+            lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
+        ),
     )
     call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.

@@ -305,6 +305,13 @@ def fresh_scheduler(template: Any) -> Any:
     return type(template).from_config(template.config)
 
 
+def stock_timesteps(template: Any, facts: ScheduleFacts, num_steps: int, latent_height: int, latent_width: int):
+    """The timesteps of the stock `num_steps`-step schedule of a latent of this size (no truncation)."""
+    scheduler = fresh_scheduler(template)
+    scheduler.set_timesteps(**facts.timestep_kwargs(template, num_steps, latent_height, latent_width))
+    return [float(t) for t in scheduler.timesteps]
+
+
 def _schedule_stage(
     index: int,
     latent_height: int,

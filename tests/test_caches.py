@@ -61,3 +61,48 @@ def test_first_block_cache_recomputes_the_first_step_of_each_stage_and_caches_th
         pipe(**flux_call_kwargs(pipe))
         assert len(tail_calls) == len(lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES).stages) == 3
     handle.remove()
+
+
+def test_mag_cache_ratios_follow_each_stage_by_noise_level_and_are_restored():
+    # Ratios calibrated for the stock 8-step schedule, all different, so the test can tell which one applies.
+    calibrated = torch.linspace(1.0, 0.65, 8)
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=calibrated, num_inference_steps=8, retention_ratio=0.5))
+    head = next(
+        hook
+        for module in pipe.transformer.modules()
+        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+        if type(hook).__name__ == "MagCacheHeadHook"
+    )
+    lssgen.patch(pipe, **THREE_STAGES)
+    seen = []
+
+    def record(module, args, kwargs):
+        config = head.config
+        seen.append((config.num_inference_steps, config.retention_ratio, config.mag_ratios.tolist()))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    pipe(**flux_call_kwargs(pipe))
+    handle.remove()
+
+    plan = lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES)
+    stock = build_tiny_flux_pipeline().scheduler
+    stock.set_timesteps(
+        sigmas=[1 - i / 8 for i in range(8)], mu=lssgen.find_adapter(pipe).timestep_kwargs(stock, 8, 32, 32)["mu"]
+    )
+    reference = [float(t) for t in stock.timesteps]
+    calls = iter(seen)
+    for stage in plan.stages:
+        nearest = [min(range(8), key=lambda i: abs(reference[i] - t)) for t in stage.timesteps]
+        for _ in stage.timesteps:
+            steps, retention, ratios = next(calls)
+            assert steps == stage.num_denoiser_steps
+            assert ratios == pytest.approx([calibrated[i].item() for i in nearest])
+            # Calibration steps 0-3 are never skipped (retention 0.5 of 8): as many of this stage's steps are kept.
+            assert int(retention * steps + 0.5) == sum(i < 4 for i in nearest)
+    final = plan.stages[-1]  # the stock schedule itself, from its begin index: the calibration's own steps
+    assert seen[-1][2] == pytest.approx(calibrated[final.begin_index :].tolist())
+    config = head.config
+    assert (config.num_inference_steps, config.retention_ratio) == (8, 0.5)
+    assert torch.equal(config.mag_ratios, calibrated)
