@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import diffusers
+import diffusers.hooks as hooks
 import pytest
 import torch
 from call_arguments import FOUND, Drawn, call_arguments
@@ -19,6 +20,31 @@ from packaging import version
 import lssgen
 from lssgen.patch import OPTION_NAMES, Options
 from lssgen.plan import StagePlan
+
+# Each cache of diffusers.hooks with a config that caches often on a tiny model (SeaCache needs step metadata
+# most pipelines do not pass).
+CACHES = {
+    "first block": (hooks.apply_first_block_cache, lambda pipe: hooks.FirstBlockCacheConfig(threshold=0.5)),
+    "pyramid attention broadcast": (
+        hooks.apply_pyramid_attention_broadcast,
+        lambda pipe: hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(0, 1000),
+            current_timestep_callback=lambda: pipe.current_timestep,
+        ),
+    ),
+    "taylorseer": (hooks.apply_taylorseer_cache, lambda pipe: hooks.TaylorSeerCacheConfig()),
+    "mag": (hooks.apply_mag_cache, lambda pipe: hooks.MagCacheConfig(mag_ratios=[1.0] * 8, num_inference_steps=8)),
+    "faster": (
+        hooks.apply_faster_cache,
+        lambda pipe: hooks.FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=lambda: pipe.current_timestep,
+            is_guidance_distilled=True,
+        ),
+    ),
+}
 
 
 def found_examples(test):
@@ -470,6 +496,29 @@ class AdapterContract:
         with pytest.raises(RuntimeError, match="user callback failed"):
             pipe(**self.call_kwargs(pipe), callback_on_step_end=broken)
         assert memory.last is None  # also after an exception
+
+    @pytest.mark.parametrize("cache", list(CACHES))
+    def test_diffusers_caches_compose(self, pipe, cache):
+        """Each cache diffusers can apply to this denoiser runs through a 3-stage plan (the README's matrix)."""
+        if cache in ("pyramid attention broadcast", "faster") and not hasattr(type(pipe), "current_timestep"):
+            pytest.skip(f"{type(pipe).__name__} exposes no current_timestep, which {cache} needs")
+        apply, config = CACHES[cache]
+        denoiser = type(self.denoiser(pipe)).__name__
+        try:
+            apply(self.denoiser(pipe), config(pipe))
+        except Exception as error:  # noqa: BLE001 - diffusers' own refusal: a cell of the matrix, not ours
+            pytest.skip(f"diffusers cannot apply {cache} to {denoiser}: {error!r}")
+        registries = [getattr(m, "_diffusers_hook", None) for m in self.denoiser(pipe).modules()]
+        if not any(hook._is_stateful for registry in registries if registry for hook in registry.hooks.values()):
+            pytest.skip(f"diffusers finds nothing to cache in {denoiser} for {cache}")
+        try:
+            self.images(pipe, **self.call_kwargs(pipe))
+        except Exception as error:  # noqa: BLE001 - the stock pipeline fails with it too: not ours either
+            pytest.skip(f"the stock {type(pipe).__name__} cannot run {cache} on {denoiser}: {error!r}")
+        lssgen.patch(pipe, **self.three_stages)
+        for start_sigma in (0.75, 0.667):
+            images = self.images(pipe, **self.call_kwargs(pipe), start_sigma=start_sigma)
+            assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
 
     # --- LoRA and offloading -----------------------------------------------------------------------------------
     def test_lora_applies_in_every_stage(self, pipe, tmp_path):
