@@ -52,6 +52,7 @@ def stage_rule(hook_class_name: str) -> Callable[[StageRule], StageRule]:
 class StageContext:
     stage: Stage  # the stage about to run
     reference_timesteps: Callable[[int], list[float]]  # the stock n-step schedule at the target size
+    num_inference_steps: int  # N of the call: the stock schedule the user's step indices refer to
     original: Callable[[Any, str], Any]  # an attribute's value before any override of this call
 
 
@@ -79,13 +80,28 @@ def _mag_cache(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
     ]
 
 
+@stage_rule("TaylorSeerCacheHook")
+def _taylorseer(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
+    # `disable_cache_after_step` (full computation for the last, low-noise steps) refers to the steps of the call's
+    # N-step schedule: here, the first stage step at or past that noise level. The warm-up
+    # (`disable_cache_before_step`) stays a count of steps: each stage must gather its Taylor factors afresh.
+    after = context.original(hook, "disable_cache_after_step")
+    if after is None:
+        return []
+    reference = context.reference_timesteps(context.num_inference_steps)
+    indices = [_nearest(reference, t) for t in context.stage.timesteps]
+    local = next((j for j, i in enumerate(indices) if i >= after), len(indices))
+    return [(hook, "disable_cache_after_step", local)]
+
+
 class StageCacheSchedule:
     """For one call: clears the denoiser's stateful hooks at every stage start and applies the stage rules of its
     hooks; `restore` undoes every override and clears the state again."""
 
-    def __init__(self, denoiser: Any, reference_timesteps: Callable[[int], list[float]]):
+    def __init__(self, denoiser: Any, reference_timesteps: Callable[[int], list[float]], num_inference_steps: int):
         self.denoiser = denoiser
         self.reference_timesteps = reference_timesteps
+        self.num_inference_steps = num_inference_steps
         self.hooks = [
             hook
             for module in denoiser.modules()
@@ -100,7 +116,7 @@ class StageCacheSchedule:
 
     def start(self, stage: Stage) -> None:
         reset_stateful_hooks(self.denoiser)
-        context = StageContext(stage, self.reference_timesteps, self._original)
+        context = StageContext(stage, self.reference_timesteps, self.num_inference_steps, self._original)
         for hook in self.hooks:
             for obj, name, value in STAGE_RULES[type(hook).__name__](hook, context):
                 self._originals.setdefault((id(obj), name), (obj, name, getattr(obj, name)))

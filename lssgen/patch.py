@@ -352,6 +352,7 @@ def _prepare_run(
         caches=StageCacheSchedule(
             getattr(pipe, adapter.denoiser),
             lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
+            final.num_steps,
         ),
     )
     call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))

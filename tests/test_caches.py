@@ -106,3 +106,33 @@ def test_mag_cache_ratios_follow_each_stage_by_noise_level_and_are_restored():
     config = head.config
     assert (config.num_inference_steps, config.retention_ratio) == (8, 0.5)
     assert torch.equal(config.mag_ratios, calibrated)
+
+
+def test_taylorseer_stops_caching_at_the_same_noise_level_in_every_stage():
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    # Steps 6 and 7 of the stock 8-step schedule always compute fully.
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(disable_cache_before_step=1, disable_cache_after_step=6))
+    hooks = [
+        hook
+        for module in pipe.transformer.modules()
+        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+        if type(hook).__name__ == "TaylorSeerCacheHook"
+    ]
+    lssgen.patch(pipe, **THREE_STAGES)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append({hook.disable_cache_after_step for hook in hooks}), with_kwargs=True
+    )
+    pipe(**flux_call_kwargs(pipe))
+    handle.remove()
+    plan = lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES)
+    stock = lssgen.plan_for(pipe, 256, 256, 8, start_sigma=1.0).stages[0].timesteps  # the stock 8-step schedule
+    expected = []
+    for stage in plan.stages:
+        nearest = [min(range(8), key=lambda i: abs(stock[i] - t)) for t in stage.timesteps]
+        local = next((j for j, i in enumerate(nearest) if i >= 6), len(nearest))
+        expected += [{local}] * stage.num_denoiser_steps
+    assert seen == expected
+    assert seen[-1] == {6 - plan.stages[-1].begin_index}  # the full-size stage: the stock steps, from its start
+    assert {hook.disable_cache_after_step for hook in hooks} == {6}  # restored after the call
