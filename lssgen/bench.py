@@ -25,6 +25,8 @@ from .outputs import write_folder
 
 UNPATCHED = "stock (unpatched)"
 BASELINE = "stock via lssgen (start_sigma=1.0)"
+CACHE_ALONE = "cache alone (start_sigma=1.0)"
+WITH_CACHE = " + cache"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class SettingResult:
     planned_steps: list[int]  # denoiser steps per stage, from the plan
     denoiser_calls: list[int]  # denoiser forward calls per stage, counted by a hook
     peak_memory_mib: float
+    layer_calls: list[int] = field(default_factory=list)  # Linear layers run per stage: the work a cache skips
 
     @property
     def median(self) -> float:
@@ -83,6 +86,7 @@ class BenchReport:
     overhead_ratio: float  # patched at start_sigma=1.0 / unpatched, median of per-round ratios
     recompilations: int | None = None
     upsampler_cost: dict[str, float] = field(default_factory=dict)
+    cache: str | None = None  # the cache config, when each setting also ran with it
     note: str = ""
 
     def result(self, name: str) -> SettingResult:
@@ -111,6 +115,8 @@ class BenchReport:
         lines += ["", f"overhead (patched at start_sigma=1.0 / unpatched): {self.overhead_ratio:.4f}"]
         if self.recompilations is not None:
             lines.append(f"torch.compile graphs compiled: {self.recompilations}")
+        if self.cache is not None:
+            lines += ["", *self._cache_lines()]
         cost = self.upsampler_cost
         if cost:
             lines.append(
@@ -122,6 +128,27 @@ class BenchReport:
         if self.note:
             lines.append(self.note)
         return "\n".join(lines) + "\n"
+
+    def _cache_lines(self) -> list[str]:
+        """Each setting with and without the cache: the work the cache skipped per stage, and whether the two
+        speed-ups multiply (combined ratio / the product of the ratios of each alone)."""
+        cache_ratio = self.result(CACHE_ALONE).ratio
+        lines = [
+            f"cache: {self.cache}",
+            "",
+            "| setting | ratio alone | ratio with the cache | with / (alone x cache alone) | layer work per stage |",
+            "|---|---|---|---|---|",
+        ]
+        for cached in self.results:
+            if not cached.name.endswith(WITH_CACHE) and cached.name != CACHE_ALONE:
+                continue
+            plain = self.result(BASELINE if cached.name == CACHE_ALONE else cached.name.removesuffix(WITH_CACHE))
+            done = " / ".join(f"{c / p:.2f}" for c, p in zip(cached.layer_calls, plain.layer_calls) if p)
+            product = plain.ratio * cache_ratio
+            lines.append(
+                f"| {plain.name} | {plain.ratio:.3f} | {cached.ratio:.3f} | {cached.ratio / product:.3f} | {done} |"
+            )
+        return lines
 
 
 def _sync(device: torch.device) -> None:
@@ -183,16 +210,28 @@ class _DenoiserCounter:
     """Counts denoiser forward calls per stage, reading the stage the patched call is running."""
 
     def __init__(self, pipe: Any, denoiser: torch.nn.Module, timed: bool, device: torch.device):
-        self.pipe, self.calls, self.durations = pipe, {}, []
+        self.pipe, self.calls, self.layers, self.durations = pipe, {}, {}, []
         self.timed, self.device = timed, device
         self.handles = [denoiser.register_forward_pre_hook(self._before)]
+        self.handles += [
+            module.register_forward_pre_hook(self._layer)
+            for module in denoiser.modules()
+            if isinstance(module, torch.nn.Linear)
+        ]
         if timed:  # per-call durations, for the upsampler comparison (syncs: only on untimed runs)
             self.handles.append(denoiser.register_forward_hook(self._after))
 
-    def _before(self, module, args):
+    def _stage(self) -> int:
         state = self.pipe.__dict__.get("_lssgen")
         run = state.run if state is not None else None
-        index = run.current_stage.index if run is not None else 0
+        return run.current_stage.index if run is not None else 0
+
+    def _layer(self, module, args):
+        index = self._stage()
+        self.layers[index] = self.layers.get(index, 0) + 1
+
+    def _before(self, module, args):
+        index = self._stage()
         self.calls[index] = self.calls.get(index, 0) + 1
         if self.timed:
             _sync(self.device)
@@ -202,8 +241,9 @@ class _DenoiserCounter:
         _sync(self.device)
         self.durations.append(time.perf_counter() - self.start)
 
-    def per_stage(self) -> list[int]:
-        return [self.calls.get(index, 0) for index in range(max(self.calls, default=-1) + 1)]
+    def per_stage(self, counts: dict[int, int] | None = None) -> list[int]:
+        counts = self.calls if counts is None else counts
+        return [counts.get(index, 0) for index in range(max(counts, default=-1) + 1)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -227,6 +267,7 @@ def run_bench(
     compile: bool = False,
     measure_upsampler: bool = True,
     patch_defaults: dict[str, Any] | None = None,
+    cache: Any = None,
     log=print,
 ) -> BenchReport:
     r"""
@@ -239,6 +280,8 @@ def run_bench(
         call_kwargs: the call shared by every run (prompt or prompt_embeds, height, width, num_inference_steps).
         patch_defaults: lssgen call defaults, e.g. `base_height`/`base_width` of a scaled-down model.
         compile: compile the denoiser after the (uncompiled) counting warm-ups, and count compiled graphs.
+        cache: a diffusers cache config (`lssgen.caches.cache_config`): the stock pipeline and every setting also
+            run with it (`denoiser.enable_cache`), alternated with the rest.
     """
     import lssgen
 
@@ -257,9 +300,22 @@ def run_bench(
     configs: dict[str, dict[str, Any] | None] = {UNPATCHED: None, BASELINE: {"start_sigma": 1.0}}
     for setting in settings:
         configs[setting.name] = setting.options()
+    cached: set[str] = set()
+    if cache is not None:
+        if not hasattr(denoiser, "enable_cache"):
+            raise ValueError(
+                f"--cache: {type(denoiser).__name__} has no enable_cache (it is not a diffusers CacheMixin)."
+            )
+        for name in [BASELINE, *(setting.name for setting in settings)]:
+            cached.add(CACHE_ALONE if name == BASELINE else name + WITH_CACHE)
+            configs[CACHE_ALONE if name == BASELINE else name + WITH_CACHE] = configs[name]
     # The stock runs are one stage of all the steps (a plan at start_sigma=1.0 would still shorten it).
-    plans = {name: lssgen.plan_for(pipe, height, width, steps, **opts) for name, opts in configs.items() if opts}
-    plans[UNPATCHED] = plans[BASELINE] = None
+    plans = {
+        name: None
+        if opts is None or opts.get("start_sigma") == 1.0
+        else lssgen.plan_for(pipe, height, width, steps, **opts)
+        for name, opts in configs.items()
+    }
 
     def call(name: str, counter: bool = False) -> tuple[float, float, _DenoiserCounter | None]:
         options = configs[name]
@@ -267,6 +323,8 @@ def run_bench(
             lssgen.unpatch(pipe)
         hook = _DenoiserCounter(pipe, denoiser, timed=name == BASELINE, device=device) if counter else None
         generator = torch.Generator("cpu").manual_seed(seed)
+        if name in cached:
+            denoiser.enable_cache(cache)
         try:
             with _PeakMemory(device) as memory:
                 _sync(device)
@@ -275,6 +333,8 @@ def run_bench(
                 _sync(device)
                 seconds = time.perf_counter() - start
         finally:
+            if name in cached:
+                denoiser.disable_cache()
             if hook is not None:
                 hook.remove()
             if options is None:
@@ -282,10 +342,10 @@ def run_bench(
         return seconds, memory.mib, hook
 
     # Warm-up, uncompiled: counts denoiser calls per stage and times single denoiser calls.
-    calls, denoiser_call_s = {}, float("nan")
+    calls, layer_calls, denoiser_call_s = {}, {}, float("nan")
     for name in configs:
         _, _, hook = call(name, counter=True)
-        calls[name] = hook.per_stage()
+        calls[name], layer_calls[name] = hook.per_stage(), hook.per_stage(hook.layers)
         if name == BASELINE:
             denoiser_call_s = statistics.median(hook.durations)
     graphs_before = None
@@ -318,6 +378,7 @@ def run_bench(
             planned_steps=[steps] if plans[name] is None else [s.num_denoiser_steps for s in plans[name].stages],
             denoiser_calls=calls[name],
             peak_memory_mib=peaks[name],
+            layer_calls=layer_calls[name],
         )
         for name, options in configs.items()
     ]
@@ -332,6 +393,7 @@ def run_bench(
         results=results,
         overhead_ratio=overhead,
         recompilations=None if graphs_before is None else _recompile_count() - graphs_before,
+        cache=None if cache is None else repr(cache),
     )
     if measure_upsampler:
         report.upsampler_cost = upsampler_cost(pipe, adapter, height, width, denoiser_call_s, upsampler)

@@ -127,3 +127,62 @@ class StageCacheSchedule:
             setattr(obj, name, value)
         self._originals.clear()
         reset_stateful_hooks(self.denoiser)
+
+
+# `lssgen bench --cache NAME[:key=value,...]`: the names, and the diffusers config each builds.
+CACHE_CONFIGS = {
+    "first-block": "FirstBlockCacheConfig",
+    "pyramid-attention-broadcast": "PyramidAttentionBroadcastConfig",
+    "taylorseer": "TaylorSeerCacheConfig",
+    "mag": "MagCacheConfig",
+    "faster": "FasterCacheConfig",
+}
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: `mag_ratios=[1.0, 0.9],threshold=0.1` is two items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item for item in [*items, current] if item.strip()]
+
+
+def cache_config(spec: str, pipe: Any) -> Any:
+    r"""
+    A diffusers cache config from `NAME[:key=value,...]`, e.g. `first-block:threshold=0.2` or
+    `mag:mag_ratios=[1.0,0.98,...],num_inference_steps=28`. Values are Python literals (else strings). The caches
+    that need the current timestep read it from `pipe`. Raises a `ValueError` naming what is wrong.
+    """
+    import ast
+    import dataclasses
+
+    import diffusers.hooks
+
+    name, _, rest = spec.partition(":")
+    if name not in CACHE_CONFIGS:
+        raise ValueError(f"--cache {spec!r}: unknown cache {name!r}; choose one of {', '.join(CACHE_CONFIGS)}.")
+    config_class = getattr(diffusers.hooks, CACHE_CONFIGS[name])
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    kwargs: dict[str, Any] = {}
+    for item in _split_top_level(rest):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or key not in fields:
+            raise ValueError(
+                f"--cache {spec!r}: {item!r} is not key=value with a {config_class.__name__} key "
+                f"({', '.join(sorted(fields))})."
+            )
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    if "current_timestep_callback" in fields:
+        kwargs.setdefault("current_timestep_callback", lambda: pipe.current_timestep)
+    try:
+        return config_class(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--cache {spec!r}: {' '.join(str(error).split())}") from None

@@ -258,6 +258,12 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--start-sigmas", type=float, nargs="+", default=[0.75, 0.667], help="settings to time")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds (plus one warm-up per setting)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    bench.add_argument(
+        "--cache",
+        metavar="NAME[:key=value,...]",
+        help="also run the stock pipeline and every setting with a diffusers cache: first-block, "
+        "pyramid-attention-broadcast, taylorseer, mag or faster, e.g. first-block:threshold=0.2",
+    )
     bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
     bench.add_argument("--seed", type=int, default=0)
     _add_device_arguments(bench)
@@ -455,6 +461,7 @@ def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, d
 
 def run_bench(args) -> None:
     from lssgen import bench
+    from lssgen.caches import cache_config
 
     device, dtype = _device_and_dtype(args)
     pipe, call, sizes, what = _bench_pipeline(args, device, dtype)
@@ -477,6 +484,7 @@ def run_bench(args) -> None:
         upsampler=upsampler,
         compile=args.compile,
         patch_defaults=defaults,
+        cache=cache_config(args.cache, pipe) if args.cache else None,
     )
     report.note = f"model: {what}"
     out = bench.write_report(report, args.out, plot=args.plot)

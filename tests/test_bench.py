@@ -52,20 +52,24 @@ def test_setting_names_and_options():
 def test_bench_command_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128]
-    args += ["--repeats", 1, "--start-sigmas", 0.75, "--out", out, "--plot"]
+    args += ["--repeats", 1, "--start-sigmas", 0.75, "--out", out, "--plot", "--cache", "first-block:threshold=0.2"]
     result = subprocess.run([LSSGEN, *map(str, args)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout and "overhead (patched at start_sigma=1.0 / unpatched)" in result.stdout
     data = json.loads((out / "bench.json").read_text())
+    settings = ["lssgen sigma=0.75, shorten", "lssgen sigma=0.75, no shorten"]
     assert [r["name"] for r in data["results"]] == [
         UNPATCHED,
         BASELINE,
-        "lssgen sigma=0.75, shorten",
-        "lssgen sigma=0.75, no shorten",
+        *settings,
+        "cache alone (start_sigma=1.0)",
+        *(f"{name} + cache" for name in settings),
     ]
     for entry in data["results"]:
         assert entry["denoiser_calls"] == entry["planned_steps"] and entry["ratio"] > 0
+    assert data["cache"] == "FirstBlockCacheConfig(threshold=0.2)"
     assert "| lssgen sigma=0.75, shorten |" in (out / "bench.md").read_text()
+    assert "| setting | ratio alone | ratio with the cache |" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 0
 
 
@@ -92,3 +96,50 @@ def test_flux_dev_preset_builds_the_real_architecture_small():
     call = {**random_flux_prompt(pipe), "height": 512, "width": 512, "num_inference_steps": 4}
     report = run_bench(pipe, [Setting(0.75, True, 256)], repeats=1, call_kwargs={**call, "guidance_scale": 3.5})
     assert report.result(BASELINE).denoiser_calls == [4]
+
+
+def test_bench_with_a_cache_runs_each_setting_with_and_without_it():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from lssgen.bench import CACHE_ALONE, WITH_CACHE
+
+    pipe = build_tiny_flux_pipeline()
+    settings = [Setting(0.75, shorten_intermediate_steps=False, min_resolution=128)]  # several steps per stage
+    # A threshold no change reaches: after each stage's first step the cached residual replaces the other blocks.
+    cache = FirstBlockCacheConfig(threshold=1e9)
+    report = run_bench(
+        pipe, settings, repeats=1, call_kwargs=CALL, cache=cache, measure_upsampler=False, log=lambda line: None
+    )
+    names = [result.name for result in report.results]
+    assert names == [UNPATCHED, BASELINE, settings[0].name, CACHE_ALONE, settings[0].name + WITH_CACHE]
+    assert not pipe.transformer.is_cache_enabled  # each cached run disables it again
+    for plain, cached in ((BASELINE, CACHE_ALONE), (settings[0].name, settings[0].name + WITH_CACHE)):
+        plain, cached = report.result(plain), report.result(cached)
+        assert cached.denoiser_calls == plain.denoiser_calls  # the same steps reach the denoiser...
+        # ...but only each stage's first runs every block: less layer work in every stage, never none.
+        assert all(0 < c < p for c, p in zip(cached.layer_calls, plain.layer_calls))
+    markdown = report.markdown()
+    assert "| setting | ratio alone | ratio with the cache |" in markdown and f"| {settings[0].name} |" in markdown
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("second-block", "unknown cache 'second-block'; choose one of first-block"),
+        ("first-block:threshold", "'threshold' is not key=value with a FirstBlockCacheConfig key"),
+        ("first-block:limit=3", "'limit=3' is not key=value"),
+        ("mag:num_inference_steps=8", "--cache 'mag:num_inference_steps=8': .*mag_ratios"),
+    ],
+)
+def test_cache_specs_are_checked(spec, match):
+    from lssgen.caches import cache_config
+
+    with pytest.raises(ValueError, match=match):
+        cache_config(spec, pipe=None)
+
+
+def test_cache_spec_values_are_python_literals():
+    from lssgen.caches import cache_config
+
+    config = cache_config("mag:mag_ratios=[1.0, 0.9, 0.8],num_inference_steps=3,threshold=0.1", pipe=None)
+    assert config.mag_ratios.tolist() == pytest.approx([1.0, 0.9, 0.8]) and config.threshold == 0.1
