@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from .plan import Stage
 
 
+def diffusers_hooks(module: Any) -> list[Any]:
+    """Every diffusers hook registered on `module` or its submodules."""
+    return [
+        hook
+        for submodule in module.modules()
+        for hook in getattr(getattr(submodule, "_diffusers_hook", None), "hooks", {}).values()
+    ]
+
+
 def reset_stateful_hooks(module: Any) -> None:
     """Clear the state of every stateful diffusers hook on `module` and its submodules (what a stock pipeline's
     `maybe_free_model_hooks` does for `CacheMixin` models), without adding a hook registry where there is none."""
@@ -102,12 +111,7 @@ class StageCacheSchedule:
         self.denoiser = denoiser
         self.reference_timesteps = reference_timesteps
         self.num_inference_steps = num_inference_steps
-        self.hooks = [
-            hook
-            for module in denoiser.modules()
-            for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
-            if type(hook).__name__ in STAGE_RULES
-        ]
+        self.hooks = [hook for hook in diffusers_hooks(denoiser) if type(hook).__name__ in STAGE_RULES]
         self._originals: dict[tuple[int, str], tuple[Any, str, Any]] = {}
 
     def _original(self, obj: Any, name: str) -> Any:

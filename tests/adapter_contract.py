@@ -18,6 +18,7 @@ from hypothesis import event, example, given
 from packaging import version
 
 import lssgen
+from lssgen.caches import diffusers_hooks
 from lssgen.patch import OPTION_NAMES, Options
 from lssgen.plan import StagePlan
 
@@ -508,8 +509,7 @@ class AdapterContract:
             apply(self.denoiser(pipe), config(pipe))
         except Exception as error:  # noqa: BLE001 - diffusers' own refusal: a cell of the matrix, not ours
             pytest.skip(f"diffusers cannot apply {cache} to {denoiser}: {error!r}")
-        registries = [getattr(m, "_diffusers_hook", None) for m in self.denoiser(pipe).modules()]
-        if not any(hook._is_stateful for registry in registries if registry for hook in registry.hooks.values()):
+        if not any(hook._is_stateful for hook in diffusers_hooks(self.denoiser(pipe))):
             pytest.skip(f"diffusers finds nothing to cache in {denoiser} for {cache}")
         try:
             self.images(pipe, **self.call_kwargs(pipe))

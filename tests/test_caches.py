@@ -13,6 +13,7 @@ from diffusers.hooks import (
 from test_flux import flux_call_kwargs
 
 import lssgen
+from lssgen.caches import diffusers_hooks
 from lssgen.tiny import build_tiny_flux_pipeline
 
 THREE_STAGES = {"min_resolution": 64, "base_height": 256, "base_width": 256}
@@ -69,12 +70,7 @@ def test_mag_cache_ratios_follow_each_stage_by_noise_level_and_are_restored():
     pipe = build_tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=calibrated, num_inference_steps=8, retention_ratio=0.5))
-    head = next(
-        hook
-        for module in pipe.transformer.modules()
-        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
-        if type(hook).__name__ == "MagCacheHeadHook"
-    )
+    (head,) = [hook for hook in diffusers_hooks(pipe.transformer) if type(hook).__name__ == "MagCacheHeadHook"]
     lssgen.patch(pipe, **THREE_STAGES)
     seen = []
 
@@ -113,12 +109,7 @@ def test_taylorseer_stops_caching_at_the_same_noise_level_in_every_stage():
     pipe.set_progress_bar_config(disable=True)
     # Steps 6 and 7 of the stock 8-step schedule always compute fully.
     pipe.transformer.enable_cache(TaylorSeerCacheConfig(disable_cache_before_step=1, disable_cache_after_step=6))
-    hooks = [
-        hook
-        for module in pipe.transformer.modules()
-        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
-        if type(hook).__name__ == "TaylorSeerCacheHook"
-    ]
+    hooks = [hook for hook in diffusers_hooks(pipe.transformer) if type(hook).__name__ == "TaylorSeerCacheHook"]
     lssgen.patch(pipe, **THREE_STAGES)
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(
