@@ -127,3 +127,21 @@ def test_taylorseer_stops_caching_at_the_same_noise_level_in_every_stage():
     assert seen == expected
     assert seen[-1] == {6 - plan.stages[-1].begin_index}  # the full-size stage: the stock steps, from its start
     assert {hook.disable_cache_after_step for hook in hooks} == {6}  # restored after the call
+
+
+def test_a_cache_with_torch_compile():
+    # Dynamo traces the cache's hooks with the model (its `.item()` decisions break the graph, which is allowed);
+    # the compiled, cached, staged call gives the images of the eager one.
+    def cached_pipe():
+        pipe = build_tiny_flux_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        return lssgen.patch(pipe, **THREE_STAGES)
+
+    torch._dynamo.reset()
+    eager, compiled = cached_pipe(), cached_pipe()
+    compiled.transformer.compile(backend="aot_eager")
+    expected = eager(**flux_call_kwargs(eager)).images
+    for _ in range(2):
+        torch.testing.assert_close(compiled(**flux_call_kwargs(compiled)).images, expected, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
