@@ -6,6 +6,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     adapters = commands.add_parser("adapters", help="list the installed adapters and the package providing each")
     adapters.set_defaults(func=run_adapters)
 
-    demo = commands.add_parser("demo", help="baseline vs LSSGen on a small random-weight Flux pipeline")
-    demo.add_argument("--model", help="use a real local pipeline instead of the random-weight one")
+    demo = commands.add_parser(
+        "demo", help="stock vs LSSGen side by side on the scene model trained here (or random weights)"
+    )
+    demo.add_argument("--model", help="use a real local pipeline instead of the shipped scene model")
+    demo.add_argument(
+        "--random-weights", action="store_true", help="a FLUX.1-architecture pipeline with random weights instead"
+    )
     _add_method_options(demo, steps=None, size=None)
-    demo.add_argument("--out-dir", default="outputs/demo", help="folder for the two images")
+    demo.set_defaults(prompt=None)  # the model's own: held-out scene captions, or a lighthouse for the others
+    demo.add_argument("--out-dir", default="outputs/demo", help="folder for demo.png, baseline.png and lssgen.png")
     demo.set_defaults(func=run_demo)
 
     evaluate = commands.add_parser(
@@ -377,51 +384,120 @@ def run_generate(args) -> None:
     print(f"{'baseline' if args.baseline else 'lssgen'}: {seconds:.2f} s -> {args.out}")
 
 
-def run_demo(args) -> None:
+DEFAULT_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+DEMO_SCENES = 4  # held-out scene prompts the default demo shows
+
+
+@dataclass
+class _Demo:
+    pipe: Any
+    prompts: list[str]
+    size: int
+    steps: int
+    call: dict[str, Any]  # more call arguments
+    options: dict[str, Any]  # lssgen options fitting the model's size
+    upsampler: str | None
+    what: str
+
+
+def _demo_setup(args, device: str, dtype: torch.dtype) -> _Demo:
     import lssgen
     from lssgen.tiny import build_tiny_flux_pipeline
 
-    device, dtype = _device_and_dtype(args)
+    from .weights import shipped, weights_path
+
     if args.model:
         pipe = load_pipeline(args.model, device, dtype)
         adapter = lssgen.find_adapter(pipe)
-        size, steps, extra, model_options = 1024, adapter.default_steps, {}, {}
-        print(f"lssgen demo: {type(pipe).__name__} from {args.model} on {device}")
-    else:
-        pipe = build_tiny_flux_pipeline(
-            num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, text_dim=64
-        ).to(device)
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-        adapter = lssgen.find_adapter(pipe)
-        # A small model, so a small native size: 512 px plays the part of FLUX.1's 1024 px.
-        size, steps, extra = 512, 20, {"max_sequence_length": 64}
-        model_options = {"min_resolution": 256, "base_height": 512, "base_width": 512}
-        print(
-            "lssgen demo: a FLUX.1-architecture pipeline with RANDOM weights, built locally (no download).\n"
-            "The images are noise; the demo shows the stage plan and the speed-up of the same call."
+        what = f"{type(pipe).__name__} from {args.model} on {device}"
+        return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], 1024, adapter.default_steps, {}, {}, args.upsampler, what)
+    if not args.random_weights and "scene-t2i" in shipped():
+        from .scenes import evaluation_scenes
+
+        pipe = load_pipeline(str(weights_path("scene-t2i")), device, dtype)
+        prompts = [args.prompt] if args.prompt else [scene.caption for scene in evaluation_scenes()[:DEMO_SCENES]]
+        # 256 px is the model's native size; three stages (64, 128, 256 px), our FLUX.2 upsampler between them.
+        options = {"min_resolution": 64, "base_height": 256, "base_width": 256}
+        upsampler = args.upsampler or str(weights_path("flux2-x2"))
+        what = (
+            "the scene model trained here (weights/scene-t2i: a small Flux2KleinPipeline, held-out prompts) with our "
+            "FLUX.2 upsampler (weights/flux2-x2)"
         )
+        return _Demo(pipe, prompts, 256, 20, {"max_sequence_length": 32}, options, upsampler, what)
+    pipe = build_tiny_flux_pipeline(
+        num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, text_dim=64
+    ).to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    # A small model, so a small native size: 512 px plays the part of FLUX.1's 1024 px.
+    options = {"min_resolution": 256, "base_height": 512, "base_width": 512}
+    what = (
+        "a FLUX.1-architecture pipeline with RANDOM weights, built locally (no download).\n"
+        "The images are noise; the demo shows the stage plan and the speed-up of the same call."
+    )
+    prompts = [args.prompt or DEFAULT_PROMPT]
+    return _Demo(pipe, prompts, 512, 20, {"max_sequence_length": 64}, options, args.upsampler, what)
+
+
+def _side_by_side(rows: list[tuple[str, Image.Image, Image.Image]], titles: tuple[str, str]) -> Image.Image:
+    """One PNG: a column per mode, a row per prompt, each labelled."""
+    from PIL import ImageDraw
+
+    side, band = rows[0][1].width, 14
+    sheet = Image.new("RGB", (2 * side, band + len(rows) * (side + band)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, title in enumerate(titles):
+        draw.text((column * side + 3, 1), title, fill="black")
+    for row, (prompt, stock, scaled) in enumerate(rows):
+        top = band + row * (side + band)
+        draw.text((3, top + 1), prompt, fill="black")
+        sheet.paste(stock, (0, top + band))
+        sheet.paste(scaled, (side, top + band))
+    return sheet
+
+
+def run_demo(args) -> None:
+    import lssgen
+
+    device, dtype = _device_and_dtype(args)
+    demo = _demo_setup(args, device, dtype)
+    print(f"lssgen demo: {demo.what}")
+    pipe = demo.pipe
+    adapter = lssgen.find_adapter(pipe)
     pipe.set_progress_bar_config(disable=True)
-    height, width = args.height or size, args.width or size
-    steps = args.steps or steps
-    call = {**_call_arguments(args, adapter, height=height, width=width, steps=steps), **extra}
-    _patch(pipe, args)
-    options = {**model_options, **_method_options(args)}
+    height, width, steps = args.height or demo.size, args.width or demo.size, args.steps or demo.steps
+    lssgen.patch(pipe, load_upsampler(demo.upsampler, pipe.dtype, pipe.device) if demo.upsampler else None)
+    options = {**demo.options, **_method_options(args)}
     print(lssgen.plan_for(pipe, height, width, steps, **options).describe())
 
-    _timed(pipe, {**call, "num_inference_steps": 2}, args.seed, device, start_sigma=1.0)  # warm-up
-    baseline_times, lssgen_times = [], []
-    for _ in range(2):  # alternate, so both see the same machine state
-        baseline, seconds = _timed(pipe, call, args.seed, device, start_sigma=1.0)
-        baseline_times.append(seconds)
-        scaled, seconds = _timed(pipe, call, args.seed, device, **options)
-        lssgen_times.append(seconds)
-    out_dir = write_folder(args.out_dir, {"baseline.png": baseline.save, "lssgen.png": scaled.save})
-    base, fast = statistics.median(baseline_times), statistics.median(lssgen_times)
+    def call(prompt: str) -> dict[str, Any]:
+        args.prompt = prompt
+        return {**_call_arguments(args, adapter, height=height, width=width, steps=steps), **demo.call}
+
+    _timed(pipe, {**call(demo.prompts[0]), "num_inference_steps": 2}, args.seed, device, start_sigma=1.0)  # warm-up
+    rows, baseline_times, lssgen_times = [], [], []
+    for prompt in demo.prompts:
+        for _ in range(2 if len(demo.prompts) == 1 else 1):  # alternate, so both see the same machine state
+            baseline, seconds = _timed(pipe, call(prompt), args.seed, device, start_sigma=1.0)
+            baseline_times.append(seconds)
+            scaled, seconds = _timed(pipe, call(prompt), args.seed, device, **options)
+            lssgen_times.append(seconds)
+        rows.append((prompt, baseline, scaled))
+    if len(demo.prompts) == 1:
+        base, fast = statistics.median(baseline_times), statistics.median(lssgen_times)
+        count = "median of 2 alternating runs"
+    else:
+        base, fast = sum(baseline_times), sum(lssgen_times)
+        count = f"{len(demo.prompts)} prompts in all"
+    sigma = options["start_sigma"]
+    sheet = _side_by_side(rows, (f"stock, {steps} steps: {base:.1f} s", f"lssgen, start_sigma={sigma}: {fast:.1f} s"))
+    out_dir = write_folder(
+        args.out_dir, {"demo.png": sheet.save, "baseline.png": rows[0][1].save, "lssgen.png": rows[0][2].save}
+    )
     print(f"baseline (stock pipeline, {steps} steps at {width}x{height}): {base:.2f} s")
-    print(f"lssgen   (same call, start_sigma={options['start_sigma']}):  {fast:.2f} s")
-    print(f"speed-up: {base / fast:.2f}x (median of 2 alternating runs, {device}, {str(dtype).split('.')[-1]})")
-    print(f"images: {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
+    print(f"lssgen   (same call, start_sigma={sigma}):  {fast:.2f} s")
+    print(f"speed-up: {base / fast:.2f}x ({count}, {device}, {str(dtype).split('.')[-1]})")
+    print(f"images: {out_dir / 'demo.png'} (side by side), {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")
 
 
 def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, dict, str]:
