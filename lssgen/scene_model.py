@@ -225,6 +225,7 @@ class TrainSettings:
     single_layers: int = 4
     threads: int = 2
     sample_every: int = 500
+    samples: int = 12
     checkpoint_every: int = 100
     resume: bool = False
 
@@ -358,14 +359,15 @@ class _Trainer:
 
         cache = LatentCache(self.work / CACHE, self.pipe.vae, settings.data_seed, settings.scenes)
         cache.build()
-        latents, self.caption_ids = cache.load()
+        latents, caption_ids = cache.load()
         if state is None:
             # The pipeline divides the patchified latents by these: the transformer then sees unit-scale inputs.
             self.pipe.vae.set_latent_statistics(latents[SIZES[-1]])
         with torch.no_grad():
-            # The pipeline's own prompt encoding, for every caption and for "" (its negative prompt under CFG): the
-            # text encoder is not trained, so its outputs are computed once.
-            texts = cache.captions + [""]
+            # The pipeline's own prompt encoding, for every caption of the data and for "" (its negative prompt
+            # under CFG): the text encoder is not trained, so its outputs are computed once.
+            used, self.caption_ids = torch.unique(caption_ids, return_inverse=True)
+            texts = [cache.captions[i] for i in used.tolist()] + [""]
             length = settings.max_sequence_length
             embeds = [self.pipe.encode_prompt(prompt=part, device="cpu", max_sequence_length=length)
                       for part in _chunks(texts, 256)]  # fmt: skip
@@ -472,21 +474,21 @@ class _Trainer:
     def samples(self) -> Image.Image:
         pipe = self.ema_pipeline()
         images = pipe(
-            prompt=sample_prompts(),
+            prompt=sample_prompts()[: self.s.samples],
             height=SIZES[-1],
             width=SIZES[-1],
             num_inference_steps=SAMPLE_STEPS,
             max_sequence_length=self.s.max_sequence_length,
             generator=torch.Generator().manual_seed(0),
         ).images
-        return _grid(images, len(scenes.CATEGORIES))
+        return _grid(images, min(len(images), len(scenes.CATEGORIES)))
 
     def publish(self) -> None:
         """Write the output folder: the pipeline with the EMA transformer, the sample grid, history, model card."""
         out = Path(self.s.out)
         grid = self.samples()
         (self.work / SAMPLES).mkdir(parents=True, exist_ok=True)
-        grid.save(self.work / SAMPLES / f"step_{self.step:06d}.png")
+        grid.save(self.work / SAMPLES / f"step_{self.step:06d}.png")  # the record of how the samples evolved
         partial = out.parent / f".{out.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         self.ema_pipeline().save_pretrained(partial)
@@ -593,7 +595,7 @@ in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at 64
 ```
 
 `samples.png`: the EMA model at 256 px, {SAMPLE_STEPS} steps, guidance 4, seed 0, on the first two held-out
-evaluation prompts of each category: {"; ".join(sample_prompts())}.
+evaluation prompts of each category, in this order: {"; ".join(sample_prompts()[: settings.samples])}.
 
 Loss history (mean per window; `{HISTORY_FILE}` has every window):
 
@@ -603,7 +605,23 @@ Loss history (mean per window; `{HISTORY_FILE}` has every window):
 """
 
 
-def train(settings: TrainSettings, command: str = "") -> dict:
+def command_line(settings: TrainSettings) -> str:
+    """The `python -m lssgen.scene_model train` command that runs `settings` (defaults left out)."""
+    defaults = asdict(TrainSettings(out="", taef2=""))
+    words = [
+        "python -m lssgen.scene_model train",
+        "--out",
+        shlex.quote(settings.out),
+        "--taef2",
+        shlex.quote(settings.taef2),
+    ]
+    for name, value in asdict(settings).items():
+        if name not in ("out", "taef2", "resume") and value != defaults[name]:
+            words += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(words + (["--resume"] if settings.resume else []))
+
+
+def train(settings: TrainSettings) -> dict:
     r"""
     Train (or with `settings.resume`, continue) the scene model and write its pipeline folder to `settings.out`.
 
@@ -615,7 +633,7 @@ def train(settings: TrainSettings, command: str = "") -> dict:
     """
     _check(settings)
     torch.set_num_threads(settings.threads)
-    return _Trainer(settings, command).run()
+    return _Trainer(settings, command_line(settings)).run()
 
 
 def _check(s: TrainSettings) -> None:
@@ -646,18 +664,17 @@ def main(argv: list[str] | None = None) -> int:
         "threads": "torch CPU threads",
         "caption_dropout": "share of captions replaced by the empty prompt (for guidance)",
         "max_sequence_length": "prompt length in tokens (pass the same to the pipeline)",
+        "samples": "held-out prompts in each sample grid (two per category, up to 12)",
     }
     for name, value in asdict(defaults).items():
         if name in ("out", "taef2", "work", "resume"):
             continue
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=helps.get(name, " "))
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --work")
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "command"})
-    command = "python -m lssgen.scene_model " + " ".join(shlex.quote(a) for a in argv)
     try:
-        run = train(settings, command)
+        run = train(settings)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     print(json.dumps(run))
