@@ -231,10 +231,9 @@ class TrainSettings:
 
     @property
     def work_dir(self) -> Path:
-        # Checkpoints and the latent cache are too big to commit: beside the output folder by default, in a
-        # dot-folder git ignores.
-        out = Path(self.out)
-        return Path(self.work) if self.work else out.parent / f".{out.name}.work"
+        # Checkpoints and the latent cache are too big to commit or ship: under runs/ (git ignores it), not beside
+        # the output folder, whose parent (weights/) is package data.
+        return Path(self.work) if self.work else Path("runs") / Path(self.out).name
 
 
 _MUST_MATCH = ("batch", "lr", "warmup", "ema", "caption_dropout", "max_sequence_length", "data_seed", "seed",
@@ -656,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = TrainSettings(out="", taef2="")
     p.add_argument("--out", required=True, help="the pipeline folder to write (e.g. weights/scene-t2i)")
     p.add_argument("--taef2", default="../shared/data/taef2", help="folder with taef2_encoder.pth/_decoder.pth")
-    p.add_argument("--work", help="checkpoints, latent cache, sample grids (default: .OUT_NAME.work beside --out)")
+    p.add_argument("--work", help="checkpoints, latent cache, sample grids, log (default: runs/OUT_NAME)")
     helps = {
         "steps": "total optimizer steps (a resumed run continues up to this)",
         "batch": "images per step at 256 px (x2 at 128, x4 at 64)",
