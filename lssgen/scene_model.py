@@ -672,14 +672,35 @@ def main(argv: list[str] | None = None) -> int:
             continue
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=helps.get(name, " "))
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --work")
+    c = commands.add_parser(
+        "cache", help="only render and encode scenes into the latent cache (e.g. beside a running training, which "
+        "takes them when resumed with as many --scenes)"
+    )  # fmt: skip
+    c.add_argument("--out", required=True, help="the training's --out (names its default --work)")
+    c.add_argument("--taef2", default="../shared/data/taef2", help="folder with taef2_encoder.pth/_decoder.pth")
+    c.add_argument("--work", help="the training's --work (default: runs/OUT_NAME)")
+    for name in ("scenes", "data_seed", "threads"):
+        c.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help=helps.get(name))
     args = parser.parse_args(argv)
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
+        if args.command == "cache":
+            build_cache(settings)
+            return 0
         run = train(settings)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     print(json.dumps(run))
     return 0
+
+
+def build_cache(settings: TrainSettings) -> None:
+    """Render and encode `settings.scenes` scenes into the latent cache of `settings.work_dir`."""
+    if not is_tiny_autoencoder_folder(settings.taef2):
+        raise ValueError(f"--taef2 {settings.taef2}: no taef2_encoder.pth / taef2_decoder.pth there.")
+    torch.set_num_threads(settings.threads)
+    vae = TinyFlux2Autoencoder.from_taesd_folder(settings.taef2)
+    LatentCache(settings.work_dir / CACHE, vae, settings.data_seed, settings.scenes).build()
 
 
 if __name__ == "__main__":
