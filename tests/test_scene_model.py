@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
+from safetensors.torch import load_file
 
 import lssgen
 from lssgen import scene_model, scenes
@@ -136,8 +137,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, cache):
     scene_model.train(first)
     scene_model.train(_settings(tmp_path, "resumed", work=str(tmp_path / "resumed.work"), steps=3, resume=True))
     for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
-        a = lssgen.scene_model.load_file(tmp_path / "straight" / part)
-        b = lssgen.scene_model.load_file(tmp_path / "resumed" / part)
+        a = load_file(tmp_path / "straight" / part)
+        b = load_file(tmp_path / "resumed" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     history = json.loads((tmp_path / "resumed" / scene_model.HISTORY_FILE).read_text())
     assert [h["step"] for h in history["history"]] == [1, 2, 3]
