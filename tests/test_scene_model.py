@@ -171,3 +171,16 @@ def test_scene_captions_are_all_known():
     captions = set(scene_model.all_captions())
     assert all(scenes.sample_scene(0, i).caption in captions for i in range(60))
     assert all(scene.caption in captions for scene in scenes.evaluation_scenes())
+
+
+def test_evaluate_scores_every_held_out_prompt_per_category(saved_pipeline):
+    from lssgen.scorer import SceneScorer
+
+    _, _, pipe = saved_pipeline
+    scorer = SceneScorer.from_pretrained(ROOT / "weights" / "scene-scorer")
+    report = scene_model.evaluate_model(pipe, scorer, height=64, width=64, num_inference_steps=1,
+                                        max_sequence_length=32)  # fmt: skip
+    assert list(report) == list(scenes.CATEGORIES)
+    for numbers in report.values():
+        assert numbers["images"] == scenes.EVALUATION_PER_CATEGORY
+        assert 0 <= numbers["accuracy"] <= 1 and 0 <= numbers["chance"] <= 1
