@@ -1,6 +1,7 @@
 """lssgen: faster text-to-image generation by denoising the early steps at a lower resolution (LSSGen)."""
 
 from .adapters import Adapter, find_adapter, installed_adapters, register_adapter, unregister_adapter
+from .flux2_vae import TinyFlux2Autoencoder
 from .hookspecs import hookimpl
 from .patch import Options, is_patched, patch, plan_for, unpatch
 from .plan import Stage, StagePlan, plan_stages
@@ -15,6 +16,7 @@ __all__ = [
     "Options",
     "Stage",
     "StagePlan",
+    "TinyFlux2Autoencoder",
     "find_adapter",
     "hookimpl",
     "installed_adapters",

@@ -1,0 +1,763 @@
+r"""
+A small text-to-image model of `lssgen.scenes`, as a stock `Flux2KleinPipeline` folder in FLUX.2's latent space.
+
+The folder loads with the stock loader once `lssgen` is imported (its VAE is `lssgen.TinyFlux2Autoencoder`):
+
+```py
+>>> import lssgen
+>>> from diffusers import Flux2KleinPipeline
+>>> pipe = Flux2KleinPipeline.from_pretrained("weights/scene-t2i")
+>>> image = pipe("a photo of a red star", height=256, width=256, num_inference_steps=20).images[0]
+```
+
+Components: taef2 (FLUX.2's tiny autoencoder) with BatchNorm statistics measured on the training renders, a
+byte-level BPE `Qwen2Tokenizer` learnt from the caption language with Qwen's chat tokens and template, a thin
+28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a few-M
+parameter `Flux2Transformer2DModel` and FLUX.2's flow-matching Euler scheduler.
+
+Train with `python -m lssgen.scene_model train --out weights/scene-t2i` (see `--help`); `--resume` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from . import scenes
+from .adapters.flux2 import Flux2Adapter
+from .flux2_vae import TinyFlux2Autoencoder
+from .tiny.flux2 import FLUX2_SCHEDULER_CONFIG
+from .tiny_autoencoder import is_tiny_autoencoder_folder
+
+# Qwen's chat template as the pipeline uses it (`apply_chat_template(..., add_generation_prompt=True,
+# enable_thinking=False)`): the user turn, then an assistant turn with an empty thinking block.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TEXT_WIDTH = 32
+TEXT_LAYERS = 28  # the pipeline stacks hidden states 9, 18 and 27 by default
+OUT_LAYERS = 3
+
+
+def caption_language() -> list[str]:
+    """Every word the scene captions use, and the chat roles, once each: what the tokenizer is learnt from."""
+    words = {"a", "an", "photo", "of", "and", "user", "assistant", "system"}
+    words |= set(scenes.SHAPES) | set(scenes.PLURALS.values()) | set(scenes.COLOURS) | set(scenes.NUMBERS)
+    words |= {word for relation in scenes.RELATIONS for word in relation.split()}
+    return sorted(words)
+
+
+def build_tokenizer() -> Qwen2TokenizerFast:
+    r"""
+    A real Qwen2 tokenizer (byte-level BPE, Qwen's pre-tokenizer) whose merges are learnt from the caption
+    language, so that every caption word is one token; any other text still tokenizes (byte by byte).
+    """
+    words = caption_language()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,  # a cap; the merges stop once every word is one token
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    # Each word with and without a leading space (Qwen's pre-tokenizer keeps the space with the word), a few times
+    # so that their merges win over chance pairs.
+    corpus = [f"{word} {word} {word}" for word in words] * 4
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(pair.split(" ")) if isinstance(pair, str) else tuple(pair) for pair in model["merges"]]
+    tokenizer = Qwen2TokenizerFast(
+        vocab=model["vocab"],
+        merges=merges,
+        additional_special_tokens=CHAT_TOKENS,
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_text_encoder(vocab_size: int, pad_token_id: int, seed: int = 0) -> Qwen3ForCausalLM:
+    """A thin Qwen3 of `TEXT_LAYERS` layers, `TEXT_WIDTH` wide (a few hundred thousand parameters)."""
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_transformer(
+    width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4, seed: int = 0
+) -> Flux2Transformer2DModel:
+    """A small FLUX.2 transformer over 2x2 patches of taef2's 32 channels, conditioned on the stacked text
+    states (`OUT_LAYERS * TEXT_WIDTH` wide)."""
+    if width % heads or (width // heads) % 4:
+        raise ValueError(f"width {width} must split into {heads} heads whose size is a multiple of 4.")
+    torch.manual_seed(seed)
+    head = width // heads
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=double_layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head,
+        num_attention_heads=heads,
+        joint_attention_dim=OUT_LAYERS * TEXT_WIDTH,
+        timestep_guidance_channels=64,
+        axes_dims_rope=(head // 4,) * 4,
+        guidance_embeds=False,  # Klein runs true classifier-free guidance
+    )
+
+
+def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, **transformer_size) -> Flux2KleinPipeline:
+    r"""
+    An untrained scene model around `vae`: the components above in a stock `Flux2KleinPipeline`.
+
+    Example:
+
+    ```py
+    >>> pipe = build_pipeline(TinyFlux2Autoencoder.from_taesd_folder("data/taef2"))
+    >>> pipe.save_pretrained("scene-model")
+    ```
+    """
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.pad_token_id, seed)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=build_transformer(seed=seed, **transformer_size),
+    )
+    for component in (pipe.vae, pipe.text_encoder, pipe.transformer):
+        component.eval()
+    return pipe
+
+
+def all_captions() -> list[str]:
+    """Every caption the scene generator can write (a few thousand)."""
+    shapes, colours, numbers = scenes.SHAPES, list(scenes.COLOURS), scenes.NUMBERS
+    checks = [scenes.Check("single_object", (scenes.Wanted(s),)) for s in shapes]
+    checks += [scenes.Check("colors", (scenes.Wanted(s, c),)) for s in shapes for c in colours]
+    checks += [scenes.Check("counting", (scenes.Wanted(s, count=n + 1),)) for s in shapes for n in range(len(numbers))]
+    for a, b in itertools.permutations(shapes, 2):
+        checks.append(scenes.Check("two_object", (scenes.Wanted(a), scenes.Wanted(b))))
+        checks += [scenes.Check("position", (scenes.Wanted(a), scenes.Wanted(b)), r) for r in scenes.RELATIONS]
+        checks += [
+            scenes.Check("color_attr", (scenes.Wanted(a, ca), scenes.Wanted(b, cb)))
+            for ca, cb in itertools.permutations(colours, 2)
+        ]
+    return [scenes.caption_for(check) for check in checks]
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+SIZES = (64, 128, 256)
+# Which size each step trains, repeating: the 256 px target twice as often as each lower stage size.
+SIZE_CYCLE = (256, 128, 256, 64)
+# Per-size batch multiplier: about as many image tokens per step at every size (64 px has 16 tokens, 256 px 256).
+BATCH_SCALE = {64: 4, 128: 2, 256: 1}
+CHUNK = 128  # scenes per cache file
+CHECKPOINT, CACHE, SAMPLES = "checkpoint", "cache", "samples"
+HISTORY_FILE = "training_history.json"
+SAMPLE_STEPS = 20
+
+
+@dataclass
+class TrainSettings:
+    r"""
+    What `python -m lssgen.scene_model train` runs (see its `--help` for each argument).
+
+    Everything that changes the trained weights is here and is saved with the checkpoint; a resumed run must match
+    it except `steps` (train further), `scenes` (a larger data set: the cache grows) and the bookkeeping
+    (`threads`, `sample_every`, `checkpoint_every`).
+    """
+
+    out: str
+    taef2: str
+    work: str | None = None
+    steps: int = 6000
+    batch: int = 8
+    lr: float = 4e-4
+    warmup: int = 200
+    ema: float = 0.998
+    caption_dropout: float = 0.1
+    max_sequence_length: int = 32
+    scenes: int = 2048
+    data_seed: int = 0
+    seed: int = 0
+    width: int = 128
+    heads: int = 4
+    double_layers: int = 2
+    single_layers: int = 4
+    # One thread: on the shared 2-core machine, with another process busy on one core, 2 threads ran 9.0 s/step and 1
+    # thread 0.28 s/step (OpenMP threads waiting on each other when a core is taken).
+    threads: int = 1
+    sample_every: int = 500
+    samples: int = 12
+    checkpoint_every: int = 100
+    resume: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        # Checkpoints and the latent cache are too big to commit or ship: under runs/ (git ignores it), not beside
+        # the output folder, whose parent (weights/) is package data.
+        return Path(self.work) if self.work else Path("runs") / Path(self.out).name
+
+
+_MUST_MATCH = ("batch", "lr", "warmup", "ema", "caption_dropout", "max_sequence_length", "data_seed", "seed",
+               "width", "heads", "double_layers", "single_layers")  # fmt: skip
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    # Every step's randomness is a function of (seed, step) alone: a resumed run draws exactly what an
+    # uninterrupted one would have, with no generator state to save.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
+    partial.replace(path)
+
+
+class LatentCache:
+    r"""
+    taef2 latents of scene renders at every training size, built once in chunks of `CHUNK` scenes and kept on
+    disk (`work/cache/`); an interrupted build picks up at the first missing chunk.
+
+    Each scene is rendered once at the largest size; the smaller inputs are its antialiased reductions (rendering
+    again at each size costs as much and draws the same scene).
+    """
+
+    def __init__(self, folder: Path, vae: TinyFlux2Autoencoder, data_seed: int, scenes_wanted: int):
+        self.folder, self.vae, self.data_seed = folder, vae, data_seed
+        info = folder / "info.json"
+        # A data set smaller than one chunk (tests, trials) is one chunk of its own size; the size is kept, so a
+        # later, larger --scenes appends chunks of the same size.
+        self.chunk = json.loads(info.read_text())["chunk"] if info.is_file() else min(CHUNK, scenes_wanted)
+        self.chunks = math.ceil(scenes_wanted / self.chunk)
+        self.captions = all_captions()
+        self.caption_index = {caption: i for i, caption in enumerate(self.captions)}
+
+    def _path(self, chunk: int) -> Path:
+        return self.folder / f"chunk_{chunk:05d}.safetensors"
+
+    def build(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = self.folder / "info.json"
+        facts = {"data_seed": self.data_seed, "sizes": list(SIZES), "chunk": self.chunk}
+        if info.is_file() and json.loads(info.read_text()) != facts:
+            raise ValueError(f"{self.folder} caches other data ({info.read_text().strip()}); pass another --work.")
+        info.write_text(json.dumps(facts) + "\n")
+        missing = [c for c in range(self.chunks) if not self._path(c).is_file()]
+        for chunk in tqdm(missing, desc="caching taef2 latents of scene renders", unit="chunk", disable=not missing):
+            self._build_chunk(chunk)
+
+    @torch.no_grad()
+    def _build_chunk(self, chunk: int) -> None:
+        renders, ids = [], []
+        for index in range(chunk * self.chunk, (chunk + 1) * self.chunk):
+            scene = scenes.sample_scene(self.data_seed, index)
+            renders.append(scenes.render(scene, SIZES[-1]))
+            ids.append(self.caption_index[scene.caption])
+        tensors = {"caption_ids": torch.tensor(ids, dtype=torch.int32)}
+        for size in SIZES:
+            images = torch.stack(
+                [_to_tensor(r if r.width == size else r.resize((size, size), Image.BOX)) for r in renders]
+            )
+            latents = torch.cat([self.vae.encode(batch).latents for batch in images.split(16)])
+            tensors[f"latents_{size}"] = latents.to(torch.float16)  # half the disk; taef2's own precision is lower
+        _atomic_save_file(tensors, self._path(chunk))
+
+    def load(self) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """`({size: (N, 32, size/8, size/8) float16}, caption ids (N,))` of the first `chunks` chunks."""
+        parts = [load_file(self._path(c)) for c in range(self.chunks)]
+        latents = {size: torch.cat([p[f"latents_{size}"] for p in parts]) for size in SIZES}
+        return latents, torch.cat([p["caption_ids"] for p in parts]).long()
+
+
+def _lr_at(step: int, lr: float, warmup: int) -> float:
+    # Linear warm-up, then constant: a run can always be resumed for more steps on the same curve.
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _grid(images: list[Image.Image], columns: int) -> Image.Image:
+    side = images[0].width
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * side, rows * side), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * side, (i // columns) * side))
+    return grid
+
+
+def sample_prompts() -> list[str]:
+    """The captions of the sample grids: the first two held-out evaluation scenes of each category."""
+    return [scene.caption for scene in scenes.evaluation_scenes()[: 2 * len(scenes.CATEGORIES)]]
+
+
+class _Trainer:
+    def __init__(self, settings: TrainSettings, command: str):
+        self.s, self.command = settings, command
+        self.work = settings.work_dir
+        self.checkpoint = self.work / CHECKPOINT
+        self.adapter = Flux2Adapter()
+        state = self._load_state() if settings.resume else None
+        if state is None:
+            vae = TinyFlux2Autoencoder.from_taesd_folder(settings.taef2)
+            size = {k: getattr(settings, k) for k in ("width", "heads", "double_layers", "single_layers")}
+            self.pipe = build_pipeline(vae, settings.seed, **size)
+        else:
+            self.pipe = Flux2KleinPipeline.from_pretrained(self.checkpoint / "pipeline")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer = self.pipe.transformer.train()
+        self.ema = copy.deepcopy(self.transformer).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=settings.lr, weight_decay=0.0)
+        self.step, self.history, self.runs = 0, [], []
+        if state is not None:
+            self.ema.load_state_dict(load_file(self.checkpoint / "ema.safetensors"))
+            self.optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=True))
+            self.step, self.history, self.runs = state["step"], state["history"], state["runs"]
+            if self.step >= settings.steps:
+                raise ValueError(f"--resume: the checkpoint is at step {self.step} already; pass --steps above it.")
+
+        cache = LatentCache(self.work / CACHE, self.pipe.vae, settings.data_seed, settings.scenes)
+        cache.build()
+        latents, caption_ids = cache.load()
+        if state is None:
+            # The pipeline divides the patchified latents by these: the transformer then sees unit-scale inputs.
+            self.pipe.vae.set_latent_statistics(latents[SIZES[-1]])
+        with torch.no_grad():
+            # The pipeline's own prompt encoding, for every caption of the data and for "" (its negative prompt
+            # under CFG): the text encoder is not trained, so its outputs are computed once.
+            used, self.caption_ids = torch.unique(caption_ids, return_inverse=True)
+            texts = [cache.captions[i] for i in used.tolist()] + [""]
+            length = settings.max_sequence_length
+            embeds = [self.pipe.encode_prompt(prompt=part, device="cpu", max_sequence_length=length)
+                      for part in _chunks(texts, 256)]  # fmt: skip
+        self.text = torch.cat([e for e, _ in embeds])
+        self.text_ids = embeds[0][1][:1]
+        self.empty = len(texts) - 1
+        # Pipeline latents (BN-normalised, patchified, packed), what the transformer sees in the stock loop.
+        self.tokens = {size: self._tokens(z) for size, z in latents.items()}
+
+    def _tokens(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for part in vae_latents.split(512):
+            out.append(self.adapter.pack(self.pipe, self.adapter.vae_to_latents(self.pipe, part.float())))
+        return torch.cat(out)
+
+    def _load_state(self) -> dict | None:
+        state_file = self.checkpoint / "state.json"
+        if not state_file.is_file():
+            raise ValueError(f"--resume: no checkpoint in {self.checkpoint}. Drop --resume to start a new run.")
+        state = json.loads(state_file.read_text())
+        saved = state["settings"]
+        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(self.s, k)})"
+                   for k in _MUST_MATCH if saved[k] != getattr(self.s, k)]  # fmt: skip
+        if changed:
+            raise ValueError(
+                "--resume: these settings differ from the checkpoint's, which would not continue the same run: "
+                + ", ".join(changed)
+                + ". Pass the checkpoint's values, or train a new run with another --out/--work."
+            )
+        return state
+
+    # One step ------------------------------------------------------------------------------------------------------
+    def loss_at(self, step: int, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+        """The flow-matching loss of training step `step` (its size, batch, noise, times and dropped captions)."""
+        s = self.s
+        size = SIZE_CYCLE[step % len(SIZE_CYCLE)]
+        generator = _step_generator(s.seed, step)
+        tokens = self.tokens[size]
+        index = torch.randint(len(tokens), (s.batch * BATCH_SCALE[size],), generator=generator)
+        x0 = tokens[index]
+        captions = self.caption_ids[index].clone()
+        captions[torch.rand(len(index), generator=generator) < s.caption_dropout] = self.empty
+        # Logit-normal times (most weight mid-way, where the image takes shape); FlowMatchEulerDiscreteScheduler's
+        # convention: x_t = (1 - sigma) x0 + sigma noise, the pipeline passes sigma (= t / 1000) as the timestep,
+        # and its Euler step x += (sigma_next - sigma) * v needs v = dx/dsigma = noise - x0.
+        sigma = torch.sigmoid(torch.randn(len(index), generator=generator))
+        noise = torch.randn(x0.shape, generator=generator)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        side = size // (self.pipe.vae_scale_factor * 2)
+        img_ids = self.adapter_ids(side, len(index))
+        prediction = model(
+            hidden_states=xt,
+            timestep=sigma,
+            guidance=None,
+            encoder_hidden_states=self.text[captions],
+            txt_ids=self.text_ids.expand(len(index), -1, -1),
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return F.mse_loss(prediction, noise - x0), size
+
+    def adapter_ids(self, side: int, batch: int) -> torch.Tensor:
+        return Flux2KleinPipeline._prepare_latent_ids(torch.empty(batch, 1, side, side))
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(step, self.s.lr, self.s.warmup)
+        loss, size = self.loss_at(step, self.transformer)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), 1.0)
+        self.optimizer.step()
+        # EMA with a short start (decay grows with the step), so early samples are not dominated by the init.
+        decay = min(self.s.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for averaged, current in zip(self.ema.parameters(), self.transformer.parameters()):
+                averaged.lerp_(current, 1 - decay)
+        return loss.item(), size
+
+    # Saving ----------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        partial = self.work / f"{CHECKPOINT}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        self.pipe.save_pretrained(partial / "pipeline")
+        _atomic_save_file(self.ema.state_dict(), partial / "ema.safetensors")
+        torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
+        state = {"step": self.step, "settings": asdict(self.s), "history": self.history, "runs": self.runs}
+        (partial / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        # Swap in whole: a crash leaves either the old checkpoint or the new one.
+        old = self.work / f"{CHECKPOINT}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.checkpoint.exists():
+            self.checkpoint.rename(old)
+        partial.rename(self.checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def ema_pipeline(self) -> Flux2KleinPipeline:
+        p = self.pipe
+        pipe = Flux2KleinPipeline(p.scheduler, p.vae, p.text_encoder, p.tokenizer, self.ema)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def samples(self) -> Image.Image:
+        pipe = self.ema_pipeline()
+        images = pipe(
+            prompt=sample_prompts()[: self.s.samples],
+            height=SIZES[-1],
+            width=SIZES[-1],
+            num_inference_steps=SAMPLE_STEPS,
+            max_sequence_length=self.s.max_sequence_length,
+            generator=torch.Generator().manual_seed(0),
+        ).images
+        return _grid(images, min(len(images), len(scenes.CATEGORIES)))
+
+    def publish(self) -> None:
+        """Write the output folder: the pipeline with the EMA transformer, the sample grid, history, model card."""
+        out = Path(self.s.out)
+        grid = self.samples()
+        (self.work / SAMPLES).mkdir(parents=True, exist_ok=True)
+        grid.save(self.work / SAMPLES / f"step_{self.step:06d}.png")  # the record of how the samples evolved
+        partial = out.parent / f".{out.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        self.ema_pipeline().save_pretrained(partial)
+        shutil.copy(Path(self.s.taef2) / "LICENSE", partial / "vae" / "LICENSE-taef2")
+        grid.save(partial / "samples.png")
+        (partial / HISTORY_FILE).write_text(json.dumps({"runs": self.runs, "history": self.history}, indent=1) + "\n")
+        (partial / "README.md").write_text(model_card(self.s, self.step, self.runs, self.history))
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # The loop ---------------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        s = self.s
+        run = {"command": self.command, "from_step": self.step, "to_step": self.step, "seconds": 0.0,
+               "scenes": len(self.caption_ids), "threads": s.threads}  # fmt: skip
+        self.runs.append(run)
+        window: dict[int, list[float]] = {}
+        started = last = time.perf_counter()
+        bar = tqdm(total=s.steps, initial=self.step, desc="training the scene model", unit="step")
+        while self.step < s.steps:
+            loss, size = self.train_step(self.step)
+            self.step += 1
+            window.setdefault(size, []).append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", size=size)
+            if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                now = time.perf_counter()
+                losses = [v for values in window.values() for v in values]
+                self.history.append({
+                    "step": self.step,
+                    "loss": round(sum(losses) / len(losses), 5),
+                    **{f"loss_{k}": round(sum(v) / len(v), 5) for k, v in sorted(window.items())},
+                    "s_per_step": round((now - last) / len(losses), 3),
+                })  # fmt: skip
+                window, last = {}, now
+                run["to_step"], run["seconds"] = self.step, round(now - started, 1)
+                self.save_checkpoint()
+            if self.step % s.sample_every == 0 or self.step == s.steps:
+                self.publish()
+        bar.close()
+        return run
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def model_card(settings: TrainSettings, step: int, runs: list[dict], history: list[dict]) -> str:
+    """The output folder's README: what it is, how to load it, how it was trained, the loss history."""
+    commands = "\n".join(f"{r['command']}  # steps {r['from_step']} -> {r['to_step']}, {r['seconds']} s, "
+                         f"{r['scenes']} scenes, {r['threads']} threads" for r in runs)  # fmt: skip
+    shown = history[:: max(1, len(history) // 20)] + ([history[-1]] if len(history) > 20 else [])
+    keys = ["step", "loss", *(f"loss_{size}" for size in SIZES), "s_per_step"]
+    rows = "\n".join("| " + " | ".join(str(h.get(k, "")) for k in keys) + " |" for h in shown)
+    components = "\n".join(f"| {name} | {text} |" for name, text in (
+        ("component", ""),
+        ("---", "---"),
+        ("vae", "taef2 (madebyollin/taesd at 5cccb12, MIT, `vae/LICENSE-taef2`) as `lssgen.TinyFlux2Autoencoder`; "
+                "its BatchNorm statistics are those of the training renders' 256 px latents"),
+        ("tokenizer", "`Qwen2Tokenizer`, byte-level BPE from the caption words, Qwen's chat tokens and template"),
+        ("text_encoder", f"`Qwen3ForCausalLM`, {TEXT_LAYERS} layers, {TEXT_WIDTH} wide, random (seed {settings.seed}) "
+                         "and not trained; the pipeline's default `text_encoder_out_layers` (9, 18, 27)"),
+        ("transformer", f"`Flux2Transformer2DModel`, width {settings.width}, {settings.heads} heads, "
+                        f"{settings.double_layers} double + {settings.single_layers} single blocks; the EMA "
+                        f"({settings.ema}) of the trained weights"),
+        ("scheduler", "FLUX.2's `FlowMatchEulerDiscreteScheduler` config"),
+    ))  # fmt: skip
+    return f"""# scene-t2i: a small text-to-image model of lssgen's procedural scenes
+
+A stock diffusers `Flux2KleinPipeline` folder, trained by the lssgen developers on renders of `lssgen.scenes`
+(GenEval-style captions: one object, two objects, counting, colours, position, colour attribution; 8 shapes x 8
+colours on textured backgrounds), in FLUX.2's latent space through taef2. It exists so that lssgen's FLUX.2 route
+(`weights/flux2-x2`, the `flux2` adapter) can be measured end to end on a CPU; it is not a general image model.
+
+```py
+import lssgen  # registers the VAE class (lssgen.TinyFlux2Autoencoder) the folder names
+from diffusers import Flux2KleinPipeline
+
+pipe = Flux2KleinPipeline.from_pretrained("weights/scene-t2i")
+image = pipe(prompt="a photo of a red star", height=256, width=256, num_inference_steps=28,
+             max_sequence_length={settings.max_sequence_length}).images[0]
+```
+
+Pass `max_sequence_length={settings.max_sequence_length}`: the model was trained with prompts padded to
+{settings.max_sequence_length} tokens (the longest caption with the chat template is 24); the pipeline's default
+of 512 pads with 480 more tokens the transformer never saw in training.
+
+{components}
+
+Training: flow matching in the pipeline's own latent space (taef2 latents, 2x2-patchified, BatchNorm-normalised,
+packed), velocity `noise - x0`, logit-normal times, {settings.caption_dropout:.0%} of captions replaced by the
+empty prompt (the pipeline's negative prompt under classifier-free guidance), sizes {", ".join(map(str, SIZES))} px
+in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at 64), AdamW lr {settings.lr}
+({settings.warmup} warm-up steps, then constant), gradient norm clipped at 1; scenes from seed {settings.data_seed}
+(the held-out evaluation prompts, seed `lssgen.scenes.EVALUATION_SEED`, are never trained on). Step {step} of
+{settings.steps}.
+
+```bash
+{commands}
+```
+
+`samples.png`: the EMA model at 256 px, {SAMPLE_STEPS} steps, guidance 4, seed 0, on the first two held-out
+evaluation prompts of each category, in this order: {"; ".join(sample_prompts()[: settings.samples])}.
+
+Loss history (mean per window; `{HISTORY_FILE}` has every window):
+
+| {" | ".join(keys)} |
+|{"---|" * len(keys)}
+{rows}
+"""
+
+
+def command_line(settings: TrainSettings) -> str:
+    """The `python -m lssgen.scene_model train` command that runs `settings` (defaults left out)."""
+    defaults = asdict(TrainSettings(out="", taef2=""))
+    words = [
+        "python -m lssgen.scene_model train",
+        "--out",
+        shlex.quote(settings.out),
+        "--taef2",
+        shlex.quote(settings.taef2),
+    ]
+    for name, value in asdict(settings).items():
+        if name not in ("out", "taef2", "resume") and value != defaults[name]:
+            words += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(words + (["--resume"] if settings.resume else []))
+
+
+def train(settings: TrainSettings) -> dict:
+    r"""
+    Train (or with `settings.resume`, continue) the scene model and write its pipeline folder to `settings.out`.
+
+    Example:
+
+    ```py
+    >>> train(TrainSettings(out="weights/scene-t2i", taef2="data/taef2", steps=6000))
+    ```
+    """
+    _check(settings)
+    torch.set_num_threads(settings.threads)
+    return _Trainer(settings, command_line(settings)).run()
+
+
+def _check(s: TrainSettings) -> None:
+    for name in ("steps", "batch", "scenes", "threads", "sample_every", "checkpoint_every", "max_sequence_length"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
+    if not 0 <= s.caption_dropout < 1:
+        raise ValueError(f"--caption-dropout must be in [0, 1), got {s.caption_dropout}.")
+    if not s.resume:
+        if not is_tiny_autoencoder_folder(s.taef2):
+            raise ValueError(f"--taef2 {s.taef2}: no taef2_encoder.pth / taef2_decoder.pth there.")
+        if (s.work_dir / CHECKPOINT).exists():
+            raise ValueError(f"{s.work_dir / CHECKPOINT} exists: pass --resume to continue it, or another --work.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lssgen.scene_model", description=__doc__.split("\n\n")[1])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train", help="train (or --resume) the scene model")
+    defaults = TrainSettings(out="", taef2="")
+    p.add_argument("--out", required=True, help="the pipeline folder to write (e.g. weights/scene-t2i)")
+    p.add_argument("--taef2", default="../shared/data/taef2", help="folder with taef2_encoder.pth/_decoder.pth")
+    p.add_argument("--work", help="checkpoints, latent cache, sample grids, log (default: runs/OUT_NAME)")
+    helps = {
+        "steps": "total optimizer steps (a resumed run continues up to this)",
+        "batch": "images per step at 256 px (x2 at 128, x4 at 64)",
+        "scenes": "scenes rendered and cached (a resume may give more: the cache grows)",
+        "threads": "torch CPU threads",
+        "caption_dropout": "share of captions replaced by the empty prompt (for guidance)",
+        "max_sequence_length": "prompt length in tokens (pass the same to the pipeline)",
+        "samples": "held-out prompts in each sample grid (two per category, up to 12)",
+    }
+    for name, value in asdict(defaults).items():
+        if name in ("out", "taef2", "work", "resume"):
+            continue
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=helps.get(name, " "))
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --work")
+    c = commands.add_parser(
+        "cache", help="only render and encode scenes into the latent cache (e.g. beside a running training, which "
+        "takes them when resumed with as many --scenes)"
+    )  # fmt: skip
+    c.add_argument("--out", required=True, help="the training's --out (names its default --work)")
+    c.add_argument("--taef2", default="../shared/data/taef2", help="folder with taef2_encoder.pth/_decoder.pth")
+    c.add_argument("--work", help="the training's --work (default: runs/OUT_NAME)")
+    for name in ("scenes", "data_seed", "threads"):
+        c.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help=helps.get(name))
+    e = commands.add_parser("evaluate", help="accuracy per category on the held-out prompts, by lssgen.scorer")
+    e.add_argument("--model", required=True, help="the pipeline folder (e.g. weights/scene-t2i)")
+    e.add_argument("--scorer", required=True, help="a lssgen.scorer.SceneScorer folder (e.g. weights/scene-scorer)")
+    e.add_argument("--images-per-prompt", type=int, default=1)
+    e.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="num_inference_steps")
+    e.add_argument("--max-sequence-length", type=int, default=32)
+    e.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        from .scorer import SceneScorer
+
+        torch.set_num_threads(args.threads)
+        pipe = Flux2KleinPipeline.from_pretrained(args.model)
+        pipe.set_progress_bar_config(disable=True)
+        report = evaluate_model(pipe, SceneScorer.from_pretrained(args.scorer), args.images_per_prompt,
+                                height=SIZES[-1], width=SIZES[-1], num_inference_steps=args.steps,
+                                max_sequence_length=args.max_sequence_length)  # fmt: skip
+        print(json.dumps(report, indent=1))
+        return 0
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "command"})
+    try:
+        if args.command == "cache":
+            build_cache(settings)
+            return 0
+        run = train(settings)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(json.dumps(run))
+    return 0
+
+
+@torch.no_grad()
+def evaluate_model(pipe, scorer, images_per_prompt: int = 1, seed: int = 0, **call) -> dict[str, dict[str, float]]:
+    r"""
+    GenEval-style accuracy of `pipe` on the held-out prompts (`lssgen.scenes.evaluation_scenes`, 8 per category),
+    judged by `scorer` (`lssgen.scorer.SceneScorer`), per category.
+
+    `accuracy` is the share of images that show what their prompt asks; `chance` scores the same images against
+    another prompt of the same category (the next one), which is what a model that ignores the prompt would reach.
+    `call` goes to `pipe` (e.g. `num_inference_steps`, `max_sequence_length`, lssgen's options on a patched pipe).
+
+    Example:
+
+    ```py
+    >>> from lssgen.scorer import SceneScorer
+    >>> evaluate_model(pipe, SceneScorer.from_pretrained("weights/scene-scorer"), max_sequence_length=32)
+    ```
+    """
+    prompts = [scene.caption for scene in scenes.evaluation_scenes()]
+    images = []
+    for part in tqdm(_chunks(prompts, 6), desc="generating the held-out prompts", unit="batch"):
+        generator = torch.Generator().manual_seed(seed + len(images))
+        images += pipe(prompt=part, num_images_per_prompt=images_per_prompt, generator=generator, **call).images
+    captions = [caption for caption in prompts for _ in range(images_per_prompt)]
+    # The same category's next prompt: prompts come in category turns (index % 6), so that is 6 prompts on.
+    others = [prompts[(i + len(scenes.CATEGORIES)) % len(prompts)] for i in range(len(prompts))]
+    other_captions = [caption for caption in others for _ in range(images_per_prompt)]
+    right, wrong = scorer.score(images, captions), scorer.score(images, other_captions)
+    report = {}
+    for category in scenes.CATEGORIES:
+        picked = [i for i, r in enumerate(right) if r.category == category]
+        report[category] = {
+            "accuracy": sum(right[i].passed for i in picked) / len(picked),
+            "chance": sum(wrong[i].passed for i in picked) / len(picked),
+            "images": len(picked),
+        }
+    return report
+
+
+def build_cache(settings: TrainSettings) -> None:
+    """Render and encode `settings.scenes` scenes into the latent cache of `settings.work_dir`."""
+    if not is_tiny_autoencoder_folder(settings.taef2):
+        raise ValueError(f"--taef2 {settings.taef2}: no taef2_encoder.pth / taef2_decoder.pth there.")
+    torch.set_num_threads(settings.threads)
+    vae = TinyFlux2Autoencoder.from_taesd_folder(settings.taef2)
+    LatentCache(settings.work_dir / CACHE, vae, settings.data_seed, settings.scenes).build()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

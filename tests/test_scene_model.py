@@ -1,0 +1,186 @@
+"""The scene model (`lssgen.scene_model`): its folder is a stock `Flux2KleinPipeline` with taef2 as the VAE, string
+prompts go through its own tokenizer and text encoder, lssgen's FLUX.2 route runs on it, and training learns and
+resumes exactly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+from safetensors.torch import load_file
+
+import lssgen
+from lssgen import scene_model, scenes
+from lssgen.scene_model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# The shared data sits beside the main checkout (../shared) or, from a worktree under wt/, one level further up.
+TAEF2 = next(
+    (p for p in (ROOT.parent / "shared/data/taef2", ROOT.parents[1] / "shared/data/taef2") if p.is_dir()), None
+)
+needs_taef2 = pytest.mark.skipif(TAEF2 is None, reason="taef2 weights (shared/data/taef2) not found")
+TINY = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    """An untrained scene model (random taef2-shaped VAE with non-trivial BN statistics) saved and loaded back with
+    the stock loader."""
+    vae = lssgen.TinyFlux2Autoencoder()
+    vae.set_latent_statistics(torch.randn(2, 32, 8, 8) * 0.7 + 0.2)
+    folder = tmp_path_factory.mktemp("scene-model")
+    build_pipeline(vae, seed=0, **TINY).save_pretrained(folder)
+    pipe = Flux2KleinPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, vae, pipe
+
+
+def test_the_folder_loads_with_the_stock_loader(saved_pipeline):
+    folder, vae, pipe = saved_pipeline
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["vae"] == ["lssgen.flux2_vae", "TinyFlux2Autoencoder"]
+    assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
+    assert isinstance(pipe.vae, lssgen.TinyFlux2Autoencoder) and pipe.vae_scale_factor == 8
+    assert torch.equal(pipe.vae.bn.running_mean, vae.bn.running_mean)
+    assert torch.equal(pipe.vae.bn.running_var, vae.bn.running_var)
+    for name, weights in vae.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[name], weights), name
+
+
+def test_string_prompts_go_through_the_pipelines_own_encoder(saved_pipeline):
+    _, _, pipe = saved_pipeline
+    # The pipeline's defaults: 512 tokens, hidden states 9, 18 and 27 of the 28-layer encoder.
+    embeds, _ = pipe.encode_prompt(["a photo of a red star", "a photo of a blue star", "a photo of a red star"])
+    assert embeds.shape == (3, 512, 3 * scene_model.TEXT_WIDTH)
+    assert torch.equal(embeds[0], embeds[2]) and not torch.allclose(embeds[0], embeds[1])
+    images = pipe(
+        prompt=["a photo of three circles", "a photo of a star left of a heart"],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=32,
+        output_type="pt",
+    ).images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_caption_words_are_single_tokens_in_the_chat_template():
+    tokenizer = build_tokenizer()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a photo of an orange crescent and a blue heart"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tokens = tokenizer.tokenize(text)
+    assert tokens[:3] == ["<|im_start|>", "user", "Ċ"] and "Ġcrescent" in tokens and "Ġorange" in tokens
+    longest = max(scene_model.all_captions(), key=lambda caption: len(tokenizer.tokenize(caption)))
+    assert len(tokenizer.tokenize(longest)) == len(longest.split())
+
+
+@pytest.mark.parametrize("space", ["learned", "latent", "pixel"])
+def test_a_three_stage_plan_with_flux2_x2_runs_on_it(saved_pipeline, space):
+    _, _, pipe = saved_pipeline
+    upsampler = lssgen.LatentUpsampler.from_pretrained(ROOT / "weights" / "flux2-x2")
+    lssgen.patch(pipe, upsampler)
+    try:
+        options = {"min_resolution": 64, "scaling_space": space, "num_inference_steps": 4}
+        plan = lssgen.plan_for(pipe, 256, 256, **options)
+        assert [stage.height for stage in plan.stages] == [64, 128, 256]
+        images = pipe(prompt="a photo of a red star", height=256, width=256, max_sequence_length=32,
+                      output_type="pt", **options).images  # fmt: skip
+    finally:
+        lssgen.unpatch(pipe)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+
+
+def _settings(tmp_path, name, **overrides):
+    values = dict(out=str(tmp_path / name), taef2=str(TAEF2), scenes=4, steps=2, batch=2, threads=1,
+                  checkpoint_every=1, sample_every=1000, samples=1, **TINY)  # fmt: skip
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The latent cache of the 4 scenes the training tests use, built once (rendering and encoding take seconds)."""
+    work = tmp_path_factory.mktemp("cache-work")
+    trainer = _Trainer(_settings(work, "out", work=str(work)), "")
+    return work / scene_model.CACHE, trainer
+
+
+@needs_taef2
+def test_a_training_step_lowers_the_loss_of_its_batch(cache):
+    _, trainer = cache
+    before, size = trainer.loss_at(0, trainer.transformer)
+    assert size == 256 and torch.isfinite(before)
+    for _ in range(3):
+        trainer.train_step(0)
+    after, _ = trainer.loss_at(0, trainer.transformer)
+    assert after.item() < before.item()
+    # The BN statistics are the training latents': the normalised tokens the transformer sees are unit-scale.
+    tokens = torch.cat([t.flatten(0, 1) for t in trainer.tokens.values()])
+    assert tokens.std().item() == pytest.approx(1.0, abs=0.25)
+
+
+@needs_taef2
+def test_resume_continues_exactly_where_it_stopped(tmp_path, cache):
+    cached, _ = cache
+    for run in ("straight", "resumed"):
+        shutil.copytree(cached, tmp_path / f"{run}.work" / scene_model.CACHE)
+    straight = _settings(tmp_path, "straight", work=str(tmp_path / "straight.work"), steps=3)
+    scene_model.train(straight)
+    first = _settings(tmp_path, "resumed", work=str(tmp_path / "resumed.work"), steps=2)
+    scene_model.train(first)
+    scene_model.train(_settings(tmp_path, "resumed", work=str(tmp_path / "resumed.work"), steps=3, resume=True))
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a = load_file(tmp_path / "straight" / part)
+        b = load_file(tmp_path / "resumed" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    history = json.loads((tmp_path / "resumed" / scene_model.HISTORY_FILE).read_text())
+    assert [h["step"] for h in history["history"]] == [1, 2, 3]
+    assert [(r["from_step"], r["to_step"]) for r in history["runs"]] == [(0, 2), (2, 3)]
+    card = (tmp_path / "resumed" / "README.md").read_text()
+    assert "--resume" in card and "Step 3 of" in card and (tmp_path / "resumed" / "samples.png").is_file()
+    loaded = Flux2KleinPipeline.from_pretrained(tmp_path / "resumed")
+    assert isinstance(loaded.vae, lssgen.TinyFlux2Autoencoder)
+
+
+@needs_taef2
+def test_bad_arguments_are_clear_errors(tmp_path, cache, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scene_model.main(["train", "--out", str(tmp_path / "out"), "--taef2", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2 and "--taef2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scene_model.main(["train", "--out", str(tmp_path / "out"), "--taef2", str(TAEF2), "--resume"])
+    assert "no checkpoint" in capsys.readouterr().err
+    cached, _ = cache
+    work = tmp_path / "work"
+    shutil.copytree(cached, work / scene_model.CACHE)
+    scene_model.train(_settings(tmp_path, "out", work=str(work), steps=1))
+    with pytest.raises(ValueError, match="--lr 0.0004 \\(now 0.001\\)"):
+        scene_model.train(_settings(tmp_path, "out", work=str(work), steps=2, lr=1e-3, resume=True))
+    with pytest.raises(ValueError, match="pass --resume"):
+        scene_model.train(_settings(tmp_path, "out", work=str(work), steps=2))
+
+
+def test_scene_captions_are_all_known():
+    captions = set(scene_model.all_captions())
+    assert all(scenes.sample_scene(0, i).caption in captions for i in range(60))
+    assert all(scene.caption in captions for scene in scenes.evaluation_scenes())
+
+
+def test_evaluate_scores_every_held_out_prompt_per_category(saved_pipeline):
+    from lssgen.scorer import SceneScorer
+
+    _, _, pipe = saved_pipeline
+    scorer = SceneScorer.from_pretrained(ROOT / "weights" / "scene-scorer")
+    report = scene_model.evaluate_model(pipe, scorer, height=64, width=64, num_inference_steps=1,
+                                        max_sequence_length=32)  # fmt: skip
+    assert list(report) == list(scenes.CATEGORIES)
+    for numbers in report.values():
+        assert numbers["images"] == scenes.EVALUATION_PER_CATEGORY
+        assert 0 <= numbers["accuracy"] <= 1 and 0 <= numbers["chance"] <= 1
