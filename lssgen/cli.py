@@ -476,11 +476,12 @@ def run_demo(args) -> None:
 
     _timed(pipe, {**call(demo.prompts[0]), "num_inference_steps": 2}, args.seed, device, start_sigma=1.0)  # warm-up
     rows, baseline_times, lssgen_times = [], [], []
-    for prompt in demo.prompts:
+    for index, prompt in enumerate(demo.prompts):
+        seed = args.seed + index  # one seed per prompt, the same for both
         for _ in range(2 if len(demo.prompts) == 1 else 1):  # alternate, so both see the same machine state
-            baseline, seconds = _timed(pipe, call(prompt), args.seed, device, start_sigma=1.0)
+            baseline, seconds = _timed(pipe, call(prompt), seed, device, start_sigma=1.0)
             baseline_times.append(seconds)
-            scaled, seconds = _timed(pipe, call(prompt), args.seed, device, **options)
+            scaled, seconds = _timed(pipe, call(prompt), seed, device, **options)
             lssgen_times.append(seconds)
         rows.append((prompt, baseline, scaled))
     if len(demo.prompts) == 1:
