@@ -22,9 +22,8 @@ def run(*args, cwd=None):
 
 
 def test_demo_prints_plan_and_both_timings(tmp_path):
-    result = run(
-        "demo", "--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128, "--out-dir", tmp_path / "demo"
-    )
+    args = ["--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128, "--out-dir", tmp_path / "demo"]
+    result = run("demo", "--random-weights", *args)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "RANDOM weights" in out
@@ -32,6 +31,32 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
     assert "baseline (stock pipeline, 4 steps at 256x256):" in out and "speed-up:" in out
     for name in ("baseline.png", "lssgen.png"):
         assert Image.open(tmp_path / "demo" / name).size == (256, 256)
+
+
+def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatch):
+    # No trained scene model ships yet: a tiny untrained one, saved as the shipped folder would be, stands in.
+    import lssgen.weights
+    from lssgen.cli import main
+    from lssgen.scene_model import build_pipeline
+
+    folder = tmp_path / "scene-t2i"
+    tiny = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
+    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, **tiny).save_pretrained(folder)
+    shipped, weights_path = lssgen.weights.shipped, lssgen.weights.weights_path
+    monkeypatch.setattr(lssgen.weights, "shipped", lambda: [*shipped(), "scene-t2i"])
+    monkeypatch.setattr(
+        lssgen.weights, "weights_path", lambda name: folder if name == "scene-t2i" else weights_path(name)
+    )
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the scene model trained here" in printed and "RANDOM" not in printed
+    assert "1/3    64x64" in printed and "3/3    256x256" in printed  # three stages, our upsampler between
+    assert "speed-up:" in printed and "4 prompts in all" in printed
+    sheet = Image.open(out / "demo.png")
+    assert sheet.size == (2 * 256, 14 + 4 * (256 + 14))  # stock | lssgen, one row per held-out prompt
+    assert Image.open(out / "baseline.png").size == Image.open(out / "lssgen.png").size == (256, 256)
 
 
 def test_generate_with_a_local_checkpoint(tiny_flux_dir, tmp_path):
