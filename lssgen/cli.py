@@ -237,6 +237,9 @@ def _add_eval_generation_parser(commands) -> None:
     evaluate.add_argument("--steps", type=_positive_int, default=20, help="denoising steps of the stock pipeline (N)")
     evaluate.add_argument("--guidance", type=float, default=None, help="guidance scale (the pipeline's default)")
     evaluate.add_argument(
+        "--max-sequence-length", type=_positive_int, default=None, help="prompt tokens (scene-t2i was trained on 32)"
+    )
+    evaluate.add_argument(
         "--per-category", type=_integer(1, "an integer from 1 to 8"), default=8, help="held-out prompts per category"
     )
     evaluate.add_argument("--stages", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="stage counts")
@@ -723,7 +726,11 @@ def run_eval_generation(args) -> None:
         settings=settings,
         equal_speed=args.equal_speed,
         seed=args.seed,
-        call={} if args.guidance is None else {"guidance_scale": args.guidance},
+        call={
+            name: value
+            for name, value in (("guidance_scale", args.guidance), ("max_sequence_length", args.max_sequence_length))
+            if value is not None
+        },
         progress=args.progress,
         model_name=model,
     )

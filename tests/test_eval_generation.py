@@ -135,9 +135,11 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["eval-generation", "--model", str(tiny_flux_dir), "--size", str(SIZE), "--steps", "2"]
     args += ["--per-category", "1", "--stages", "2", "--no-equal-speed", "--out", str(out), "--device", "cpu"]
+    args += ["--max-sequence-length", "32"]
     assert main([*args, "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prompts"] == 6 and report["settings"]["model"] == str(tiny_flux_dir)
+    assert report["settings"]["call"] == {"max_sequence_length": 32}
     assert [score["name"] for score in report["scores"]] == [
         "stock 2 steps",
         *(f"lssgen {space} s={sigma} 2 stages" for sigma in (0.75, 0.667) for space in ("latent", "pixel")),
