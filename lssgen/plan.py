@@ -343,6 +343,12 @@ def _schedule_stage(
         )
     # Flow models re-noise to this sigma; diffusion schedulers' sigmas are another scale (add_noise handles them).
     first_sigma = float(scheduler.sigmas[begin]) if facts.flow else None
+    if index and first_sigma is not None and first_sigma >= 1.0:
+        logger.warning(
+            f"Stage {index + 1} restarts from pure noise: none of its {num_steps} timesteps lies between 1000 and "
+            f"start_sigma * 1000 = {start_sigma * 1000:g} but the first, so the earlier stages are wasted. Use more "
+            "`num_inference_steps`, `shorten_intermediate_steps=False`, or fewer stages (a larger `min_resolution`)."
+        )
     return Stage(
         index=index,
         latent_height=latent_height,

@@ -635,3 +635,16 @@ def test_options_are_checked_without_an_image_size(options, error, match):
     # What `start_sigma=1.0` calls check too, before handing the call to the stock pipeline.
     with pytest.raises(error, match=match):
         validate_options(**{"start_sigma": 1.0, "min_resolution": 512, **options})
+
+
+def test_a_later_stage_that_would_restart_from_pure_noise_is_warned_about(caplog):
+    # 256 px, 4 steps, base 512 with shortening: the 256 px stage gets 2 steps, [1000, 622.5]; nothing lies in
+    # [750, 1000) so it restarts at 1000, from pure noise, and the 128 px stage is wasted.
+    with caplog.at_level(logging.WARNING, logger="lssgen"):
+        stages = plan(256, 256, 4, min_resolution=128, base_height=512, base_width=512).stages
+    assert stages[1].first_sigma == 1.0
+    assert "Stage 2 restarts from pure noise" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lssgen"):
+        plan(256, 256, 20, min_resolution=128, base_height=512, base_width=512)
+    assert "pure noise" not in caplog.text
