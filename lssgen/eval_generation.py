@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .evaluation import labelled_grid
 from .metrics import psnr, ssim
 from .outputs import write_folder
 from .scenes import CATEGORIES, Scene, render
@@ -172,17 +173,15 @@ def _kid(scorer: Any, real: torch.Tensor, generated: torch.Tensor) -> float | No
 
 
 def _grid(real: torch.Tensor, images: dict[str, torch.Tensor], rows: int) -> Image.Image:
+    """The real render, then one column per setting, for the first `rows` scenes, at `TILE` px."""
     columns = [("real render", real), *images.items()]
-    label_height = 12
-    grid = Image.new("RGB", (TILE * len(columns), label_height + TILE * rows), "white")
-    draw = ImageDraw.Draw(grid)
-    for column, (name, stack) in enumerate(columns):
-        draw.text((column * TILE + 2, 0), name[:24], fill="black")
-        for row in range(rows):
-            tile = F.interpolate(stack[row : row + 1], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
-            pixels = (tile.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            grid.paste(Image.fromarray(pixels), (column * TILE, label_height + row * TILE))
-    return grid
+
+    def tile(stack: torch.Tensor, row: int) -> Image.Image:
+        small = F.interpolate(stack[row : row + 1], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
+        return Image.fromarray((small.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+    grid_rows = [[tile(stack, row) for _, stack in columns] for row in range(rows)]
+    return labelled_grid(grid_rows, [name[:24] for name, _ in columns])
 
 
 @torch.no_grad()

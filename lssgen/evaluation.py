@@ -149,7 +149,8 @@ def _image_metrics(images: torch.Tensor, reference: torch.Tensor, suffix: str) -
     return [dict(zip(values, per_image)) for per_image in zip(*values.values())]
 
 
-def _labelled_grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+def labelled_grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    """Rows of images under a band of column labels."""
     # Images smaller than --resolution are shown at their own size, in the top-left corner of their cell.
     tile = max(row[0].width for row in rows)
     grid = Image.new("RGB", (tile * len(labels), LABEL_HEIGHT + sum(row[0].height for row in rows)), "white")
@@ -303,7 +304,7 @@ def evaluate_upsampler(
         per_image=per_image,
         mean=mean,
         latency_ms=latency,
-        grid=_labelled_grid(rows, labels) if rows else None,
+        grid=labelled_grid(rows, labels) if rows else None,
     )
 
 

@@ -45,6 +45,7 @@ from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from . import scenes
 from .adapters.flux2 import Flux2Adapter
 from .flux2_vae import TinyFlux2Autoencoder
+from .outputs import atomic_write
 from .tiny.flux2 import FLUX2_SCHEDULER_CONFIG
 from .tiny_autoencoder import is_tiny_autoencoder_folder
 
@@ -253,9 +254,7 @@ def _to_tensor(image) -> torch.Tensor:
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
-    partial.replace(path)
+    atomic_write(path, lambda temporary: save_file({k: v.contiguous() for k, v in tensors.items()}, temporary))
 
 
 class LatentCache:

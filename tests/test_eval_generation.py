@@ -20,6 +20,7 @@ from lssgen.eval_generation import (
     equal_speed_settings,
     evaluate_generation,
 )
+from lssgen.evaluation import LABEL_HEIGHT
 from lssgen.scenes import CATEGORIES, evaluation_scenes
 from lssgen.scorer import SceneScorer
 from lssgen.tiny import build_tiny_flux_pipeline
@@ -91,7 +92,7 @@ def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(sc
         assert score.seconds > 0
     assert stock.psnr is None and stock.time_ratio == 1.0
     assert math.isfinite(scaled.psnr) and -1 <= scaled.ssim < 1  # noise images of different plans differ
-    assert report.grid.size == (TILE * (1 + len(names)), 12 + TILE * 6)
+    assert report.grid.size == (TILE * (1 + len(names)), LABEL_HEIGHT + TILE * 6)
     assert "| stock | 4 |" in report.markdown() and "| lssgen | 4 |" in report.markdown()
 
     # The stock column is the stock pipeline: the same seed on a never-patched pipe gives the same first image.
@@ -128,7 +129,7 @@ def _tile(image):
 
 def _first_grid_tile(report, column):
     pixels = torch.from_numpy(np.asarray(report.grid)).permute(2, 0, 1)
-    return pixels[:, 12 : 12 + TILE, column * TILE : (column + 1) * TILE]
+    return pixels[:, LABEL_HEIGHT : LABEL_HEIGHT + TILE, column * TILE : (column + 1) * TILE]
 
 
 def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
