@@ -117,7 +117,14 @@ def build_text_encoder(vocab_size: int, pad_token_id: int, seed: int = 0) -> Qwe
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,
     )
-    return Qwen3ForCausalLM(config).eval()
+    model = Qwen3ForCausalLM(config).eval()
+    # Unit-scale token embeddings. With Qwen's initialisation (std 0.02) the frozen encoder's hidden states are tiny
+    # (std 0.04, 0.013 between captions) and the first training run learnt no text conditioning in 9400 steps: its
+    # loss with the true captions was within 1% of the loss with shuffled ones. The residual stream carries the
+    # embeddings to the stacked layers, so this scales the conditioning to what the transformer's input expects.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    return model
 
 
 def build_transformer(
@@ -415,19 +422,37 @@ class _Trainer:
         # and its Euler step x += (sigma_next - sigma) * v needs v = dx/dsigma = noise - x0.
         sigma = torch.sigmoid(torch.randn(len(index), generator=generator))
         noise = torch.randn(x0.shape, generator=generator)
+        return self._velocity_loss(model, x0, captions, sigma, noise, size), size
+
+    def _velocity_loss(self, model, x0, captions, sigma, noise, size: int) -> torch.Tensor:
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         side = size // (self.pipe.vae_scale_factor * 2)
-        img_ids = self.adapter_ids(side, len(index))
         prediction = model(
             hidden_states=xt,
             timestep=sigma,
             guidance=None,
             encoder_hidden_states=self.text[captions],
-            txt_ids=self.text_ids.expand(len(index), -1, -1),
-            img_ids=img_ids,
+            txt_ids=self.text_ids.expand(len(x0), -1, -1),
+            img_ids=self.adapter_ids(side, len(x0)),
             return_dict=False,
         )[0]
-        return F.mse_loss(prediction, noise - x0), size
+        return F.mse_loss(prediction, noise - x0)
+
+    @torch.no_grad()
+    def caption_gap(self, images_per_size: int = 32) -> float:
+        """How much lower the EMA model's loss is with the right captions than with shuffled ones, relative, on a
+        fixed batch at every size and noise levels 0.9, 0.7, 0.5: 0 means the prompt is ignored."""
+        generator = torch.Generator().manual_seed(20251)
+        right = shuffled = 0.0
+        for size in SIZES:
+            index = torch.randint(len(self.tokens[size]), (images_per_size,), generator=generator)
+            x0, captions = self.tokens[size][index], self.caption_ids[index]
+            others = captions[torch.randperm(images_per_size, generator=generator)]
+            for level in (0.9, 0.7, 0.5):
+                sigma, noise = torch.full((images_per_size,), level), torch.randn(x0.shape, generator=generator)
+                right += self._velocity_loss(self.ema, x0, captions, sigma, noise, size).item()
+                shuffled += self._velocity_loss(self.ema, x0, others, sigma, noise, size).item()
+        return (shuffled - right) / shuffled
 
     def adapter_ids(self, side: int, batch: int) -> torch.Tensor:
         return Flux2KleinPipeline._prepare_latent_ids(torch.empty(batch, 1, side, side))
@@ -531,6 +556,7 @@ class _Trainer:
                 run["to_step"], run["seconds"] = self.step, round(now - started, 1)
                 self.save_checkpoint()
             if self.step % s.sample_every == 0 or self.step == s.steps:
+                self.history[-1]["caption_gap"] = round(self.caption_gap(), 5)
                 self.publish()
         bar.close()
         return run
@@ -545,7 +571,7 @@ def model_card(settings: TrainSettings, step: int, runs: list[dict], history: li
     commands = "\n".join(f"{r['command']}  # steps {r['from_step']} -> {r['to_step']}, {r['seconds']} s, "
                          f"{r['scenes']} scenes, {r['threads']} threads" for r in runs)  # fmt: skip
     shown = history[:: max(1, len(history) // 20)] + ([history[-1]] if len(history) > 20 else [])
-    keys = ["step", "loss", *(f"loss_{size}" for size in SIZES), "s_per_step"]
+    keys = ["step", "loss", *(f"loss_{size}" for size in SIZES), "caption_gap", "s_per_step"]
     rows = "\n".join("| " + " | ".join(str(h.get(k, "")) for k in keys) + " |" for h in shown)
     components = "\n".join(f"| {name} | {text} |" for name, text in (
         ("component", ""),
