@@ -403,6 +403,18 @@ class _Demo:
     what: str
 
 
+def _taef2_found() -> bool:
+    """Whether the scene model's VAE weights (taef2, not redistributed by lssgen) can be found; says why not."""
+    from .flux2_vae import find_taef2
+
+    try:
+        find_taef2()
+    except FileNotFoundError as missing:
+        print(f"lssgen demo: the scene model needs taef2, so the random-weight demo runs instead. {missing}")
+        return False
+    return True
+
+
 def _demo_setup(args, device: str, dtype: torch.dtype) -> _Demo:
     import lssgen
     from lssgen.tiny import build_tiny_flux_pipeline
@@ -414,7 +426,7 @@ def _demo_setup(args, device: str, dtype: torch.dtype) -> _Demo:
         adapter = lssgen.find_adapter(pipe)
         what = f"{type(pipe).__name__} from {args.model} on {device}"
         return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], 1024, adapter.default_steps, {}, {}, args.upsampler, what)
-    if not args.random_weights and "scene-t2i" in shipped():
+    if not args.random_weights and "scene-t2i" in shipped() and _taef2_found():
         from .scenes import evaluation_scenes
 
         pipe = load_pipeline(str(weights_path("scene-t2i")), device, dtype)

@@ -351,7 +351,8 @@ class _Trainer:
             size = {k: getattr(settings, k) for k in ("width", "heads", "double_layers", "single_layers")}
             self.pipe = build_pipeline(vae, settings.seed, **size)
         else:
-            self.pipe = Flux2KleinPipeline.from_pretrained(self.checkpoint / "pipeline")
+            vae = TinyFlux2Autoencoder.from_pretrained(self.checkpoint / "pipeline" / "vae", taef2=settings.taef2)
+            self.pipe = Flux2KleinPipeline.from_pretrained(self.checkpoint / "pipeline", vae=vae)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer.train()
         self.ema = copy.deepcopy(self.transformer).eval().requires_grad_(False)
@@ -517,7 +518,6 @@ class _Trainer:
         partial = out.parent / f".{out.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         self.ema_pipeline().save_pretrained(partial)
-        shutil.copy(Path(self.s.taef2) / "LICENSE", partial / "vae" / "LICENSE-taef2")
         grid.save(partial / "samples.png")
         (partial / HISTORY_FILE).write_text(json.dumps({"runs": self.runs, "history": self.history}, indent=1) + "\n")
         (partial / "README.md").write_text(model_card(self.s, self.step, self.runs, self.history))
@@ -576,8 +576,9 @@ def model_card(settings: TrainSettings, step: int, runs: list[dict], history: li
     components = "\n".join(f"| {name} | {text} |" for name, text in (
         ("component", ""),
         ("---", "---"),
-        ("vae", "taef2 (madebyollin/taesd at 5cccb12, MIT, `vae/LICENSE-taef2`) as `lssgen.TinyFlux2Autoencoder`; "
-                "its BatchNorm statistics are those of the training renders' 256 px latents"),
+        ("vae", "taef2 (github.com/madebyollin/taesd at 5cccb12, MIT) as `lssgen.TinyFlux2Autoencoder`; the folder "
+                "holds its config and BatchNorm statistics (those of the training renders' 256 px latents), not "
+                "taef2's weights, which load from a taef2 folder (`$LSSGEN_TAEF2`, else `../shared/data/taef2`)"),
         ("tokenizer", "`Qwen2Tokenizer`, byte-level BPE from the caption words, Qwen's chat tokens and template"),
         ("text_encoder", f"`Qwen3ForCausalLM`, {TEXT_LAYERS} layers, {TEXT_WIDTH} wide, random (seed {settings.seed}) "
                          "and not trained; the pipeline's default `text_encoder_out_layers` (9, 18, 27)"),
@@ -668,9 +669,9 @@ def _check(s: TrainSettings) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
     if not 0 <= s.caption_dropout < 1:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {s.caption_dropout}.")
+    if not is_tiny_autoencoder_folder(s.taef2):
+        raise ValueError(f"--taef2 {s.taef2}: no taef2_encoder.pth / taef2_decoder.pth there.")
     if not s.resume:
-        if not is_tiny_autoencoder_folder(s.taef2):
-            raise ValueError(f"--taef2 {s.taef2}: no taef2_encoder.pth / taef2_decoder.pth there.")
         if (s.work_dir / CHECKPOINT).exists():
             raise ValueError(f"{s.work_dir / CHECKPOINT} exists: pass --resume to continue it, or another --work.")
 

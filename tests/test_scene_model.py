@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import lssgen
 from lssgen import scene_model, scenes
+from lssgen.flux2_vae import STATISTICS_FILE, TAEF2_ENV
 from lssgen.scene_model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, cache):
     first = _settings(tmp_path, "resumed", work=str(tmp_path / "resumed.work"), steps=2)
     scene_model.train(first)
     scene_model.train(_settings(tmp_path, "resumed", work=str(tmp_path / "resumed.work"), steps=3, resume=True))
-    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    # taef2's weights are never written (not ours to redistribute): the VAE folder is its config and BN statistics.
+    assert sorted(p.name for p in (tmp_path / "resumed" / "vae").iterdir()) == ["config.json", STATISTICS_FILE]
+    for part in ("transformer/diffusion_pytorch_model.safetensors", f"vae/{STATISTICS_FILE}"):
         a = load_file(tmp_path / "straight" / part)
         b = load_file(tmp_path / "resumed" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -147,6 +150,26 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, cache):
     assert "--resume" in card and "Step 3 of" in card and (tmp_path / "resumed" / "samples.png").is_file()
     loaded = Flux2KleinPipeline.from_pretrained(tmp_path / "resumed")
     assert isinstance(loaded.vae, lssgen.TinyFlux2Autoencoder)
+    taef2 = lssgen.TinyFlux2Autoencoder.from_taesd_folder(TAEF2).encoder.state_dict()
+    assert all(torch.equal(taef2[k], v) for k, v in loaded.vae.encoder.state_dict().items())
+
+
+@needs_taef2
+def test_a_taef2_vae_saves_no_taef2_weights_and_says_where_to_find_them(tmp_path, monkeypatch):
+    vae = lssgen.TinyFlux2Autoencoder.from_taesd_folder(TAEF2)
+    vae.set_latent_statistics(torch.randn(2, 32, 4, 4) * 3 + 1)
+    vae.save_pretrained(tmp_path / "vae")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", STATISTICS_FILE]
+    monkeypatch.setenv(TAEF2_ENV, str(TAEF2))
+    loaded = lssgen.TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    expected = vae.to(torch.bfloat16).state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
+    monkeypatch.setenv(TAEF2_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no taef2 folder was found.*{TAEF2_ENV}") as missing:
+        lssgen.TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", taef2=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(missing.value)
 
 
 @needs_taef2
