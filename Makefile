@@ -3,6 +3,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The `quantization` extra (optimum-quanto, for the int8 test) needs torch >= 2.6: with an older TORCH, EXTRAS=dev.
+EXTRAS ?= dev,quantization
 BIN := $(VENV)/bin
 
 .PHONY: install demo test lint clean
@@ -11,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -5,19 +5,26 @@ of earlier denoising steps. Those have the previous stage's token count after a 
 starts with the hooks' state cleared: its first step computes the whole model, and the cache fills again within
 the stage. The same reset runs before and after every call, an exception or an interrupt included, for every
 denoiser: the stock pipelines reset only `CacheMixin` models, and only at the end of a call that succeeded.
-Caches calibrated on an N-step schedule also get a per-stage schedule by noise level (`stage_rule` below).
+Caches calibrated on an N-step schedule also get a per-stage schedule by noise level (`stage_rule` below), and
+caches that read the step from their cache context (SeaCache) get the stage's step (`StepContextHook` below).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import CacheContext, StateManager
+from diffusers.utils.torch_utils import unwrap_module
 
 if TYPE_CHECKING:
     from .plan import Stage
+    from .schedule import StepPosition
 
 
 def diffusers_hooks(module: Any) -> list[Any]:
@@ -103,22 +110,101 @@ def _taylorseer(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
     return [(hook, "disable_cache_after_step", local)]
 
 
-class StageCacheSchedule:
-    """For one call: clears the denoiser's stateful hooks at every stage start and applies the stage rules of its
-    hooks; `restore` undoes every override and clears the state again."""
+# The step metadata of a cache context (diffusers' `CacheContext`: `step_index`, `sigma`, `num_inference_steps`).
+# The stock image pipelines enter `transformer.cache_context("cond")` with none of it (Flux2Pipeline and SD3 enter
+# none at all), and a pipeline that passes it would count the steps of the whole loop, across stages. For the
+# duration of an lssgen call, a hook registered last on the denoiser, so that its `pre_forward` runs before every
+# other hook's (each registration wraps the forward built so far), gives the state managers of the stateful hooks
+# the context of the call about to run, with the coordinates of the stage: the step within the stage, its sigma,
+# and the stage's step count. Within a stage that is an ordinary schedule of its own, so a cache that gates on it
+# (SeaCache's retention and end steps, its adjacency check, its SEA filter's noise level) works unchanged, and
+# every stage's first step (index 0, state just cleared) computes the whole model. Where the pipeline entered no
+# context, the hook supplies one per denoiser call of the step ("lssgen call 0", "lssgen call 1", ...), so that
+# cached state is never shared between a conditional and an unconditional call. After the call the contexts are
+# put back as they were, and the hook is removed after the lssgen call, an exception included.
+STEP_CONTEXT_HOOK = "lssgen_step_context"
 
-    def __init__(self, denoiser: Any, reference_timesteps: Callable[[int], list[float]], num_inference_steps: int):
+
+def _state_managers(module: Any) -> list[StateManager]:
+    """The distinct state managers of the stateful hooks on `module`: what `cache_context` sets a context on."""
+    managers: dict[int, StateManager] = {}
+    for hook in diffusers_hooks(module):
+        if hook._is_stateful:
+            for value in vars(hook).values():
+                if isinstance(value, StateManager):
+                    managers.setdefault(id(value), value)
+    return list(managers.values())
+
+
+class StepContextHook(ModelHook):
+    """Gives each denoiser call's cache context the step of the stage being denoised (see `STEP_CONTEXT_HOOK`)."""
+
+    def __init__(self, managers: list[StateManager], position: Callable[[], StepPosition]):
+        super().__init__()
+        self.managers = managers
+        self.position = position
+        self._step: int | None = None
+        self._calls = 0  # denoiser calls so far in this step
+        self._previous: list[tuple[StateManager, CacheContext | None]] = []
+
+    @torch.compiler.disable
+    def pre_forward(self, module, *args, **kwargs):
+        position = self.position()
+        if position.step != self._step:
+            self._step, self._calls = position.step, 0
+        name = f"lssgen call {self._calls}"
+        self._calls += 1
+        step = {"step_index": position.stage_step, "num_inference_steps": position.stage.num_denoiser_steps}
+        if position.sigma is not None:
+            step["sigma"] = position.sigma
+        self._previous = [(manager, manager._context) for manager in self.managers]
+        for manager, context in self._previous:
+            manager.set_context(dataclasses.replace(context or CacheContext(name), **step))
+        return args, kwargs
+
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        self.put_back()
+        return output
+
+    def put_back(self) -> None:
+        """The contexts as the pipeline set them (also after a call that raised, which skips `post_forward`)."""
+        for manager, context in self._previous:
+            manager.set_context(context)
+        self._previous = []
+
+
+class StageCacheSchedule:
+    """For one call: clears the denoiser's stateful hooks at every stage start, applies the stage rules of its
+    hooks and gives their cache contexts the stage's step (`StepContextHook`); `restore` undoes all of it and
+    clears the state again."""
+
+    def __init__(
+        self,
+        denoiser: Any,
+        reference_timesteps: Callable[[int], list[float]],
+        num_inference_steps: int,
+        position: Callable[[], StepPosition] | None = None,
+    ):
         self.denoiser = denoiser
         self.reference_timesteps = reference_timesteps
         self.num_inference_steps = num_inference_steps
+        self.position = position
         self.hooks = [hook for hook in diffusers_hooks(denoiser) if type(hook).__name__ in STAGE_RULES]
         self._originals: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+        self._step_context: StepContextHook | None = None
 
     def _original(self, obj: Any, name: str) -> Any:
         saved = self._originals.get((id(obj), name))
         return getattr(obj, name) if saved is None else saved[2]
 
     def start(self, stage: Stage) -> None:
+        if self._step_context is None and self.position is not None:
+            managers = _state_managers(self.denoiser)
+            if managers:  # no hook keyed by a cache context: nothing to give one to, and the forward stays as it is
+                self._step_context = StepContextHook(managers, self.position)
+                registry = HookRegistry.check_if_exists_or_initialize(self.denoiser)
+                registry.register_hook(self._step_context, STEP_CONTEXT_HOOK)
         reset_stateful_hooks(self.denoiser)
         context = StageContext(stage, self.reference_timesteps, self.num_inference_steps, self._original)
         for hook in self.hooks:
@@ -130,7 +216,73 @@ class StageCacheSchedule:
         for obj, name, value in self._originals.values():
             setattr(obj, name, value)
         self._originals.clear()
+        if self._step_context is not None:
+            self._step_context.put_back()
+            self.denoiser._diffusers_hook.remove_hook(STEP_CONTEXT_HOOK, recurse=False)
+            self._step_context = None
         reset_stateful_hooks(self.denoiser)
+
+
+class StageRawVision:
+    r"""
+    SeaCache's `raw_vision_callback` for a pipe that lssgen patches: the latent being denoised, one `(C, 1, h, w)`
+    tensor per image, unpacked by the pipe's adapter at the size of the stage in force. Outside an lssgen call it
+    returns None (SeaCache then runs every step in full).
+
+    Args:
+        pipe (`DiffusionPipeline`): the pipe whose denoiser the cache is applied to (patched now or later).
+    """
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+
+    def __repr__(self) -> str:
+        return f"StageRawVision({type(self.pipe).__name__})"
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
+        from .patch import _STATE
+
+        state = self.pipe.__dict__.get(_STATE)
+        if state is None or state.run is None:
+            return None
+        module = unwrap_module(module)
+        forward = inspect.signature(type(module).forward)
+        # The latent is the denoiser's first argument (`hidden_states`, or a UNet's `sample`), by position or name.
+        arguments = forward.bind_partial(module, *args, **kwargs).arguments
+        latent = arguments.get(list(forward.parameters)[1])
+        if not isinstance(latent, torch.Tensor):
+            return None
+        latents = state.adapter.denoiser_latents(self.pipe, latent, state.run.current_stage)
+        return list(latents.unsqueeze(2).unbind(0))
+
+
+def sea_cache_config(pipe: Any, **kwargs: Any) -> Any:
+    r"""
+    A diffusers `SeaCacheConfig` that works on `pipe` under lssgen: its `raw_vision_callback` is a
+    [`StageRawVision`] of `pipe`, and lssgen gives each denoiser call the step metadata of its stage. The stock
+    image pipelines pass no step metadata, so without lssgen (or with `start_sigma=1.0`) SeaCache runs every step
+    in full and logs a warning.
+
+    Args:
+        pipe (`DiffusionPipeline`): the pipe whose denoiser the cache goes on.
+        **kwargs: the other `SeaCacheConfig` fields (`threshold`, `residual_order`, `retention_steps`,
+            `cache_end_steps`, `max_consecutive_cached`, `power_exp`); step counts refer to each stage's steps.
+
+    Example:
+
+    ```py
+    >>> import lssgen
+    >>> from lssgen.caches import sea_cache_config
+
+    >>> lssgen.patch(pipe, upsampler)
+    >>> pipe.transformer.enable_cache(sea_cache_config(pipe, threshold=0.25))
+    >>> image = pipe("a lighthouse at dusk", height=1024, width=1024).images[0]
+    ```
+    """
+    from diffusers.hooks import SeaCacheConfig
+
+    kwargs.setdefault("raw_vision_callback", StageRawVision(pipe))
+    return SeaCacheConfig(**kwargs)
 
 
 # `lssgen bench --cache NAME[:key=value,...]`: the names, and the diffusers config each builds.
@@ -140,6 +292,7 @@ CACHE_CONFIGS = {
     "taylorseer": "TaylorSeerCacheConfig",
     "mag": "MagCacheConfig",
     "faster": "FasterCacheConfig",
+    "sea": "SeaCacheConfig",
 }
 
 
@@ -160,7 +313,8 @@ def cache_config(spec: str, pipe: Any) -> Any:
     r"""
     A diffusers cache config from `NAME[:key=value,...]`, e.g. `first-block:threshold=0.2` or
     `mag:mag_ratios=[1.0,0.98,...],num_inference_steps=28`. Values are Python literals (else strings). The caches
-    that need the current timestep read it from `pipe`. Raises a `ValueError` naming what is wrong.
+    that need the current timestep read it from `pipe`; SeaCache gets [`StageRawVision`] of `pipe`. Raises a
+    `ValueError` naming what is wrong.
     """
     import ast
     import dataclasses
@@ -186,6 +340,8 @@ def cache_config(spec: str, pipe: Any) -> Any:
             kwargs[key] = value
     if "current_timestep_callback" in fields:
         kwargs.setdefault("current_timestep_callback", lambda: pipe.current_timestep)
+    if "raw_vision_callback" in fields:
+        kwargs.setdefault("raw_vision_callback", StageRawVision(pipe))
     try:
         return config_class(**kwargs)
     except (TypeError, ValueError) as error:

@@ -272,7 +272,7 @@ def _add_bench_parser(commands) -> None:
         "--cache",
         metavar="NAME[:key=value,...]",
         help="also run the stock pipeline and every setting with a diffusers cache: first-block, "
-        "pyramid-attention-broadcast, taylorseer, mag or faster, e.g. first-block:threshold=0.2",
+        "pyramid-attention-broadcast, taylorseer, mag, faster or sea, e.g. first-block:threshold=0.2",
     )
     bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
     bench.add_argument("--seed", type=int, default=0)

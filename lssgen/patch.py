@@ -234,8 +234,8 @@ def _patched_call(self, *args, **kwargs):
     # Swap through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config.
     self.__dict__["scheduler"] = run.scheduler
     state.run = run
-    run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
     try:
+        run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
         return stock_call(self, **call)
     finally:
         self.__dict__["scheduler"] = stock_scheduler
@@ -341,11 +341,12 @@ def _prepare_run(
         dtype=adapter.latent_dtype(pipe),
     )
     final, template = plan.stages[-1], pipe.scheduler  # the stock scheduler (the staged one stands in during the call)
+    scheduler = StagedScheduler(plan, template, device=device)
     run = Run(
         pipe=pipe,
         adapter=adapter,
         plan=plan,
-        scheduler=StagedScheduler(plan, pipe.scheduler, device=device),
+        scheduler=scheduler,
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
@@ -353,6 +354,7 @@ def _prepare_run(
             getattr(pipe, adapter.denoiser),
             lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
             final.num_steps,
+            scheduler.position,
         ),
     )
     call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))

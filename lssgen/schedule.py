@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .plan import Stage, StagePlan, fresh_scheduler
+
+
+class StepPosition(NamedTuple):
+    """Where the denoising loop is: the stage in force, the step within it, and that step's noise level."""
+
+    stage: Stage
+    stage_step: int  # 0 at the stage's first step
+    sigma: float | None  # None for schedulers without sigmas (PNDM, DDIM)
+    step: int  # the loop's own step counter, over all stages
 
 
 class StagedScheduler:
@@ -39,6 +48,8 @@ class StagedScheduler:
             [s.timesteps[stage.begin_index :] for s, stage in zip(self.stage_schedulers, plan.stages)]
         )
         self._sigmas = _concatenated_sigmas(self.stage_schedulers, plan)
+        # As numbers, copied to the host once: `position` is read on every denoiser call.
+        self._sigma_values = None if self._sigmas is None else self._sigmas.tolist()
         self.steps_taken = 0
         # Kept alongside `steps_taken` (not derived on read) so hooks that read the stage under torch.compile
         # guard on the stage, not on the step counter: one graph per stage size.
@@ -84,6 +95,14 @@ class StagedScheduler:
     @property
     def num_inference_steps(self) -> int:
         return self.plan.total_steps
+
+    def position(self) -> StepPosition:
+        """The step the next denoiser call belongs to."""
+        step = min(self.steps_taken, self.plan.total_steps - 1)
+        stage = self.plan.stages[self.stage_index]
+        first = self.plan.stage_ends[stage.index] - stage.num_denoiser_steps
+        sigma = None if self._sigma_values is None else self._sigma_values[step]
+        return StepPosition(stage, step - first, sigma, step)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs) -> None:
         # The plan fixed the schedule; the pipeline's own arguments (N, its sigmas, its single `mu`) do not apply.

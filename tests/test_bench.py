@@ -122,6 +122,26 @@ def test_bench_with_a_cache_runs_each_setting_with_and_without_it():
     assert "| setting | ratio alone | ratio with the cache |" in markdown and f"| {settings[0].name} |" in markdown
 
 
+def test_bench_with_sea_cache_caches_only_under_lssgen():
+    from lssgen.bench import CACHE_ALONE, WITH_CACHE
+    from lssgen.caches import StageRawVision, cache_config
+
+    pipe = build_tiny_flux_pipeline()
+    settings = [Setting(0.75, shorten_intermediate_steps=False, min_resolution=128)]  # several steps per stage
+    cache = cache_config("sea:threshold=1e9", pipe)
+    assert isinstance(cache.raw_vision_callback, StageRawVision) and cache.threshold == 1e9
+    report = run_bench(
+        pipe, settings, repeats=1, call_kwargs=CALL, cache=cache, measure_upsampler=False, log=lambda line: None
+    )
+    # The stock FluxPipeline passes SeaCache no step metadata: it computes every step. Under lssgen every stage
+    # skips the blocks in some of its steps.
+    assert report.result(CACHE_ALONE).layer_calls == report.result(BASELINE).layer_calls
+    plain, cached = report.result(settings[0].name), report.result(settings[0].name + WITH_CACHE)
+    assert cached.denoiser_calls == plain.denoiser_calls
+    assert all(0 < c < p for c, p in zip(cached.layer_calls, plain.layer_calls))
+    assert "StageRawVision(FluxPipeline)" in report.cache
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

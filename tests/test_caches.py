@@ -1,6 +1,8 @@
 """lssgen with diffusers' caches on the denoiser: every stage starts with an empty cache, and within a stage the
 cache works as without lssgen."""
 
+import logging
+
 import pytest
 import torch
 from diffusers.hooks import (
@@ -10,11 +12,14 @@ from diffusers.hooks import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
+from test_cogview4 import cogview4_call_kwargs
 from test_flux import flux_call_kwargs
 
 import lssgen
-from lssgen.caches import diffusers_hooks
+from lssgen.caches import STEP_CONTEXT_HOOK, diffusers_hooks, sea_cache_config
+from lssgen.plan import fresh_scheduler
 from lssgen.tiny import build_tiny_flux_pipeline
+from lssgen.tiny.cogview4 import build_tiny_cogview4_pipeline
 
 THREE_STAGES = {"min_resolution": 64, "base_height": 256, "base_width": 256}
 CACHES = {
@@ -32,6 +37,7 @@ CACHES = {
         current_timestep_callback=lambda: pipe.current_timestep,
         is_guidance_distilled=True,
     ),
+    "sea": lambda pipe: sea_cache_config(pipe, threshold=10.0),
 }
 
 
@@ -145,3 +151,149 @@ def test_a_cache_with_torch_compile():
     for _ in range(2):
         torch.testing.assert_close(compiled(**flux_call_kwargs(compiled)).images, expected, atol=1e-4, rtol=1e-4)
     torch._dynamo.reset()
+
+
+def _sea_cache_computes(steps: int, retention: int = 1, end: int = 1, max_cached: int = 2) -> list[bool]:
+    """Which steps of an n-step schedule SeaCache computes in full when its threshold is never reached."""
+    computes, cached = [], 0
+    for index in range(steps):
+        full = index < retention or index >= steps - end or cached >= max_cached
+        cached = 0 if full else cached + 1
+        computes.append(full)
+    return computes
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def sea_cache_warnings():
+    logger, records = logging.getLogger("diffusers.hooks.sea_cache"), _Records()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(records)
+    yield records.messages
+    logger.removeHandler(records)
+    logger.setLevel(level)
+
+
+def test_sea_cache_gets_each_stages_steps_and_caches_within_every_stage(sea_cache_warnings):
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    # A threshold no change reaches: SeaCache reuses its residual wherever its step rules allow.
+    pipe.transformer.enable_cache(sea_cache_config(pipe, threshold=1e9))
+    (root,) = [hook for hook in diffusers_hooks(pipe.transformer) if type(hook).__name__ == "SeaCacheRootHook"]
+    # The stock FluxPipeline passes no step metadata: SeaCache computes every step and says so.
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    pipe(**flux_call_kwargs(pipe))
+    assert len(calls) == 8 and any("fail-open" in message for message in sea_cache_warnings)
+    sea_cache_warnings.clear()
+    handle.remove()
+
+    lssgen.patch(pipe, **THREE_STAGES)
+    forward = pipe.transformer.forward
+    # Per denoiser call: the cache context SeaCache sees (read inside the model, after every hook's pre_forward)
+    # and whether the last block computed (its attention runs only then).
+    seen = []
+    first = pipe.transformer.transformer_blocks[0]
+    tail = pipe.transformer.single_transformer_blocks[-1].attn
+    handles = [
+        first.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append([root.state_manager._context, False]), with_kwargs=True
+        ),
+        tail.register_forward_pre_hook(lambda module, args, kwargs: seen[-1].__setitem__(1, True), with_kwargs=True),
+    ]
+    plan = lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES)
+    for _ in range(2):  # and again: nothing carries over from the first call
+        seen.clear()
+        images = pipe(**flux_call_kwargs(pipe)).images
+        assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+        calls = iter(seen)
+        for stage in plan.stages:
+            # Each stage is a schedule of its own: SeaCache's first step and its end step compute in full,
+            # the steps between reuse the cached residual (at most twice in a row, SeaCache's default).
+            n = stage.num_denoiser_steps
+            for index, (timestep, computes) in enumerate(zip(stage.timesteps, _sea_cache_computes(n))):
+                context, computed = next(calls)
+                assert (context.step_index, context.num_inference_steps) == (index, n)
+                assert context.sigma == pytest.approx(timestep / 1000)  # the noise level of this stage's step
+                assert computed == computes, (stage.index, index)
+        assert next(calls, None) is None
+        assert sum(computed for _, computed in seen) < len(seen)  # some steps were cached
+        assert sea_cache_warnings == []  # no fail-open warning under lssgen
+        # The pipe is as it was: the step-context hook is gone and no cache context is left set.
+        assert pipe.transformer.forward is forward
+        assert STEP_CONTEXT_HOOK not in pipe.transformer._diffusers_hook.hooks
+        assert root.state_manager._context is None
+    for handle in handles:
+        handle.remove()
+
+
+def test_sea_cache_step_context_is_removed_after_an_exception():
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(sea_cache_config(pipe, threshold=1e9))
+    (root,) = [hook for hook in diffusers_hooks(pipe.transformer) if type(hook).__name__ == "SeaCacheRootHook"]
+    lssgen.patch(pipe, **THREE_STAGES)
+    forward = pipe.transformer.forward
+
+    def broken(module, args, kwargs):
+        raise RuntimeError("the model failed")
+
+    handle = pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(broken, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        pipe(**flux_call_kwargs(pipe))
+    handle.remove()
+    assert pipe.transformer.forward is forward
+    assert STEP_CONTEXT_HOOK not in pipe.transformer._diffusers_hook.hooks
+    assert root.state_manager._context is None
+    images = pipe(**flux_call_kwargs(pipe)).images  # and it still works
+    assert torch.isfinite(images).all()
+
+
+def test_sea_cache_keeps_the_conditional_and_unconditional_calls_apart(sea_cache_warnings):
+    # CogView4 runs CFG as two calls per step, in the pipeline's "cond" and "uncond" contexts: each keeps its own
+    # cache, with the stage's steps (its sigmas are shifted ones, unlike its integer timesteps).
+    pipe = build_tiny_cogview4_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(sea_cache_config(pipe, threshold=1e9))
+    (root,) = [hook for hook in diffusers_hooks(pipe.transformer) if type(hook).__name__ == "SeaCacheRootHook"]
+    block = pipe.transformer.transformer_blocks[-1]
+    seen = []
+    handles = [
+        block.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append([root.state_manager._context, False]), with_kwargs=True
+        ),
+        block.attn1.register_forward_pre_hook(
+            lambda module, args, kwargs: seen[-1].__setitem__(1, True), with_kwargs=True
+        ),
+    ]
+    lssgen.patch(pipe, **THREE_STAGES)
+    images = pipe(**cogview4_call_kwargs(pipe)).images
+    for handle in handles:
+        handle.remove()
+    assert torch.isfinite(images).all() and sea_cache_warnings == []
+    plan = lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES)
+    expected = [
+        (name, index, stage.num_denoiser_steps, computes)
+        for stage in plan.stages
+        for index, computes in enumerate(_sea_cache_computes(stage.num_denoiser_steps))
+        for name in ("cond", "uncond")
+    ]
+    got = [(c.name, c.step_index, c.num_inference_steps, computed) for c, computed in seen]
+    assert got == expected
+    noise_levels = []  # each stage's own shifted sigmas, from where it starts
+    for stage in plan.stages:
+        scheduler = fresh_scheduler(pipe.scheduler)
+        scheduler.set_timesteps(**stage.scheduler_kwargs)
+        noise_levels += scheduler.sigmas[stage.begin_index :][: stage.num_denoiser_steps].tolist()
+    assert [context.sigma for context, _ in seen[::2]] == pytest.approx(noise_levels)
+    timesteps = [t / 1000 for stage in plan.stages for t in stage.timesteps]  # not the shifted sigmas
+    assert [context.sigma for context, _ in seen[::2]] != pytest.approx(timesteps)

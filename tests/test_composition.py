@@ -1,11 +1,15 @@
-"""lssgen with the other things users stack on a pipeline: LoRA hot-swap and layerwise casting, in every stage."""
+"""lssgen with the other things users stack on a pipeline: LoRA hot-swap, layerwise casting and weight-only int8
+quantization, in every stage."""
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from test_flux import flux_call_kwargs
+from test_sd3 import sd3_call_kwargs
 
 import lssgen
 from lssgen.tiny import build_tiny_flux_pipeline
+from lssgen.tiny.sd3 import build_tiny_sd3_pipeline
 
 THREE_STAGES = {"min_resolution": 64, "base_height": 256, "base_width": 256}
 LORA_TARGET = "transformer.transformer_blocks.0.attn.to_q"
@@ -60,3 +64,39 @@ def test_layerwise_casting_in_every_stage():
     assert not torch.equal(casted, expected)  # bfloat16 storage changes the numbers...
     torch.testing.assert_close(casted, expected, atol=0.1, rtol=0)  # ...a little
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("build", "call_kwargs"),
+    [(build_tiny_flux_pipeline, flux_call_kwargs), (build_tiny_sd3_pipeline, sd3_call_kwargs)],
+    ids=["flux", "sd3"],
+)
+def test_weight_only_int8_quantization_in_every_stage(build, call_kwargs):
+    # optimum-quanto's int8 weights run on the CPU (torchao's would too, but importing it makes diffusers print
+    # failed CUDA-library loads on a CPU-only machine). Needs torch >= 2.6: the `quantization` extra.
+    quanto = pytest.importorskip(
+        "optimum.quanto", reason="weight-only int8 needs optimum-quanto (the quantization extra)"
+    )
+
+    reference = build()
+    reference.set_progress_bar_config(disable=True)
+    lssgen.patch(reference, **THREE_STAGES)
+    expected = reference(**call_kwargs(reference)).images
+
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    quanto.quantize(pipe.transformer, weights=quanto.qint8)
+    quanto.freeze(pipe.transformer)
+    linears = [module for module in pipe.transformer.modules() if isinstance(module, torch.nn.Linear)]
+    # Frozen: every Linear holds int8 weights (and a scale), no float copy.
+    assert linears and all(isinstance(module.weight, quanto.WeightQBytesTensor) for module in linears)
+    assert all(module.weight.qtype is quanto.qint8 for module in linears)
+    lssgen.patch(pipe, **THREE_STAGES)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    images = pipe(**call_kwargs(pipe)).images
+    handle.remove()
+    assert len(calls) == lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES).total_steps  # every stage, quantized
+    assert images.shape == expected.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    assert not torch.equal(images, expected)  # int8 weights change the numbers...
+    torch.testing.assert_close(images, expected, atol=0.05, rtol=0)  # ...a little

@@ -117,6 +117,15 @@ class Adapter:
         """From the loop's layout back to `(B, C, h, w)`."""
         return latents
 
+    def denoiser_latents(self, pipe: Any, latent: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """The latent a denoiser call of `stage` denoises, `(B, C, h, w)`, from the denoiser's latent input (its
+        first argument). Token-packed inputs may carry other tokens after the latent's own (FLUX.2's reference
+        images); those are left out."""
+        if latent.ndim == 3:
+            tokens = (stage.latent_height // self.latent_multiple) * (stage.latent_width // self.latent_multiple)
+            latent = latent[:, :tokens]
+        return self.unpack(pipe, latent, stage.latent_height, stage.latent_width)
+
     def batch_size(self, call: dict[str, Any]) -> int:
         """Prompts in one call, before `num_images_per_prompt`."""
         prompt = call.get("prompt")
