@@ -3,7 +3,8 @@
 `run_bench` times, round after round, the truly unpatched pipe, the patched pipe at `start_sigma=1.0` (which
 runs the stock pipeline, so the two give lssgen's overhead) and each LSSGen setting, all with the same call
 and seed. Alternating puts every configuration through the same machine state (thermals, caches, other load),
-and ratios are taken pair by pair within a round before the median.
+and ratios are taken pair by pair within a round before the median. Speed comes with its price: every
+configuration's image of the first timed round is compared with the unpatched pipe's (PSNR and SSIM).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .outputs import write_folder
@@ -64,6 +66,10 @@ class SettingResult:
     denoiser_calls: list[int]  # denoiser forward calls per stage, counted by a hook
     peak_memory_mib: float
     layer_calls: list[int] = field(default_factory=list)  # Linear layers run per stage: the work a cache skips
+    # Agreement with the unpatched pipe's image of the same round (same seed and call); inf PSNR and SSIM 1 when
+    # identical, None for the unpatched pipe itself.
+    psnr: float | None = None
+    ssim: float | None = None
 
     @property
     def median(self) -> float:
@@ -93,26 +99,34 @@ class BenchReport:
         return next(result for result in self.results if result.name == name)
 
     def to_json(self) -> dict[str, Any]:
+        from .evaluation import _json_safe  # strict JSON: the inf PSNR of an identical image becomes "inf"
+
         data = asdict(self)
         for entry, result in zip(data["results"], self.results):
             entry.update(median=result.median, ratio=result.ratio)
-        return data
+        return _json_safe(data)
 
     def markdown(self) -> str:
         lines = [
             f"device {self.device}, {self.dtype}, {self.repeats} timed repeats per setting"
             + (", compiled" if self.compiled else ""),
             "",
-            "| setting | median s | min–max s | ratio vs baseline | denoiser calls per stage | peak memory MiB |",
-            "|---|---|---|---|---|---|",
+            "| setting | median s | min–max s | ratio vs baseline | PSNR dB vs stock | SSIM vs stock "
+            "| denoiser calls per stage | peak memory MiB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.results:
             calls = " + ".join(map(str, r.denoiser_calls))
             lines.append(
-                f"| {r.name} | {r.median:.3f} | {min(r.times):.3f}–{max(r.times):.3f} | {r.ratio:.3f} | {calls} "
-                f"| {r.peak_memory_mib:.0f} |"
+                f"| {r.name} | {r.median:.3f} | {min(r.times):.3f}–{max(r.times):.3f} | {r.ratio:.3f} "
+                f"| {_agreement(r.psnr, '.2f')} | {_agreement(r.ssim, '.4f')} | {calls} | {r.peak_memory_mib:.0f} |"
             )
-        lines += ["", f"overhead (patched at start_sigma=1.0 / unpatched): {self.overhead_ratio:.4f}"]
+        lines += [
+            "",
+            f"PSNR/SSIM: each configuration's image against the unpatched pipe's, same seed and call (first timed "
+            f"round; inf and 1 mean identical). overhead (patched at start_sigma=1.0 / unpatched): "
+            f"{self.overhead_ratio:.4f}",
+        ]
         if self.recompilations is not None:
             lines.append(f"torch.compile graphs compiled: {self.recompilations}")
         if self.cache is not None:
@@ -136,8 +150,9 @@ class BenchReport:
         lines = [
             f"cache: {self.cache}",
             "",
-            "| setting | ratio alone | ratio with the cache | with / (alone x cache alone) | layer work per stage |",
-            "|---|---|---|---|---|",
+            "| setting | ratio alone | ratio with the cache | with / (alone x cache alone) | layer work per stage "
+            "| PSNR dB alone / with the cache | SSIM alone / with the cache |",
+            "|---|---|---|---|---|---|---|",
         ]
         for cached in self.results:
             if not cached.name.endswith(WITH_CACHE) and cached.name != CACHE_ALONE:
@@ -145,10 +160,32 @@ class BenchReport:
             plain = self.result(BASELINE if cached.name == CACHE_ALONE else cached.name.removesuffix(WITH_CACHE))
             done = " / ".join(f"{c / p:.2f}" for c, p in zip(cached.layer_calls, plain.layer_calls) if p)
             product = plain.ratio * cache_ratio
+            psnrs = f"{_agreement(plain.psnr, '.2f')} / {_agreement(cached.psnr, '.2f')}"
+            ssims = f"{_agreement(plain.ssim, '.4f')} / {_agreement(cached.ssim, '.4f')}"
             lines.append(
-                f"| {plain.name} | {plain.ratio:.3f} | {cached.ratio:.3f} | {cached.ratio / product:.3f} | {done} |"
+                f"| {plain.name} | {plain.ratio:.3f} | {cached.ratio:.3f} | {cached.ratio / product:.3f} | {done} "
+                f"| {psnrs} | {ssims} |"
             )
         return lines
+
+
+def _agreement(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    """A pipeline's first output image (PIL, or a tensor in [0, 1]) as a `(1, 3, H, W)` float32 tensor."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().float().cpu()[None]
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def agreement(image: Any, reference: Any) -> tuple[float, float]:
+    """PSNR (dB, inf when identical) and SSIM of one output image against a reference output image."""
+    from .metrics import psnr, ssim
+
+    x, y = _image_tensor(image), _image_tensor(reference)
+    return float(psnr(x, y)[0]), float(ssim(x, y)[0])
 
 
 def _sync(device: torch.device) -> None:
@@ -271,7 +308,8 @@ def run_bench(
     log=print,
 ) -> BenchReport:
     r"""
-    Time the stock pipeline and LSSGen `settings` alternately on `pipe` (patched here; unpatched at the end).
+    Time the stock pipeline and LSSGen `settings` alternately on `pipe` (patched here; unpatched at the end), and
+    compare each configuration's image of the first timed round with the unpatched pipe's (PSNR and SSIM).
 
     Args:
         pipe: a stock pipeline an lssgen adapter supports.
@@ -317,7 +355,7 @@ def run_bench(
         for name, opts in configs.items()
     }
 
-    def call(name: str, counter: bool = False) -> tuple[float, float, _DenoiserCounter | None]:
+    def call(name: str, counter: bool = False) -> tuple[float, float, _DenoiserCounter | None, Any]:
         options = configs[name]
         if options is None:
             lssgen.unpatch(pipe)
@@ -329,7 +367,7 @@ def run_bench(
             with _PeakMemory(device) as memory:
                 _sync(device)
                 start = time.perf_counter()
-                pipe(**call_kwargs, generator=generator, output_type="pil", **(options or {}))
+                image = pipe(**call_kwargs, generator=generator, output_type="pil", **(options or {})).images[0]
                 _sync(device)
                 seconds = time.perf_counter() - start
         finally:
@@ -339,12 +377,12 @@ def run_bench(
                 hook.remove()
             if options is None:
                 lssgen.patch(pipe, upsampler, **patch_defaults)
-        return seconds, memory.mib, hook
+        return seconds, memory.mib, hook, image
 
     # Warm-up, uncompiled: counts denoiser calls per stage and times single denoiser calls.
     calls, layer_calls, denoiser_call_s = {}, {}, float("nan")
     for name in configs:
-        _, _, hook = call(name, counter=True)
+        _, _, hook, _ = call(name, counter=True)
         calls[name], layer_calls[name] = hook.per_stage(), hook.per_stage(hook.layers)
         if name == BASELINE:
             denoiser_call_s = statistics.median(hook.durations)
@@ -361,12 +399,15 @@ def run_bench(
 
     times = {name: [] for name in configs}
     peaks = {name: 0.0 for name in configs}
+    images: dict[str, Any] = {}  # the first timed round's images: what was timed, compiled or not
     for round_index in range(repeats):
         for name in configs:
-            seconds, mib, _ = call(name)
+            seconds, mib, _, image = call(name)
             times[name].append(seconds)
             peaks[name] = max(peaks[name], mib)
+            images.setdefault(name, image)
         log(f"round {round_index + 1}/{repeats}: " + ", ".join(f"{times[n][-1]:.2f}" for n in configs) + " s")
+    agreements = {name: agreement(images[name], images[UNPATCHED]) for name in configs if name != UNPATCHED}
 
     base = times[BASELINE]
     results = [
@@ -379,6 +420,8 @@ def run_bench(
             denoiser_calls=calls[name],
             peak_memory_mib=peaks[name],
             layer_calls=layer_calls[name],
+            psnr=agreements[name][0] if name in agreements else None,
+            ssim=agreements[name][1] if name in agreements else None,
         )
         for name, options in configs.items()
     ]
@@ -453,7 +496,9 @@ def upsampler_cost(
 
 def write_report(report: BenchReport, out_dir: str | Path, *, plot: bool = False) -> Path:
     files = {
-        "bench.json": lambda path: path.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n"),
+        "bench.json": lambda path: path.write_text(
+            json.dumps(report.to_json(), indent=2, default=str, allow_nan=False) + "\n"
+        ),
         "bench.md": lambda path: path.write_text(report.markdown()),
     }
     if plot:

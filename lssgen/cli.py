@@ -246,6 +246,13 @@ def _add_eval_generation_parser(commands) -> None:
     evaluate.add_argument(
         "--equal-speed", action=argparse.BooleanOptionalAction, default=True, help="stock at equal-time step counts"
     )
+    evaluate.add_argument(
+        "--cache",
+        metavar="NAME[:key=value,...]",
+        help="also run the stock N-step setting and every lssgen setting with a diffusers cache on the denoiser "
+        "(rows `... + NAME cache`): first-block, pyramid-attention-broadcast, taylorseer, mag or faster, e.g. "
+        "first-block:threshold=0.2",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then one more per prompt)")
     evaluate.add_argument("--out", default="outputs/eval-generation", help="report folder")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -715,12 +722,15 @@ def _shipped(path: str | None, name: str, option: str) -> str:
 
 
 def run_eval_generation(args) -> None:
+    from .caches import cache_config
     from .eval_generation import default_settings, evaluate_generation, write_report
     from .scenes import CATEGORIES, evaluation_scenes
     from .scorer import SceneScorer
 
     if args.per_category > 8:
         raise ValueError(f"--per-category {args.per_category}: the held-out set has 8 prompts per category.")
+    if args.cache:
+        cache_config(args.cache, pipe=None)  # a malformed spec fails here, before the model loads
     device, dtype = _device_and_dtype(args)
     model = _shipped(args.model, "scene-t2i", "--model")
     pipe = load_pipeline(model, device, dtype)
@@ -745,6 +755,8 @@ def run_eval_generation(args) -> None:
         },
         progress=args.progress,
         model_name=model,
+        cache=cache_config(args.cache, pipe) if args.cache else None,
+        cache_label=args.cache.partition(":")[0] if args.cache else "cache",
     )
     out = write_report(report, args.out)
     print(report.markdown())

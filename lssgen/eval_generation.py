@@ -3,10 +3,12 @@
 On a fixed held-out prompt set of the scene vocabulary (`lssgen.scenes.evaluation_scenes`) one run generates with
 the stock pipeline at N steps; with lssgen in each scaling space at two start sigmas and with two or three stages;
 and with the stock pipeline at fewer steps, as many as fit in each lssgen setting's time (the paper's equal-speed
-baseline). The settings take turns prompt by prompt, so all of them meet the same machine state. Each setting is
-scored by the scene scorer (GenEval's rules, per category), by KID between its images and real renders of the same
-scenes (on the scorer's features), by PSNR and SSIM against the stock image of the same seed, and by its wall time
-relative to the stock pipeline in the same run.
+baseline). With a diffusers cache (`cache=`, `lssgen eval-generation --cache`), the stock N-step setting and every
+lssgen setting also run with the cache on the denoiser, enabled for those calls only. The settings take turns prompt
+by prompt, so all of them meet the same machine state. Each setting is scored by the scene scorer (GenEval's rules,
+per category), by KID between its images and real renders of the same scenes (on the scorer's features), by PSNR
+and SSIM against the stock image of the same seed, and by its wall time relative to the stock pipeline in the same
+run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluation import labelled_grid
+from .evaluation import _json_safe, labelled_grid
 from .metrics import psnr, ssim
 from .outputs import write_folder
 from .scenes import CATEGORIES, Scene, render
@@ -46,16 +48,20 @@ class GenerationSetting:
         options (`dict`): lssgen options, e.g. `{"start_sigma": 0.75, "min_resolution": 128,
             "scaling_space": "learned"}`.
         matches (`str`, *optional*): for an equal-speed stock baseline, the lssgen setting whose time it matches.
+        cache (*optional*): a diffusers cache config (e.g. `FirstBlockCacheConfig`), enabled on the denoiser for
+            this setting's calls only.
     """
 
     name: str
     steps: int
     options: dict[str, Any] = field(default_factory=lambda: {"start_sigma": 1.0})
     matches: str | None = None
+    cache: Any = None
 
     @property
     def is_stock(self) -> bool:
-        return self.options.get("start_sigma") == 1.0
+        """The stock pipeline itself: no lssgen stages and no cache."""
+        return self.options.get("start_sigma") == 1.0 and self.cache is None
 
 
 def default_settings(
@@ -71,6 +77,16 @@ def default_settings(
                 options = {"start_sigma": sigma, "min_resolution": size // 2 ** (count - 1), "scaling_space": space}
                 settings.append(GenerationSetting(f"lssgen {space} s={sigma} {count} stages", steps, options))
     return settings
+
+
+def cached_settings(settings: list[GenerationSetting], cache: Any, label: str) -> list[GenerationSetting]:
+    """Each setting (the stock N-step one and the lssgen ones; not equal-speed baselines) again with the diffusers
+    cache config `cache`, named `<setting> + <label> cache`."""
+    return [
+        replace(setting, name=f"{setting.name} + {label} cache", cache=cache)
+        for setting in settings
+        if setting.matches is None and setting.cache is None
+    ]
 
 
 def equal_speed_settings(settings: list[GenerationSetting], seconds: dict[str, float]) -> list[GenerationSetting]:
@@ -98,6 +114,7 @@ class SettingScores:
     kid: float | None
     psnr: float | None  # against the stock image of the same seed; None for the stock setting itself
     ssim: float | None
+    cache: str | None  # the diffusers cache config of the setting's calls
     seconds: float  # per image, mean over the prompts
     time_ratio: float  # this setting's total time / the stock setting's, in the same run
 
@@ -115,7 +132,8 @@ class GenerationReport:
         s = self.settings
         lines = [
             f"{s['prompts']} held-out prompts ({s['per_category']} per category), {s['size']} px, seed {s['seed']}, "
-            f"{s['device']}, {s['dtype']}; model {s['model']}",
+            f"{s['device']}, {s['dtype']}; model {s['model']}"
+            + (f"; `+ cache` rows: {s['cache']} on the denoiser" if s.get("cache") else ""),
             "",
             "| setting | steps | " + " | ".join(CATEGORIES) + " | overall | KID | PSNR | SSIM | time |",
             "|---|---:|" + "---:|" * (len(CATEGORIES) + 5),
@@ -138,14 +156,27 @@ class GenerationReport:
         return "\n".join(lines) + "\n"
 
 
+def _denoiser(pipe: Any) -> Any:
+    import lssgen
+
+    return getattr(pipe, lssgen.find_adapter(pipe).denoiser)
+
+
 def _generate(pipe: Any, setting: GenerationSetting, scene: Scene, size: int, seed: int, call: dict[str, Any]):
     generator = torch.Generator("cpu").manual_seed(seed)
     kwargs = {"height": size, "width": size, "num_inference_steps": setting.steps, "output_type": "pt", **call}
-    start = time.perf_counter()
-    images = pipe(scene.caption, generator=generator, **kwargs, **setting.options).images
-    if images.device.type == "cuda":
-        torch.cuda.synchronize(images.device)
-    return images[0].float().cpu().clamp(0, 1), time.perf_counter() - start
+    if setting.cache is not None:  # outside the timing; removed again whatever happens, so no other setting sees it
+        _denoiser(pipe).enable_cache(setting.cache)
+    try:
+        start = time.perf_counter()
+        images = pipe(scene.caption, generator=generator, **kwargs, **setting.options).images
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)
+        seconds = time.perf_counter() - start
+    finally:
+        if setting.cache is not None:
+            _denoiser(pipe).disable_cache()
+    return images[0].float().cpu().clamp(0, 1), seconds
 
 
 def _run(pipe, settings, scenes, size, seed, call, progress, description) -> tuple[dict, dict]:
@@ -180,8 +211,13 @@ def _grid(real: torch.Tensor, images: dict[str, torch.Tensor], rows: int) -> Ima
         small = F.interpolate(stack[row : row + 1], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
         return Image.fromarray((small.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
+    def label(name: str) -> str:
+        # A tile's width holds about 24 characters: cached columns say so first, or they would read as uncached.
+        plain, cached, _ = name.partition(" + ")
+        return (f"cache {plain.removeprefix('lssgen ')}" if cached else name)[:24]
+
     grid_rows = [[tile(stack, row) for _, stack in columns] for row in range(rows)]
-    return labelled_grid(grid_rows, [name[:24] for name, _ in columns])
+    return labelled_grid(grid_rows, [label(name) for name, _ in columns])
 
 
 @torch.no_grad()
@@ -200,6 +236,8 @@ def evaluate_generation(
     grid_rows: int = 6,
     progress: bool = True,
     model_name: str = "",
+    cache: Any = None,
+    cache_label: str = "cache",
 ) -> GenerationReport:
     r"""
     Generate every scene with every setting and score the settings side by side (see the module docstring).
@@ -216,6 +254,9 @@ def evaluate_generation(
         call (`dict`, *optional*): more call arguments for every setting, e.g. `{"guidance_scale": 4.0}`.
         grid_rows (`int`, defaults to `6`): the first scenes, shown in the grid (the evaluation set's first six are
             one of each category).
+        cache (*optional*): a diffusers cache config (`lssgen.caches.cache_config`, e.g. `FirstBlockCacheConfig`):
+            the stock N-step setting and every lssgen setting also run with it on the denoiser (`enable_cache` for
+            those calls only), in the same rotation; their rows are named `<setting> + <cache_label> cache`.
 
     Example:
 
@@ -231,7 +272,16 @@ def evaluate_generation(
     call = dict(call or {})
     settings = list(settings or default_settings(size, steps, learned=upsampler is not None))
     if not any(setting.is_stock for setting in settings):
-        raise ValueError("The settings need a stock setting (start_sigma=1.0): everything is compared with it.")
+        raise ValueError(
+            "The settings need a stock setting (start_sigma=1.0, no cache): everything is compared with it."
+        )
+    if cache is not None:
+        settings += cached_settings(settings, cache, cache_label)
+    caches = {id(s.cache): s.cache for s in settings if s.cache is not None}
+    if caches and not hasattr(_denoiser(pipe), "enable_cache"):
+        raise ValueError(
+            f"cache: {type(_denoiser(pipe)).__name__} has no enable_cache (it is not a diffusers CacheMixin)."
+        )
     lssgen.patch(pipe, upsampler, base_height=size, base_width=size)
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -266,6 +316,7 @@ def evaluate_generation(
                 kid=_kid(scorer, real, generated),
                 psnr=None if same else float(psnr(generated, images[stock.name]).mean()),
                 ssim=None if same else float(ssim(generated, images[stock.name]).mean()),
+                cache=None if setting.cache is None else repr(setting.cache),
                 seconds=seconds[setting.name] / len(scenes),
                 time_ratio=seconds[setting.name] / seconds[stock.name],
             )
@@ -281,6 +332,7 @@ def evaluate_generation(
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "upsampler": None if upsampler is None else type(upsampler).__name__,
+        "cache": None if not caches else "; ".join(repr(c) for c in caches.values()),
     }
     rows = min(grid_rows, len(scenes))
     return GenerationReport(parameters, scores, _grid(real, images, rows) if rows else None)
@@ -289,7 +341,9 @@ def evaluate_generation(
 def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
     """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none."""
     files = {
-        "report.json": lambda path: path.write_text(json.dumps(report.to_dict(), indent=2) + "\n"),
+        "report.json": lambda path: path.write_text(
+            json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
+        ),
         "report.md": lambda path: path.write_text(report.markdown()),
     }
     if report.grid is not None:

@@ -36,6 +36,15 @@ def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
         assert report.result(setting.name).denoiser_calls == [s.num_denoiser_steps for s in plan.stages]
         assert len(plan.stages) == 2
     assert report.result(BASELINE).denoiser_calls == [4] and report.result(BASELINE).ratio == 1.0
+    # Agreement with the unpatched image: the patched pipe at start_sigma=1.0 is the stock pipeline, bit for bit;
+    # every lssgen setting changes the image, measurably.
+    assert report.result(UNPATCHED).psnr is None and report.result(UNPATCHED).ssim is None
+    assert report.result(BASELINE).psnr == math.inf and report.result(BASELINE).ssim == pytest.approx(1.0)
+    for setting in settings:
+        result = report.result(setting.name)
+        assert math.isfinite(result.psnr) and result.psnr > 0 and -1 <= result.ssim < 0.999
+    assert "| PSNR dB vs stock | SSIM vs stock |" in report.markdown()
+    assert f"| {BASELINE} | " in report.markdown() and " | inf | 1.0000 | 4 | " in report.markdown()
     assert math.isfinite(report.overhead_ratio) and report.overhead_ratio > 0
     assert report.upsampler_cost["latent_side"] == 32 and report.upsampler_cost["upsampler_fraction"] > 0
 
@@ -67,6 +76,10 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     ]
     for entry in data["results"]:
         assert entry["denoiser_calls"] == entry["planned_steps"] and entry["ratio"] > 0
+    # Strict JSON: an identical image's PSNR is written "inf"; every lssgen setting's is a finite number.
+    assert [(r["psnr"], r["ssim"]) for r in data["results"][:2]] == [(None, None), ("inf", pytest.approx(1.0))]
+    assert all(isinstance(r["psnr"], float) and math.isfinite(r["psnr"]) for r in data["results"][2:4])
+    assert all(isinstance(r["psnr"], (float, str)) and r["ssim"] is not None for r in data["results"][4:])
     assert data["cache"] == "FirstBlockCacheConfig(threshold=0.2)"
     assert "| lssgen sigma=0.75, shorten |" in (out / "bench.md").read_text()
     assert "| setting | ratio alone | ratio with the cache |" in (out / "bench.md").read_text()
@@ -118,8 +131,37 @@ def test_bench_with_a_cache_runs_each_setting_with_and_without_it():
         assert cached.denoiser_calls == plain.denoiser_calls  # the same steps reach the denoiser...
         # ...but only each stage's first runs every block: less layer work in every stage, never none.
         assert all(0 < c < p for c, p in zip(cached.layer_calls, plain.layer_calls))
+        # Reusing stale residuals changes the image: the agreement columns see it.
+        assert math.isfinite(cached.psnr) and cached.psnr != plain.psnr
     markdown = report.markdown()
     assert "| setting | ratio alone | ratio with the cache |" in markdown and f"| {settings[0].name} |" in markdown
+    assert "| PSNR dB alone / with the cache | SSIM alone / with the cache |" in markdown
+    assert f"| {BASELINE} | " in markdown and "| inf / " in markdown
+
+
+def test_bench_agreement_sees_a_cache_that_never_reuses_as_no_cache():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from lssgen.bench import CACHE_ALONE, WITH_CACHE
+
+    pipe = build_tiny_flux_pipeline()
+    settings = [Setting(0.75, shorten_intermediate_steps=True, min_resolution=128)]
+    # Threshold 0: every step computes every block (a relative change is never below 0), so no image changes.
+    report = run_bench(
+        pipe,
+        settings,
+        repeats=1,
+        call_kwargs=CALL,
+        cache=FirstBlockCacheConfig(threshold=0.0),
+        measure_upsampler=False,
+        log=lambda line: None,
+    )
+    cache_alone, plain, cached = (
+        report.result(n) for n in (CACHE_ALONE, settings[0].name, settings[0].name + WITH_CACHE)
+    )
+    assert cache_alone.psnr == math.inf and cache_alone.ssim == pytest.approx(1.0)
+    assert math.isfinite(plain.psnr) and (cached.psnr, cached.ssim) == (plain.psnr, plain.ssim)
+    assert cached.layer_calls == plain.layer_calls
 
 
 def test_bench_with_sea_cache_caches_only_under_lssgen():

@@ -136,17 +136,26 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["eval-generation", "--model", str(tiny_flux_dir), "--size", str(SIZE), "--steps", "2"]
     args += ["--per-category", "1", "--stages", "2", "--no-equal-speed", "--out", str(out), "--device", "cpu"]
-    args += ["--max-sequence-length", "32"]
+    args += ["--max-sequence-length", "32", "--cache", "first-block:threshold=0.2"]
     assert main([*args, "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prompts"] == 6 and report["settings"]["model"] == str(tiny_flux_dir)
     assert report["settings"]["call"] == {"max_sequence_length": 32}
-    assert [score["name"] for score in report["scores"]] == [
+    plain = [
         "stock 2 steps",
         *(f"lssgen {space} s={sigma} 2 stages" for sigma in (0.75, 0.667) for space in ("latent", "pixel")),
     ]
+    assert [score["name"] for score in report["scores"]] == [*plain, *(f"{name} + first-block cache" for name in plain)]
+    assert report["settings"]["cache"] == "FirstBlockCacheConfig(threshold=0.2)"
     assert (out / "grid.png").stat().st_size > 0 and "| stock 2 steps |" in (out / "report.md").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_checks_the_cache_spec_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval-generation", "--cache", "second-block", "--out", str(out), "--device", "cpu"]) == 2
+    assert "unknown cache 'second-block'; choose one of first-block" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_refuses_more_prompts_than_the_held_out_set_has(tmp_path, capsys):
@@ -154,3 +163,73 @@ def test_cli_refuses_more_prompts_than_the_held_out_set_has(tmp_path, capsys):
     assert main(["eval-generation", "--per-category", "9", "--out", str(out), "--device", "cpu"]) == 2
     assert "the held-out set has 8 prompts per category" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_cache_runs_in_its_own_rows_only(scorer, monkeypatch):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    import lssgen.eval_generation as eval_generation
+
+    settings = [
+        GenerationSetting("stock", STEPS),
+        GenerationSetting(
+            "lssgen", STEPS, {"start_sigma": 0.75, "min_resolution": SIZE // 2, "shorten_intermediate_steps": False}
+        ),
+    ]
+    scenes = evaluation_scenes()[:2]
+    generate = eval_generation._generate
+
+    def run(cache):
+        # Every generated image and the Linear layers each call ran (the work a cache skips), by setting.
+        pipe = build_tiny_flux_pipeline(seed=0)
+        layers, images, count = {}, {}, [0]
+        for module in pipe.transformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda module, args: count.__setitem__(0, count[0] + 1))
+
+        def counting(pipe, setting, scene, *args):
+            count[0] = 0
+            image, seconds = generate(pipe, setting, scene, *args)
+            layers.setdefault(setting.name, []).append(count[0])
+            images.setdefault(setting.name, []).append(image)
+            return image, seconds
+
+        monkeypatch.setattr(eval_generation, "_generate", counting)
+        report = evaluate_generation(
+            pipe,
+            scorer,
+            scenes,
+            size=SIZE,
+            steps=STEPS,
+            settings=[*settings],
+            equal_speed=False,
+            call={"max_sequence_length": 32},
+            progress=False,
+            **({} if cache is None else {"cache": cache, "cache_label": "first-block"}),
+        )
+        assert not pipe.transformer.is_cache_enabled  # enabled for the cached calls only
+        return report, layers, images
+
+    # A threshold no change reaches: each stage's first step runs every block, the others reuse the cached residual.
+    cache = FirstBlockCacheConfig(threshold=1e9)
+    cached, cached_layers, cached_images = run(cache)
+    plain, plain_layers, plain_images = run(None)
+
+    names = [score.name for score in cached.scores]
+    assert names == ["stock", "lssgen", "stock + first-block cache", "lssgen + first-block cache"]
+    assert [score.cache for score in cached.scores] == [None, None, repr(cache), repr(cache)]
+    assert cached.settings["cache"] == repr(cache)
+    for name in ("stock", "lssgen"):
+        # The cache ran in its rows (less layer work, other images), and never in the others: the rows without it
+        # are those of a run without a cache, bit for bit, warm-up and all.
+        assert all(c < p for c, p in zip(cached_layers[f"{name} + first-block cache"], cached_layers[name]))
+        assert cached_layers[name] == plain_layers[name]
+        assert all(torch.equal(a, b) for a, b in zip(cached_images[name], plain_images[name], strict=True))
+        with_cache = cached.scores[names.index(f"{name} + first-block cache")]
+        assert math.isfinite(with_cache.psnr) and with_cache.time_ratio > 0
+    for a, b in zip(cached.scores[:2], plain.scores, strict=True):
+        assert (a.name, a.accuracy, a.kid, a.psnr, a.ssim) == (b.name, b.accuracy, b.kid, b.psnr, b.ssim)
+    markdown = cached.markdown()
+    assert "| lssgen + first-block cache | 4 |" in markdown and repr(cache) in markdown
+    # The grid's labels tell cached columns from plain ones.
+    assert cached.grid.size == (TILE * 5, LABEL_HEIGHT + TILE * 2)
