@@ -100,3 +100,24 @@ def test_weight_only_int8_quantization_in_every_stage(build, call_kwargs):
     assert images.shape == expected.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
     assert not torch.equal(images, expected)  # int8 weights change the numbers...
     torch.testing.assert_close(images, expected, atol=0.05, rtol=0)  # ...a little
+
+
+def test_compile_repeated_blocks_across_stages():
+    """Regional compilation (diffusers' `compile_repeated_blocks`, FLUX's blocks): the same images as eager, and a
+    second call compiles nothing new (each block's graphs for every stage size are reused)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe, eager = _pipe(), _pipe()
+    for p in (pipe, eager):
+        lssgen.patch(p, **THREE_STAGES)
+    # aot_eager: Dynamo's tracing and guards as with inductor, without minutes of C++ code generation on a CPU.
+    pipe.transformer.compile_repeated_blocks(backend="aot_eager")
+    compiled = pipe(**flux_call_kwargs(pipe)).images
+    graphs = counters["stats"]["unique_graphs"]
+    again = pipe(**flux_call_kwargs(pipe)).images
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+    torch.testing.assert_close(again, compiled)
+    torch.testing.assert_close(compiled, eager(**flux_call_kwargs(eager)).images, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
