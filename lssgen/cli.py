@@ -282,6 +282,10 @@ def _add_bench_parser(commands) -> None:
         "pyramid-attention-broadcast, taylorseer, mag, faster or sea, e.g. first-block:threshold=0.2",
     )
     bench.add_argument("--upsampler", help="folder of a LatentUpsampler (default: latent interpolation)")
+    bench.add_argument(
+        "--base-size", type=_positive_int, default=None, help="the model's native side, px, for shortening (--model)"
+    )
+    bench.add_argument("--max-sequence-length", type=_positive_int, default=None, help="prompt tokens (--model)")
     bench.add_argument("--seed", type=int, default=0)
     _add_device_arguments(bench)
     bench.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
@@ -568,6 +572,10 @@ def run_bench(args) -> None:
     call.update(height=height, width=width, num_inference_steps=args.steps or sizes["steps"])
     min_resolution = args.min_resolution or sizes["min_resolution"]
     defaults = {key: sizes[key] for key in ("base_height", "base_width") if key in sizes}
+    if args.base_size:
+        defaults = {"base_height": args.base_size, "base_width": args.base_size}
+    if args.max_sequence_length:
+        call["max_sequence_length"] = args.max_sequence_length
     settings = [
         bench.Setting(sigma, shorten, min_resolution) for sigma in args.start_sigmas for shorten in (True, False)
     ]

@@ -33,6 +33,51 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
         assert Image.open(tmp_path / "demo" / name).size == (256, 256)
 
 
+def _tiny_scene_model(folder):
+    from lssgen.scene_model import build_pipeline
+
+    import lssgen
+
+    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, width=32, heads=2, double_layers=1, single_layers=1)\
+        .save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_bench_takes_the_models_native_size_and_prompt_length(tmp_path):
+    import lssgen
+
+    model = _tiny_scene_model(tmp_path / "scene")
+    out = tmp_path / "bench"
+    args = ["bench", "--model", model, "--height", 256, "--width", 256, "--steps", 6, "--min-resolution", 64]
+    args += ["--base-size", 256, "--max-sequence-length", 32, "--repeats", 1, "--start-sigmas", 0.75, "--out", out]
+    assert main([str(a) for a in args]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["call"]["max_sequence_length"] == 32
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(model)
+    lssgen.patch(pipe, min_resolution=64, base_height=256, base_width=256)
+    shortened = lssgen.plan_for(pipe, 256, 256, 6, start_sigma=0.75)
+    lssgen.patch(pipe, min_resolution=64, base_height=1024, base_width=1024)
+    assert lssgen.plan_for(pipe, 256, 256, 6, start_sigma=0.75).total_steps != shortened.total_steps
+    result = next(r for r in data["results"] if r["name"] == "lssgen sigma=0.75, shorten")
+    assert result["planned_steps"] == [stage.num_denoiser_steps for stage in shortened.stages]
+
+
+def test_demo_falls_back_to_random_weights_without_taef2(tmp_path, capsys, monkeypatch):
+    import lssgen.weights
+
+    monkeypatch.setattr(lssgen.weights, "shipped", lambda: ["flux2-x2", "scene-scorer", "scene-t2i"])
+    monkeypatch.setenv("LSSGEN_TAEF2", str(tmp_path / "no-taef2"))
+    monkeypatch.setattr("lssgen.flux2_vae.find_taef2", lambda folder=None: (_ for _ in ()).throw(
+        FileNotFoundError("no taef2 folder was found (looked in: nowhere)")))  # fmt: skip
+    args = ["--steps", "2", "--height", "256", "--width", "256", "--min-resolution", "128", "--out-dir", str(tmp_path)]
+    assert main(["demo", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "the scene model needs taef2, so the random-weight demo runs instead" in printed
+    assert "no taef2 folder was found" in printed and "RANDOM weights" in printed
+
+
 def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatch):
     # No trained scene model ships yet: a tiny untrained one, saved as the shipped folder would be, stands in.
     import lssgen.weights
@@ -47,6 +92,8 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(
         lssgen.weights, "weights_path", lambda name: folder if name == "scene-t2i" else weights_path(name)
     )
+    # Its VAE is a random one saved whole, so no taef2 folder is needed; the demo still looks for one.
+    monkeypatch.setattr("lssgen.flux2_vae.find_taef2", lambda folder=None: tmp_path)
 
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "4", "--out-dir", str(out)]) == 0
