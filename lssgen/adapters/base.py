@@ -32,14 +32,18 @@ def linear_time_shift(scheduler_config: Any, image_seq_len: int, default_max_shi
     )
 
 
-def flow_stage_kwargs(scheduler: Any, num_steps: int, mu: float | None) -> dict[str, Any]:
+def flow_stage_kwargs(
+    scheduler: Any, num_steps: int, mu: float | None, *, sigmas_for_flow_sigmas: bool = False
+) -> dict[str, Any]:
     """`set_timesteps` arguments of a stage of a pipeline that passes `sigmas = linspace(1, 1/n, n)` (FLUX.1,
-    FLUX.2; the step count for schedulers that take no custom sigmas) and the stage's time shift `mu`, if any,
-    where the scheduler takes one."""
+    FLUX.2, Chroma; the step count for schedulers that take no custom sigmas) and the stage's time shift `mu`, if
+    any, where the scheduler takes one. FluxPipeline passes no sigmas to a scheduler with `use_flow_sigmas`
+    (letting it make its own); for a pipeline that passes them anyway (Chroma), `sigmas_for_flow_sigmas=True`."""
     accepted = inspect.signature(scheduler.set_timesteps).parameters
     kwargs: dict[str, Any] = {}
-    if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
-        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+    own_flow_sigmas = scheduler.config.get("use_flow_sigmas", False) and not sigmas_for_flow_sigmas
+    if "sigmas" in accepted and not own_flow_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)  # an array, as the pipelines pass it
     else:
         kwargs["num_inference_steps"] = num_steps
     if mu is not None and "mu" in accepted:

@@ -36,6 +36,23 @@ def flux_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
 
 
+def packed_dummy_inputs(
+    model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int
+) -> dict[str, torch.Tensor]:
+    """The forward inputs every transformer of FLUX.1's layout takes (FLUX.1, Chroma): 2x2-packed latent tokens, text
+    states, a timestep and both position ids; for `Adapter.denoiser_dummy_inputs`."""
+    zeros, timestep = dummy_tensors(model, batch)
+    # The pipelines pack 2x2 latent cells into one token of 4x the channels.
+    tokens = (latent_height // 2) * (latent_width // 2)
+    return {
+        "hidden_states": zeros(batch, tokens, model.config.in_channels),
+        "encoder_hidden_states": zeros(batch, text_tokens, model.config.joint_attention_dim),
+        "timestep": timestep,
+        "img_ids": zeros(tokens, 3),
+        "txt_ids": zeros(text_tokens, 3),
+    }
+
+
 class FluxImageIdsHook(ModelHook):
     """Gives the transformer the position ids of the stage being denoised.
 
@@ -71,6 +88,9 @@ class FluxAdapter(Adapter):
     default_guidance = 3.5
     stage_hook = FluxImageIdsHook
     stage_hook_name = IMAGE_IDS_HOOK
+    # Whether the pipeline passes its linspace sigmas to a scheduler with `use_flow_sigmas` too (FluxPipeline does
+    # not: such a scheduler makes its own).
+    sigmas_for_flow_sigmas = False
     # 512 text tokens: FLUX.1-dev's T5 `max_sequence_length` default; guidance-distilled, so one call per step.
     architectures = (
         Architecture(
@@ -96,23 +116,14 @@ class FluxAdapter(Adapter):
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
         tokens = (latent_height // 2) * (latent_width // 2)
-        return flow_stage_kwargs(scheduler, num_steps, linear_time_shift(scheduler.config, tokens, 1.15))
+        mu = linear_time_shift(scheduler.config, tokens, 1.15)
+        return flow_stage_kwargs(scheduler, num_steps, mu, sigmas_for_flow_sigmas=self.sigmas_for_flow_sigmas)
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
-        config = model.config
-        zeros, timestep = dummy_tensors(model, batch)
-        # FluxPipeline packs 2x2 latent cells into one token of 4x the channels.
-        tokens = (latent_height // 2) * (latent_width // 2)
-        kwargs: dict[str, torch.Tensor] = {
-            "hidden_states": zeros(batch, tokens, config.in_channels),
-            "encoder_hidden_states": zeros(batch, text_tokens, config.joint_attention_dim),
-            "pooled_projections": zeros(batch, config.pooled_projection_dim),
-            "timestep": timestep,
-            "img_ids": zeros(tokens, 3),
-            "txt_ids": zeros(text_tokens, 3),
-        }
-        if config.guidance_embeds:
-            kwargs["guidance"] = timestep
+        kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
+        kwargs["pooled_projections"] = kwargs["hidden_states"].new_zeros(batch, model.config.pooled_projection_dim)
+        if model.config.guidance_embeds:
+            kwargs["guidance"] = kwargs["timestep"]
         return kwargs
 
 
