@@ -5,212 +5,73 @@ A denoiser is built on the `meta` device (no weights, no memory) from its publis
 The bound speedup of a plan is FLOPs(plain N steps at the target size) / FLOPs(the plan): what a perfectly
 compute-bound run could gain, before the (small) cost of upsampling and re-noising between stages.
 
-`python -m lssgen.flops` prints the table for the five built-in families at 1024² and 2048².
+The architectures are the published models each installed adapter lists (`Adapter.architectures`, real configs
+in the adapter's own file), and each adapter builds its denoiser's inputs (`Adapter.denoiser_dummy_inputs`): this
+module holds no per-model knowledge. `python -m lssgen.flops` prints the tables for all of them at 1024² and 2048².
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters.cogview4 import CogView4Adapter
-from .adapters.flux import FluxAdapter
-from .adapters.sd import SDAdapter
-from .adapters.sd3 import SD3Adapter
-from .adapters.sdxl import SDXLAdapter
+from .adapters import installed_adapters
+from .adapters.base import Adapter, Architecture
 from .plan import StagePlan, plan_stages
+from .plugins import BUILTIN_PLUGINS
 
-VAE_SCALE_FACTOR = 8  # pixels per latent cell for all five families
-
-# Published configs of the denoisers (the models' `config.json`), as constructor arguments.
-FLUX_DEV_CONFIG = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-SD35_LARGE_CONFIG = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "num_layers": 38,
-    "attention_head_dim": 64,
-    "num_attention_heads": 38,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 2432,
-    "pooled_projection_dim": 2048,
-    "out_channels": 16,
-    "pos_embed_max_size": 192,
-    "qk_norm": "rms_norm",
-}
-SDXL_UNET_CONFIG = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280),
-    "layers_per_block": 2,
-    "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20),
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled text) + 6 time ids x 256
-}
-SD15_UNET_CONFIG = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-}
-COGVIEW4_6B_CONFIG = {
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 28,
-    "attention_head_dim": 128,
-    "num_attention_heads": 32,
-    "text_embed_dim": 4096,
-    "time_embed_dim": 512,
-    "condition_dim": 256,
-    "pos_embed_max_size": 128,
-    "sample_size": 128,
-    "rope_axes_dim": (256, 256),
-}
+VAE_SCALE_FACTOR = 8  # pixels per latent cell for all the built-in families
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """A denoiser and the facts of its pipeline that set the cost of a generation."""
+def _adapters() -> list[Adapter]:
+    """The installed adapters, lssgen's own first in `BUILTIN_PLUGINS` order (the tables' row order, whichever
+    order the entry points load in), then third-party ones as registered."""
+    builtin = [module.rsplit(".", 1)[-1] for module in BUILTIN_PLUGINS]
+    infos = list(installed_adapters().values())
 
-    name: str
-    model_class: str  # a diffusers model class name
-    config: dict
-    text_tokens: int  # length of `encoder_hidden_states` in a default call
-    cfg_factor: int  # denoiser batch per image: 2 with classifier-free guidance, 1 for guidance-distilled models
-    adapter: Callable[[], Any]  # builds the family's adapter (its schedule facts)
-    scheduler: Callable[[], Any]  # builds a fresh scheduler with the published config
+    def rank(info):
+        own = info.package == "lssgen" and info.plugin in builtin
+        return builtin.index(info.plugin) if own else len(builtin)
 
-    @property
-    def steps(self) -> int:
-        """The family's published step count (its adapter's default)."""
-        return self.adapter.default_steps
+    return [info.adapter for info in sorted(infos, key=rank)]
 
 
-def _flux_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .tiny.flux import FLUX_SCHEDULER_CONFIG
-
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
-
-
-def _sd3_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .tiny.sd3 import SD3_SCHEDULER_CONFIG
-
-    return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+def published_architectures() -> dict[str, Architecture]:
+    """Every published architecture the installed adapters list (`Adapter.architectures`), by name, each with
+    its adapter filled in. The real configs are per-model facts: they live in the adapters' files, so a new family
+    (built-in or a plugin) appears here without any change to this module."""
+    return {
+        arch.name: dataclasses.replace(arch, adapter=adapter)
+        for adapter in _adapters()
+        for arch in adapter.architectures
+    }
 
 
-def _sdxl_scheduler():
-    from diffusers import EulerDiscreteScheduler
-
-    from .tiny.sdxl import SDXL_SCHEDULER_CONFIG
-
-    return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
-
-
-def _sd_scheduler():
-    from diffusers import PNDMScheduler
-
-    from .tiny.sd import SD_SCHEDULER_CONFIG
-
-    return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)  # the config holds keys PNDM ignores
-
-
-def _cogview4_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from .tiny.cogview4 import COGVIEW4_SCHEDULER_CONFIG
-
-    return FlowMatchEulerDiscreteScheduler(**COGVIEW4_SCHEDULER_CONFIG)
-
-
-# Text tokens: FLUX.1-dev's T5 `max_sequence_length` default (512); SD3's 77 CLIP + 256 T5 tokens (the
-# pipeline's default max_sequence_length); CLIP's 77 for the UNets; CogView4 pads the GLM prompt to a multiple
-# of 16, and 128 is a typical prompt's length (its cost is small next to 4096 image tokens at 1024²).
-ARCHITECTURES: dict[str, Architecture] = {
-    arch.name: arch
-    for arch in (
-        Architecture(
-            name="FLUX.1-dev",
-            model_class="FluxTransformer2DModel",
-            config=FLUX_DEV_CONFIG,
-            text_tokens=512,
-            cfg_factor=1,
-            adapter=FluxAdapter,
-            scheduler=_flux_scheduler,
-        ),
-        Architecture(
-            name="SD3.5-large",
-            model_class="SD3Transformer2DModel",
-            config=SD35_LARGE_CONFIG,
-            text_tokens=333,
-            cfg_factor=2,
-            adapter=SD3Adapter,
-            scheduler=_sd3_scheduler,
-        ),
-        Architecture(
-            name="SDXL",
-            model_class="UNet2DConditionModel",
-            config=SDXL_UNET_CONFIG,
-            text_tokens=77,
-            cfg_factor=2,
-            adapter=SDXLAdapter,
-            scheduler=_sdxl_scheduler,
-        ),
-        Architecture(
-            name="SD1.5",
-            model_class="UNet2DConditionModel",
-            config=SD15_UNET_CONFIG,
-            text_tokens=77,
-            cfg_factor=2,
-            adapter=SDAdapter,
-            scheduler=_sd_scheduler,
-        ),
-        Architecture(
-            name="CogView4-6B",
-            model_class="CogView4Transformer2DModel",
-            config=COGVIEW4_6B_CONFIG,
-            text_tokens=128,
-            cfg_factor=2,
-            adapter=CogView4Adapter,
-            scheduler=_cogview4_scheduler,
-        ),
-    )
-}
+def adapter_for_denoiser(model: torch.nn.Module) -> Adapter:
+    """The installed adapter that knows `model`'s class: one listing an architecture of that class or of the
+    closest base class in its MRO."""
+    ranked = []
+    for order, adapter in enumerate(_adapters()):
+        classes = {arch.model_class for arch in adapter.architectures}
+        for distance, cls in enumerate(type(model).__mro__):
+            if cls.__name__ in classes:
+                ranked.append((distance, order, adapter))
+                break
+    if not ranked:
+        raise ValueError(
+            f"No installed lssgen adapter lists an architecture of {type(model).__name__}, so none can build its "
+            "dummy inputs: add an `Architecture` to the family's adapter (`Adapter.architectures`) and implement "
+            "`Adapter.denoiser_dummy_inputs`, or pass `adapter=` to denoiser_flops."
+        )
+    return min(ranked, key=lambda item: item[:2])[2]
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -224,65 +85,32 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def dummy_inputs(model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1):
-    """Keyword arguments of one forward call of `model`, on the model's device, shaped as its pipeline calls it."""
-    config, cls = model.config, type(model).__name__
-    device = next(model.parameters()).device
-
-    def zeros(*shape):
-        return torch.zeros(*shape, device=device)
-
-    timestep = torch.ones(batch, device=device)
-    if cls == "FluxTransformer2DModel":
-        # FluxPipeline packs 2x2 latent cells into one token of 4x the channels.
-        tokens = (latent_height // 2) * (latent_width // 2)
-        kwargs = {
-            "hidden_states": zeros(batch, tokens, config.in_channels),
-            "encoder_hidden_states": zeros(batch, text_tokens, config.joint_attention_dim),
-            "pooled_projections": zeros(batch, config.pooled_projection_dim),
-            "timestep": timestep,
-            "img_ids": zeros(tokens, 3),
-            "txt_ids": zeros(text_tokens, 3),
-        }
-        if config.guidance_embeds:
-            kwargs["guidance"] = timestep
-        return kwargs
-    sample = zeros(batch, config.in_channels, latent_height, latent_width)
-    if cls == "SD3Transformer2DModel":
-        return {
-            "hidden_states": sample,
-            "encoder_hidden_states": zeros(batch, text_tokens, config.joint_attention_dim),
-            "pooled_projections": zeros(batch, config.pooled_projection_dim),
-            "timestep": timestep,
-        }
-    if cls == "UNet2DConditionModel":
-        kwargs = {
-            "sample": sample,
-            "timestep": timestep,
-            "encoder_hidden_states": zeros(batch, text_tokens, config.cross_attention_dim),
-        }
-        if config.addition_embed_type == "text_time":
-            # SDXL: pooled text embedding plus 6 size/crop ids, each embedded in `addition_time_embed_dim`.
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": zeros(batch, pooled), "time_ids": zeros(batch, 6)}
-        return kwargs
-    if cls == "CogView4Transformer2DModel":
-        size = zeros(batch, 2)
-        return {
-            "hidden_states": sample,
-            "encoder_hidden_states": zeros(batch, text_tokens, config.text_embed_dim),
-            "timestep": timestep,
-            "original_size": size,
-            "target_size": size,
-            "crop_coords": size,
-        }
-    raise ValueError(f"No dummy inputs for {cls}.")
+def dummy_inputs(
+    model: torch.nn.Module,
+    latent_height: int,
+    latent_width: int,
+    text_tokens: int,
+    batch: int = 1,
+    adapter: Adapter | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of one forward call of `model`, on the model's device, shaped as its pipeline calls it:
+    the family's adapter builds them (`Adapter.denoiser_dummy_inputs`); by default the one that knows the model."""
+    adapter = adapter or adapter_for_denoiser(model)
+    return adapter.denoiser_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
 
 
-def denoiser_flops(model: torch.nn.Module, latent_height: int, latent_width: int, *, text_tokens: int, batch=1) -> int:
+def denoiser_flops(
+    model: torch.nn.Module,
+    latent_height: int,
+    latent_width: int,
+    *,
+    text_tokens: int,
+    batch=1,
+    adapter: Adapter | None = None,
+) -> int:
     """FLOPs of one forward call of `model` on a `latent_height` x `latent_width` latent with `text_tokens`
     text tokens. `model` may live on the `meta` device: only shapes are needed."""
-    kwargs = dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
+    kwargs = dummy_inputs(model, latent_height, latent_width, text_tokens, batch, adapter)
     with torch.no_grad():
         return count_flops(lambda: model(**kwargs, return_dict=False))
 
@@ -292,7 +120,7 @@ def meta_model(name: str) -> torch.nn.Module:
     """The architecture `name` on the `meta` device: its real shapes, no weights."""
     import diffusers
 
-    arch = ARCHITECTURES[name]
+    arch = published_architectures()[name]
     with torch.device("meta"):
         return getattr(diffusers, arch.model_class)(**arch.config).eval()
 
@@ -300,9 +128,10 @@ def meta_model(name: str) -> torch.nn.Module:
 @functools.cache
 def call_flops(name: str, latent_height: int, latent_width: int) -> int:
     """FLOPs of one denoising step of architecture `name` for one image, classifier-free guidance included."""
-    arch = ARCHITECTURES[name]
+    arch = published_architectures()[name]
     # Counted at batch 1 and scaled: every op is per-sample, so FLOPs are exactly linear in the batch.
-    per_sample = denoiser_flops(meta_model(name), latent_height, latent_width, text_tokens=arch.text_tokens)
+    model = meta_model(name)
+    per_sample = denoiser_flops(model, latent_height, latent_width, text_tokens=arch.text_tokens, adapter=arch.adapter)
     return arch.cfg_factor * per_sample
 
 
@@ -320,8 +149,8 @@ def plan_flops(arch: str | Architecture, plan: StagePlan, flops: Callable[[int, 
 def make_plan(name: str, resolution: int, **settings) -> StagePlan:
     """The LSSGen plan of architecture `name` at `resolution`² with its published steps and native base size;
     `start_sigma=1.0` gives the plain full-resolution plan."""
-    arch = ARCHITECTURES[name]
-    adapter = arch.adapter()
+    arch = published_architectures()[name]
+    adapter = arch.adapter
     return plan_stages(
         resolution,
         resolution,
@@ -350,16 +179,18 @@ DEFAULT_SETTINGS = tuple(
 def flop_bound_table(
     resolutions: Iterable[int] = (1024, 2048),
     settings: Iterable[dict] = DEFAULT_SETTINGS,
-    architectures: Iterable[str] = tuple(ARCHITECTURES),
+    architectures: Iterable[str] | None = None,
 ) -> str:
-    """A markdown table of the bound speedup of each architecture and setting at each square resolution.
+    """A markdown table of the bound speedup of each architecture (by default all published ones) and setting at
+    each square resolution.
 
     A cell is "-" where the setting gives no low-resolution stage (min_resolution above half the short side).
     """
     resolutions, settings = tuple(resolutions), tuple(settings)
+    known = published_architectures()
     header = ["model", "steps", "start_sigma", "shorten", "min_res"] + [f"{r}²" for r in resolutions]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in architectures:
+    for name in known if architectures is None else architectures:
         for setting in settings:
             cells = []
             for resolution in resolutions:
@@ -367,7 +198,7 @@ def flop_bound_table(
                     cells.append("-")
                 else:
                     cells.append(f"{bound_speedup(name, resolution, **setting):.2f}x")
-            row = [name, str(ARCHITECTURES[name].steps), f"{setting['start_sigma']}"]
+            row = [name, str(known[name].steps), f"{setting['start_sigma']}"]
             row += ["on" if setting["shorten_intermediate_steps"] else "off", str(setting["min_resolution"])]
             lines.append("| " + " | ".join(row + cells) + " |")
     return "\n".join(lines)
@@ -378,7 +209,7 @@ def per_call_table(resolutions: Iterable[int] = (512, 1024, 2048)) -> str:
     resolutions = tuple(resolutions)
     header = ["model", "text tokens", "CFG x"] + [f"TFLOPs/step {r}²" for r in resolutions]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, arch in ARCHITECTURES.items():
+    for name, arch in published_architectures().items():
         side = [r // VAE_SCALE_FACTOR for r in resolutions]
         cells = [f"{call_flops(name, s, s) / 1e12:.2f}" for s in side]
         lines.append("| " + " | ".join([name, str(arch.text_tokens), str(arch.cfg_factor)] + cells) + " |")

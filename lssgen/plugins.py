@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = (
     "lssgen.adapters.sdxl",
     "lssgen.adapters.sd",
     "lssgen.adapters.cogview4",
+    "lssgen.adapters.chroma",
 )
 
 pm = pluggy.PluginManager("lssgen")

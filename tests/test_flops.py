@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 
+import lssgen
+from lssgen.adapters.base import Adapter, Architecture
+from lssgen.adapters.flux import FluxAdapter
 from lssgen.flops import (
-    ARCHITECTURES,
+    adapter_for_denoiser,
     bound_speedup,
     call_flops,
     count_flops,
@@ -16,6 +19,7 @@ from lssgen.flops import (
     flop_bound_table,
     make_plan,
     plan_flops,
+    published_architectures,
 )
 
 
@@ -99,7 +103,7 @@ def test_two_stage_flux_bound_is_between_one_and_the_naive_bound():
     plan = make_plan("FLUX.1-dev", 1024, start_sigma=0.75, min_resolution=512)
     assert len(plan.stages) == 2
     # Free low-resolution steps would give N / (steps at full size); they cost something, so the bound is below.
-    naive = ARCHITECTURES["FLUX.1-dev"].steps / plan.stages[-1].num_denoiser_steps
+    naive = published_architectures()["FLUX.1-dev"].steps / plan.stages[-1].num_denoiser_steps
     bound = bound_speedup("FLUX.1-dev", 1024, start_sigma=0.75, min_resolution=512)
     assert 1.0 < bound < naive
 
@@ -110,7 +114,7 @@ def test_real_sd15_unet_on_meta_has_the_known_magnitude():
     # self-attention at the top level (5 blocks x 4*4096²*320 ≈ 0.1 TFLOPs). FlopCounterMode counts matmuls,
     # convolutions and attention only (no norms, activations), and tools differ on such details by well under
     # 25%, hence [0.6, 1.0] TFLOPs for one call; call_flops doubles it for classifier-free guidance.
-    per_call = call_flops("SD1.5", 64, 64) / ARCHITECTURES["SD1.5"].cfg_factor
+    per_call = call_flops("SD1.5", 64, 64) / published_architectures()["SD1.5"].cfg_factor
     assert 0.6e12 < per_call < 1.0e12
     # Doubling the side quadruples the tokens; the cost grows faster than 4x because self-attention is ~L².
     assert call_flops("SD1.5", 128, 128) > 4 * call_flops("SD1.5", 64, 64)
@@ -123,3 +127,34 @@ def test_table_marks_settings_without_stages():
         architectures=["SD1.5"],
     )
     assert table.splitlines()[-1].endswith("| - |")
+
+
+def test_each_family_builds_its_own_dummy_inputs():
+    # flops.py holds no per-model branch: the adapter listing the denoiser's class builds its inputs.
+    cpu, _ = tiny_flux()
+    assert adapter_for_denoiser(cpu).name == "flux"
+    assert {arch.adapter.name for arch in published_architectures().values()} >= {"flux", "sd3", "sdxl", "sd"}
+    with pytest.raises(ValueError, match="No installed lssgen adapter lists an architecture of Linear"):
+        adapter_for_denoiser(torch.nn.Linear(2, 2))
+    with pytest.raises(NotImplementedError, match="denoiser_dummy_inputs"):
+        Adapter().denoiser_dummy_inputs(cpu, 8, 8, 7)
+
+
+def test_an_adapter_adds_its_architectures_without_touching_flops():
+    tiny = {key: value for key, value in tiny_flux()[0].config.items() if not key.startswith("_")}
+
+    class TinyFamily(FluxAdapter):
+        name = "tiny-family"
+        pipeline_classes = ("NoSuchPipeline",)
+        architectures = (
+            Architecture("tiny-flux", "FluxTransformer2DModel", tiny, text_tokens=7, cfg_factor=2, scheduler=None),
+        )
+
+    lssgen.register_adapter(TinyFamily())
+    try:
+        arch = published_architectures()["tiny-flux"]
+        assert isinstance(arch.adapter, TinyFamily) and arch.steps == 50
+        assert call_flops("tiny-flux", 8, 12) == 2 * denoiser_flops(tiny_flux()[1], 8, 12, text_tokens=7)
+    finally:
+        lssgen.unregister_adapter("tiny-family")
+    assert "tiny-flux" not in published_architectures()

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..plugins import load_plugins, plugin_package, pm
-from .base import Adapter
+from .base import Adapter, Architecture
 from .flux import FluxAdapter
 
 
@@ -99,6 +99,7 @@ def find_adapter(pipe: Any, adapter: Adapter | str | None = None) -> Adapter:
 
 __all__ = [
     "Adapter",
+    "Architecture",
     "FluxAdapter",
     "InstalledAdapter",
     "find_adapter",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,19 +32,64 @@ def linear_time_shift(scheduler_config: Any, image_seq_len: int, default_max_shi
     )
 
 
-def flow_stage_kwargs(scheduler: Any, num_steps: int, mu: float | None) -> dict[str, Any]:
+def flow_stage_kwargs(
+    scheduler: Any, num_steps: int, mu: float | None, *, sigmas_for_flow_sigmas: bool = False
+) -> dict[str, Any]:
     """`set_timesteps` arguments of a stage of a pipeline that passes `sigmas = linspace(1, 1/n, n)` (FLUX.1,
-    FLUX.2; the step count for schedulers that take no custom sigmas) and the stage's time shift `mu`, if any,
-    where the scheduler takes one."""
+    FLUX.2, Chroma; the step count for schedulers that take no custom sigmas) and the stage's time shift `mu`, if
+    any, where the scheduler takes one. FluxPipeline passes no sigmas to a scheduler with `use_flow_sigmas`
+    (letting it make its own); for a pipeline that passes them anyway (Chroma), `sigmas_for_flow_sigmas=True`."""
     accepted = inspect.signature(scheduler.set_timesteps).parameters
     kwargs: dict[str, Any] = {}
-    if "sigmas" in accepted and not scheduler.config.get("use_flow_sigmas", False):
-        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+    own_flow_sigmas = scheduler.config.get("use_flow_sigmas", False) and not sigmas_for_flow_sigmas
+    if "sigmas" in accepted and not own_flow_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)  # an array, as the pipelines pass it
     else:
         kwargs["num_inference_steps"] = num_steps
     if mu is not None and "mu" in accepted:
         kwargs["mu"] = mu
     return kwargs
+
+
+@dataclass(frozen=True)
+class Architecture:
+    r"""
+    A published denoiser of an adapter's family, with the facts of its pipeline that set the cost of a generation:
+    what `lssgen.flops` builds on the `meta` device and counts.
+
+    These are per-model facts, so they live with the family's adapter (`Adapter.architectures`), not in
+    `lssgen.flops`: a new family adds its published models in its own adapter file, and `lssgen.flops` finds them
+    through the installed adapters like everything else.
+
+    Args:
+        name (`str`): the model's name in tables (e.g. `"FLUX.1-dev"`).
+        model_class (`str`): the diffusers model class of the denoiser.
+        config (`dict`): the published `config.json` of the denoiser, as constructor arguments.
+        text_tokens (`int`): the length of `encoder_hidden_states` in a default call of the pipeline.
+        cfg_factor (`int`): denoiser batch per image: 2 with classifier-free guidance, 1 for guidance-distilled
+            models.
+        scheduler (`Callable[[], Any]`): builds a fresh scheduler with the published config.
+        adapter (`Adapter`, *optional*): the adapter that lists it; `lssgen.flops` fills it in.
+    """
+
+    name: str
+    model_class: str
+    config: dict
+    text_tokens: int
+    cfg_factor: int
+    scheduler: Callable[[], Any]
+    adapter: Adapter | None = None
+
+    @property
+    def steps(self) -> int:
+        """The family's published step count (its adapter's default)."""
+        return self.adapter.default_steps
+
+
+def dummy_tensors(model: torch.nn.Module, batch: int) -> tuple[Callable[..., torch.Tensor], torch.Tensor]:
+    """For `Adapter.denoiser_dummy_inputs`: `zeros(*shape)` on `model`'s device, and a `(batch,)` timestep."""
+    device = next(model.parameters()).device
+    return functools.partial(torch.zeros, device=device), torch.ones(batch, device=device)
 
 
 class Adapter:
@@ -67,6 +114,9 @@ class Adapter:
     # statistics), interpolating the normalised grid would mix differently scaled cells, and upsampler weights
     # trained there would depend on one checkpoint's statistics.
     scale_in_vae_space: bool = False
+    # The family's published denoisers, for `lssgen.flops` (see `Architecture`); their `model_class` names are also
+    # the denoiser classes whose `denoiser_dummy_inputs` this adapter knows.
+    architectures: tuple[Architecture, ...] = ()
 
     # Selection --------------------------------------------------------------------------------------------------
     def match_rank(self, pipe: Any) -> int | None:
@@ -174,6 +224,18 @@ class Adapter:
     def vae_to_latents(self, pipe: Any, vae_latents: torch.Tensor) -> torch.Tensor:
         """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
         return self.latent_normalization(pipe).from_vae(vae_latents)
+
+    # FLOP counts (`lssgen.flops`) -------------------------------------------------------------------------------
+    def denoiser_dummy_inputs(
+        self, model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1
+    ) -> dict[str, Any]:
+        """Keyword arguments of one forward call of `model` (this family's denoiser, possibly on the `meta`
+        device), on the model's device and shaped as the pipeline calls it for a `latent_height` x `latent_width`
+        latent (unpacked cells) and `text_tokens` text tokens: what `lssgen.flops` counts."""
+        raise NotImplementedError(
+            f"lssgen's {self.name} adapter cannot build dummy inputs for {type(model).__name__}: FLOP counts need "
+            f"{type(self).__name__}.denoiser_dummy_inputs; see lssgen.adapters.flux for an example."
+        )
 
     def __repr__(self) -> str:
         return f"<lssgen adapter {self.name!r} for {', '.join(self.pipeline_classes)}>"

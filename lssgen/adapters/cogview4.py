@@ -7,14 +7,38 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter
+from .base import Adapter, Architecture, dummy_tensors
 
 SIZE_CONDITIONING_HOOK = "lssgen_cogview4_size_conditioning"
+
+# CogView4-6B's transformer `config.json`, as constructor arguments.
+COGVIEW4_6B_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 28,
+    "attention_head_dim": 128,
+    "num_attention_heads": 32,
+    "text_embed_dim": 4096,
+    "time_embed_dim": 512,
+    "condition_dim": 256,
+    "pos_embed_max_size": 128,
+    "sample_size": 128,
+    "rope_axes_dim": (256, 256),
+}
+
+
+def cogview4_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler with CogView4-6B's config."""
+    from ..tiny.cogview4 import COGVIEW4_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
+
+    return FlowMatchEulerDiscreteScheduler(**COGVIEW4_SCHEDULER_CONFIG)
 
 
 def cogview4_time_shift(scheduler_config: Any, image_seq_len: int) -> float:
@@ -82,6 +106,18 @@ class CogView4Adapter(Adapter):
     default_guidance = 3.5
     stage_hook = CogView4SizeConditioningHook
     stage_hook_name = SIZE_CONDITIONING_HOOK
+    # 128 text tokens: the pipeline pads the GLM prompt to a multiple of 16, and 128 is a typical prompt's length
+    # (its cost is small next to 4096 image tokens at 1024²); CFG doubles the batch.
+    architectures = (
+        Architecture(
+            name="CogView4-6B",
+            model_class="CogView4Transformer2DModel",
+            config=COGVIEW4_6B_CONFIG,
+            text_tokens=128,
+            cfg_factor=2,
+            scheduler=cogview4_scheduler,
+        ),
+    )
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         side = pipe.transformer.config.sample_size * pipe.vae_scale_factor
@@ -111,6 +147,18 @@ class CogView4Adapter(Adapter):
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # CogView4Pipeline decodes `latents / scaling_factor`, whatever else the config holds.
         return LatentNormalization(0.0, 1.0, pipe.vae.config.scaling_factor)
+
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        zeros, timestep = dummy_tensors(model, batch)
+        size = zeros(batch, 2)
+        return {
+            "hidden_states": zeros(batch, model.config.in_channels, latent_height, latent_width),
+            "encoder_hidden_states": zeros(batch, text_tokens, model.config.text_embed_dim),
+            "timestep": timestep,
+            "original_size": size,
+            "target_size": size,
+            "crop_coords": size,
+        }
 
 
 @hookimpl

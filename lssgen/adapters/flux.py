@@ -5,13 +5,52 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from diffusers import FluxPipeline
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
-from .base import Adapter, flow_stage_kwargs, linear_time_shift
+from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
+
+# FLUX.1-dev's transformer `config.json`, as constructor arguments.
+FLUX_DEV_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def flux_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler with FLUX.1-dev's config."""
+    from ..tiny.flux import FLUX_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+
+
+def packed_dummy_inputs(
+    model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int
+) -> dict[str, torch.Tensor]:
+    """The forward inputs every transformer of FLUX.1's layout takes (FLUX.1, Chroma): 2x2-packed latent tokens, text
+    states, a timestep and both position ids; for `Adapter.denoiser_dummy_inputs`."""
+    zeros, timestep = dummy_tensors(model, batch)
+    # The pipelines pack 2x2 latent cells into one token of 4x the channels.
+    tokens = (latent_height // 2) * (latent_width // 2)
+    return {
+        "hidden_states": zeros(batch, tokens, model.config.in_channels),
+        "encoder_hidden_states": zeros(batch, text_tokens, model.config.joint_attention_dim),
+        "timestep": timestep,
+        "img_ids": zeros(tokens, 3),
+        "txt_ids": zeros(text_tokens, 3),
+    }
 
 
 class FluxImageIdsHook(ModelHook):
@@ -49,6 +88,20 @@ class FluxAdapter(Adapter):
     default_guidance = 3.5
     stage_hook = FluxImageIdsHook
     stage_hook_name = IMAGE_IDS_HOOK
+    # Whether the pipeline passes its linspace sigmas to a scheduler with `use_flow_sigmas` too (FluxPipeline does
+    # not: such a scheduler makes its own).
+    sigmas_for_flow_sigmas = False
+    # 512 text tokens: FLUX.1-dev's T5 `max_sequence_length` default; guidance-distilled, so one call per step.
+    architectures = (
+        Architecture(
+            name="FLUX.1-dev",
+            model_class="FluxTransformer2DModel",
+            config=FLUX_DEV_CONFIG,
+            text_tokens=512,
+            cfg_factor=1,
+            scheduler=flux_dev_scheduler,
+        ),
+    )
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4
@@ -63,7 +116,15 @@ class FluxAdapter(Adapter):
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
         tokens = (latent_height // 2) * (latent_width // 2)
-        return flow_stage_kwargs(scheduler, num_steps, linear_time_shift(scheduler.config, tokens, 1.15))
+        mu = linear_time_shift(scheduler.config, tokens, 1.15)
+        return flow_stage_kwargs(scheduler, num_steps, mu, sigmas_for_flow_sigmas=self.sigmas_for_flow_sigmas)
+
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
+        kwargs["pooled_projections"] = kwargs["hidden_states"].new_zeros(batch, model.config.pooled_projection_dim)
+        if model.config.guidance_embeds:
+            kwargs["guidance"] = kwargs["timestep"]
+        return kwargs
 
 
 @hookimpl

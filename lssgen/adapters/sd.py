@@ -4,8 +4,50 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from diffusers import PNDMScheduler
+
 from ..hookspecs import hookimpl
-from .base import Adapter
+from .base import Adapter, Architecture, dummy_tensors
+
+# SD1.5's UNet `config.json`, as constructor arguments.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """A fresh scheduler with SD1.5's config."""
+    from ..tiny.sd import SD_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
+
+    return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)  # the config holds keys PNDM ignores
+
+
+def unet_dummy_inputs(
+    model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1
+) -> dict[str, Any]:
+    """`Adapter.denoiser_dummy_inputs` of a `UNet2DConditionModel` as the SD and SDXL pipelines call it: SDXL's
+    added conditioning too where the UNet's config has it (so either adapter serves any such UNet)."""
+    config = model.config
+    zeros, timestep = dummy_tensors(model, batch)
+    kwargs: dict[str, Any] = {
+        "sample": zeros(batch, config.in_channels, latent_height, latent_width),
+        "timestep": timestep,
+        "encoder_hidden_states": zeros(batch, text_tokens, config.cross_attention_dim),
+    }
+    if config.addition_embed_type == "text_time":
+        # SDXL: pooled text embedding plus 6 size/crop ids, each embedded in `addition_time_embed_dim`.
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": zeros(batch, pooled), "time_ids": zeros(batch, 6)}
+    return kwargs
 
 
 class SDAdapter(Adapter):
@@ -40,12 +82,26 @@ class SDAdapter(Adapter):
     base_size = 512
     default_steps = 50
     default_guidance = 7.5
+    # 77 CLIP text tokens; CFG doubles the batch.
+    architectures = (
+        Architecture(
+            name="SD1.5",
+            model_class="UNet2DConditionModel",
+            config=SD15_UNET_CONFIG,
+            text_tokens=77,
+            cfg_factor=2,
+            scheduler=sd_scheduler,
+        ),
+    )
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         # StableDiffusionPipeline has no `default_sample_size`; it reads the UNet's (an int or a pair).
         size = pipe.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        return unet_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
 
 
 @hookimpl

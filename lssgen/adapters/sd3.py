@@ -4,9 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusers import FlowMatchEulerDiscreteScheduler
+
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, linear_time_shift
+from .base import Adapter, Architecture, dummy_tensors, linear_time_shift
+
+# SD3.5-large's transformer `config.json`, as constructor arguments.
+SD35_LARGE_CONFIG = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+}
+
+
+def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler with SD3's config."""
+    from ..tiny.sd3 import SD3_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
+
+    return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
 
 
 class SD3Adapter(Adapter):
@@ -39,6 +64,17 @@ class SD3Adapter(Adapter):
     shorten_intermediate_steps = True
     default_steps = 40
     default_guidance = 4.5
+    # 333 text tokens: 77 CLIP + 256 T5 (the pipeline's default max_sequence_length); CFG doubles the batch.
+    architectures = (
+        Architecture(
+            name="SD3.5-large",
+            model_class="SD3Transformer2DModel",
+            config=SD35_LARGE_CONFIG,
+            text_tokens=333,
+            cfg_factor=2,
+            scheduler=sd3_scheduler,
+        ),
+    )
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
         # As StableDiffusion3Pipeline: no custom sigmas (unlike FLUX.1, whose pipeline passes a linspace; that
@@ -57,6 +93,16 @@ class SD3Adapter(Adapter):
         # StableDiffusion3Pipeline decodes `latents / scaling_factor + shift_factor`, whatever else the config holds.
         config = pipe.vae.config
         return LatentNormalization(getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor)
+
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        config = model.config
+        zeros, timestep = dummy_tensors(model, batch)
+        return {
+            "hidden_states": zeros(batch, config.in_channels, latent_height, latent_width),
+            "encoder_hidden_states": zeros(batch, text_tokens, config.joint_attention_dim),
+            "pooled_projections": zeros(batch, config.pooled_projection_dim),
+            "timestep": timestep,
+        }
 
 
 @hookimpl

@@ -5,14 +5,41 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from diffusers import EulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
-from .base import Adapter
+from .base import Adapter, Architecture
+from .sd import unet_dummy_inputs
 
 TIME_IDS_HOOK = "lssgen_sdxl_time_ids"
 # StableDiffusionXLPipeline's `add_time_ids` row: original (h, w), crop (top, left), target (h, w).
 _ORIGINAL_SIZE, _TARGET_SIZE, _TIME_IDS_LENGTH = slice(0, 2), slice(4, 6), 6
+
+# SDXL's UNet `config.json`, as constructor arguments.
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled text) + 6 time ids x 256
+}
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """A fresh scheduler with SDXL's config."""
+    from ..tiny.sdxl import SDXL_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
+
+    return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
 
 class SDXLTimeIdsHook(ModelHook):
@@ -82,6 +109,20 @@ class SDXLAdapter(Adapter):
     default_guidance = 5.0
     stage_hook = SDXLTimeIdsHook
     stage_hook_name = TIME_IDS_HOOK
+    # 77 CLIP text tokens; CFG doubles the batch.
+    architectures = (
+        Architecture(
+            name="SDXL",
+            model_class="UNet2DConditionModel",
+            config=SDXL_UNET_CONFIG,
+            text_tokens=77,
+            cfg_factor=2,
+            scheduler=sdxl_scheduler,
+        ),
+    )
+
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        return unet_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
 
 
 @hookimpl

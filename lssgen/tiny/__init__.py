@@ -3,6 +3,7 @@
 The weights are random: images are noise. What they show is the machinery (shapes, schedules, timings).
 """
 
+from .chroma import build_tiny_chroma_pipeline
 from .cogview4 import build_tiny_cogview4_pipeline
 from .flux import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline, build_tiny_vae
 from .flux2 import build_tiny_flux2_pipeline, tiny_flux2_prompt_embeds
@@ -13,6 +14,7 @@ from .text import build_tiny_clip, build_tiny_t5, character_tokenizer
 
 __all__ = [
     "FLUX_SCHEDULER_CONFIG",
+    "build_tiny_chroma_pipeline",
     "build_tiny_clip",
     "build_tiny_cogview4_pipeline",
     "build_tiny_flux2_pipeline",

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer, eval_mode
 
-# FLUX.1-dev's scheduler and VAE normalisation, so plans and shifts match the real model's.
+# FLUX.1-dev's scheduler, so plans and shifts match the real model's.
 FLUX_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
     "base_shift": 0.5,
@@ -17,6 +17,39 @@ FLUX_SCHEDULER_CONFIG = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
+
+# FLUX.1's VAE normalisation (and no quant convs), shared by the families that use its VAE (Chroma).
+FLUX_VAE_CONFIG = {
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def flux_layout_transformer_config(
+    latent_channels: int,
+    num_layers: int,
+    num_single_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    text_dim: int,
+) -> dict:
+    """Constructor arguments shared by the tiny transformers of FLUX.1's layout (FLUX.1, Chroma): 2x2-packed
+    latent tokens, `num_layers` double- and `num_single_layers` single-stream blocks, rotary axes split 1:1:2."""
+    if attention_head_dim % 4:
+        raise ValueError("`attention_head_dim` must be a multiple of 4 (rotary axes split it 1:1:2).")
+    quarter = attention_head_dim // 4
+    return {
+        "patch_size": 1,
+        "in_channels": 4 * latent_channels,
+        "num_layers": num_layers,
+        "num_single_layers": num_single_layers,
+        "attention_head_dim": attention_head_dim,
+        "num_attention_heads": num_attention_heads,
+        "joint_attention_dim": text_dim,
+        "axes_dims_rope": (quarter, quarter, 2 * quarter),
+    }
 
 
 def build_tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
@@ -60,28 +93,14 @@ def build_tiny_flux_pipeline(
     ```
     """
     torch.manual_seed(seed)
-    if attention_head_dim % 4:
-        raise ValueError("`attention_head_dim` must be a multiple of 4 (rotary axes split it 1:1:2).")
-    quarter = attention_head_dim // 4
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=num_attention_heads,
-        joint_attention_dim=text_dim,
+        **flux_layout_transformer_config(
+            latent_channels, num_layers, num_single_layers, num_attention_heads, attention_head_dim, text_dim
+        ),
         pooled_projection_dim=text_dim,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(quarter, quarter, 2 * quarter),
     )
-    vae = build_tiny_vae(
-        latent_channels,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = build_tiny_vae(latent_channels, **FLUX_VAE_CONFIG)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
         vae=vae,
