@@ -5,28 +5,17 @@ import pytest
 import torch
 from adapter_contract import AdapterContract
 from diffusers import FluxTransformer2DModel, UniPCMultistepScheduler
+from test_flux import TEXT_TOKENS, flux_call_kwargs
 
 import lssgen
 from lssgen.adapters.chroma import STAGE_HOOK
 from lssgen.flops import call_flops, denoiser_flops, meta_model, published_architectures
 from lssgen.tiny import FLUX_SCHEDULER_CONFIG, build_tiny_chroma_pipeline
 
-TEXT_TOKENS = 32
-
 
 def chroma_call_kwargs(pipe, prompts="a red fox in the snow", seed=0, **overrides):
-    kwargs = {
-        "prompt": prompts,
-        "max_sequence_length": TEXT_TOKENS,
-        "height": 256,
-        "width": 256,
-        "num_inference_steps": 8,
-        "guidance_scale": 3.0,
-        "output_type": "pt",
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    kwargs.update(overrides)
-    return kwargs
+    # FLUX.1's call, with Chroma's real classifier-free guidance.
+    return flux_call_kwargs(pipe, prompts, seed, **{"guidance_scale": 3.0, **overrides})
 
 
 class TestChroma(AdapterContract):

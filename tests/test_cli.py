@@ -34,12 +34,11 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
 
 
 def _tiny_scene_model(folder):
+    import lssgen
     from lssgen.scene_model import build_pipeline
 
-    import lssgen
-
-    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, width=32, heads=2, double_layers=1, single_layers=1)\
-        .save_pretrained(folder)  # fmt: skip
+    tiny = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
+    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, **tiny).save_pretrained(folder)
     return folder
 
 
