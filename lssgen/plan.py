@@ -326,6 +326,15 @@ def _schedule_stage(
     scheduler = fresh_scheduler(template)
     scheduler.set_timesteps(**kwargs)
     timesteps = [float(t) for t in scheduler.timesteps]
+    if not all(math.isfinite(t) for t in timesteps):
+        # E.g. a `shift_terminal` (Qwen-Image's scheduler) divides by zero for 1 step: the stock pipeline gets the
+        # same NaN schedule and NaN images for that step count; a plan must not hand it to a stage.
+        raise ValueError(
+            f"{type(template).__name__} with this config makes no finite {num_steps}-step schedule (NaN timesteps), "
+            f"which stage {index + 1} ({latent_width * vae_scale_factor}x{latent_height * vae_scale_factor}) would "
+            "get. Use more `num_inference_steps` (every stage needs at least 2 steps with this scheduler), or "
+            "`shorten_intermediate_steps=False`."
+        )
     if index == 0:
         begin = 0
     elif facts.flow:

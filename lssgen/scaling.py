@@ -59,8 +59,14 @@ def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torc
     vae_param = next(vae.parameters())
     z = adapter.latents_to_vae(pipe, latents).to(vae_param.device, vae_param.dtype)
     image = vae.decode(z, return_dict=False)[0]
+    # A video VAE (Qwen-Image's) decodes `(B, 3, frames, H, W)`, here one frame: it is resized as an image and
+    # encoded back as a one-frame video.
+    frames = image.ndim == 5
+    if frames:
+        image = image[:, :, 0]
     image = F.interpolate(image.float(), scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
-    z = _encode(vae, image.to(vae_param.dtype))
+    image = image.to(vae_param.dtype)
+    z = _encode(vae, image[:, :, None] if frames else image)
     return adapter.vae_to_latents(pipe, z).to(latents.device, latents.dtype)
 
 

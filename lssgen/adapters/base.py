@@ -19,12 +19,15 @@ if TYPE_CHECKING:
     from ..plan import Stage
 
 
-def linear_time_shift(scheduler_config: Any, image_seq_len: int, default_max_shift: float) -> float:
+def linear_time_shift(
+    scheduler_config: Any, image_seq_len: int, default_max_shift: float, *, capped: bool = True
+) -> float:
     """The linear `mu` rule of FLUX.1 and SD3 for `image_seq_len` image tokens, the length capped at the
-    scheduler's `max_image_seq_len` (DESIGN §1.4)."""
+    scheduler's `max_image_seq_len` (DESIGN §1.4); with `capped=False`, extrapolated past it, as QwenImagePipeline
+    does."""
     max_len = scheduler_config.get("max_image_seq_len", 4096)
     return calculate_shift(
-        min(image_seq_len, max_len),
+        min(image_seq_len, max_len) if capped else image_seq_len,
         scheduler_config.get("base_image_seq_len", 256),
         max_len,
         scheduler_config.get("base_shift", 0.5),
