@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = (
     "lssgen.adapters.sd",
     "lssgen.adapters.cogview4",
     "lssgen.adapters.chroma",
+    "lssgen.adapters.qwenimage",
 )
 
 pm = pluggy.PluginManager("lssgen")

@@ -7,6 +7,7 @@ from .chroma import build_tiny_chroma_pipeline
 from .cogview4 import build_tiny_cogview4_pipeline
 from .flux import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline, build_tiny_vae
 from .flux2 import build_tiny_flux2_pipeline, tiny_flux2_prompt_embeds
+from .qwenimage import build_tiny_qwenimage_pipeline, tiny_qwenimage_prompt_embeds
 from .sd import build_tiny_sd_pipeline
 from .sd3 import build_tiny_sd3_pipeline
 from .sdxl import build_tiny_sdxl_pipeline
@@ -19,6 +20,7 @@ __all__ = [
     "build_tiny_cogview4_pipeline",
     "build_tiny_flux2_pipeline",
     "build_tiny_flux_pipeline",
+    "build_tiny_qwenimage_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
     "build_tiny_sdxl_pipeline",
@@ -26,4 +28,5 @@ __all__ = [
     "build_tiny_vae",
     "character_tokenizer",
     "tiny_flux2_prompt_embeds",
+    "tiny_qwenimage_prompt_embeds",
 ]

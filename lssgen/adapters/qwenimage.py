@@ -1,0 +1,168 @@
+"""Qwen-Image (`QwenImagePipeline`): FLUX.1's 2x2 packing of 16-channel latents, a centred rotary embedding of the
+shapes in `img_shapes`, an uncapped linear time shift from the image token count, and a video VAE (latents with a
+frame axis) normalised per channel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.hooks import ModelHook
+
+from ..hookspecs import hookimpl
+from ..latents import LatentNormalization
+from .base import Architecture, flow_stage_kwargs, linear_time_shift
+from .flux import FluxAdapter, packed_dummy_inputs
+
+IMG_SHAPES_HOOK = "lssgen_qwenimage_img_shapes"
+
+# Qwen/Qwen-Image's transformer `config.json`, as constructor arguments: a 20B MMDiT of 60 double-stream blocks
+# (the hub file also lists `pooled_projection_dim`, which the diffusers class does not take).
+QWEN_IMAGE_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def qwenimage_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler with Qwen-Image's config."""
+    # Imported here: `lssgen.tiny` loads the text encoders' code.
+    from ..tiny.qwenimage import QWENIMAGE_SCHEDULER_CONFIG
+
+    return FlowMatchEulerDiscreteScheduler(**QWENIMAGE_SCHEDULER_CONFIG)
+
+
+class QwenImageShapesHook(ModelHook):
+    """Gives the transformer the `img_shapes` of the stage being denoised.
+
+    QwenImagePipeline builds `img_shapes` (frames, rows, columns of the token grid, per prompt) once, for the target
+    size, before the loop. The transformer derives the image's rotary embedding from them (centred on the grid) and
+    where the text's positions start (after the grid's larger half side), so during a low-resolution stage they must
+    describe the smaller grid. Shapes after a sample's first (reference images, in the edit pipelines) are kept.
+    """
+
+    def __init__(self, current_stage: Callable):
+        super().__init__()
+        self.current_stage = current_stage
+
+    def pre_forward(self, module, *args, **kwargs):
+        stage = self.current_stage()
+        img_shapes = kwargs.get("img_shapes")
+        if stage is None or img_shapes is None:
+            return args, kwargs
+        # Plain ints, rebuilt each call: under torch.compile each stage size is one guard, one graph.
+        shape = (1, stage.latent_height // 2, stage.latent_width // 2)
+        kwargs["img_shapes"] = [[shape, *sample[1:]] if isinstance(sample, list) else shape for sample in img_shapes]
+        return args, kwargs
+
+
+class QwenImageAdapter(FluxAdapter):
+    r"""
+    Adapter for [`~diffusers.QwenImagePipeline`] (Qwen-Image, Qwen-Image-2512 and their LoRAs).
+
+    Qwen-Image packs its 16-channel latents 2x2 into 64-channel tokens with FLUX.1's code, and its pipeline sets
+    FLUX.1's kind of schedule (`sigmas = linspace(1, 1/n, n)` and a linear `mu` from the image token count), so
+    FLUX.1's adapter does the packing. What differs:
+
+    - positions come from `img_shapes`, not position ids; a hook (`"lssgen_qwenimage_img_shapes"`) gives each
+      low-resolution stage's calls the stage's token grid. The text mask is text-only (the attention processor
+      appends the image's ones from the tokens it is given), so it needs nothing;
+    - `mu` is not capped at the scheduler's `max_image_seq_len` (8192 tokens for Qwen-Image): the pipeline
+      extrapolates past it, and each stage gets what the stock pipeline sets at its size. The scheduler stretches
+      every schedule to end at `shift_terminal` (0.02), which makes a 1-step schedule NaN, in the stock pipeline
+      too: a plan whose stage would get 1 step is refused with an error;
+    - the VAE is a video VAE: it decodes `(B, 16, frames, h, w)`, and the pipeline de-normalises with per-channel
+      `latents_mean`/`latents_std`; `latents_to_vae` gives exactly that (one frame);
+    - true classifier-free guidance, two transformer calls per step, when `true_cfg_scale` > 1 and a negative
+      prompt is given (`guidance_scale` is only for guidance-distilled checkpoints).
+
+    Published settings (the Qwen/Qwen-Image model card's example): 50 steps, `true_cfg_scale=4.0` with the negative
+    prompt `" "`, 1328x1328 for 1:1, the native size and so the reference for shortening (on, as for the other flow
+    models). `default_guidance` is that `true_cfg_scale`.
+
+    Example:
+
+    ```py
+    >>> import lssgen
+    >>> import torch
+    >>> from diffusers import QwenImagePipeline
+
+    >>> pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
+    >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
+    >>> image = pipe("a lighthouse at dusk", negative_prompt=" ", true_cfg_scale=4.0, height=1024, width=1024).images[0]
+    ```
+    """
+
+    name = "qwenimage"
+    pipeline_classes = ("QwenImagePipeline",)
+    # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
+    # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
+    default_steps = 50
+    default_guidance = 4.0
+    base_size = 1328
+    stage_hook = QwenImageShapesHook
+    stage_hook_name = IMG_SHAPES_HOOK
+    # The pipeline passes its linspace sigmas to any scheduler, one with `use_flow_sigmas` included.
+    sigmas_for_flow_sigmas = True
+    # 128 text tokens: an assumed prompt length. The pipeline does not pad (the embedding is as long as the prompt,
+    # at most `max_sequence_length` = 512 tokens), so there is no fixed default; at 1024² the text is 3% of the
+    # sequence. True CFG: two calls per step (counted at the prompt's length both times).
+    architectures = (
+        Architecture(
+            name="Qwen-Image",
+            model_class="QwenImageTransformer2DModel",
+            config=QWEN_IMAGE_CONFIG,
+            text_tokens=128,
+            cfg_factor=2,
+            scheduler=qwenimage_scheduler,
+        ),
+    )
+
+    def unpack(self, pipe, latents, latent_height, latent_width):
+        # The pipeline's `_unpack_latents` gives the VAE's `(B, C, 1, h, w)`: the frame axis goes.
+        return super().unpack(pipe, latents, latent_height, latent_width)[:, :, 0]
+
+    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
+        # QwenImagePipeline's `mu`: FLUX.1's formula (its own `calculate_shift`, max_shift defaulting to 1.15) of the
+        # stage's token count, extrapolated past `max_image_seq_len` rather than capped.
+        tokens = (latent_height // 2) * (latent_width // 2)
+        mu = linear_time_shift(scheduler.config, tokens, 1.15, capped=False)
+        return flow_stage_kwargs(scheduler, num_steps, mu, sigmas_for_flow_sigmas=self.sigmas_for_flow_sigmas)
+
+    # VAE normalisation ------------------------------------------------------------------------------------------
+    def latent_normalization(self, pipe: Any) -> LatentNormalization:
+        # QwenImagePipeline decodes `latents / (1 / latents_std) + latents_mean`, whatever else the config holds.
+        config = pipe.vae.config
+        return LatentNormalization(tuple(config.latents_mean), tuple(config.latents_std), 1.0)
+
+    def latents_to_vae(self, pipe, latents):
+        """Unpacked pipeline latents `(B, 16, h, w)` → what `vae.decode` takes: `(B, 16, 1, h, w)`, one frame."""
+        return super().latents_to_vae(pipe, latents)[:, :, None]
+
+    def vae_to_latents(self, pipe, vae_latents):
+        """What `vae.encode` gives, `(B, 16, 1, h, w)` (or a frame-less `(B, 16, h, w)`) → unpacked pipeline
+        latents `(B, 16, h, w)`."""
+        if vae_latents.ndim == 5:
+            vae_latents = vae_latents[:, :, 0]
+        return super().vae_to_latents(pipe, vae_latents)
+
+    # FLOP counts ------------------------------------------------------------------------------------------------
+    def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
+        kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
+        del kwargs["img_ids"], kwargs["txt_ids"]  # positions come from the shapes instead
+        # No text mask: the pipeline passes none for a prompt without padding (a mask of all ones becomes None).
+        kwargs["img_shapes"] = [[(1, latent_height // 2, latent_width // 2)]] * batch
+        return kwargs
+
+
+@hookimpl
+def register_adapters(register):
+    register(QwenImageAdapter())

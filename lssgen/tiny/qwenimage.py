@@ -1,0 +1,113 @@
+"""A tiny random-weight QwenImagePipeline, without a text encoder."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+
+from .flux2 import tiny_flux2_prompt_embeds
+from .text import eval_mode
+
+# Qwen/Qwen-Image's `scheduler/scheduler_config.json`: an exponential time shift from the image token count (its own
+# range, 256..8192 tokens, 0.5..0.9), and the schedule stretched to end at sigma 0.02 before the final 0.
+QWENIMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+TEXT_DIM = 32
+
+
+def build_tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
+    """A random AutoencoderKLQwenImage with the real model's 16 latent channels, x8 compression and per-channel
+    `latents_mean`/`latents_std` (its defaults are Qwen-Image's), so the pipeline's normalisation is not trivial."""
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def build_tiny_qwenimage_pipeline(
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    scheduler_config: dict | None = None,
+) -> QwenImagePipeline:
+    r"""
+    A stock `QwenImagePipeline` with a tiny random transformer and VAE and no text encoder or tokenizer: call it
+    with `prompt_embeds` and `prompt_embeds_mask` (see [`tiny_qwenimage_prompt_embeds`]), and for true CFG
+    (`true_cfg_scale` > 1, 4.0 by default) also `negative_prompt_embeds` and `negative_prompt_embeds_mask`.
+
+    The transformer takes 64-channel tokens (2x2 patches of the VAE's 16 channels), the VAE compresses x8 and the
+    scheduler has Qwen-Image's config (pass `scheduler_config` for another), so latent shapes, token counts and
+    plans are those of the real model.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_qwenimage_pipeline()
+    >>> embeds, mask = tiny_qwenimage_prompt_embeds(pipe, "a cat")
+    >>> image = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=256, width=256).images[0]
+    ```
+    """
+    torch.manual_seed(seed)
+    if attention_head_dim % 16:
+        raise ValueError("`attention_head_dim` must be a multiple of 16 (rotary axes split it 2:3:3, each even).")
+    eighth = attention_head_dim // 8
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=TEXT_DIM,
+        # Qwen-Image's (16, 56, 56) split of 128, in the same proportions.
+        axes_dims_rope=(2 * eighth, 3 * eighth, 3 * eighth),
+    )
+    # The text encoder (Qwen2.5-VL 7B) is far too heavy to build even a tiny one cheaply, and the pipeline accepts
+    # prompt embeddings directly, so the components are None.
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler_config or QWENIMAGE_SCHEDULER_CONFIG)),
+        vae=build_tiny_qwenimage_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+    return eval_mode(pipe)
+
+
+def tiny_qwenimage_prompt_embeds(pipe, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic stand-in prompt embeddings and their mask, shaped as QwenImagePipeline's own encoder gives
+    them: one token per word plus two, padded with zeros to the longest prompt of the batch, and a `(batch, tokens)`
+    mask (1 = a real token). The same text always gives the same embedding (see `tiny_flux2_prompt_embeds`)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    lengths = [len(text.split()) + 2 for text in prompts]
+    longest = max(lengths)
+    embeds = torch.zeros(len(prompts), longest, TEXT_DIM, device=pipe.transformer.device, dtype=pipe.transformer.dtype)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=pipe.transformer.device)
+    for row, (text, length) in enumerate(zip(prompts, lengths)):
+        embeds[row, :length] = tiny_flux2_prompt_embeds(pipe, text, length)[0]
+        mask[row, :length] = 1
+    return embeds, mask
