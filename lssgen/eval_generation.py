@@ -117,6 +117,7 @@ class SettingScores:
     cache: str | None  # the diffusers cache config of the setting's calls
     seconds: float  # per image, mean over the prompts
     time_ratio: float  # this setting's total time / the stock setting's, in the same run
+    passed: list[bool] = field(default_factory=list)  # per prompt, in order (prompt i was generated with seed + i)
 
 
 @dataclass
@@ -319,6 +320,7 @@ def evaluate_generation(
                 cache=None if setting.cache is None else repr(setting.cache),
                 seconds=seconds[setting.name] / len(scenes),
                 time_ratio=seconds[setting.name] / seconds[stock.name],
+                passed=[v.passed for v in verdicts],
             )
         )
     parameters = {

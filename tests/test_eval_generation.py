@@ -88,6 +88,11 @@ def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(sc
         assert set(score.accuracy) == {*CATEGORIES, "overall"}
         assert all(0.0 <= value <= 1.0 for value in score.accuracy.values())
         assert score.accuracy["overall"] == pytest.approx(sum(score.accuracy[c] for c in CATEGORIES) / 6)
+        # One verdict per prompt, in order: each category's accuracy is its prompts' share of passes.
+        assert len(score.passed) == len(scenes)
+        for category in CATEGORIES:
+            verdicts = [p for p, scene in zip(score.passed, scenes) if scene.category == category]
+            assert score.accuracy[category] == sum(verdicts) / len(verdicts)
         assert score.kid is not None and math.isfinite(score.kid)
         assert score.seconds > 0
     assert stock.psnr is None and stock.time_ratio == 1.0
