@@ -170,7 +170,8 @@ def _generate(pipe: Any, setting: GenerationSetting, scene: Scene, size: int, se
         _denoiser(pipe).enable_cache(setting.cache)
     try:
         start = time.perf_counter()
-        images = pipe(scene.caption, generator=generator, **kwargs, **setting.options).images
+        # By name: a pipeline's first parameter is not always the prompt (Flux2KleinPipeline's is `image`).
+        images = pipe(prompt=scene.caption, generator=generator, **kwargs, **setting.options).images
         if images.device.type == "cuda":
             torch.cuda.synchronize(images.device)
         seconds = time.perf_counter() - start

@@ -238,3 +238,22 @@ def test_a_cache_runs_in_its_own_rows_only(scorer, monkeypatch):
     assert "| lssgen + first-block cache | 4 |" in markdown and repr(cache) in markdown
     # The grid's labels tell cached columns from plain ones.
     assert cached.grid.size == (TILE * 5, LABEL_HEIGHT + TILE * 2)
+
+
+def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
+    """Flux2KleinPipeline's first parameter is `image`: a prompt passed by position would fail the call."""
+    from lssgen.scene_model import build_pipeline
+
+    pipe = build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, width=32, heads=2, double_layers=1, single_layers=1)
+    report = evaluate_generation(
+        pipe,
+        scorer,
+        evaluation_scenes()[:2],
+        size=SIZE,
+        steps=STEPS,
+        settings=[GenerationSetting("stock", STEPS), GenerationSetting("lssgen", STEPS, {"min_resolution": SIZE // 2})],
+        equal_speed=False,
+        call={"max_sequence_length": 32},
+        progress=False,
+    )
+    assert [(score.name, len(score.passed)) for score in report.scores] == [("stock", 2), ("lssgen", 2)]
