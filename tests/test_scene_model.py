@@ -184,8 +184,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, cache, capsys):
     work = tmp_path / "work"
     shutil.copytree(cached, work / scene_model.CACHE)
     scene_model.train(_settings(tmp_path, "out", work=str(work), steps=1))
-    with pytest.raises(ValueError, match="--lr 0.0004 \\(now 0.001\\)"):
-        scene_model.train(_settings(tmp_path, "out", work=str(work), steps=2, lr=1e-3, resume=True))
+    with pytest.raises(ValueError, match="--lr 0.001 \\(now 0.002\\)"):
+        scene_model.train(_settings(tmp_path, "out", work=str(work), steps=2, lr=2e-3, resume=True))
     with pytest.raises(ValueError, match="pass --resume"):
         scene_model.train(_settings(tmp_path, "out", work=str(work), steps=2))
 
