@@ -533,6 +533,38 @@ class AdapterContract:
             images = self.images(pipe, **self.call_kwargs(pipe), start_sigma=start_sigma)
             assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
 
+    def check_each_stage_gets_the_stock_schedule(self, scheduler=None):
+        """Every stage's full schedule (at 512 px, 20 steps, three stages) is the one the unpatched pipeline sets
+        for that stage's size and step count, and the denoiser sees exactly those timesteps. For families whose
+        pipeline reads `timestep` as sigma (x1000 here); `scheduler` builds a replacement scheduler."""
+        pipe, stock = self.build_pipe(), self.build_pipe()
+        for p in (pipe, stock):
+            p.set_progress_bar_config(disable=True)
+            if scheduler is not None:
+                p.scheduler = scheduler()
+        lssgen.patch(pipe)
+        plan = self.plan(pipe, 512, 512, 20, min_resolution=128)
+        assert [(s.latent_height, s.latent_width) for s in plan.stages] == [(16, 16), (32, 32), (64, 64)]
+        seen = []
+        handle = stock.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(float(kwargs["timestep"][0]) * 1000), with_kwargs=True
+        )
+        for stage in plan.stages:
+            seen.clear()
+            stock(
+                **self.call_kwargs(stock, height=stage.height, width=stage.width, num_inference_steps=stage.num_steps)
+            )
+            full = seen[:: self.calls_per_step]
+            assert len(full) == stage.num_steps
+            assert stage.timesteps == pytest.approx(full[stage.begin_index :], abs=1e-3)
+        handle.remove()
+        records, handle = self.trace(pipe)
+        images = pipe(**self.call_kwargs(pipe, height=512, width=512, num_inference_steps=20), min_resolution=128)
+        handle.remove()
+        assert images.images.shape == (1, 3, 512, 512) and torch.isfinite(images.images).all()
+        want = [t for s in plan.stages for t in s.timesteps for _ in range(self.calls_per_step)]
+        assert [r["timestep"] for r in records] == pytest.approx(want, abs=1e-3)
+
     # --- LoRA and offloading -----------------------------------------------------------------------------------
     def test_lora_applies_in_every_stage(self, pipe, tmp_path):
         from safetensors.torch import save_file
