@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -189,7 +188,6 @@ class ZImageAdapter(Adapter):
             "x": [zeros(config.in_channels, 1, latent_height, latent_width) for _ in range(batch)],
             "t": timestep,
             "cap_feats": [zeros(text_tokens, config.cap_feat_dim) for _ in range(batch)],
-            "return_dict": False,
         }
 
 
