@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = (
     "lssgen.adapters.cogview4",
     "lssgen.adapters.chroma",
     "lssgen.adapters.qwenimage",
+    "lssgen.adapters.zimage",
 )
 
 pm = pluggy.PluginManager("lssgen")

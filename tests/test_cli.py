@@ -295,3 +295,4 @@ def test_adapters_lists_installed_adapters_with_their_package():
     assert rows["sd"] == ["StableDiffusionPipeline", "diffusion", "50", "7.5", "off", "lssgen"]
     assert rows["cogview4"] == ["CogView4Pipeline", "flow", "50", "3.5", "on", "lssgen"]
     assert rows["qwenimage"] == ["QwenImagePipeline", "flow", "50", "4.0", "on", "lssgen"]  # 4.0: true_cfg_scale
+    assert rows["zimage"] == ["ZImagePipeline", "flow", "8", "0.0", "on", "lssgen"]

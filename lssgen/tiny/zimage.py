@@ -1,0 +1,87 @@
+"""A tiny random-weight ZImagePipeline, without a text encoder."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+from .flux import build_tiny_vae
+from .text import eval_mode
+
+# Tongyi-MAI/Z-Image-Turbo's `scheduler/scheduler_config.json`: a static shift of 3 (no dynamic shifting, so the
+# pipeline's `mu` is ignored).
+ZIMAGE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": False,
+}
+TEXT_DIM = 32
+
+
+def build_tiny_zimage_pipeline(
+    seed: int = 0,
+    *,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    head_dim: int = 16,
+    scheduler_config: dict | None = None,
+) -> ZImagePipeline:
+    r"""
+    A stock `ZImagePipeline` with a tiny random transformer and VAE and no text encoder or tokenizer: call it with
+    `prompt_embeds` (see [`tiny_zimage_prompt_embeds`]), and for CFG (`guidance_scale` > 0, 5.0 by default) also
+    `negative_prompt_embeds`.
+
+    The transformer patchifies the VAE's 16 channels 2x2, the VAE compresses x8 with FLUX.1's scaling and shift
+    factors, and the scheduler has Z-Image-Turbo's config (pass `scheduler_config` for another), so latent shapes,
+    token counts and plans are those of the real model.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_zimage_pipeline()
+    >>> image = pipe(prompt_embeds=tiny_zimage_prompt_embeds(pipe, "a cat"), guidance_scale=0.0, height=256, width=256)
+    ```
+    """
+    torch.manual_seed(seed)
+    if head_dim % 8:
+        raise ValueError("`head_dim` must be a multiple of 8 (rotary axes split it 2:3:3, each even).")
+    eighth = head_dim // 8
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=n_heads * head_dim,
+        n_layers=n_layers,
+        n_refiner_layers=1,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        cap_feat_dim=TEXT_DIM,
+        # Z-Image's (32, 48, 48) split of 128, in the same proportions.
+        axes_dims=[2 * eighth, 3 * eighth, 3 * eighth],
+        axes_lens=[1024, 512, 512],
+    )
+    # The text encoder (Qwen3-4B) is too heavy for a tiny pipeline, and the pipeline accepts prompt embeddings.
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler_config or ZIMAGE_SCHEDULER_CONFIG)),
+        vae=build_tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE factors
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+    return eval_mode(pipe)
+
+
+def tiny_zimage_prompt_embeds(pipe, prompts: str | list[str]) -> list[torch.Tensor]:
+    """Deterministic stand-in prompt embeddings shaped as ZImagePipeline's own encoder gives them: a list with one
+    `(tokens, cap_feat_dim)` tensor per prompt, one token per word plus two, unpadded. The same text always gives
+    the same embedding, different texts different ones (seeded by a checksum of the text)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    transformer = pipe.transformer
+    embeds = []
+    for text in prompts:
+        generator = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        row = torch.randn(len(text.split()) + 2, transformer.config.cap_feat_dim, generator=generator)
+        embeds.append(row.to(transformer.device, transformer.dtype))
+    return embeds
