@@ -533,10 +533,14 @@ class AdapterContract:
             images = self.images(pipe, **self.call_kwargs(pipe), start_sigma=start_sigma)
             assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
 
+    def denoiser_timestep(self, args, kwargs) -> float:
+        """The timestep (0-1000) a denoiser call was given; most flow pipelines pass sigma as `timestep`."""
+        return float(kwargs["timestep"][0]) * 1000
+
     def check_each_stage_gets_the_stock_schedule(self, scheduler=None):
         """Every stage's full schedule (at 512 px, 20 steps, three stages) is the one the unpatched pipeline sets
-        for that stage's size and step count, and the denoiser sees exactly those timesteps. For families whose
-        pipeline reads `timestep` as sigma (x1000 here); `scheduler` builds a replacement scheduler."""
+        for that stage's size and step count, and the denoiser sees exactly those timesteps (`denoiser_timestep`);
+        `scheduler` builds a replacement scheduler."""
         pipe, stock = self.build_pipe(), self.build_pipe()
         for p in (pipe, stock):
             p.set_progress_bar_config(disable=True)
@@ -547,7 +551,7 @@ class AdapterContract:
         assert [(s.latent_height, s.latent_width) for s in plan.stages] == [(16, 16), (32, 32), (64, 64)]
         seen = []
         handle = stock.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(float(kwargs["timestep"][0]) * 1000), with_kwargs=True
+            lambda module, args, kwargs: seen.append(self.denoiser_timestep(args, kwargs)), with_kwargs=True
         )
         for stage in plan.stages:
             seen.clear()

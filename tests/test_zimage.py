@@ -80,6 +80,9 @@ class TestZImage(AdapterContract):
             (s.latent_height, s.latent_width) for s in plan.stages for _ in s.timesteps
         ]
 
+    def denoiser_timestep(self, args, kwargs) -> float:
+        return (1 - float(args[1][0])) * 1000  # ZImagePipeline passes 1 - sigma, by position
+
     @pytest.mark.parametrize(
         "scheduler",
         [
@@ -96,32 +99,7 @@ class TestZImage(AdapterContract):
     )
     def test_each_stage_gets_the_stock_schedule_of_its_size(self, scheduler):
         """Every stage's full schedule is the one the unpatched ZImagePipeline sets for that size and step count."""
-        pipe, stock = self.build_pipe(), self.build_pipe()
-        for p in (pipe, stock):
-            p.set_progress_bar_config(disable=True)
-            if scheduler is not None:
-                p.scheduler = scheduler()
-        lssgen.patch(pipe)
-        plan = self.plan(pipe, 512, 512, 20, min_resolution=128)
-        assert [(s.latent_height, s.latent_width) for s in plan.stages] == [(16, 16), (32, 32), (64, 64)]
-        seen = []
-        handle = stock.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append((1 - float(args[1][0])) * 1000), with_kwargs=True
-        )
-        for stage in plan.stages:
-            seen.clear()
-            stock(
-                **self.call_kwargs(stock, height=stage.height, width=stage.width, num_inference_steps=stage.num_steps)
-            )
-            assert len(seen) == stage.num_steps
-            assert stage.timesteps == pytest.approx(seen[stage.begin_index :], abs=1e-3)
-        handle.remove()
-        records, handle = self.trace(pipe)
-        images = pipe(**self.call_kwargs(pipe, height=512, width=512, num_inference_steps=20), min_resolution=128)
-        handle.remove()
-        assert images.images.shape == (1, 3, 512, 512) and torch.isfinite(images.images).all()
-        want = [t for s in plan.stages for t in s.timesteps]
-        assert [r["timestep"] for r in records] == pytest.approx(want, abs=1e-3)
+        self.check_each_stage_gets_the_stock_schedule(scheduler)
 
     def test_time_shift_is_the_pipelines_own_uncapped(self, pipe):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
