@@ -36,7 +36,12 @@ class LatentNormalization:
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:
             return cls(tuple(mean), tuple(std), scale)
-        return cls(getattr(config, "shift_factor", None) or 0.0, 1.0, scale)
+        return cls.shifted_and_scaled(config)
+
+    @classmethod
+    def shifted_and_scaled(cls, config: Any) -> LatentNormalization:
+        """`latents / scaling_factor + shift_factor` before decoding, whatever else the config holds (SD3, Z-Image)."""
+        return cls(getattr(config, "shift_factor", None) or 0.0, 1.0, getattr(config, "scaling_factor", None) or 1.0)
 
     def _stats(self, like: torch.Tensor) -> tuple[Any, Any]:
         def channelwise(value):

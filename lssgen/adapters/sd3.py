@@ -91,8 +91,7 @@ class SD3Adapter(Adapter):
 
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # StableDiffusion3Pipeline decodes `latents / scaling_factor + shift_factor`, whatever else the config holds.
-        config = pipe.vae.config
-        return LatentNormalization(getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor)
+        return LatentNormalization.shifted_and_scaled(pipe.vae.config)
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         config = model.config

@@ -177,8 +177,7 @@ class ZImageAdapter(Adapter):
     # VAE normalisation ------------------------------------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         # ZImagePipeline decodes `latents / scaling_factor + shift_factor`.
-        config = pipe.vae.config
-        return LatentNormalization(getattr(config, "shift_factor", None) or 0.0, 1.0, config.scaling_factor)
+        return LatentNormalization.shifted_and_scaled(pipe.vae.config)
 
     # FLOP counts ------------------------------------------------------------------------------------------------
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
