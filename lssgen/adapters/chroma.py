@@ -8,21 +8,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..hookspecs import hookimpl
 from .base import Architecture
-from .flux import FluxAdapter, FluxImageIdsHook, packed_dummy_inputs
+from .flux import FLUX_DEV_CONFIG, FluxAdapter, FluxImageIdsHook, packed_dummy_inputs
 
 STAGE_HOOK = "lssgen_chroma_stage"
 
-# Chroma1-HD's transformer `config.json`, as constructor arguments (FLUX.1's 19 double- and 38 single-stream blocks;
-# the per-block modulation replaced by one small "approximator" network of the timestep).
+# Chroma1-HD's transformer `config.json`, as constructor arguments: FLUX.1-dev's blocks (19 double- and 38
+# single-stream), without pooled text or guidance embeddings, the per-block modulation replaced by one small
+# "approximator" network of the timestep.
 CHROMA1_HD_CONFIG = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "axes_dims_rope": (16, 56, 56),
+    **{k: v for k, v in FLUX_DEV_CONFIG.items() if k not in ("pooled_projection_dim", "guidance_embeds")},
     "approximator_num_channels": 64,
     "approximator_hidden_dim": 5120,
     "approximator_layers": 5,
