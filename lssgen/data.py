@@ -127,20 +127,86 @@ def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype =
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_spatial_factor(vae: Any) -> int:
-    """How many pixels one latent cell covers per side (8 for the VAEs of SD, SDXL, SD3, Flux and the tiny ones)."""
+# Config keys that only video VAEs have: `scale_factor_temporal` and `temperal_downsample` (diffusers' spelling) in
+# `AutoencoderKLWan`'s, `temperal_downsample` in `AutoencoderKLQwenImage`'s, `temporal_compression_ratio` in
+# HunyuanVideo's, LTX's, ... Such a VAE takes `(B, C, frames, H, W)`. Wan's and Qwen-Image's encoders are causal
+# in time: one frame encodes to one latent frame, which decodes to one frame (`encode`/`decode` check that).
+VIDEO_VAE_CONFIG_KEYS = ("scale_factor_temporal", "temperal_downsample", "temporal_compression_ratio")
+
+
+def is_video_vae(vae: Any) -> bool:
+    """Whether `vae` takes videos `(B, C, frames, H, W)`: lssgen then passes each image as a one-frame video."""
     config = vae.config
+    return any(getattr(config, key, None) is not None for key in VIDEO_VAE_CONFIG_KEYS)
+
+
+def vae_latent_channels(vae: Any) -> int:
+    """Channels of the VAE's latent: `latent_channels` (image VAEs) or `z_dim` (Wan's and Qwen-Image's)."""
+    config = vae.config
+    channels = getattr(config, "latent_channels", None) or getattr(config, "z_dim", None)
+    if not isinstance(channels, int):
+        raise ValueError(
+            f"{type(vae).__name__}: its config has neither `latent_channels` nor `z_dim`, so the number of latent "
+            "channels is unknown. Pass a diffusers VAE (AutoencoderKL, AutoencoderKLWan, ...) or a tiny autoencoder."
+        )
+    return channels
+
+
+def vae_spatial_factor(vae: Any) -> int:
+    """How many pixels one latent cell covers per side: `scale_factor_spatial` where the config has it (Wan: 8,
+    or 16 for Wan 2.2's TI2V-5B VAE, which patchifies 2x2 first; what WanPipeline reads), else 2 per down block
+    (8 for the VAEs of SD, SDXL, SD3, Flux and the tiny ones)."""
+    config = vae.config
+    factor = getattr(config, "scale_factor_spatial", None)
+    if factor:
+        return int(factor)
     blocks = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels", None)
     return 2 ** (len(blocks) - 1) if blocks else 8
 
 
+def _frameless(vae: Any, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`(B, C, H, W)` as given, or a video VAE's one-frame `(B, C, 1, H, W)` without its frame axis."""
+    video = is_video_vae(vae)
+    if tensor.ndim == 4:
+        return tensor
+    if tensor.ndim == 5 and video:
+        if tensor.shape[2] == 1:
+            return tensor[:, :, 0]
+        raise ValueError(
+            f"{what} of shape {tuple(tensor.shape)} hold {tensor.shape[2]} frames; lssgen's upsamplers work on "
+            f"images, so {type(vae).__name__} (a video VAE) takes one frame at a time: pass (B, C, H, W) or "
+            "(B, C, 1, H, W)."
+        )
+    shapes = "(B, C, H, W) or, for this video VAE, (B, C, 1, H, W)" if video else "(B, C, H, W)"
+    raise ValueError(f"{what} of shape {tuple(tensor.shape)} for {type(vae).__name__}: expected {shapes}.")
+
+
+def _vae_input(vae: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` as the VAE takes it: as it is, or as a one-frame video `(B, C, 1, H, W)` for a video VAE."""
+    return tensor[:, :, None] if is_video_vae(vae) else tensor
+
+
+def _vae_result(vae: Any, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """A video VAE's result for one frame, `(B, C, 1, h, w)`, → `(B, C, h, w)`; an image VAE's as it is."""
+    if not is_video_vae(vae):
+        return tensor
+    if tensor.ndim != 5 or tensor.shape[2] != 1:
+        raise ValueError(
+            f"{type(vae).__name__} gave {what} of shape {tuple(tensor.shape)} for a one-frame video; expected "
+            "(B, C, 1, h, w): lssgen needs a video VAE that maps one frame to one (causal first frame)."
+        )
+    return tensor[:, :, 0]
+
+
 @torch.no_grad()
 def encode(vae: Any, images: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
-    """Images in [-1, 1] → latents in the upsampler's space, the VAE's scaled as its config says (float32)."""
+    """Images `(B, 3, H, W)` in [-1, 1] → latents `(B, C, h, w)` in the upsampler's space, the VAE's scaled as
+    its config says (float32). A video VAE encodes each image as a one-frame video."""
     param = next(vae.parameters())
-    encoded = vae.encode(images.to(param.device, param.dtype))
+    images = _frameless(vae, images, "images").to(param.device, param.dtype)
+    encoded = vae.encode(_vae_input(vae, images))
     latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-    return normalization.from_vae(latents)
+    return normalization.from_vae(_vae_result(vae, latents, "latents"))
 
 
 @torch.no_grad()
@@ -151,7 +217,9 @@ def pixel_round_trip(vae: Any, latents: torch.Tensor, normalization: LatentNorma
 
 
 def decode(vae: Any, latents: torch.Tensor, normalization: LatentNormalization) -> torch.Tensor:
-    """Latents in the upsampler's space → images in [-1, 1] (float32). Differentiable, for a pixel loss."""
+    """Latents `(B, C, h, w)` in the upsampler's space → images `(B, 3, H, W)` in [-1, 1] (float32); a video VAE
+    decodes them as one-frame videos. Differentiable, for a pixel loss."""
     param = next(vae.parameters())
-    images = vae.decode(normalization.to_vae(latents).to(param.device, param.dtype), return_dict=False)[0]
-    return images.float().clamp(-1, 1)
+    vae_latents = normalization.to_vae(_frameless(vae, latents, "latents")).to(param.device, param.dtype)
+    images = vae.decode(_vae_input(vae, vae_latents), return_dict=False)[0]
+    return _vae_result(vae, images, "images").float().clamp(-1, 1)

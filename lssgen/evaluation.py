@@ -27,6 +27,7 @@ from .data import (
     fixed_crops,
     pixel_round_trip,
     to_pil,
+    vae_latent_channels,
     vae_spatial_factor,
 )
 from .latents import LatentNormalization
@@ -109,7 +110,7 @@ def _check_inputs(vae: Any, upsampler: Any, resolution: int) -> None:
         )
     if upsampler is None:
         return
-    channels = vae.config.latent_channels
+    channels = vae_latent_channels(vae)
     config = upsampler.config
     if config.in_channels != channels or config.out_channels != channels:
         raise ValueError(
@@ -192,7 +193,8 @@ def evaluate_upsampler(
 
     Args:
         vae (`AutoencoderKL` or another diffusers VAE):
-            The VAE of the pipeline the upsampler serves, on the device and dtype to evaluate in.
+            The VAE of the pipeline the upsampler serves, on the device and dtype to evaluate in. A video VAE
+            (`AutoencoderKLWan`) encodes and decodes each image as a one-frame video.
         image_paths (`list[str | Path]`, or a folder):
             Held-out images; a folder is searched recursively.
         upsampler (`LatentUpsampler`, *optional*):

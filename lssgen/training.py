@@ -23,10 +23,12 @@ from .data import (
     downsample_nearest,
     encode,
     fixed_crops,
+    is_video_vae,
     load_image,
     pixel_round_trip,
     random_crop,
     scale_to_at_least,
+    vae_latent_channels,
     vae_spatial_factor,
 )
 from .latents import LatentNormalization
@@ -257,7 +259,8 @@ def train_upsampler(
     A new `out_dir` is written in a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
 
     Args:
-        vae (`AutoencoderKL` or `AutoencoderTiny`): the VAE of the pipelines the upsampler is for (frozen).
+        vae (`AutoencoderKL`, `AutoencoderTiny`, `AutoencoderKLWan`, ...): the VAE of the pipelines the upsampler
+            is for (frozen). A video VAE (Wan's) encodes each image as a one-frame video.
         image_paths (`list[Path]`): training and validation images (see `lssgen.data.find_images`).
         out_dir (`str` or `Path`): where the upsampler (`config.json` + safetensors), `README.md` and
             `checkpoint/` go. Must not hold files unless `resume=True`.
@@ -317,7 +320,7 @@ def train_upsampler(
         )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be positive, got {steps} and {batch_size}.")
-    channels = vae.config.latent_channels
+    channels = vae_latent_channels(vae)
     checkpoint = out_dir / CHECKPOINT
     if resume:
         if not (checkpoint / "optimizer.pt").is_file():
@@ -379,7 +382,8 @@ def train_upsampler(
             shutil.rmtree(work, ignore_errors=True)
         raise
     facts = {
-        "VAE": f"{vae_name or type(vae).__name__} ({type(vae).__name__}, {channels} latent channels, x{factor})",
+        "VAE": f"{vae_name or type(vae).__name__} ({type(vae).__name__}, {channels} latent channels, x{factor}"
+        + (", a video VAE: each image encoded as a one-frame video)" if is_video_vae(vae) else ")"),
         "data": f"{images_name or 'images'}: {len(paths)} images, {len(train_paths)} train / {len(val_paths)} val",
         "resolution": f"{resolution} px crops, x2 nearest downsample as input",
         "steps": result["step"],
