@@ -107,9 +107,9 @@ def downsample_nearest(images: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A VAE in eval mode: a diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, ...) from a folder or hub id, or
-    a tiny autoencoder in the original `.pth` layout (a folder with one `*encoder.pth` and one `*decoder.pth`,
-    such as taef2's)."""
+    """A VAE in eval mode: a diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, `AutoencoderKLWan`, ...: the class
+    its `config.json` names) from a folder or hub id, or a tiny autoencoder in the original `.pth` layout (a folder
+    with one `*encoder.pth` and one `*decoder.pth`, such as taef2's)."""
     from diffusers import AutoModel
 
     from .tiny_autoencoder import TinyAutoencoder, is_tiny_autoencoder_folder

@@ -15,7 +15,8 @@ class LatentNormalization:
     `latents = (vae_latents - mean) * scale / std`, per channel where `mean`/`std` are sequences.
 
     FLUX.1 and SD3 use a shift (`mean`) and a scale, SD and SDXL a scale only, Playground v2.5 per-channel
-    `latents_mean`/`latents_std` with a scale.
+    `latents_mean`/`latents_std` with a scale, Wan and Qwen-Image per-channel `latents_mean`/`latents_std` alone
+    (their VAE configs have no `scaling_factor`; the pipelines compute `(latents - mean) * (1 / std)`).
 
     Example:
 
@@ -47,6 +48,11 @@ class LatentNormalization:
         def channelwise(value):
             if isinstance(value, (int, float)):
                 return value
+            if len(value) != like.shape[1]:
+                raise ValueError(
+                    f"The VAE config's latents_mean/latents_std hold {len(value)} values but its latents have "
+                    f"{like.shape[1]} channels {tuple(like.shape)}: the config does not belong to these weights."
+                )
             return torch.tensor(value, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
 
         return channelwise(self.mean), channelwise(self.std)

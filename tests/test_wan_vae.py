@@ -189,3 +189,14 @@ def test_an_upsampler_for_other_channels_is_refused(pipeline_dir, image_dir, tmp
     assert main([str(a) for a in args]) == 2
     assert "16 → 16 latent channels but the VAE has 4" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_statistics_for_other_channels_are_refused(image_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    # z_dim 4 with the default latents_mean/latents_std: Wan 2.1's 16 values, so the config contradicts the weights.
+    AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "up"
+    args = ["train-upsampler", "--vae", tmp_path / "vae", "--images", image_dir, "--out", out, "--resolution", 32]
+    assert main([str(a) for a in [*args, "--steps", 1, "--device", "cpu"]]) == 2
+    assert "latents_mean/latents_std hold 16 values but its latents have 4 channels" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
