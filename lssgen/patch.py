@@ -290,12 +290,12 @@ def _plan(
         steps,
         scheduler=pipe.scheduler,
         facts=adapter,
-        vae_scale_factor=pipe.vae_scale_factor,
+        vae_scale_factor=adapter.vae_scale_factor(pipe),
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
         shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
-        base_height=options.base_height or adapter.base_size,
-        base_width=options.base_width or adapter.base_size,
+        base_height=options.base_height or adapter.base_height,
+        base_width=options.base_width or adapter.base_width,
     )
 
 
@@ -335,7 +335,7 @@ def _prepare_run(
     device = pipe._execution_device
     first = plan.stages[0]
     noise = randn_tensor(
-        (batch, adapter.latent_channels(pipe), first.latent_height, first.latent_width),
+        adapter.latent_shape(pipe, batch, first.latent_height, first.latent_width, {**stock_defaults, **call}),
         generator=generator,
         device=device,
         dtype=adapter.latent_dtype(pipe),
