@@ -321,16 +321,17 @@ def _prepare_run(
         )
         return None
 
-    num_images = call.get("num_images_per_prompt")
+    per_prompt = adapter.per_prompt_argument
+    num_images = call.get(per_prompt)
     num_images = 1 if num_images is None else num_images
     if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
-        raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images!r}.")
+        raise ValueError(f"`{per_prompt}` must be a positive integer, got {num_images!r}.")
     batch = adapter.batch_size(call) * num_images
     generator = call.get("generator")
     if isinstance(generator, list) and len(generator) != batch:
         raise ValueError(
             f"{len(generator)} generators were passed for an effective batch of {batch} images "
-            "(prompts x num_images_per_prompt); pass one generator or one per image."
+            f"(prompts x {per_prompt}); pass one generator or one per image."
         )
     device = pipe._execution_device
     first = plan.stages[0]

@@ -123,6 +123,8 @@ class Adapter:
     # statistics), interpolating the normalised grid would mix differently scaled cells, and upsampler weights
     # trained there would depend on one checkpoint's statistics.
     scale_in_vae_space: bool = False
+    # The call argument that multiplies the prompts into the effective batch (`num_videos_per_prompt` for video).
+    per_prompt_argument: str = "num_images_per_prompt"
     # The family's published denoisers, for `lssgen.flops` (see `Architecture`); their `model_class` names are also
     # the denoiser classes whose `denoiser_dummy_inputs` this adapter knows.
     architectures: tuple[Architecture, ...] = ()

@@ -122,6 +122,7 @@ class WanAdapter(Adapter):
     pipeline_classes = ("WanPipeline",)
     denoiser = "transformer"
     flow = True
+    per_prompt_argument = "num_videos_per_prompt"
     latent_multiple = 2  # the transformer's (1, 2, 2) patches: height and width in pairs of latent cells
     shorten_intermediate_steps = True  # as for the other flow-matching families
     # Wan2.1-T2V-14B's model card and diffusers' WanPipeline (`num_inference_steps=50`, its example's
