@@ -12,7 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
-from .caches import StageCacheSchedule
+from .caches import StageCacheSchedule, StageCacheSchedules
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .plan import Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
@@ -351,11 +351,16 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
-        caches=StageCacheSchedule(
-            getattr(pipe, adapter.denoiser),
-            lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
-            final.num_steps,
-            scheduler.position,
+        caches=StageCacheSchedules(
+            [
+                StageCacheSchedule(
+                    denoiser,
+                    lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
+                    final.num_steps,
+                    scheduler.position,
+                )
+                for denoiser in adapter.denoisers(pipe)
+            ]
         ),
     )
     call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))

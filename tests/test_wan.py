@@ -272,3 +272,17 @@ def test_wan_flop_counts():
         for size in ((480, 832), (720, 1280)):
             assert bound_speedup("Wan2.1-T2V-14B", size, start_sigma=sigma, min_resolution=240) > 1
         assert bound_speedup("Wan2.2-T2V-A14B", (480, 832), start_sigma=sigma, min_resolution=240) > 1
+
+
+def test_wan22_caches_on_both_experts_restart_at_every_stage():
+    """A cache on each expert keeps tensors of the stage it last ran in: both are cleared at every stage start (with
+    a boundary of 0.5 both experts run in every stage, so a stale state would meet a latent of another size)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    pipe = build_tiny_wan_pipeline(boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        apply_first_block_cache(expert, FirstBlockCacheConfig(threshold=0.5))
+    lssgen.patch(pipe, min_resolution=64, base_height=256, base_width=256)
+    latents = pipe(**wan_call_kwargs(pipe, num_inference_steps=12)).frames
+    assert latents.shape == (1, 16, LATENT_FRAMES, 32, 32) and torch.isfinite(latents).all()

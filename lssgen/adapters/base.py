@@ -154,6 +154,11 @@ class Adapter:
         one-patch stage in every scaling space; a subclass may set a larger number)."""
         return self.latent_multiple
 
+    def denoisers(self, pipe: Any) -> list[Any]:
+        """Every model the pipeline may denoise a step with (the `denoiser`; Wan 2.2 has a second expert): stateful
+        hooks on each are cleared at every stage start."""
+        return [getattr(pipe, self.denoiser)]
+
     def latent_channels(self, pipe: Any) -> int:
         return getattr(pipe, self.denoiser).config.in_channels
 

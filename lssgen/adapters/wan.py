@@ -167,6 +167,9 @@ class WanAdapter(Adapter):
         # config of `transformer`, else `transformer_2`.
         return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
 
+    def denoisers(self, pipe: Any) -> list[Any]:
+        return [model for model in (pipe.transformer, pipe.transformer_2) if model is not None]
+
     def latent_channels(self, pipe: Any) -> int:
         return self._transformer(pipe).config.in_channels
 
