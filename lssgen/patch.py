@@ -33,7 +33,8 @@ class Options:
     Args:
         start_sigma (`float`, defaults to `0.75`): noise level each later stage restarts from; 0.667 is faster.
             `1.0` turns the method off (the stock pipeline runs unchanged).
-        min_resolution (`int`, defaults to `512`): short side, in pixels, of the smallest stage at least.
+        min_resolution (`int`, defaults to the family's, `512` for image models): short side, in pixels, of the
+            smallest stage at least.
         shorten_intermediate_steps (`bool`, defaults to the family's published default): fewer steps for the
             smaller stages.
         base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
@@ -139,7 +140,8 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
         unpatch(pipe)
     chosen = find_adapter(pipe, adapter)
     _check_upsampler(upsampler, chosen, pipe)
-    options = replace(Options(), **defaults)
+    # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the caller's defaults.
+    options = replace(Options(min_resolution=chosen.min_resolution), **defaults)
     _check_options(options, upsampler)
 
     original_class = type(pipe)

@@ -163,8 +163,12 @@ class TestWan(AdapterContract):
         assert adapter.vae_scale_factor(pipe) == pipe.vae_scale_factor_spatial == 8
         assert adapter.default_size(pipe) == (480, 832)
         lssgen.patch(pipe)
-        plan = lssgen.plan_for(pipe, num_inference_steps=50, min_resolution=240)
+        # A default call: 480P, the pipeline's 50 steps, Wan's min_resolution of 240 px.
+        assert pipe._lssgen.defaults.min_resolution == 240
+        plan = lssgen.plan_for(pipe)
         assert [(s.height, s.width, s.num_steps) for s in plan.stages] == [(240, 416, 25), (480, 832, 50)]
+        plan = lssgen.plan_for(pipe, 720, 1280)  # 720 does not halve into multiples of 32 px: 704
+        assert [(s.height, s.width, s.num_steps) for s in plan.stages] == [(352, 640, 50), (704, 1280, 50)]
 
     def test_torch_compile_compiles_once_per_stage_size(self):
         from torch._dynamo.utils import counters

@@ -115,6 +115,9 @@ class Adapter:
     latent_multiple: int = 1  # latent sides must be multiples of this
     shorten_intermediate_steps: bool = True  # the published default for this family
     base_size: int = 1024  # native resolution, the reference for shortening
+    # The default `min_resolution` of a patched pipe: the published 512 px (a 1024-px model's half); a family whose
+    # native size is smaller sets its own.
+    min_resolution: int = 512
     default_steps: int = 50  # published settings of the method for this family
     default_guidance: float = 3.5
     # Whether the learned upsampler and latent interpolation work on the VAE's own latent (`latents_to_vae` of the

@@ -113,7 +113,7 @@ class WanAdapter(Adapter):
     >>> from diffusers import WanPipeline
 
     >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers", torch_dtype=torch.bfloat16)
-    >>> lssgen.patch(pipe, min_resolution=240)  # 832x480: one stage at 416x240
+    >>> lssgen.patch(pipe)  # min_resolution defaults to 240 for Wan: 832x480 runs one stage at 416x240 first
     >>> video = pipe("a lighthouse at dusk", height=480, width=832, num_frames=81, guidance_scale=5.0).frames[0]
     ```
     """
@@ -135,6 +135,9 @@ class WanAdapter(Adapter):
     base_height = _CALL_DEFAULTS["height"]
     base_width = _CALL_DEFAULTS["width"]
     base_size = base_height
+    # Half of 480P's short side: one low-resolution stage at 416x240 for 832x480 (and 640x352 for 1280x704); the
+    # image models' 512 would be larger than the short side of both published sizes.
+    min_resolution = 240
     # 81 frames (the pipeline's default and the model cards'), 21 latent frames: the clip FLOP counts are made for.
     flop_latent_frames = latent_frame_count(_CALL_DEFAULTS["num_frames"], 4)
     # 512 text tokens: the pipeline pads every prompt to `max_sequence_length` = 512. CFG: two calls per step.
