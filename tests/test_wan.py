@@ -5,6 +5,7 @@ normalisation and pixel round trip, the FLOP count at the published sizes)."""
 import pytest
 import torch
 from adapter_contract import AdapterContract
+from diffusers import WanPipeline
 
 import lssgen
 from lssgen.adapters.wan import WAN_14B_CONFIG, WanAdapter, latent_frame_count
@@ -290,3 +291,40 @@ def test_wan22_caches_on_both_experts_restart_at_every_stage():
     lssgen.patch(pipe, min_resolution=64, base_height=256, base_width=256)
     latents = pipe(**wan_call_kwargs(pipe, num_inference_steps=12)).frames
     assert latents.shape == (1, 16, LATENT_FRAMES, 32, 32) and torch.isfinite(latents).all()
+
+
+def test_per_token_timesteps_follow_the_stage_size():
+    """`expand_timesteps` (Wan2.2 TI2V-5B): the pipeline sizes its per-token timesteps once, at the first stage's
+    latent; every later stage's call must still get one timestep per token, each the step's own."""
+    tiny = build_tiny_wan_pipeline()
+    pipe, stock = (WanPipeline(**tiny.components, expand_timesteps=True) for _ in range(2))
+    for p in (pipe, stock):
+        p.set_progress_bar_config(disable=True)
+    expected = stock(**wan_call_kwargs(stock)).frames
+    options = {"min_resolution": 64, "base_height": 256, "base_width": 256}
+    lssgen.patch(pipe, **options)
+    assert torch.equal(pipe(**wan_call_kwargs(pipe), start_sigma=1.0).frames, expected)
+    # What the transformer was called with, and the timesteps its condition embedder got (inside its forward,
+    # after lssgen's hook): flattened, one per token.
+    shapes, embedded = [], []
+    handles = [
+        pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: shapes.append(kwargs["hidden_states"].shape), with_kwargs=True
+        ),
+        pipe.transformer.condition_embedder.register_forward_pre_hook(
+            lambda module, args, kwargs: embedded.append((args[0], kwargs["timestep_seq_len"])), with_kwargs=True
+        ),
+    ]
+    latents = pipe(**wan_call_kwargs(pipe)).frames
+    for handle in handles:
+        handle.remove()
+    assert latents.shape == expected.shape and torch.isfinite(latents).all()
+    plan = lssgen.plan_for(pipe, 256, 256, 8, **options)
+    timesteps = [t for s in plan.stages for t in s.timesteps for _ in range(2)]
+    assert len(shapes) == len(embedded) == len(timesteps)
+    for shape, (timestep, seq_len), want in zip(shapes, embedded, timesteps):
+        tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+        assert seq_len == tokens and timestep.shape == (tokens,) and torch.all(timestep == want)
+    lssgen.unpatch(pipe)
+    assert not pipe.transformer._diffusers_hook.hooks
+    assert torch.equal(pipe(**wan_call_kwargs(pipe)).frames, expected)

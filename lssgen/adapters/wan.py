@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import UniPCMultistepScheduler
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
 from ..hookspecs import hookimpl
@@ -79,6 +80,29 @@ def latent_frame_count(num_frames: Any, temporal_factor: int) -> int:
     return (max(num_frames, 1) - 1) // temporal_factor + 1
 
 
+PER_TOKEN_TIMESTEPS_HOOK = "lssgen_wan_per_token_timesteps"
+
+
+class PerTokenTimestepsHook(ModelHook):
+    """With `expand_timesteps` (Wan2.2 TI2V-5B), WanPipeline gives the transformer one timestep per video token,
+    `(mask[0][0][:, ::2, ::2] * t).flatten()`, from a mask of ones it builds once, before the loop, in the shape of
+    the first latents: the first stage's, smaller than the later stages'. Every entry of that mask is 1 (text to
+    video conditions no frame), so each token's timestep is `t`: where the count does not match the latent's
+    tokens, this gives `t` to each of them, which is what the stock pipeline passes at that size. Stateless, and a
+    no-op whenever the counts match (always outside lssgen)."""
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden_states, timestep = kwargs.get("hidden_states"), kwargs.get("timestep")
+        if hidden_states is None or timestep is None or timestep.ndim != 2:
+            return args, kwargs
+        p_t, p_h, p_w = module.config.patch_size
+        frames, height, width = hidden_states.shape[2:]
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        if timestep.shape[1] != tokens:
+            kwargs["timestep"] = timestep[:, :1].expand(timestep.shape[0], tokens)
+        return args, kwargs
+
+
 class WanAdapter(Adapter):
     r"""
     Adapter for [`~diffusers.WanPipeline`] (Wan 2.1 and Wan 2.2 text-to-video, and their LoRAs).
@@ -98,7 +122,9 @@ class WanAdapter(Adapter):
       `vae_scale_factor`), and the pipeline decodes `latents / (1 / latents_std) + latents_mean`;
     - the learned and interpolating upsamplers scale each frame (frames folded into the batch); the pixel round
       trip decodes the clip, resizes every frame and encodes the clip again;
-    - classifier-free guidance (`guidance_scale` > 1) is two transformer calls per step.
+    - classifier-free guidance (`guidance_scale` > 1) is two transformer calls per step;
+    - with `expand_timesteps` (Wan2.2 TI2V-5B) the pipeline sizes its per-token timesteps once, at the first
+      stage's size: a hook (`PerTokenTimestepsHook`) gives every token of a later stage the step's timestep.
 
     Published settings: Wan2.1-T2V-14B 50 steps, guidance 5.0 (diffusers' example; `flow_shift` 5.0 at 720P, 3.0 at
     480P); Wan2.2-T2V-A14B 40 steps, guidance 4.0 / `guidance_scale_2` 3.0, `boundary_ratio` 0.875. A stage needs
@@ -201,10 +227,21 @@ class WanAdapter(Adapter):
 
     # Hooks ------------------------------------------------------------------------------------------------------
     def install_hooks(self, pipe, current_stage):
-        # Nothing to hook: rotary positions come from the latent's shape, and `prepare_latents` returns given
-        # latents as they are.
+        # Rotary positions come from the latent's shape, and `prepare_latents` returns given latents as they are:
+        # only per-token timesteps (`expand_timesteps`) need a hook, on each expert.
         self.check_patch_size(pipe)
         super().install_hooks(pipe, current_stage)
+        if pipe.config.get("expand_timesteps", False):
+            for model in self.denoisers(pipe):
+                registry = HookRegistry.check_if_exists_or_initialize(model)
+                registry.register_hook(PerTokenTimestepsHook(), PER_TOKEN_TIMESTEPS_HOOK)
+
+    def remove_hooks(self, pipe):
+        super().remove_hooks(pipe)
+        for model in self.denoisers(pipe):
+            registry = getattr(model, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(PER_TOKEN_TIMESTEPS_HOOK) is not None:
+                registry.remove_hook(PER_TOKEN_TIMESTEPS_HOOK, recurse=False)
 
     # VAE normalisation ------------------------------------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
