@@ -65,8 +65,8 @@ def wan21_scheduler() -> UniPCMultistepScheduler:
 
 
 def wan22_scheduler() -> UniPCMultistepScheduler:
-    """Wan2.2-T2V-A14B's sampling scheduler: shift 12.0, the `sample_shift` of Wan2.2's `t2v_A14B` config
-    (unverified here, see WAN_NOTES.md)."""
+    """Wan2.2-T2V-A14B's sampling scheduler: shift 12.0, the `sample_shift` of Wan2.2's own `t2v_A14B` config (from
+    memory, not checked against the released files here: see WAN_NOTES.md)."""
     return UniPCMultistepScheduler(**{**WAN_SCHEDULER_CONFIG, "flow_shift": 12.0})
 
 
@@ -151,8 +151,11 @@ class WanAdapter(Adapter):
     per_prompt_argument = "num_videos_per_prompt"
     latent_multiple = 2  # the transformer's (1, 2, 2) patches: height and width in pairs of latent cells
     shorten_intermediate_steps = True  # as for the other flow-matching families
-    # Wan2.1-T2V-14B's model card and diffusers' WanPipeline (`num_inference_steps=50`, its example's
-    # `guidance_scale=5.0`).
+    # Wan2.1-T2V-14B: diffusers' WanPipeline (`num_inference_steps=50`, its docstring example's
+    # `guidance_scale=5.0`) and its modular Wan blocks (modular_pipelines/wan/denoise.py: a CFG guider of 5.0).
+    # Wan2.2-T2V-A14B's 40 steps are in its `Architecture`; its guidance 4.0 / `guidance_scale_2` 3.0 and boundary
+    # 0.875 are the defaults of diffusers' modular Wan 2.2 blocks (same file: `guider` 4.0, `guider_2` 3.0,
+    # `boundary_ratio` 0.875).
     default_steps = 50
     default_guidance = 5.0
     # The native size the step count is published for, the reference for shortening: the pipeline's default
@@ -187,7 +190,7 @@ class WanAdapter(Adapter):
             cfg_factor=2,
             scheduler=wan22_scheduler,
             sizes=((480, 832), (720, 1280)),
-            default_steps=40,  # Wan2.2's `t2v_A14B` config and model card
+            default_steps=40,  # Wan2.2's `t2v_A14B` config and model card (from memory: see WAN_NOTES.md)
         ),
     )
 
