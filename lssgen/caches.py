@@ -223,6 +223,22 @@ class StageCacheSchedule:
         reset_stateful_hooks(self.denoiser)
 
 
+class StageCacheSchedules:
+    """`StageCacheSchedule` of each of a pipeline's denoisers (Wan 2.2 calls one of two experts per step: a cache on
+    either holds tensors of the stage it last ran in)."""
+
+    def __init__(self, schedules: list[StageCacheSchedule]):
+        self.schedules = schedules
+
+    def start(self, stage: Stage) -> None:
+        for schedule in self.schedules:
+            schedule.start(stage)
+
+    def restore(self) -> None:
+        for schedule in self.schedules:
+            schedule.restore()
+
+
 class StageRawVision:
     r"""
     SeaCache's `raw_vision_callback` for a pipe that lssgen patches: the latent being denoised, one `(C, 1, h, w)`

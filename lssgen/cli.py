@@ -544,7 +544,7 @@ def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, d
         pipe = load_pipeline(args.model, device, dtype)
         adapter = lssgen.find_adapter(pipe)
         call = {"prompt": args.prompt, "guidance_scale": adapter.default_guidance}
-        sizes = {"size": adapter.base_size, "steps": adapter.default_steps, "min_resolution": 512}
+        sizes = {"size": adapter.base_size, "steps": adapter.default_steps, "min_resolution": adapter.min_resolution}
         what = f"{type(pipe).__name__} from {args.model}"
     else:
         pipe = build_tiny_flux_pipeline(

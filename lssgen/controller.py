@@ -10,7 +10,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters.base import Adapter
-from .caches import StageCacheSchedule
+from .caches import StageCacheSchedules
 from .plan import Stage, StagePlan
 from .scaling import scale_up
 from .schedule import StagedScheduler
@@ -27,7 +27,7 @@ class Run:
     scaling_space: str
     upsampler: Any
     generator: torch.Generator | list[torch.Generator] | None
-    caches: StageCacheSchedule
+    caches: StageCacheSchedules
     progress_bar: Any = field(default=None, repr=False)
 
     @property

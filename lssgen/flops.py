@@ -146,55 +146,77 @@ def plan_flops(arch: str | Architecture, plan: StagePlan, flops: Callable[[int, 
     return sum(stage.num_denoiser_steps * flops(stage.latent_height, stage.latent_width) for stage in plan.stages)
 
 
-def make_plan(name: str, resolution: int, **settings) -> StagePlan:
-    """The LSSGen plan of architecture `name` at `resolution`² with its published steps and native base size;
-    `start_sigma=1.0` gives the plain full-resolution plan."""
+Size = int | tuple[int, int]  # a square side, or (height, width)
+
+
+def _height_width(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _size_label(size: Size) -> str:
+    height, width = _height_width(size)
+    return f"{height}²" if height == width else f"{width}x{height}"
+
+
+def make_plan(name: str, resolution: Size, **settings) -> StagePlan:
+    """The LSSGen plan of architecture `name` at `resolution` (a square side, or `(height, width)`) with its
+    published steps and its adapter's native base size; `start_sigma=1.0` gives the plain full-resolution plan."""
     arch = published_architectures()[name]
     adapter = arch.adapter
+    height, width = _height_width(resolution)
     return plan_stages(
-        resolution,
-        resolution,
+        height,
+        width,
         arch.steps,
         scheduler=arch.scheduler(),
         facts=adapter,
         vae_scale_factor=VAE_SCALE_FACTOR,
-        base_height=adapter.base_size,
-        base_width=adapter.base_size,
+        base_height=adapter.base_height,
+        base_width=adapter.base_width,
         **settings,
     )
 
 
-def bound_speedup(name: str, resolution: int, **settings) -> float:
-    """FLOPs of plain generation over FLOPs of the LSSGen plan with `settings`, at `resolution`²."""
-    full = plan_flops(name, make_plan(name, resolution, start_sigma=1.0))
-    return full / plan_flops(name, make_plan(name, resolution, **settings))
+def bound_speedup(name: str, resolution: Size, **settings) -> float:
+    """FLOPs of plain generation over FLOPs of the LSSGen plan with `settings`, at `resolution` (a square side, or
+    `(height, width)`). Where the plan rounds the size down so that it halves cleanly, plain generation is counted
+    at the rounded size too: the same output size on both sides."""
+    plan = make_plan(name, resolution, **settings)
+    full = plan_flops(name, make_plan(name, (plan.height, plan.width), start_sigma=1.0))
+    return full / plan_flops(name, plan)
 
 
 DEFAULT_SETTINGS = tuple(
     {"start_sigma": sigma, "shorten_intermediate_steps": shorten, "min_resolution": min_resolution}
     for sigma, shorten, min_resolution in itertools.product((0.75, 0.667), (True, False), (512, 256))
 )
+# Video models at their published sizes (480P, 720P): one low-resolution stage needs a short side of at least
+# 2 x 240 px.
+VIDEO_SETTINGS = tuple(
+    {"start_sigma": sigma, "shorten_intermediate_steps": shorten, "min_resolution": 240}
+    for sigma, shorten in itertools.product((0.75, 0.667), (True, False))
+)
 
 
 def flop_bound_table(
-    resolutions: Iterable[int] = (1024, 2048),
+    resolutions: Iterable[Size] = (1024, 2048),
     settings: Iterable[dict] = DEFAULT_SETTINGS,
     architectures: Iterable[str] | None = None,
 ) -> str:
     """A markdown table of the bound speedup of each architecture (by default all published ones) and setting at
-    each square resolution.
+    each resolution (a square side, or `(height, width)`).
 
     A cell is "-" where the setting gives no low-resolution stage (min_resolution above half the short side).
     """
     resolutions, settings = tuple(resolutions), tuple(settings)
     known = published_architectures()
-    header = ["model", "steps", "start_sigma", "shorten", "min_res"] + [f"{r}²" for r in resolutions]
+    header = ["model", "steps", "start_sigma", "shorten", "min_res"] + [_size_label(r) for r in resolutions]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in known if architectures is None else architectures:
         for setting in settings:
             cells = []
             for resolution in resolutions:
-                if setting["min_resolution"] * 2 > resolution:
+                if setting["min_resolution"] * 2 > min(_height_width(resolution)):
                     cells.append("-")
                 else:
                     cells.append(f"{bound_speedup(name, resolution, **setting):.2f}x")
@@ -204,23 +226,37 @@ def flop_bound_table(
     return "\n".join(lines)
 
 
-def per_call_table(resolutions: Iterable[int] = (512, 1024, 2048)) -> str:
-    """A markdown table of TFLOPs per denoising step (per image, guidance included) at each square size."""
+def per_call_table(resolutions: Iterable[Size] = (512, 1024, 2048), architectures: Iterable[str] | None = None) -> str:
+    """A markdown table of TFLOPs per denoising step (per image or video, guidance included) at each size."""
     resolutions = tuple(resolutions)
-    header = ["model", "text tokens", "CFG x"] + [f"TFLOPs/step {r}²" for r in resolutions]
+    known = published_architectures()
+    header = ["model", "text tokens", "CFG x"] + [f"TFLOPs/step {_size_label(r)}" for r in resolutions]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, arch in published_architectures().items():
-        side = [r // VAE_SCALE_FACTOR for r in resolutions]
-        cells = [f"{call_flops(name, s, s) / 1e12:.2f}" for s in side]
+    for name in known if architectures is None else architectures:
+        arch = known[name]
+        sides = [(h // VAE_SCALE_FACTOR, w // VAE_SCALE_FACTOR) for h, w in map(_height_width, resolutions)]
+        cells = [f"{call_flops(name, h, w) / 1e12:.2f}" for h, w in sides]
         lines.append("| " + " | ".join([name, str(arch.text_tokens), str(arch.cfg_factor)] + cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     start = time.perf_counter()
-    print(per_call_table())
+    known = published_architectures()
+    images = [name for name, arch in known.items() if not arch.sizes]
+    print(per_call_table(architectures=images))
     print()
-    print(flop_bound_table())
+    print(flop_bound_table(architectures=images))
+    # Models with published sizes of their own (video at 480P and 720P, 81 frames), one table per set of sizes.
+    by_sizes: dict[tuple, list[str]] = {}
+    for name, arch in known.items():
+        if arch.sizes:
+            by_sizes.setdefault(arch.sizes, []).append(name)
+    for sizes, names in by_sizes.items():
+        print()
+        print(per_call_table(sizes, architectures=names))
+        print()
+        print(flop_bound_table(sizes, VIDEO_SETTINGS, architectures=names))
     print(f"\n(counted in {time.perf_counter() - start:.1f} s)")
 
 

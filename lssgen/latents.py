@@ -45,6 +45,9 @@ class LatentNormalization:
         return cls(getattr(config, "shift_factor", None) or 0.0, 1.0, getattr(config, "scaling_factor", None) or 1.0)
 
     def _stats(self, like: torch.Tensor) -> tuple[Any, Any]:
+        # Channels are axis 1 whatever follows them: `(B, C, h, w)` images, `(B, C, frames, h, w)` videos.
+        shape = (1, -1) + (1,) * (like.ndim - 2)
+
         def channelwise(value):
             if isinstance(value, (int, float)):
                 return value
@@ -53,7 +56,7 @@ class LatentNormalization:
                     f"The VAE config's latents_mean/latents_std hold {len(value)} values but its latents have "
                     f"{like.shape[1]} channels {tuple(like.shape)}: the config does not belong to these weights."
                 )
-            return torch.tensor(value, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+            return torch.tensor(value, device=like.device, dtype=torch.float32).view(shape)
 
         return channelwise(self.mean), channelwise(self.std)
 

@@ -12,7 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
-from .caches import StageCacheSchedule
+from .caches import StageCacheSchedule, StageCacheSchedules
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .plan import Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
@@ -33,7 +33,8 @@ class Options:
     Args:
         start_sigma (`float`, defaults to `0.75`): noise level each later stage restarts from; 0.667 is faster.
             `1.0` turns the method off (the stock pipeline runs unchanged).
-        min_resolution (`int`, defaults to `512`): short side, in pixels, of the smallest stage at least.
+        min_resolution (`int`, defaults to the family's, `512` for image models): short side, in pixels, of the
+            smallest stage at least.
         shorten_intermediate_steps (`bool`, defaults to the family's published default): fewer steps for the
             smaller stages.
         base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
@@ -139,7 +140,8 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
         unpatch(pipe)
     chosen = find_adapter(pipe, adapter)
     _check_upsampler(upsampler, chosen, pipe)
-    options = replace(Options(), **defaults)
+    # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the caller's defaults.
+    options = replace(Options(min_resolution=chosen.min_resolution), **defaults)
     _check_options(options, upsampler)
 
     original_class = type(pipe)
@@ -290,12 +292,12 @@ def _plan(
         steps,
         scheduler=pipe.scheduler,
         facts=adapter,
-        vae_scale_factor=pipe.vae_scale_factor,
+        vae_scale_factor=adapter.vae_scale_factor(pipe),
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
         shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
-        base_height=options.base_height or adapter.base_size,
-        base_width=options.base_width or adapter.base_size,
+        base_height=options.base_height or adapter.base_height,
+        base_width=options.base_width or adapter.base_width,
     )
 
 
@@ -321,21 +323,22 @@ def _prepare_run(
         )
         return None
 
-    num_images = call.get("num_images_per_prompt")
+    per_prompt = adapter.per_prompt_argument
+    num_images = call.get(per_prompt)
     num_images = 1 if num_images is None else num_images
     if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
-        raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images!r}.")
+        raise ValueError(f"`{per_prompt}` must be a positive integer, got {num_images!r}.")
     batch = adapter.batch_size(call) * num_images
     generator = call.get("generator")
     if isinstance(generator, list) and len(generator) != batch:
         raise ValueError(
             f"{len(generator)} generators were passed for an effective batch of {batch} images "
-            "(prompts x num_images_per_prompt); pass one generator or one per image."
+            f"(prompts x {per_prompt}); pass one generator or one per image."
         )
     device = pipe._execution_device
     first = plan.stages[0]
     noise = randn_tensor(
-        (batch, adapter.latent_channels(pipe), first.latent_height, first.latent_width),
+        adapter.latent_shape(pipe, batch, first.latent_height, first.latent_width, {**stock_defaults, **call}),
         generator=generator,
         device=device,
         dtype=adapter.latent_dtype(pipe),
@@ -350,11 +353,16 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
-        caches=StageCacheSchedule(
-            getattr(pipe, adapter.denoiser),
-            lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
-            final.num_steps,
-            scheduler.position,
+        caches=StageCacheSchedules(
+            [
+                StageCacheSchedule(
+                    denoiser,
+                    lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
+                    final.num_steps,
+                    scheduler.position,
+                )
+                for denoiser in adapter.denoisers(pipe)
+            ]
         ),
     )
     call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "lssgen.adapters.chroma",
     "lssgen.adapters.qwenimage",
     "lssgen.adapters.zimage",
+    "lssgen.adapters.wan",
 )
 
 pm = pluggy.PluginManager("lssgen")

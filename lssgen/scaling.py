@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,16 @@ def resolve_scaling_space(space: str | None, upsampler: Any) -> str:
             "`lssgen.LatentUpsampler`, or use `scaling_space='latent'` or 'pixel'."
         )
     return space
+
+
+def frame_by_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn` on `(N, C, h, w)` images, applied to `x` as it is, or to each frame of a `(B, C, frames, h, w)` video
+    (frames folded into the batch): only height and width change, the frame axis comes back untouched."""
+    if x.ndim != 5:
+        return fn(x)
+    batch, channels, frames, height, width = x.shape
+    images = fn(x.transpose(1, 2).reshape(batch * frames, channels, height, width))
+    return images.reshape(batch, frames, *images.shape[1:]).transpose(1, 2)
 
 
 def interpolate_latent(latents: torch.Tensor) -> torch.Tensor:
@@ -59,25 +70,28 @@ def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torc
     vae_param = next(vae.parameters())
     z = adapter.latents_to_vae(pipe, latents).to(vae_param.device, vae_param.dtype)
     image = vae.decode(z, return_dict=False)[0]
-    # A video VAE (Qwen-Image's) decodes `(B, 3, frames, H, W)`, here one frame: it is resized as an image and
-    # encoded back as a one-frame video.
-    frames = image.ndim == 5
-    if frames:
-        image = image[:, :, 0]
-    image = F.interpolate(image.float(), scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
-    image = image.to(vae_param.dtype)
-    z = _encode(vae, image[:, :, None] if frames else image)
+    # A video VAE decodes `(B, 3, frames, H, W)` (Qwen-Image's one frame, Wan's whole clip): each frame is resized
+    # as an image, and the resized clip is encoded back as one video, which its temporal compression needs (a
+    # frame encoded alone is not that frame's part of the clip's latent).
+    image = frame_by_frame(
+        lambda frames: F.interpolate(frames.float(), scale_factor=2, mode="bicubic", align_corners=False), image
+    )
+    z = _encode(vae, image.clamp(-1, 1).to(vae_param.dtype))
     return adapter.vae_to_latents(pipe, z).to(latents.device, latents.dtype)
 
 
 def scale_up(latents: torch.Tensor, space: str, *, pipe: Any, adapter: Adapter, upsampler: Any) -> torch.Tensor:
-    """Scale an unpacked `(B, C, h, w)` latent to `(B, C, 2h, 2w)` in `space`."""
+    """Scale an unpacked `(B, C, h, w)` latent to `(B, C, 2h, 2w)` in `space`; a video latent `(B, C, frames, h,
+    w)` to `(B, C, frames, 2h, 2w)`, frame by frame."""
     if space == "pixel":
         return pixel_round_trip(latents, pipe, adapter)
     # The learned and the interpolating upsampler work in the adapter's scaling space (see
     # `Adapter.scale_in_vae_space`): the pipeline's latent, or the VAE's own one, converted there and back.
     x = adapter.latents_to_vae(pipe, latents) if adapter.scale_in_vae_space else latents
-    up = upsample_learned(x, upsampler) if space == "learned" else interpolate_latent(x)
+    if space == "learned":
+        up = frame_by_frame(lambda frames: upsample_learned(frames, upsampler), x)
+    else:
+        up = frame_by_frame(interpolate_latent, x)
     if adapter.scale_in_vae_space:
         up = adapter.vae_to_latents(pipe, up).to(latents.device, latents.dtype)
     return up

@@ -122,6 +122,14 @@ class AdapterContract:
     def images(self, pipe, **kwargs):
         return pipe(**kwargs).images
 
+    def output_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of `images(...)` for `batch` outputs of `height` x `width` (a video family adds frames)."""
+        return (batch, 3, height, width)
+
+    def upsampler_batch(self, batch: int) -> int:
+        """The batch the upsampler sees for `batch` outputs (a video family folds its frames into it)."""
+        return batch
+
     def conditioning_hooks(self, pipe, records: list[dict[str, Any]]) -> list:
         """Hooks on submodules that add to `records[-1]` what the denoiser consumed inside its forward, where
         lssgen's hooks have already rewritten it (a forward pre-hook on the denoiser sees the inputs before)."""
@@ -195,7 +203,7 @@ class AdapterContract:
             kwargs = self.call_kwargs(pipe, height=height, width=width, num_inference_steps=steps)
             images = self.images(pipe, **kwargs, **options)
             handle.remove()
-            assert images.shape[-2:] == (height, width)
+            assert images.shape == self.output_shape(1, height, width)
             expected = [
                 self.expected(pipe, stage, t)
                 for stage in plan.stages
@@ -217,7 +225,7 @@ class AdapterContract:
         kwargs = {"prompts": ["a fox", "a boat"], "num_images_per_prompt": 2}
         first = self.images(pipe, **self.call_kwargs(pipe, **kwargs))
         again = self.images(pipe, **self.call_kwargs(pipe, **kwargs))
-        assert first.shape == (4, 3, self.height, self.width)
+        assert first.shape == self.output_shape(4, self.height, self.width)
         assert torch.equal(first, again)  # same seed, same images
         for i in range(4):
             for j in range(i + 1, 4):
@@ -256,11 +264,12 @@ class AdapterContract:
         finally:
             handle.remove()
             del pipe.vae.encode
-        assert images.shape == (2, 3, self.height, self.width) and torch.isfinite(images).all()
+        assert images.shape == self.output_shape(2, self.height, self.width) and torch.isfinite(images).all()
         plan = self.plan(pipe, **self.three_stages)
         channels = lssgen.find_adapter(pipe).latent_channels(pipe)
         if space in ("learned", "resnet"):  # once per stage switch
-            assert upsampler_inputs == [(2, channels, s.latent_height, s.latent_width) for s in plan.stages[:-1]]
+            batch = self.upsampler_batch(2)
+            assert upsampler_inputs == [(batch, channels, s.latent_height, s.latent_width) for s in plan.stages[:-1]]
         else:
             assert upsampler_inputs == []
         assert len(encodes) == (len(plan.stages) - 1 if space == "pixel" else 0)
@@ -316,7 +325,7 @@ class AdapterContract:
 
         images = self.images(pipe, **self.call_kwargs(pipe), callback_on_step_end=stop_early)
         assert calls == [0]
-        assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
+        assert images.shape == self.output_shape(1, self.height, self.width) and torch.isfinite(images).all()
 
     def test_one_progress_bar_over_all_stages(self, pipe, capfd):
         lssgen.patch(pipe, **self.three_stages)
@@ -334,7 +343,7 @@ class AdapterContract:
     def assert_still_works(self, pipe, stock_scheduler):
         assert pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
         images = self.images(pipe, **self.call_kwargs(pipe), **self.three_stages)
-        assert images.shape == (1, 3, self.height, self.width)
+        assert images.shape == self.output_shape(1, self.height, self.width)
 
     @pytest.mark.parametrize(
         ("options", "error", "match"),
@@ -427,7 +436,7 @@ class AdapterContract:
         height, width = drawn.call.get("height", self.height), drawn.call.get("width", self.width)
         steps = drawn.call.get("num_inference_steps", self.steps)
         plan = lssgen.plan_for(pipe, height, width, steps, **drawn.options)
-        assert tuple(images.shape) == (drawn.images_in_batch(), 3, plan.height, plan.width), drawn
+        assert tuple(images.shape) == self.output_shape(drawn.images_in_batch(), plan.height, plan.width), drawn
 
     def test_error_inside_the_loop_restores_the_scheduler(self, pipe):
         stock_scheduler = pipe.scheduler
@@ -443,11 +452,11 @@ class AdapterContract:
     def test_sizes_that_do_not_halve_are_rounded_down_with_a_warning(self, pipe, caplog):
         lssgen.patch(pipe)
         adapter = lssgen.find_adapter(pipe)
-        unit = pipe.vae_scale_factor * adapter.latent_multiple * 2  # K = 1 (short side 200 // 64 = 3)
+        unit = adapter.vae_scale_factor(pipe) * adapter.latent_multiple * 2  # K = 1 (short side 200 // 64 = 3)
         height, width = 250 // unit * unit, 200 // unit * unit
         with caplog.at_level(logging.WARNING, logger="lssgen"):
             images = self.images(pipe, **self.call_kwargs(pipe, height=250, width=200), min_resolution=64)
-        assert images.shape[-2:] == (height, width)
+        assert images.shape == self.output_shape(1, height, width)
         assert f"generating {width}x{height} instead" in caplog.text
 
     def test_upsampler_with_wrong_channels_is_rejected_at_patch(self, pipe):
@@ -531,7 +540,7 @@ class AdapterContract:
         lssgen.patch(pipe, **self.three_stages)
         for start_sigma in (0.75, 0.667):
             images = self.images(pipe, **self.call_kwargs(pipe), start_sigma=start_sigma)
-            assert images.shape == (1, 3, self.height, self.width) and torch.isfinite(images).all()
+            assert images.shape == self.output_shape(1, self.height, self.width) and torch.isfinite(images).all()
 
     def denoiser_timestep(self, args, kwargs) -> float:
         """The timestep (0-1000) a denoiser call was given; most flow pipelines pass sigma as `timestep`."""
@@ -563,9 +572,11 @@ class AdapterContract:
             assert stage.timesteps == pytest.approx(full[stage.begin_index :], abs=1e-3)
         handle.remove()
         records, handle = self.trace(pipe)
-        images = pipe(**self.call_kwargs(pipe, height=512, width=512, num_inference_steps=20), min_resolution=128)
+        images = self.images(
+            pipe, **self.call_kwargs(pipe, height=512, width=512, num_inference_steps=20), min_resolution=128
+        )
         handle.remove()
-        assert images.images.shape == (1, 3, 512, 512) and torch.isfinite(images.images).all()
+        assert images.shape == self.output_shape(1, 512, 512) and torch.isfinite(images).all()
         want = [t for s in plan.stages for t in s.timesteps for _ in range(self.calls_per_step)]
         assert [r["timestep"] for r in records] == pytest.approx(want, abs=1e-3)
 

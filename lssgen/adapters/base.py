@@ -73,6 +73,10 @@ class Architecture:
             models.
         scheduler (`Callable[[], Any]`): builds a fresh scheduler with the published config.
         adapter (`Adapter`, *optional*): the adapter that lists it; `lssgen.flops` fills it in.
+        sizes (`tuple[tuple[int, int], ...]`, *optional*): the published `(height, width)` sizes the FLOP tables show
+            for this model; empty for the square image sizes every image model is shown at.
+        default_steps (`int`, *optional*): the model's published step count, where it differs from its adapter's
+            `default_steps` (one family, several releases).
     """
 
     name: str
@@ -82,11 +86,13 @@ class Architecture:
     cfg_factor: int
     scheduler: Callable[[], Any]
     adapter: Adapter | None = None
+    sizes: tuple[tuple[int, int], ...] = ()
+    default_steps: int | None = None
 
     @property
     def steps(self) -> int:
-        """The family's published step count (its adapter's default)."""
-        return self.adapter.default_steps
+        """The model's published step count (its adapter's default unless it has its own)."""
+        return self.default_steps if self.default_steps is not None else self.adapter.default_steps
 
 
 def dummy_tensors(model: torch.nn.Module, batch: int) -> tuple[Callable[..., torch.Tensor], torch.Tensor]:
@@ -109,6 +115,9 @@ class Adapter:
     latent_multiple: int = 1  # latent sides must be multiples of this
     shorten_intermediate_steps: bool = True  # the published default for this family
     base_size: int = 1024  # native resolution, the reference for shortening
+    # The default `min_resolution` of a patched pipe: the published 512 px (a 1024-px model's half); a family whose
+    # native size is smaller sets its own.
+    min_resolution: int = 512
     default_steps: int = 50  # published settings of the method for this family
     default_guidance: float = 3.5
     # Whether the learned upsampler and latent interpolation work on the VAE's own latent (`latents_to_vae` of the
@@ -117,9 +126,21 @@ class Adapter:
     # statistics), interpolating the normalised grid would mix differently scaled cells, and upsampler weights
     # trained there would depend on one checkpoint's statistics.
     scale_in_vae_space: bool = False
+    # The call argument that multiplies the prompts into the effective batch (`num_videos_per_prompt` for video).
+    per_prompt_argument: str = "num_images_per_prompt"
     # The family's published denoisers, for `lssgen.flops` (see `Architecture`); their `model_class` names are also
     # the denoiser classes whose `denoiser_dummy_inputs` this adapter knows.
     architectures: tuple[Architecture, ...] = ()
+
+    @property
+    def base_height(self) -> int:
+        """The native height, the reference for shortening (`base_size`; a family with an oblong native size sets
+        `base_height` and `base_width` instead)."""
+        return self.base_size
+
+    @property
+    def base_width(self) -> int:
+        return self.base_size
 
     # Selection --------------------------------------------------------------------------------------------------
     def match_rank(self, pipe: Any) -> int | None:
@@ -135,6 +156,11 @@ class Adapter:
         """The smallest stage's short side in latent cells, at least: one patch (every built-in family runs a
         one-patch stage in every scaling space; a subclass may set a larger number)."""
         return self.latent_multiple
+
+    def denoisers(self, pipe: Any) -> list[Any]:
+        """Every model the pipeline may denoise a step with (the `denoiser`; Wan 2.2 has a second expert): stateful
+        hooks on each are cleared at every stage start."""
+        return [getattr(pipe, self.denoiser)]
 
     def latent_channels(self, pipe: Any) -> int:
         return getattr(pipe, self.denoiser).config.in_channels
@@ -152,9 +178,21 @@ class Adapter:
     def latent_dtype(self, pipe: Any) -> torch.dtype:
         return getattr(pipe, self.denoiser).dtype
 
+    def vae_scale_factor(self, pipe: Any) -> int:
+        """Pixels per latent cell along height and width (the VAE's spatial compression)."""
+        return pipe.vae_scale_factor
+
     def default_size(self, pipe: Any) -> tuple[int, int]:
-        side = pipe.default_sample_size * pipe.vae_scale_factor
+        side = pipe.default_sample_size * self.vae_scale_factor(pipe)
         return side, side
+
+    def latent_shape(
+        self, pipe: Any, batch: int, latent_height: int, latent_width: int, call: dict[str, Any]
+    ) -> tuple[int, ...]:
+        """The unpacked shape of `batch` latents of `latent_height` x `latent_width` cells for this `call` (its
+        arguments, the stock defaults filled in): `(B, C, h, w)` for images. A family with more axes (a video's
+        frames) adds them here; the core only ever changes the last two."""
+        return (batch, self.latent_channels(pipe), latent_height, latent_width)
 
     def resolution_bin(self, pipe: Any, height: int, width: int, call: dict[str, Any]) -> tuple[int, int] | None:
         """The size the stock call really denoises at when it snaps `height` x `width` to a bin and resizes the
@@ -163,11 +201,11 @@ class Adapter:
         return None
 
     def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        """From `(B, C, h, w)` to the layout the denoising loop carries."""
+        """From the unpacked `latent_shape` (`(B, C, h, w)` for images) to the layout the denoising loop carries."""
         return latents
 
     def unpack(self, pipe: Any, latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
-        """From the loop's layout back to `(B, C, h, w)`."""
+        """From the loop's layout back to the unpacked `latent_shape`."""
         return latents
 
     def denoiser_latents(self, pipe: Any, latent: torch.Tensor, stage: Stage) -> torch.Tensor:

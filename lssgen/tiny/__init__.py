@@ -12,6 +12,7 @@ from .sd import build_tiny_sd_pipeline
 from .sd3 import build_tiny_sd3_pipeline
 from .sdxl import build_tiny_sdxl_pipeline
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer
+from .wan import build_tiny_wan_pipeline
 from .zimage import build_tiny_zimage_pipeline, tiny_zimage_prompt_embeds
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "build_tiny_sdxl_pipeline",
     "build_tiny_t5",
     "build_tiny_vae",
+    "build_tiny_wan_pipeline",
     "build_tiny_zimage_pipeline",
     "character_tokenizer",
     "tiny_flux2_prompt_embeds",
