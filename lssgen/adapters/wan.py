@@ -65,8 +65,8 @@ def wan21_scheduler() -> UniPCMultistepScheduler:
 
 
 def wan22_scheduler() -> UniPCMultistepScheduler:
-    """Wan2.2-T2V-A14B's sampling scheduler: shift 12.0, the `sample_shift` of Wan2.2's own `t2v_A14B` config (from
-    memory, not checked against the released files here: see WAN_NOTES.md)."""
+    """Wan2.2-T2V-A14B's sampling scheduler: shift 12.0, the `sample_shift` of Wan2.2's own `t2v_A14B` config
+    (`wan/configs/wan_t2v_A14B.py`: shift 12.0, 40 steps, boundary 0.875, guidance 3.0 low / 4.0 high noise)."""
     return UniPCMultistepScheduler(**{**WAN_SCHEDULER_CONFIG, "flow_shift": 12.0})
 
 
@@ -190,7 +190,7 @@ class WanAdapter(Adapter):
             cfg_factor=2,
             scheduler=wan22_scheduler,
             sizes=((480, 832), (720, 1280)),
-            default_steps=40,  # Wan2.2's `t2v_A14B` config and model card (from memory: see WAN_NOTES.md)
+            default_steps=40,  # `sample_steps` of Wan2.2's `t2v_A14B` config
         ),
     )
 
