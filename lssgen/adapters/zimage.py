@@ -108,8 +108,10 @@ class ZImageAdapter(Adapter):
     flow = True
     latent_multiple = 2  # the transformer's 2x2 patches (the pipeline's default `patch_size`)
     shorten_intermediate_steps = True
-    # diffusers' `ZImagePipeline` docstring example (pipeline_z_image.py, EXAMPLE_DOC_STRING, the Z-Image-Turbo
-    # checkpoint): height=1024, width=1024, num_inference_steps=8, guidance_scale=0.0.
+    # Z-Image-Turbo's 8 function evaluations: its model card says `num_inference_steps=9` ("results in 8 DiT
+    # forwards", with the schedule of the diffusers of its release, whose last step was a no-op at sigma 0);
+    # diffusers 0.42.1's ZImagePipeline sets sigmas linspace(1, 1/n, n), n forwards, and its docstring example
+    # passes num_inference_steps=8, guidance_scale=0.0, 1024x1024.
     default_steps = 8
     default_guidance = 0.0
     base_size = 1024
