@@ -24,6 +24,7 @@ from .loading import (
     load_upsampler,
 )
 from .outputs import atomic_write, check_writable, write_folder
+from .scenes import EVALUATION_PER_CATEGORY
 
 # The option names of the published LSSGen batch script (its README's command line), accepted by `geneval` next
 # to ours with the same meaning. Its `--pipeline_type` and `--shorten_intermediate_steps True` take values, so
@@ -240,7 +241,10 @@ def _add_eval_generation_parser(commands) -> None:
         "--max-sequence-length", type=_positive_int, default=None, help="prompt tokens (scene-t2i was trained on 32)"
     )
     evaluate.add_argument(
-        "--per-category", type=_integer(1, "an integer from 1 to 8"), default=8, help="held-out prompts per category"
+        "--per-category",
+        type=_integer(1, f"an integer from 1 to {EVALUATION_PER_CATEGORY}"),
+        default=EVALUATION_PER_CATEGORY,
+        help="held-out prompts per category",
     )
     evaluate.add_argument("--stages", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="stage counts")
     evaluate.add_argument(
@@ -735,8 +739,10 @@ def run_eval_generation(args) -> None:
     from .scenes import CATEGORIES, evaluation_scenes
     from .scorer import SceneScorer
 
-    if args.per_category > 8:
-        raise ValueError(f"--per-category {args.per_category}: the held-out set has 8 prompts per category.")
+    if args.per_category > EVALUATION_PER_CATEGORY:
+        raise ValueError(
+            f"--per-category {args.per_category}: the held-out set has {EVALUATION_PER_CATEGORY} prompts per category."
+        )
     if args.cache:
         cache_config(args.cache, pipe=None)  # a malformed spec fails here, before the model loads
     device, dtype = _device_and_dtype(args)

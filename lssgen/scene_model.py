@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
 @torch.no_grad()
 def evaluate_model(pipe, scorer, images_per_prompt: int = 1, seed: int = 0, **call) -> dict[str, dict[str, float]]:
     r"""
-    GenEval-style accuracy of `pipe` on the held-out prompts (`lssgen.scenes.evaluation_scenes`, 8 per category),
+    GenEval-style accuracy of `pipe` on the held-out prompts (`lssgen.scenes.evaluation_scenes`, 16 per category),
     judged by `scorer` (`lssgen.scorer.SceneScorer`), per category.
 
     `accuracy` is the share of images that show what their prompt asks; `chance` scores the same images against

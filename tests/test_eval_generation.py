@@ -165,8 +165,8 @@ def test_cli_checks_the_cache_spec_before_loading_anything(tmp_path, capsys):
 
 def test_cli_refuses_more_prompts_than_the_held_out_set_has(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["eval-generation", "--per-category", "9", "--out", str(out), "--device", "cpu"]) == 2
-    assert "the held-out set has 8 prompts per category" in capsys.readouterr().err
+    assert main(["eval-generation", "--per-category", "17", "--out", str(out), "--device", "cpu"]) == 2
+    assert "the held-out set has 16 prompts per category" in capsys.readouterr().err
     assert not out.exists()
 
 
