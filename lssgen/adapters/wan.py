@@ -47,9 +47,9 @@ WAN_14B_CONFIG = {
     "rope_max_seq_len": 1024,
 }
 
-# The scheduler of the diffusers Wan checkpoints: UniPC on flow-matching sigmas with a fixed shift. Not verified
-# against the hub here (no network): the class and flow options are those of diffusers' Wan examples and tests;
-# the shifts are the published sampling shifts (see WAN_NOTES.md).
+# The scheduler of the diffusers Wan checkpoints: UniPC on flow-matching sigmas with a fixed shift, 3.0 by default
+# (diffusers' Wan docs: `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+# flow_shift=...)`, "the default value is 3.0 for Wan"; its examples use 5.0 for 720P, 3.0 for 480P).
 WAN_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "prediction_type": "flow_prediction",
