@@ -12,8 +12,9 @@ The folder loads with the stock loader once `lssgen` is imported (its VAE is `ls
 
 Components: taef2 (FLUX.2's tiny autoencoder) with BatchNorm statistics measured on the training renders, a
 byte-level BPE `Qwen2Tokenizer` learnt from the caption language with Qwen's chat tokens and template, a thin
-28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a few-M
-parameter `Flux2Transformer2DModel` and FLUX.2's flow-matching Euler scheduler.
+28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a small
+convolutional U-Net behind the FLUX.2 transformer's call (`lssgen.scene_denoiser.SceneDenoiser`, which says why)
+and FLUX.2's flow-matching Euler scheduler.
 
 Train with `python -m lssgen.scene_model train --out weights/scene-t2i` (see `--help`); `--resume` continues.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -46,6 +47,7 @@ from . import scenes
 from .adapters.flux2 import Flux2Adapter
 from .flux2_vae import TinyFlux2Autoencoder
 from .outputs import atomic_write
+from .scene_denoiser import SceneDenoiser, scene_unet_config
 from .tiny.flux2 import FLUX2_SCHEDULER_CONFIG
 from .tiny_autoencoder import is_tiny_autoencoder_folder
 
@@ -127,30 +129,25 @@ def build_text_encoder(vocab_size: int, pad_token_id: int, seed: int = 0) -> Qwe
     return model
 
 
-def build_transformer(
-    width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4, seed: int = 0
-) -> Flux2Transformer2DModel:
-    """A small FLUX.2 transformer over 2x2 patches of taef2's 32 channels, conditioned on the stacked text
-    states (`OUT_LAYERS * TEXT_WIDTH` wide)."""
-    if width % heads or (width // heads) % 4:
-        raise ValueError(f"width {width} must split into {heads} heads whose size is a multiple of 4.")
+def build_denoiser(channels: tuple[int, ...] = (32, 64, 128), seed: int = 0) -> SceneDenoiser:
+    """A small U-Net over taef2's 32 latent channels with `channels` per level, attending to the stacked text
+    states (`OUT_LAYERS * TEXT_WIDTH` wide), behind FLUX.2's transformer call."""
     torch.manual_seed(seed)
-    head = width // heads
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,
-        num_layers=double_layers,
-        num_single_layers=single_layers,
-        attention_head_dim=head,
-        num_attention_heads=heads,
-        joint_attention_dim=OUT_LAYERS * TEXT_WIDTH,
-        timestep_guidance_channels=64,
-        axes_dims_rope=(head // 4,) * 4,
-        guidance_embeds=False,  # Klein runs true classifier-free guidance
-    )
+    return SceneDenoiser(scene_unet_config(OUT_LAYERS * TEXT_WIDTH, tuple(channels)))
 
 
-def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, **transformer_size) -> Flux2KleinPipeline:
+def parse_channels(text: str) -> tuple[int, ...]:
+    """`"32,64,128"` -> `(32, 64, 128)`, with an error that says what a valid value is."""
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(f"--channels {text!r}: give two or more comma-separated multiples of 8, e.g. 32,64,128.")
+    return channels
+
+
+def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, channels: tuple[int, ...] = (32, 64, 128)) -> Flux2KleinPipeline:
     r"""
     An untrained scene model around `vae`: the components above in a stock `Flux2KleinPipeline`.
 
@@ -168,7 +165,7 @@ def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, **transformer_size)
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=build_transformer(seed=seed, **transformer_size),
+        transformer=build_denoiser(channels, seed),
     )
     for component in (pipe.vae, pipe.text_encoder, pipe.transformer):
         component.eval()
@@ -229,10 +226,7 @@ class TrainSettings:
     scenes: int = 2048
     data_seed: int = 0
     seed: int = 0
-    width: int = 128
-    heads: int = 4
-    double_layers: int = 2
-    single_layers: int = 4
+    channels: str = "32,64,128"
     # One thread: on the shared 2-core machine, with another process busy on one core, 2 threads ran 9.0 s/step and 1
     # thread 0.28 s/step (OpenMP threads waiting on each other when a core is taken).
     threads: int = 1
@@ -249,7 +243,7 @@ class TrainSettings:
 
 
 _MUST_MATCH = ("batch", "lr", "warmup", "ema", "caption_dropout", "time_shift", "max_sequence_length", "data_seed",
-               "seed", "width", "heads", "double_layers", "single_layers")  # fmt: skip
+               "seed", "channels")  # fmt: skip
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -350,8 +344,7 @@ class _Trainer:
         state = self._load_state() if settings.resume else None
         if state is None:
             vae = TinyFlux2Autoencoder.from_taesd_folder(settings.taef2)
-            size = {k: getattr(settings, k) for k in ("width", "heads", "double_layers", "single_layers")}
-            self.pipe = build_pipeline(vae, settings.seed, **size)
+            self.pipe = build_pipeline(vae, settings.seed, parse_channels(settings.channels))
         else:
             vae = TinyFlux2Autoencoder.from_pretrained(self.checkpoint / "pipeline" / "vae", taef2=settings.taef2)
             self.pipe = Flux2KleinPipeline.from_pretrained(self.checkpoint / "pipeline", vae=vae)
@@ -585,9 +578,8 @@ def model_card(settings: TrainSettings, step: int, runs: list[dict], history: li
         ("tokenizer", "`Qwen2Tokenizer`, byte-level BPE from the caption words, Qwen's chat tokens and template"),
         ("text_encoder", f"`Qwen3ForCausalLM`, {TEXT_LAYERS} layers, {TEXT_WIDTH} wide, random (seed {settings.seed}) "
                          "and not trained; the pipeline's default `text_encoder_out_layers` (9, 18, 27)"),
-        ("transformer", f"`Flux2Transformer2DModel`, width {settings.width}, {settings.heads} heads, "
-                        f"{settings.double_layers} double + {settings.single_layers} single blocks; the EMA "
-                        f"({settings.ema}) of the trained weights"),
+        ("transformer", f"`lssgen.SceneDenoiser`: a `UNet2DConditionModel` with channels {settings.channels} behind "
+                        f"FLUX.2's transformer call; the EMA ({settings.ema}) of the trained weights"),
         ("scheduler", "FLUX.2's `FlowMatchEulerDiscreteScheduler` config"),
     ))  # fmt: skip
     return f"""# scene-t2i: a small text-to-image model of lssgen's procedural scenes
@@ -670,6 +662,7 @@ def _check(s: TrainSettings) -> None:
     for name in ("steps", "batch", "scenes", "threads", "sample_every", "checkpoint_every", "max_sequence_length"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
+    parse_channels(s.channels)
     if not 0 <= s.caption_dropout < 1:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {s.caption_dropout}.")
     if not is_tiny_autoencoder_folder(s.taef2):
