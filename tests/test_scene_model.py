@@ -244,3 +244,20 @@ def test_evaluate_scores_every_held_out_prompt_per_category(saved_pipeline):
     for numbers in report.values():
         assert numbers["images"] == scenes.EVALUATION_PER_CATEGORY
         assert 0 <= numbers["accuracy"] <= 1 and 0 <= numbers["chance"] <= 1
+
+
+def test_object_tokens_cover_each_objects_box_and_check_the_cache():
+    captions = [scenes.sample_scene(0, i).caption for i in range(6)]
+    masks = scene_model.object_tokens(0, captions)
+    for index in range(6):
+        for size in scene_model.SIZES:
+            side = size // 16
+            grid = masks[size][index].view(side, side)
+            for obj in scenes.sample_scene(0, index).objects:
+                column, row = (int(v * side) for v in obj.centre)
+                assert grid[row, column] == 1  # the token under each object's centre
+            assert 0 < grid.mean() < 1
+    # The largest object's box is 0.35 of the side: at 256 px it touches at most 7 of 16 tokens across.
+    assert masks[256][0].view(16, 16).sum(dim=1).max() <= 7
+    with pytest.raises(ValueError, match="holds other scenes"):
+        scene_model.object_tokens(0, captions[1:])
