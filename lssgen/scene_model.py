@@ -636,7 +636,8 @@ of 512 pads with 480 more tokens the transformer never saw in training.
 {components}
 
 Training: flow matching in the pipeline's own latent space (taef2 latents, 2x2-patchified, BatchNorm-normalised,
-packed), velocity `noise - x0`, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
+packed), velocity `noise - x0`, the squared error weighted {1 + settings.object_weight:g}x on the image tokens an object's box
+touches, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
 captions replaced by the empty prompt (the pipeline's negative prompt under classifier-free guidance), sizes
 {", ".join(map(str, SIZES))} px in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at
 64), AdamW lr {settings.lr} ({settings.warmup} warm-up steps, then constant), gradient norm clipped at 1; scenes
