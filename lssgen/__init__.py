@@ -5,6 +5,7 @@ from .flux2_vae import TinyFlux2Autoencoder
 from .hookspecs import hookimpl
 from .patch import Options, is_patched, patch, plan_for, unpatch
 from .plan import Stage, StagePlan, plan_stages
+from .scene_denoiser import SceneDenoiser  # the scene model's folder names it as lssgen.SceneDenoiser
 from .upsampler import LatentUpsampler
 from .weights import weights_path  # the weights we trained, shipped with the package
 
@@ -14,6 +15,7 @@ __all__ = [
     "Adapter",
     "LatentUpsampler",
     "Options",
+    "SceneDenoiser",
     "Stage",
     "StagePlan",
     "TinyFlux2Autoencoder",

@@ -12,8 +12,9 @@ The folder loads with the stock loader once `lssgen` is imported (its VAE is `ls
 
 Components: taef2 (FLUX.2's tiny autoencoder) with BatchNorm statistics measured on the training renders, a
 byte-level BPE `Qwen2Tokenizer` learnt from the caption language with Qwen's chat tokens and template, a thin
-28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a few-M
-parameter `Flux2Transformer2DModel` and FLUX.2's flow-matching Euler scheduler.
+28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a small
+convolutional U-Net behind the FLUX.2 transformer's call (`lssgen.scene_denoiser.SceneDenoiser`, which says why)
+and FLUX.2's flow-matching Euler scheduler.
 
 Train with `python -m lssgen.scene_model train --out weights/scene-t2i` (see `--help`); `--resume` continues.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -46,6 +47,7 @@ from . import scenes
 from .adapters.flux2 import Flux2Adapter
 from .flux2_vae import TinyFlux2Autoencoder
 from .outputs import atomic_write
+from .scene_denoiser import SceneDenoiser, scene_unet_config
 from .tiny.flux2 import FLUX2_SCHEDULER_CONFIG
 from .tiny_autoencoder import is_tiny_autoencoder_folder
 
@@ -127,30 +129,25 @@ def build_text_encoder(vocab_size: int, pad_token_id: int, seed: int = 0) -> Qwe
     return model
 
 
-def build_transformer(
-    width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4, seed: int = 0
-) -> Flux2Transformer2DModel:
-    """A small FLUX.2 transformer over 2x2 patches of taef2's 32 channels, conditioned on the stacked text
-    states (`OUT_LAYERS * TEXT_WIDTH` wide)."""
-    if width % heads or (width // heads) % 4:
-        raise ValueError(f"width {width} must split into {heads} heads whose size is a multiple of 4.")
+def build_denoiser(channels: tuple[int, ...] = (32, 64, 128), seed: int = 0) -> SceneDenoiser:
+    """A small U-Net over taef2's 32 latent channels with `channels` per level, attending to the stacked text
+    states (`OUT_LAYERS * TEXT_WIDTH` wide), behind FLUX.2's transformer call."""
     torch.manual_seed(seed)
-    head = width // heads
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,
-        num_layers=double_layers,
-        num_single_layers=single_layers,
-        attention_head_dim=head,
-        num_attention_heads=heads,
-        joint_attention_dim=OUT_LAYERS * TEXT_WIDTH,
-        timestep_guidance_channels=64,
-        axes_dims_rope=(head // 4,) * 4,
-        guidance_embeds=False,  # Klein runs true classifier-free guidance
-    )
+    return SceneDenoiser(scene_unet_config(OUT_LAYERS * TEXT_WIDTH, tuple(channels)))
 
 
-def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, **transformer_size) -> Flux2KleinPipeline:
+def parse_channels(text: str) -> tuple[int, ...]:
+    """`"32,64,128"` -> `(32, 64, 128)`, with an error that says what a valid value is."""
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(f"--channels {text!r}: give two or more comma-separated multiples of 8, e.g. 32,64,128.")
+    return channels
+
+
+def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, channels: tuple[int, ...] = (32, 64, 128)) -> Flux2KleinPipeline:
     r"""
     An untrained scene model around `vae`: the components above in a stock `Flux2KleinPipeline`.
 
@@ -168,7 +165,7 @@ def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, **transformer_size)
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=build_transformer(seed=seed, **transformer_size),
+        transformer=build_denoiser(channels, seed),
     )
     for component in (pipe.vae, pipe.text_encoder, pipe.transformer):
         component.eval()
@@ -225,14 +222,12 @@ class TrainSettings:
     ema: float = 0.998
     caption_dropout: float = 0.1
     time_shift: float = 1.0
+    object_weight: float = 3.0
     max_sequence_length: int = 32
     scenes: int = 2048
     data_seed: int = 0
     seed: int = 0
-    width: int = 128
-    heads: int = 4
-    double_layers: int = 2
-    single_layers: int = 4
+    channels: str = "32,64,128"
     # One thread: on the shared 2-core machine, with another process busy on one core, 2 threads ran 9.0 s/step and 1
     # thread 0.28 s/step (OpenMP threads waiting on each other when a core is taken).
     threads: int = 1
@@ -248,8 +243,8 @@ class TrainSettings:
         return Path(self.work) if self.work else Path("runs") / Path(self.out).name
 
 
-_MUST_MATCH = ("batch", "lr", "warmup", "ema", "caption_dropout", "time_shift", "max_sequence_length", "data_seed",
-               "seed", "width", "heads", "double_layers", "single_layers")  # fmt: skip
+_MUST_MATCH = ("batch", "lr", "warmup", "ema", "caption_dropout", "time_shift", "object_weight", "max_sequence_length",
+               "data_seed", "seed", "channels")  # fmt: skip
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -322,6 +317,28 @@ class LatentCache:
         return latents, torch.cat([p["caption_ids"] for p in parts]).long()
 
 
+def object_tokens(data_seed: int, captions: list[str]) -> dict[int, torch.Tensor]:
+    """`{size: (scenes, tokens) float}`: 1 on the image tokens (16 px at the pipeline's packing) that the boxes of
+    the objects of training scenes `0, 1, ...` touch, else 0; from the scenes' geometry, without rendering.
+    `captions` are the cached scenes' captions, checked against the scenes (a cache of other scenes is an error)."""
+    masks = {size: torch.zeros(len(captions), (size // 16) ** 2) for size in SIZES}
+    for index, caption in enumerate(captions):
+        scene = scenes.sample_scene(data_seed, index)
+        if scene.caption != caption:
+            raise ValueError(f"cached scene {index} is {caption!r}, but scene {index} of seed {data_seed} is "
+                             f"{scene.caption!r}: the latent cache holds other scenes; rebuild it (delete it).")  # fmt: skip
+        for obj in scene.objects:
+            (x, y), half = obj.centre, obj.size / 2
+            for size, mask in masks.items():
+                side = size // 16
+                # Tokens whose [k/side, (k+1)/side) span meets the box's [c - half, c + half].
+                columns = range(max(0, math.floor((x - half) * side)), min(side, math.ceil((x + half) * side)))
+                rows = range(max(0, math.floor((y - half) * side)), min(side, math.ceil((y + half) * side)))
+                for row in rows:
+                    mask[index, row * side + columns.start : row * side + columns.stop] = 1
+    return masks
+
+
 def _lr_at(step: int, lr: float, warmup: int) -> float:
     # Linear warm-up, then constant: a run can always be resumed for more steps on the same curve.
     return lr * min(1.0, (step + 1) / max(1, warmup))
@@ -350,8 +367,7 @@ class _Trainer:
         state = self._load_state() if settings.resume else None
         if state is None:
             vae = TinyFlux2Autoencoder.from_taesd_folder(settings.taef2)
-            size = {k: getattr(settings, k) for k in ("width", "heads", "double_layers", "single_layers")}
-            self.pipe = build_pipeline(vae, settings.seed, **size)
+            self.pipe = build_pipeline(vae, settings.seed, parse_channels(settings.channels))
         else:
             vae = TinyFlux2Autoencoder.from_pretrained(self.checkpoint / "pipeline" / "vae", taef2=settings.taef2)
             self.pipe = Flux2KleinPipeline.from_pretrained(self.checkpoint / "pipeline", vae=vae)
@@ -386,6 +402,8 @@ class _Trainer:
         self.empty = len(texts) - 1
         # Pipeline latents (BN-normalised, patchified, packed), what the transformer sees in the stock loop.
         self.tokens = {size: self._tokens(z) for size, z in latents.items()}
+        objects = object_tokens(settings.data_seed, [cache.captions[i] for i in caption_ids.tolist()])
+        self.token_weights = {size: 1 + settings.object_weight * mask for size, mask in objects.items()}
 
     def _tokens(self, vae_latents: torch.Tensor) -> torch.Tensor:
         out = []
@@ -426,9 +444,10 @@ class _Trainer:
         # sigma (= t / 1000) as the timestep, and its Euler step x += (sigma_next - sigma) * v needs v = noise - x0.
         sigma = torch.sigmoid(torch.randn(len(index), generator=generator) + s.time_shift)
         noise = torch.randn(x0.shape, generator=generator)
-        return self._velocity_loss(model, x0, captions, sigma, noise, size), size
+        weights = self.token_weights[size][index]
+        return self._velocity_loss(model, x0, captions, sigma, noise, size, weights), size
 
-    def _velocity_loss(self, model, x0, captions, sigma, noise, size: int) -> torch.Tensor:
+    def _velocity_loss(self, model, x0, captions, sigma, noise, size: int, weights=None) -> torch.Tensor:
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         side = size // (self.pipe.vae_scale_factor * 2)
         prediction = model(
@@ -440,7 +459,12 @@ class _Trainer:
             img_ids=self.adapter_ids(side, len(x0)),
             return_dict=False,
         )[0]
-        return F.mse_loss(prediction, noise - x0)
+        if weights is None:
+            return F.mse_loss(prediction, noise - x0)
+        # Objects cover about a tenth of an image: weighted up, the loss spends more of the model on drawing them
+        # than on the background texture around them. Normalised by the weights, so the scale stays a mean error.
+        per_token = (prediction - (noise - x0)).square().mean(dim=-1)
+        return (per_token * weights).sum() / weights.sum()
 
     @torch.no_grad()
     def caption_gap(self, images_per_size: int = 32) -> float:
@@ -585,9 +609,8 @@ def model_card(settings: TrainSettings, step: int, runs: list[dict], history: li
         ("tokenizer", "`Qwen2Tokenizer`, byte-level BPE from the caption words, Qwen's chat tokens and template"),
         ("text_encoder", f"`Qwen3ForCausalLM`, {TEXT_LAYERS} layers, {TEXT_WIDTH} wide, random (seed {settings.seed}) "
                          "and not trained; the pipeline's default `text_encoder_out_layers` (9, 18, 27)"),
-        ("transformer", f"`Flux2Transformer2DModel`, width {settings.width}, {settings.heads} heads, "
-                        f"{settings.double_layers} double + {settings.single_layers} single blocks; the EMA "
-                        f"({settings.ema}) of the trained weights"),
+        ("transformer", f"`lssgen.SceneDenoiser`: a `UNet2DConditionModel` with channels {settings.channels} behind "
+                        f"FLUX.2's transformer call; the EMA ({settings.ema}) of the trained weights"),
         ("scheduler", "FLUX.2's `FlowMatchEulerDiscreteScheduler` config"),
     ))  # fmt: skip
     return f"""# scene-t2i: a small text-to-image model of lssgen's procedural scenes
@@ -613,7 +636,8 @@ of 512 pads with 480 more tokens the transformer never saw in training.
 {components}
 
 Training: flow matching in the pipeline's own latent space (taef2 latents, 2x2-patchified, BatchNorm-normalised,
-packed), velocity `noise - x0`, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
+packed), velocity `noise - x0`, the squared error weighted {1 + settings.object_weight:g}x on the image tokens an object's box
+touches, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
 captions replaced by the empty prompt (the pipeline's negative prompt under classifier-free guidance), sizes
 {", ".join(map(str, SIZES))} px in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at
 64), AdamW lr {settings.lr} ({settings.warmup} warm-up steps, then constant), gradient norm clipped at 1; scenes
@@ -670,6 +694,9 @@ def _check(s: TrainSettings) -> None:
     for name in ("steps", "batch", "scenes", "threads", "sample_every", "checkpoint_every", "max_sequence_length"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
+    parse_channels(s.channels)
+    if s.object_weight < 0:
+        raise ValueError(f"--object-weight must be at least 0, got {s.object_weight}.")
     if not 0 <= s.caption_dropout < 1:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {s.caption_dropout}.")
     if not is_tiny_autoencoder_folder(s.taef2):
@@ -694,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": "torch CPU threads",
         "caption_dropout": "share of captions replaced by the empty prompt (for guidance)",
         "time_shift": "mean of the logit-normal training times (logit of sigma); above 0 favours noisier steps",
+        "object_weight": "extra loss weight on the image tokens an object's box touches (1 + this there, 1 elsewhere)",
         "max_sequence_length": "prompt length in tokens (pass the same to the pipeline)",
         "samples": "held-out prompts in each sample grid (two per category, up to 12)",
     }

@@ -22,7 +22,7 @@ TAEF2 = next(
     (p for p in (ROOT.parent / "shared/data/taef2", ROOT.parents[1] / "shared/data/taef2") if p.is_dir()), None
 )
 needs_taef2 = pytest.mark.skipif(TAEF2 is None, reason="taef2 weights (shared/data/taef2) not found")
-TINY = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
+TINY = "8,16"  # U-Net channels per level
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def saved_pipeline(tmp_path_factory):
     vae = lssgen.TinyFlux2Autoencoder()
     vae.set_latent_statistics(torch.randn(2, 32, 8, 8) * 0.7 + 0.2)
     folder = tmp_path_factory.mktemp("scene-model")
-    build_pipeline(vae, seed=0, **TINY).save_pretrained(folder)
+    build_pipeline(vae, seed=0, channels=scene_model.parse_channels(TINY)).save_pretrained(folder)
     pipe = Flux2KleinPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return folder, vae, pipe
@@ -43,6 +43,8 @@ def test_the_folder_loads_with_the_stock_loader(saved_pipeline):
     index = json.loads((folder / "model_index.json").read_text())
     assert index["vae"] == ["lssgen.flux2_vae", "TinyFlux2Autoencoder"]
     assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
+    assert index["transformer"] == ["lssgen.scene_denoiser", "SceneDenoiser"]
+    assert isinstance(pipe.transformer, lssgen.SceneDenoiser) and pipe.transformer.config.in_channels == 128
     assert isinstance(pipe.vae, lssgen.TinyFlux2Autoencoder) and pipe.vae_scale_factor == 8
     assert torch.equal(pipe.vae.bn.running_mean, vae.bn.running_mean)
     assert torch.equal(pipe.vae.bn.running_var, vae.bn.running_var)
@@ -65,6 +67,41 @@ def test_string_prompts_go_through_the_pipelines_own_encoder(saved_pipeline):
         output_type="pt",
     ).images
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_the_denoiser_reads_flux2_patches_as_the_pipeline_lays_them_out(saved_pipeline):
+    _, _, pipe = saved_pipeline
+    latents = torch.randn(2, 32, 6, 10)  # a non-square 3x5-token grid
+    patches = Flux2KleinPipeline._patchify_latents(latents)
+    tokens = Flux2KleinPipeline._pack_latents(patches)
+    ids = Flux2KleinPipeline._prepare_latent_ids(patches)
+    seen = {}
+    hook = pipe.transformer.unet.register_forward_pre_hook(lambda module, args: seen.update(sample=args[0]))
+    try:
+        with torch.no_grad():
+            out = pipe.transformer(hidden_states=tokens, encoder_hidden_states=torch.randn(2, 4, 96),
+                                   timestep=torch.tensor([0.5, 0.5]), img_ids=ids, return_dict=False)[0]  # fmt: skip
+    finally:
+        hook.remove()
+    assert torch.equal(seen["sample"], latents)  # the U-Net sees the unpatchified latents
+    assert out.shape == tokens.shape
+
+
+def test_the_denoiser_refuses_ids_of_another_grid(saved_pipeline):
+    """A stage denoised with the previous stage's position ids is an error, not a picture of the wrong size."""
+    _, _, pipe = saved_pipeline
+    tokens = torch.randn(1, 16, 128)
+    stale = Flux2KleinPipeline._prepare_latent_ids(torch.empty(1, 128, 2, 2))  # 4 tokens' ids for 16 tokens
+    with pytest.raises(ValueError, match="2x2 token grid"):
+        pipe.transformer(hidden_states=tokens, encoder_hidden_states=torch.randn(1, 4, 96),
+                         timestep=torch.tensor([0.5]), img_ids=stale)  # fmt: skip
+
+
+def test_channels_are_checked():
+    assert scene_model.parse_channels("32,64,128") == (32, 64, 128)
+    for bad in ("32", "32,x", "32,60"):
+        with pytest.raises(ValueError, match="multiples of 8"):
+            scene_model.parse_channels(bad)
 
 
 def test_caption_words_are_single_tokens_in_the_chat_template():
@@ -100,7 +137,7 @@ def test_a_three_stage_plan_with_flux2_x2_runs_on_it(saved_pipeline, space):
 
 def _settings(tmp_path, name, **overrides):
     values = dict(out=str(tmp_path / name), taef2=str(TAEF2), scenes=4, steps=2, batch=2, threads=1,
-                  checkpoint_every=1, sample_every=1000, samples=1, **TINY)  # fmt: skip
+                  checkpoint_every=1, sample_every=1000, samples=1, channels=TINY)  # fmt: skip
     values.update(overrides)
     return TrainSettings(**values)
 
@@ -207,3 +244,20 @@ def test_evaluate_scores_every_held_out_prompt_per_category(saved_pipeline):
     for numbers in report.values():
         assert numbers["images"] == scenes.EVALUATION_PER_CATEGORY
         assert 0 <= numbers["accuracy"] <= 1 and 0 <= numbers["chance"] <= 1
+
+
+def test_object_tokens_cover_each_objects_box_and_check_the_cache():
+    captions = [scenes.sample_scene(0, i).caption for i in range(6)]
+    masks = scene_model.object_tokens(0, captions)
+    for index in range(6):
+        for size in scene_model.SIZES:
+            side = size // 16
+            grid = masks[size][index].view(side, side)
+            for obj in scenes.sample_scene(0, index).objects:
+                column, row = (int(v * side) for v in obj.centre)
+                assert grid[row, column] == 1  # the token under each object's centre
+            assert 0 < grid.mean() < 1
+    # The largest object's box is 0.35 of the side: at 256 px it touches at most 7 of 16 tokens across.
+    assert masks[256][0].view(16, 16).sum(dim=1).max() <= 7
+    with pytest.raises(ValueError, match="holds other scenes"):
+        scene_model.object_tokens(0, captions[1:])
