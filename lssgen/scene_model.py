@@ -147,7 +147,9 @@ def parse_channels(text: str) -> tuple[int, ...]:
     return channels
 
 
-def build_pipeline(vae: TinyFlux2Autoencoder, seed: int = 0, channels: tuple[int, ...] = (32, 64, 128)) -> Flux2KleinPipeline:
+def build_pipeline(
+    vae: TinyFlux2Autoencoder, seed: int = 0, channels: tuple[int, ...] = (32, 64, 128)
+) -> Flux2KleinPipeline:
     r"""
     An untrained scene model around `vae`: the components above in a stock `Flux2KleinPipeline`.
 
@@ -325,8 +327,10 @@ def object_tokens(data_seed: int, captions: list[str]) -> dict[int, torch.Tensor
     for index, caption in enumerate(captions):
         scene = scenes.sample_scene(data_seed, index)
         if scene.caption != caption:
-            raise ValueError(f"cached scene {index} is {caption!r}, but scene {index} of seed {data_seed} is "
-                             f"{scene.caption!r}: the latent cache holds other scenes; rebuild it (delete it).")  # fmt: skip
+            raise ValueError(
+                f"cached scene {index} is {caption!r}, but scene {index} of seed {data_seed} is {scene.caption!r}: "
+                "the latent cache holds other scenes; rebuild it (delete it)."
+            )
         for obj in scene.objects:
             (x, y), half = obj.centre, obj.size / 2
             for size, mask in masks.items():
@@ -636,8 +640,8 @@ of 512 pads with 480 more tokens the transformer never saw in training.
 {components}
 
 Training: flow matching in the pipeline's own latent space (taef2 latents, 2x2-patchified, BatchNorm-normalised,
-packed), velocity `noise - x0`, the squared error weighted {1 + settings.object_weight:g}x on the image tokens an object's box
-touches, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
+packed), velocity `noise - x0`, the squared error weighted {1 + settings.object_weight:g}x on the image tokens
+an object's box touches, logit-normal times (mean {settings.time_shift}), {settings.caption_dropout:.0%} of
 captions replaced by the empty prompt (the pipeline's negative prompt under classifier-free guidance), sizes
 {", ".join(map(str, SIZES))} px in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at
 64), AdamW lr {settings.lr} ({settings.warmup} warm-up steps, then constant), gradient norm clipped at 1; scenes

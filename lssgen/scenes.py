@@ -372,8 +372,8 @@ def sample_scene(seed: int, index: int, category: str | None = None) -> Scene:
 
 def evaluation_scenes() -> list[Scene]:
     r"""
-    The fixed held-out prompt set: `EVALUATION_PER_CATEGORY` (16) scenes of each category (96 in all; the first 48 hold 8 of each), from the
-    reserved stream `EVALUATION_SEED`, which no training seed reaches.
+    The fixed held-out prompt set: `EVALUATION_PER_CATEGORY` (16) scenes of each category (96 in all; the first 48
+    hold 8 of each), from the reserved stream `EVALUATION_SEED`, which no training seed reaches.
 
     Example:
 

@@ -143,7 +143,9 @@ def test_photo_backgrounds(tmp_path):
 def test_evaluation_scenes_are_fixed_and_held_out():
     scenes = evaluation_scenes()
     assert len(scenes) == EVALUATION_PER_CATEGORY * len(CATEGORIES) == 96
-    assert {c: sum(s.category == c for s in scenes) for c in CATEGORIES} == dict.fromkeys(CATEGORIES, EVALUATION_PER_CATEGORY)
+    assert {c: sum(s.category == c for s in scenes) for c in CATEGORIES} == dict.fromkeys(
+        CATEGORIES, EVALUATION_PER_CATEGORY
+    )
     assert scenes == evaluation_scenes()
     assert scenes[0] == sample_scene(EVALUATION_SEED, 0)
     training = {scene.caption for seed in range(3) for scene in (sample_scene(seed, i) for i in range(48))}
