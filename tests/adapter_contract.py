@@ -51,6 +51,19 @@ CACHES = {
 }
 
 
+def final_latents_and_decoded(pipe, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the stock `pipe(**call)`: the loop's last latents (as the step-end callback sees them) and what the
+    pipeline hands `vae.decode`, to check an adapter's `latents_to_vae` against the pipeline's own decode."""
+    final, decoded = [], []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *args, **kwargs: decoded.append(z) or decode(z, *args, **kwargs)
+    try:
+        pipe(**call, callback_on_step_end=lambda p, i, t, k: final.append(k["latents"]) or {})
+    finally:
+        del pipe.vae.decode
+    return final[-1], decoded[0]
+
+
 def found_examples(test):
     for drawn in reversed(FOUND):
         test = example(drawn=drawn)(test)

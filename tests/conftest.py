@@ -21,6 +21,16 @@ settings.register_profile("thorough", max_examples=300, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny tensors: extra threads only add synchronisation, which on a shared
+    2-core machine costs seconds. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     """A random-weight FluxPipeline saved with `save_pretrained`, as a user's checkpoint folder is."""

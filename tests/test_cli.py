@@ -37,8 +37,7 @@ def _tiny_scene_model(folder):
     import lssgen
     from lssgen.scene_model import build_pipeline
 
-    tiny = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
-    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, **tiny).save_pretrained(folder)
+    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
     return folder
 
 
@@ -78,14 +77,14 @@ def test_demo_falls_back_to_random_weights_without_taef2(tmp_path, capsys, monke
 
 
 def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatch):
-    # No trained scene model ships yet: a tiny untrained one, saved as the shipped folder would be, stands in.
+    # A tiny untrained scene model, saved as the shipped folder is, stands in (fast; the shipped model's pictures
+    # are tests/test_scene_pictures.py's).
     import lssgen.weights
     from lssgen.cli import main
     from lssgen.scene_model import build_pipeline
 
     folder = tmp_path / "scene-t2i"
-    tiny = {"width": 32, "heads": 2, "double_layers": 1, "single_layers": 1}
-    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, **tiny).save_pretrained(folder)
+    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
     shipped, weights_path = lssgen.weights.shipped, lssgen.weights.weights_path
     monkeypatch.setattr(lssgen.weights, "shipped", lambda: [*shipped(), "scene-t2i"])
     monkeypatch.setattr(

@@ -244,7 +244,7 @@ def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
     """Flux2KleinPipeline's first parameter is `image`: a prompt passed by position would fail the call."""
     from lssgen.scene_model import build_pipeline
 
-    pipe = build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, width=32, heads=2, double_layers=1, single_layers=1)
+    pipe = build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
     report = evaluate_generation(
         pipe,
         scorer,

@@ -35,13 +35,7 @@ LSSGEN = shutil.which("lssgen", path=str(Path(sys.executable).parent)) or shutil
 RESOLUTION = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors are tiny: extra threads only add synchronisation, which on a shared 2-core machine costs seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(seed=0, shape=(2, 3, 48, 48)):

@@ -3,7 +3,7 @@ uncapped time shift, the 1-step NaN of its scheduler, the video VAE's normalisat
 
 import pytest
 import torch
-from adapter_contract import CACHES, AdapterContract
+from adapter_contract import CACHES, AdapterContract, final_latents_and_decoded
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
@@ -205,20 +205,13 @@ class TestQwenImage(AdapterContract):
         assert tokens.shape == (2, 6 * 10, 64) and torch.equal(adapter.unpack(pipe, tokens, 12, 20), x)
         # The tiny VAE has Qwen-Image's per-channel statistics, so a mistake in the normalisation would show.
         assert len(set(pipe.vae.config.latents_std)) > 1
-        final, decoded = [], []
-        decode = pipe.vae.decode
-        pipe.vae.decode = lambda z, *args, **kwargs: decoded.append(z) or decode(z, *args, **kwargs)
-        try:
-            pipe(
-                **self.call_kwargs(pipe, height=128, width=192, num_inference_steps=2),
-                callback_on_step_end=lambda p, i, t, k: final.append(k["latents"]) or {},
-            )
-        finally:
-            del pipe.vae.decode
-        latents = adapter.unpack(pipe, final[-1], 16, 24)
-        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded[0])
-        assert decoded[0].shape == (1, 16, 1, 16, 24)
-        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded[0]), latents)
+        last, decoded = final_latents_and_decoded(
+            pipe, self.call_kwargs(pipe, height=128, width=192, num_inference_steps=2)
+        )
+        latents = adapter.unpack(pipe, last, 16, 24)
+        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded)
+        assert decoded.shape == (1, 16, 1, 16, 24)
+        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded), latents)
 
 
 def test_qwen_image_flop_count():

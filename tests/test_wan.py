@@ -4,7 +4,7 @@ normalisation and pixel round trip, the FLOP count at the published sizes)."""
 
 import pytest
 import torch
-from adapter_contract import AdapterContract
+from adapter_contract import AdapterContract, final_latents_and_decoded
 from diffusers import WanPipeline
 
 import lssgen
@@ -143,20 +143,12 @@ class TestWan(AdapterContract):
 
     def test_latents_to_vae_is_what_the_pipeline_decodes(self, pipe):
         adapter = WanAdapter()
-        final, decoded = [], []
-        decode = pipe.vae.decode
-        pipe.vae.decode = lambda z, *args, **kwargs: decoded.append(z) or decode(z, *args, **kwargs)
-        try:
-            pipe(
-                **self.call_kwargs(pipe, height=32, width=48, num_inference_steps=2, output_type="pt"),
-                callback_on_step_end=lambda p, i, t, k: final.append(k["latents"]) or {},
-            )
-        finally:
-            del pipe.vae.decode
-        latents = final[-1]
+        latents, decoded = final_latents_and_decoded(
+            pipe, self.call_kwargs(pipe, height=32, width=48, num_inference_steps=2, output_type="pt")
+        )
         assert latents.shape == (1, 16, LATENT_FRAMES, 4, 6)
-        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded[0])
-        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded[0]), latents)
+        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded)
+        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded), latents)
 
     def test_default_size_and_scale_factor_are_the_pipelines(self, pipe):
         adapter = WanAdapter()

@@ -37,12 +37,7 @@ MEAN, STD = [0.3, -0.5, 0.1, 0.8], [1.7, 0.6, 2.2, 1.1]
 SMALL = {"block_out_channels": [32, 32], "norm_num_groups": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_tiny_wan_vae(version: str = "2.1") -> AutoencoderKLWan:

@@ -3,7 +3,7 @@ through `prepare_latents`, the uncapped time shift, FLUX.1's VAE normalisation, 
 
 import pytest
 import torch
-from adapter_contract import AdapterContract
+from adapter_contract import AdapterContract, final_latents_and_decoded
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
@@ -117,20 +117,12 @@ class TestZImage(AdapterContract):
     def test_latents_to_vae_is_what_the_pipeline_decodes(self, pipe):
         adapter = ZImageAdapter()
         assert pipe.vae.config.shift_factor and pipe.vae.config.scaling_factor != 1
-        final, decoded = [], []
-        decode = pipe.vae.decode
-        pipe.vae.decode = lambda z, *args, **kwargs: decoded.append(z) or decode(z, *args, **kwargs)
-        try:
-            pipe(
-                **self.call_kwargs(pipe, height=128, width=192, num_inference_steps=2),
-                callback_on_step_end=lambda p, i, t, k: final.append(k["latents"]) or {},
-            )
-        finally:
-            del pipe.vae.decode
-        latents = final[-1]
+        latents, decoded = final_latents_and_decoded(
+            pipe, self.call_kwargs(pipe, height=128, width=192, num_inference_steps=2)
+        )
         assert latents.shape == (1, 16, 16, 24)
-        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded[0])
-        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded[0]), latents)
+        torch.testing.assert_close(adapter.latents_to_vae(pipe, latents), decoded)
+        torch.testing.assert_close(adapter.vae_to_latents(pipe, decoded), latents)
 
 
 def test_z_image_turbo_flop_count():

@@ -13,6 +13,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 CHARACTERS = string.ascii_lowercase + string.digits + " .,;:!?'-()"
@@ -55,9 +57,10 @@ def build_tiny_clip(width: int, *, projection_dim: int | None = None, with_proje
     return model_class(_clip_config(width, projection_dim)).eval()
 
 
-def build_tiny_t5(width: int) -> T5EncoderModel:
-    """A random T5 encoder of model width `width`."""
-    config = T5Config(
+def build_tiny_t5(width: int, *, umt5: bool = False) -> T5EncoderModel | UMT5EncoderModel:
+    """A random T5 encoder of model width `width`; with `umt5`, the UMT5 encoder (Wan's text encoder)."""
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=VOCAB_SIZE,
         d_model=width,
         d_kv=width // 2,
@@ -66,8 +69,9 @@ def build_tiny_t5(width: int) -> T5EncoderModel:
         num_heads=2,
         pad_token_id=0,
         eos_token_id=1,
+        **({"relative_attention_num_buckets": 8} if umt5 else {}),  # the value Wan's tiny builder always had
     )
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
 
 
 def eval_mode(pipe):

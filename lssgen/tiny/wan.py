@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from transformers import UMT5Config, UMT5EncoderModel
 
 from ..adapters.wan import WAN_SCHEDULER_CONFIG
-from .text import VOCAB_SIZE, character_tokenizer, eval_mode
+from .text import build_tiny_t5, character_tokenizer, eval_mode
 
 TEXT_DIM = 32
 
@@ -66,19 +65,7 @@ def build_tiny_wan_pipeline(
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=VOCAB_SIZE,
-            d_model=TEXT_DIM,
-            d_kv=TEXT_DIM // 2,
-            d_ff=2 * TEXT_DIM,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = build_tiny_t5(TEXT_DIM, umt5=True)
     pipe = WanPipeline(
         tokenizer=character_tokenizer(512),
         text_encoder=text_encoder,
