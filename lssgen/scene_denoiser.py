@@ -4,8 +4,8 @@ FLUX.2's transformer, so that a stock `Flux2KleinPipeline` runs it.
 
 Why not a `Flux2Transformer2DModel`: the scene model needs a denoiser that learns to draw eight shapes on a 2-core
 CPU in a few hours. A 2M-parameter FLUX.2 transformer trained for 31,000 steps (docs/scene-model.md) learnt
-colours and textures but drew every shape as a blob, at chance accuracy, with its loss and caption gap flat for
-the last 8,000 steps. A convolution sees the 8 px latent cells of an outline directly (a FLUX.2 token is 16 px
+colours and textures but drew every shape as a blob, at chance accuracy, with its loss and caption gap flat from
+step 26,000 on. A convolution sees the 8 px latent cells of an outline directly (a FLUX.2 token is 16 px
 and holds a whole piece of it), which is the prior this task needs.
 
 What it keeps of the pipeline's contract: it takes the packed 2x2 patches (`(B, H/16 * W/16, 128)`), the
