@@ -1,6 +1,6 @@
 """Reproduce the figures of docs/flux2-upsampler.md that do not come from `lssgen eval-upsampler`: the two
 measured reasons why stage 2 encodes each crop on its own and uses a small learning rate, and the scikit-image
-photos used to follow the training. Photos from `python -m lssgen.photos --out data/photos`.
+photos used to follow the training. Photos from `python -m lssgen.training.photos --out data/photos`.
 
     python examples/taef2_findings.py crops --images data/photos/train
     python examples/taef2_findings.py sign-step --images data/photos/train --upsampler flux2-x2-latent
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lssgen.data import (
+from lssgen.evaluation.metrics import psnr
+from lssgen.latents import LatentNormalization
+from lssgen.training.data import (
     decode,
     downsample_nearest,
     encode,
@@ -33,8 +35,6 @@ from lssgen.data import (
     random_crop,
     vae_spatial_factor,
 )
-from lssgen.latents import LatentNormalization
-from lssgen.metrics import psnr
 from lssgen.upsampler import LatentUpsampler
 
 CROP = 256

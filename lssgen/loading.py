@@ -127,7 +127,7 @@ def check_pipeline(model: str) -> None:
 
 def check_vae(vae: str, subfolder: str | None = None) -> None:
     """Fail early on a local `--vae` folder (with `--subfolder`) that cannot hold a VAE."""
-    from .tiny_autoencoder import is_tiny_autoencoder_folder
+    from lssgen.autoencoders.taesd import is_tiny_autoencoder_folder
 
     if not Path(vae).expanduser().exists() and _hub_id(vae):
         return  # the hub's to check

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lssgen
-from lssgen.bench import BASELINE, UNPATCHED, Setting, default_settings, run_bench
+from lssgen.evaluation.bench import BASELINE, UNPATCHED, Setting, default_settings, run_bench
 from lssgen.tiny import build_tiny_flux_pipeline
 
 CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 32}
@@ -93,7 +93,7 @@ def test_preset_refuses_cpu_without_opt_in(tmp_path):
 
 
 def test_compile_flag_is_wired():
-    from lssgen.cli import build_parser
+    from lssgen.cli.main import build_parser
 
     assert build_parser().parse_args(["bench", "--compile"]).compile is True
 
@@ -101,7 +101,7 @@ def test_compile_flag_is_wired():
 @pytest.mark.gpu
 def test_flux_dev_preset_builds_the_real_architecture_small():
     # Full FLUX.1-dev widths, one block of each kind: the preset's construction path on a GPU.
-    from lssgen.bench import build_flux_dev_pipeline, random_flux_prompt
+    from lssgen.evaluation.bench import build_flux_dev_pipeline, random_flux_prompt
 
     if not __import__("torch").cuda.is_available():
         pytest.skip("needs CUDA")
@@ -114,7 +114,7 @@ def test_flux_dev_preset_builds_the_real_architecture_small():
 def test_bench_with_a_cache_runs_each_setting_with_and_without_it():
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from lssgen.bench import CACHE_ALONE, WITH_CACHE
+    from lssgen.evaluation.bench import CACHE_ALONE, WITH_CACHE
 
     pipe = build_tiny_flux_pipeline()
     settings = [Setting(0.75, shorten_intermediate_steps=False, min_resolution=128)]  # several steps per stage
@@ -142,7 +142,7 @@ def test_bench_with_a_cache_runs_each_setting_with_and_without_it():
 def test_bench_agreement_sees_a_cache_that_never_reuses_as_no_cache():
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from lssgen.bench import CACHE_ALONE, WITH_CACHE
+    from lssgen.evaluation.bench import CACHE_ALONE, WITH_CACHE
 
     pipe = build_tiny_flux_pipeline()
     settings = [Setting(0.75, shorten_intermediate_steps=True, min_resolution=128)]
@@ -165,8 +165,8 @@ def test_bench_agreement_sees_a_cache_that_never_reuses_as_no_cache():
 
 
 def test_bench_with_sea_cache_caches_only_under_lssgen():
-    from lssgen.bench import CACHE_ALONE, WITH_CACHE
     from lssgen.caches import StageRawVision, cache_config
+    from lssgen.evaluation.bench import CACHE_ALONE, WITH_CACHE
 
     pipe = build_tiny_flux_pipeline()
     settings = [Setting(0.75, shorten_intermediate_steps=False, min_resolution=128)]  # several steps per stage

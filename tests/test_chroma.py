@@ -9,7 +9,7 @@ from test_flux import TEXT_TOKENS, flux_call_kwargs
 
 import lssgen
 from lssgen.adapters.chroma import STAGE_HOOK
-from lssgen.flops import call_flops, denoiser_flops, meta_model, published_architectures
+from lssgen.evaluation.flops import call_flops, denoiser_flops, meta_model, published_architectures
 from lssgen.tiny import FLUX_SCHEDULER_CONFIG, build_tiny_chroma_pipeline
 
 

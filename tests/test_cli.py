@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli import main
+from lssgen.cli.main import main
 from lssgen.loading import check_device
 
-LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen.cli"
+LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen.cli.main"
 
 
 def run(*args, cwd=None):
@@ -35,7 +35,7 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
 
 def _tiny_scene_model(folder):
     import lssgen
-    from lssgen.scene_model import build_pipeline
+    from lssgen.scenes.model import build_pipeline
 
     build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
     return folder
@@ -67,7 +67,7 @@ def test_demo_falls_back_to_random_weights_without_taef2(tmp_path, capsys, monke
 
     monkeypatch.setattr(lssgen.weights, "shipped", lambda: ["flux2-x2", "scene-scorer", "scene-t2i"])
     monkeypatch.setenv("LSSGEN_TAEF2", str(tmp_path / "no-taef2"))
-    monkeypatch.setattr("lssgen.flux2_vae.find_taef2", lambda folder=None: (_ for _ in ()).throw(
+    monkeypatch.setattr("lssgen.autoencoders.flux2.find_taef2", lambda folder=None: (_ for _ in ()).throw(
         FileNotFoundError("no taef2 folder was found (looked in: nowhere)")))  # fmt: skip
     args = ["--steps", "2", "--height", "256", "--width", "256", "--min-resolution", "128", "--out-dir", str(tmp_path)]
     assert main(["demo", *args]) == 0
@@ -80,8 +80,8 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     # A tiny untrained scene model, saved as the shipped folder is, stands in (fast; the shipped model's pictures
     # are tests/test_scene_pictures.py's).
     import lssgen.weights
-    from lssgen.cli import main
-    from lssgen.scene_model import build_pipeline
+    from lssgen.cli.main import main
+    from lssgen.scenes.model import build_pipeline
 
     folder = tmp_path / "scene-t2i"
     build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
@@ -91,7 +91,7 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
         lssgen.weights, "weights_path", lambda name: folder if name == "scene-t2i" else weights_path(name)
     )
     # Its VAE is a random one saved whole, so no taef2 folder is needed; the demo still looks for one.
-    monkeypatch.setattr("lssgen.flux2_vae.find_taef2", lambda folder=None: tmp_path)
+    monkeypatch.setattr("lssgen.autoencoders.flux2.find_taef2", lambda folder=None: tmp_path)
 
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "4", "--out-dir", str(out)]) == 0

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 import lssgen
-from lssgen.cli import main
-from lssgen.eval_generation import (
+from lssgen.cli.main import main
+from lssgen.evaluation.generation import (
     TILE,
     GenerationSetting,
     default_settings,
     equal_speed_settings,
     evaluate_generation,
 )
-from lssgen.evaluation import LABEL_HEIGHT
-from lssgen.scenes import CATEGORIES, evaluation_scenes
-from lssgen.scorer import SceneScorer
+from lssgen.evaluation.upsampler import LABEL_HEIGHT
+from lssgen.scenes.scorer import SceneScorer
+from lssgen.scenes.world import CATEGORIES, evaluation_scenes
 from lssgen.tiny import build_tiny_flux_pipeline
 
 SIZE, STEPS = 64, 4
@@ -173,7 +173,7 @@ def test_cli_refuses_more_prompts_than_the_held_out_set_has(tmp_path, capsys):
 def test_a_cache_runs_in_its_own_rows_only(scorer, monkeypatch):
     from diffusers.hooks import FirstBlockCacheConfig
 
-    import lssgen.eval_generation as eval_generation
+    import lssgen.evaluation.generation as eval_generation
 
     settings = [
         GenerationSetting("stock", STEPS),
@@ -242,7 +242,7 @@ def test_a_cache_runs_in_its_own_rows_only(scorer, monkeypatch):
 
 def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
     """Flux2KleinPipeline's first parameter is `image`: a prompt passed by position would fail the call."""
-    from lssgen.scene_model import build_pipeline
+    from lssgen.scenes.model import build_pipeline
 
     pipe = build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
     report = evaluate_generation(

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from lssgen import LatentUpsampler
-from lssgen.cli import main
-from lssgen.evaluation import (
+from lssgen.cli.main import main
+from lssgen.evaluation.metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
+from lssgen.evaluation.upsampler import (
     BICUBIC,
     CEILING,
     LABEL_HEIGHT,
@@ -27,7 +28,6 @@ from lssgen.evaluation import (
     write_report,
 )
 from lssgen.latents import LatentNormalization
-from lssgen.metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from lssgen.tiny.flux import build_tiny_vae
 
 # The installed console script, looked up beside this interpreter first (the venv need not be on PATH).
@@ -193,7 +193,7 @@ def test_crops_per_image_adds_seeded_random_crops(vae, image_dir):
     one = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, repeats=1, grid=0)
     three = evaluate_upsampler(vae, image_dir, resolution=RESOLUTION, crops_per_image=3, repeats=1, grid=2)
     # The grid shows one row per image (its centre crop), not the first crops of the first image.
-    from lssgen.data import center_crop, find_images, load_image, to_pil
+    from lssgen.training.data import center_crop, find_images, load_image, to_pil
 
     original_column = (len(three.methods) + 1) * RESOLUTION  # input, methods, VAE round trip, original
     for row, path in enumerate(find_images(image_dir)[:2]):
@@ -229,7 +229,7 @@ def test_pixel_round_trip_encodes_once_more_than_bicubic(vae, image_dir, monkeyp
 
 
 def test_images_smaller_than_the_resolution_are_evaluated_at_their_own_size(vae, tmp_path, caplog):
-    from lssgen.data import load_image, to_pil
+    from lssgen.training.data import load_image, to_pil
 
     folder = tmp_path / "small"
     folder.mkdir()
@@ -237,7 +237,7 @@ def test_images_smaller_than_the_resolution_are_evaluated_at_their_own_size(vae,
     # Short sides 40 and 50 (→ 32 and 48 px, multiples of 16 for the x8 VAE) and one image large enough.
     for name, size in {"a": (40, 40), "b": (90, 50), "c": (96, 80)}.items():
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-    with caplog.at_level(logging.WARNING, logger="lssgen.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="lssgen.evaluation.upsampler"):
         report = evaluate_upsampler(vae, folder, resolution=RESOLUTION, repeats=1, grid=3, progress=False)
     assert report.crop_sizes == [32, 48, 64]
     assert "2 of 3 images are smaller than 64 px: at their own size (48 px, 32 px)" in caplog.text

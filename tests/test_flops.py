@@ -1,4 +1,4 @@
-"""lssgen.flops: the FLOP counter against hand counts, plan arithmetic, and one real-size meta count."""
+"""lssgen.evaluation.flops: the FLOP counter against hand counts, plan arithmetic, and one real-size meta count."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 import lssgen
 from lssgen.adapters.base import Adapter, Architecture
 from lssgen.adapters.flux import FluxAdapter
-from lssgen.flops import (
+from lssgen.evaluation.flops import (
     adapter_for_denoiser,
     bound_speedup,
     call_flops,

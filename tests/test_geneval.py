@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli import build_parser, main
-from lssgen.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
+from lssgen.cli.main import build_parser, main
+from lssgen.evaluation.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
 
 LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"

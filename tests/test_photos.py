@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from lssgen.photos import HELDOUT, PHOTOS, TRAIN, Photo, assemble, main
+from lssgen.training.photos import HELDOUT, PHOTOS, TRAIN, Photo, assemble, main
 
 pytest.importorskip("skimage")
 

@@ -9,7 +9,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 import lssgen
 from lssgen.adapters.qwenimage import IMG_SHAPES_HOOK, QWEN_IMAGE_CONFIG, QwenImageAdapter
-from lssgen.flops import call_flops, published_architectures
+from lssgen.evaluation.flops import call_flops, published_architectures
 from lssgen.patch import Options
 from lssgen.tiny.qwenimage import (
     QWENIMAGE_SCHEDULER_CONFIG,

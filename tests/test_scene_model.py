@@ -1,4 +1,4 @@
-"""The scene model (`lssgen.scene_model`): its folder is a stock `Flux2KleinPipeline` with taef2 as the VAE, string
+"""The scene model (`lssgen.scenes.model`): its folder is a stock `Flux2KleinPipeline` with taef2 as the VAE, string
 prompts go through its own tokenizer and text encoder, lssgen's FLUX.2 route runs on it, and training learns and
 resumes exactly."""
 
@@ -12,9 +12,10 @@ from diffusers import Flux2KleinPipeline
 from safetensors.torch import load_file
 
 import lssgen
-from lssgen import scene_model, scenes
-from lssgen.flux2_vae import STATISTICS_FILE, TAEF2_ENV
-from lssgen.scene_model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
+from lssgen.autoencoders.flux2 import STATISTICS_FILE, TAEF2_ENV
+from lssgen.scenes import model as scene_model
+from lssgen.scenes import world as scenes
+from lssgen.scenes.model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shared data sits beside the main checkout (../shared) or, from a worktree under wt/, one level further up.
@@ -41,9 +42,9 @@ def saved_pipeline(tmp_path_factory):
 def test_the_folder_loads_with_the_stock_loader(saved_pipeline):
     folder, vae, pipe = saved_pipeline
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["vae"] == ["lssgen.flux2_vae", "TinyFlux2Autoencoder"]
+    assert index["vae"] == ["lssgen.autoencoders.flux2", "TinyFlux2Autoencoder"]
     assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
-    assert index["transformer"] == ["lssgen.scene_denoiser", "SceneDenoiser"]
+    assert index["transformer"] == ["lssgen.scenes.denoiser", "SceneDenoiser"]
     assert isinstance(pipe.transformer, lssgen.SceneDenoiser) and pipe.transformer.config.in_channels == 128
     assert isinstance(pipe.vae, lssgen.TinyFlux2Autoencoder) and pipe.vae_scale_factor == 8
     assert torch.equal(pipe.vae.bn.running_mean, vae.bn.running_mean)
@@ -234,7 +235,7 @@ def test_scene_captions_are_all_known():
 
 
 def test_evaluate_scores_every_held_out_prompt_per_category(saved_pipeline):
-    from lssgen.scorer import SceneScorer
+    from lssgen.scenes.scorer import SceneScorer
 
     _, _, pipe = saved_pipeline
     scorer = SceneScorer.from_pretrained(ROOT / "weights" / "scene-scorer")

@@ -10,9 +10,9 @@ from diffusers import Flux2KleinPipeline
 
 import lssgen
 from lssgen import weights_path
+from lssgen.autoencoders.flux2 import find_taef2
 from lssgen.controller import Run
-from lssgen.flux2_vae import find_taef2
-from lssgen.scorer import SceneScorer
+from lssgen.scenes.scorer import SceneScorer
 from lssgen.weights import shipped
 
 

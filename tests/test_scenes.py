@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lssgen.scenes import (
+from lssgen.scenes.world import (
     ATTRIBUTES,
     CATEGORIES,
     COLOURS,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lssgen.scenes import ATTRIBUTES, CATEGORIES, caption_for, render, sample_scene, wrong_check
-from lssgen.scorer import TRAIN_SEED, SceneScorer, _connected_regions, main
+from lssgen.scenes.scorer import TRAIN_SEED, SceneScorer, _connected_regions, main
+from lssgen.scenes.world import ATTRIBUTES, CATEGORIES, caption_for, render, sample_scene, wrong_check
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "scene-scorer"
 FRESH_SEED = 12345  # no training run or report uses it

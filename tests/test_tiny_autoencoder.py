@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lssgen.data import encode, load_image, load_vae, vae_spatial_factor
+from lssgen.autoencoders.taesd import TinyAutoencoder
+from lssgen.evaluation.metrics import psnr
 from lssgen.latents import LatentNormalization
-from lssgen.metrics import psnr
-from lssgen.tiny_autoencoder import TinyAutoencoder
+from lssgen.training.data import encode, load_image, load_vae, vae_spatial_factor
 
 TAEF2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "taef2"
 skimage = pytest.importorskip("skimage")
@@ -64,8 +64,8 @@ def test_bad_tiny_autoencoder_folders_say_what_is_wrong(tmp_path):
 
 
 def test_train_and_eval_upsampler_take_the_tiny_autoencoder_folder(tmp_path, astronaut):
-    from lssgen.cli import main
-    from lssgen.data import to_pil
+    from lssgen.cli.main import main
+    from lssgen.training.data import to_pil
 
     images = tmp_path / "images"
     images.mkdir()

@@ -17,10 +17,10 @@ from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
 import lssgen
-from lssgen.data import center_crop, decode, downsample_nearest, encode, find_images, load_image
 from lssgen.latents import LatentNormalization
 from lssgen.tiny import build_tiny_sd_pipeline, build_tiny_vae
-from lssgen.training import split_images, train_upsampler
+from lssgen.training.data import center_crop, decode, downsample_nearest, encode, find_images, load_image
+from lssgen.training.upsampler import split_images, train_upsampler
 
 SMALL = {"block_out_channels": [32, 32], "norm_num_groups": 8}
 
@@ -75,7 +75,7 @@ def vae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vae(vae_dir):
-    from lssgen.data import load_vae
+    from lssgen.training.data import load_vae
 
     return load_vae(str(vae_dir))
 
@@ -209,7 +209,7 @@ def test_cli_trains_and_resumes(vae_dir, data, small_config, tmp_path):
 
 def expect_error(capsys, out: Path, args, *words: str) -> None:
     """Bad input: exit status 2, `lssgen train-upsampler: error:` naming the problem, and no output folder."""
-    from lssgen.cli import main
+    from lssgen.cli.main import main
 
     assert main(["train-upsampler", *map(str, args)]) == 2
     error = capsys.readouterr().err
@@ -277,7 +277,7 @@ def test_cli_errors_leave_nothing(vae_dir, data, tmp_path, capsys):
 
 
 def test_cached_crops_line_up_with_their_image_and_its_half_size(vae, data, tmp_path):
-    from lssgen.training import _PairSource
+    from lssgen.training.upsampler import _PairSource
 
     norm = LatentNormalization.from_vae_config(vae.config)
     path = find_images(data)[0]
@@ -310,7 +310,7 @@ def test_cached_crops_line_up_with_their_image_and_its_half_size(vae, data, tmp_
 
 
 def test_augmented_is_a_smaller_or_mirrored_copy():
-    from lssgen.training import augmented
+    from lssgen.training.upsampler import augmented
 
     image = torch.rand(3, 40, 60) * 2 - 1
     assert torch.equal(augmented(image, 1.0, False), image)
@@ -323,7 +323,7 @@ def test_augmented_is_a_smaller_or_mirrored_copy():
 
 
 def test_cache_holds_every_size_and_mirror_of_each_image(vae, data, tmp_path):
-    from lssgen.training import _PairSource
+    from lssgen.training.upsampler import _PairSource
 
     norm = LatentNormalization.from_vae_config(vae.config)
     path = find_images(data)[0]
@@ -396,7 +396,7 @@ def test_fine_tuning_on_the_pixel_mse_alone(trained, vae, data, tmp_path):
 
 
 def test_pixel_loss_alone_skips_encoding_the_targets(vae, data):
-    from lssgen.training import _PairSource
+    from lssgen.training.upsampler import _PairSource
 
     norm = LatentNormalization.from_vae_config(vae.config)
     source = _PairSource(

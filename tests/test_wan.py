@@ -9,7 +9,7 @@ from diffusers import WanPipeline
 
 import lssgen
 from lssgen.adapters.wan import WAN_14B_CONFIG, WanAdapter, latent_frame_count
-from lssgen.flops import bound_speedup, call_flops, make_plan, published_architectures
+from lssgen.evaluation.flops import bound_speedup, call_flops, make_plan, published_architectures
 from lssgen.scaling import scale_up
 from lssgen.tiny.wan import build_tiny_wan_pipeline
 

@@ -17,8 +17,12 @@ from diffusers import AutoencoderKL, AutoencoderKLWan, FlowMatchEulerDiscreteSch
 from PIL import Image
 
 import lssgen
-from lssgen.cli import main
-from lssgen.data import (
+from lssgen.cli.main import main
+from lssgen.evaluation.upsampler import LEARNED
+from lssgen.latents import LatentNormalization
+from lssgen.loading import load_upsampler
+from lssgen.tiny.qwenimage import build_tiny_qwenimage_vae
+from lssgen.training.data import (
     decode,
     downsample_nearest,
     encode,
@@ -27,10 +31,6 @@ from lssgen.data import (
     vae_latent_channels,
     vae_spatial_factor,
 )
-from lssgen.evaluation import LEARNED
-from lssgen.latents import LatentNormalization
-from lssgen.loading import load_upsampler
-from lssgen.tiny.qwenimage import build_tiny_qwenimage_vae
 
 # Per-channel statistics far from 0 / 1, so a missing or half-applied normalisation cannot pass.
 MEAN, STD = [0.3, -0.5, 0.1, 0.8], [1.7, 0.6, 2.2, 1.1]

@@ -9,7 +9,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
 import lssgen
 from lssgen.adapters.zimage import Z_IMAGE_TURBO_CONFIG, ZImageAdapter
-from lssgen.flops import bound_speedup, call_flops, published_architectures
+from lssgen.evaluation.flops import bound_speedup, call_flops, published_architectures
 from lssgen.tiny.zimage import build_tiny_zimage_pipeline, tiny_zimage_prompt_embeds
 
 

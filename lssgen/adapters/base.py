@@ -58,11 +58,11 @@ def flow_stage_kwargs(
 class Architecture:
     r"""
     A published denoiser of an adapter's family, with the facts of its pipeline that set the cost of a generation:
-    what `lssgen.flops` builds on the `meta` device and counts.
+    what `lssgen.evaluation.flops` builds on the `meta` device and counts.
 
     These are per-model facts, so they live with the family's adapter (`Adapter.architectures`), not in
-    `lssgen.flops`: a new family adds its published models in its own adapter file, and `lssgen.flops` finds them
-    through the installed adapters like everything else.
+    `lssgen.evaluation.flops`: a new family adds its published models in its own adapter file, and the FLOP count
+    finds them through the installed adapters like everything else.
 
     Args:
         name (`str`): the model's name in tables (e.g. `"FLUX.1-dev"`).
@@ -72,7 +72,7 @@ class Architecture:
         cfg_factor (`int`): denoiser batch per image: 2 with classifier-free guidance, 1 for guidance-distilled
             models.
         scheduler (`Callable[[], Any]`): builds a fresh scheduler with the published config.
-        adapter (`Adapter`, *optional*): the adapter that lists it; `lssgen.flops` fills it in.
+        adapter (`Adapter`, *optional*): the adapter that lists it; `lssgen.evaluation.flops` fills it in.
         sizes (`tuple[tuple[int, int], ...]`, *optional*): the published `(height, width)` sizes the FLOP tables show
             for this model; empty for the square image sizes every image model is shown at.
         default_steps (`int`, *optional*): the model's published step count, where it differs from its adapter's
@@ -128,8 +128,8 @@ class Adapter:
     scale_in_vae_space: bool = False
     # The call argument that multiplies the prompts into the effective batch (`num_videos_per_prompt` for video).
     per_prompt_argument: str = "num_images_per_prompt"
-    # The family's published denoisers, for `lssgen.flops` (see `Architecture`); their `model_class` names are also
-    # the denoiser classes whose `denoiser_dummy_inputs` this adapter knows.
+    # The family's published denoisers, for `lssgen.evaluation.flops` (see `Architecture`); their `model_class` names
+    # are also the denoiser classes whose `denoiser_dummy_inputs` this adapter knows.
     architectures: tuple[Architecture, ...] = ()
 
     @property
@@ -266,13 +266,13 @@ class Adapter:
         """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
         return self.latent_normalization(pipe).from_vae(vae_latents)
 
-    # FLOP counts (`lssgen.flops`) -------------------------------------------------------------------------------
+    # FLOP counts (`lssgen.evaluation.flops`) -------------------------------------------------------------------------
     def denoiser_dummy_inputs(
         self, model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1
     ) -> dict[str, Any]:
         """Keyword arguments of one forward call of `model` (this family's denoiser, possibly on the `meta`
         device), on the model's device and shaped as the pipeline calls it for a `latent_height` x `latent_width`
-        latent (unpacked cells) and `text_tokens` text tokens: what `lssgen.flops` counts."""
+        latent (unpacked cells) and `text_tokens` text tokens: what `lssgen.evaluation.flops` counts."""
         raise NotImplementedError(
             f"lssgen's {self.name} adapter cannot build dummy inputs for {type(model).__name__}: FLOP counts need "
             f"{type(self).__name__}.denoiser_dummy_inputs; see lssgen.adapters.flux for an example."

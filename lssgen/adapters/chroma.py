@@ -23,10 +23,21 @@ CHROMA1_HD_CONFIG = {
 }
 
 
+# Chroma1-HD's scheduler (`scheduler/scheduler_config.json`): FLUX.1's, but a static shift of 3 (no dynamic shifting),
+# so plans and shifts match the real model's.
+CHROMA_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": False,
+}
+
+
 def chroma_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with Chroma1-HD's config."""
-    from ..tiny.chroma import CHROMA_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return FlowMatchEulerDiscreteScheduler(**CHROMA_SCHEDULER_CONFIG)
 
 

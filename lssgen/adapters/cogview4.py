@@ -34,10 +34,21 @@ COGVIEW4_6B_CONFIG = {
 }
 
 
+# CogView4-6B's scheduler: dynamic shifting of the linear type, with CogView4Pipeline's own `mu` rule.
+COGVIEW4_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.25,
+    "max_image_seq_len": 4096,
+    "max_shift": 0.75,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "time_shift_type": "linear",
+    "use_dynamic_shifting": True,
+}
+
+
 def cogview4_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with CogView4-6B's config."""
-    from ..tiny.cogview4 import COGVIEW4_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return FlowMatchEulerDiscreteScheduler(**COGVIEW4_SCHEDULER_CONFIG)
 
 

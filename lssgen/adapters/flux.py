@@ -29,10 +29,20 @@ FLUX_DEV_CONFIG = {
 }
 
 
+# FLUX.1-dev's scheduler, so plans and shifts match the real model's.
+FLUX_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
 def flux_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with FLUX.1-dev's config."""
-    from ..tiny.flux import FLUX_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
 
 

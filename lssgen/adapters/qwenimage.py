@@ -32,11 +32,28 @@ QWEN_IMAGE_CONFIG = {
 }
 
 
+# Qwen/Qwen-Image's `scheduler/scheduler_config.json`: an exponential time shift from the image token count (its own
+# range, 256..8192 tokens, 0.5..0.9), and the schedule stretched to end at sigma 0.02 before the final 0.
+QWENIMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+
 def qwenimage_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with Qwen-Image's config."""
-    # Imported here: `lssgen.tiny` loads the text encoders' code.
-    from ..tiny.qwenimage import QWENIMAGE_SCHEDULER_CONFIG
-
     return FlowMatchEulerDiscreteScheduler(**QWENIMAGE_SCHEDULER_CONFIG)
 
 

@@ -24,10 +24,21 @@ SD15_UNET_CONFIG = {
 }
 
 
+# Stable Diffusion 1.5's scheduler config (PNDM, PLMS steps only), so plans match the real model's.
+SD_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
 def sd_scheduler() -> PNDMScheduler:
     """A fresh scheduler with SD1.5's config."""
-    from ..tiny.sd import SD_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)  # the config holds keys PNDM ignores
 
 

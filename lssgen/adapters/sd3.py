@@ -27,10 +27,12 @@ SD35_LARGE_CONFIG = {
 }
 
 
+# SD3-medium's and SD3.5's scheduler (a static shift) and VAE normalisation, so plans match the real models'.
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
 def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with SD3's config."""
-    from ..tiny.sd3 import SD3_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
 
 

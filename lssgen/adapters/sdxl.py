@@ -35,10 +35,22 @@ SDXL_UNET_CONFIG = {
 }
 
 
+# SDXL 1.0 base's scheduler config, so plans match the real model's.
+SDXL_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
 def sdxl_scheduler() -> EulerDiscreteScheduler:
     """A fresh scheduler with SDXL's config."""
-    from ..tiny.sdxl import SDXL_SCHEDULER_CONFIG  # imported here: `lssgen.tiny` loads the text encoders' code
-
     return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
 

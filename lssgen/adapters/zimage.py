@@ -42,11 +42,17 @@ _PREPARE_LATENTS = "prepare_latents"
 _PREPARE_SIGNATURE = inspect.Signature(list(inspect.signature(ZImagePipeline.prepare_latents).parameters.values())[1:])
 
 
+# Tongyi-MAI/Z-Image-Turbo's `scheduler/scheduler_config.json`: a static shift of 3 (no dynamic shifting, so the
+# pipeline's `mu` is ignored).
+ZIMAGE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": False,
+}
+
+
 def zimage_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with Z-Image-Turbo's config."""
-    # Imported here: `lssgen.tiny` loads the text encoders' code.
-    from ..tiny.zimage import ZIMAGE_SCHEDULER_CONFIG
-
     return FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER_CONFIG)
 
 

@@ -5,20 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
+from ..adapters.chroma import CHROMA_SCHEDULER_CONFIG
 from .flux import FLUX_VAE_CONFIG, build_tiny_vae, flux_layout_transformer_config
 from .text import build_tiny_t5, character_tokenizer, eval_mode
-
-# Chroma1-HD's scheduler (`scheduler/scheduler_config.json`): FLUX.1's, but a static shift of 3 (no dynamic shifting),
-# so plans and shifts match the real model's.
-CHROMA_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": False,
-}
 
 
 def build_tiny_chroma_pipeline(

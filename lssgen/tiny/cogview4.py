@@ -6,20 +6,9 @@ import torch
 from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 from transformers import GlmConfig, GlmModel
 
+from ..adapters.cogview4 import COGVIEW4_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
 from .text import VOCAB_SIZE, character_tokenizer, eval_mode
-
-# CogView4-6B's scheduler: dynamic shifting of the linear type, with CogView4Pipeline's own `mu` rule.
-COGVIEW4_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.25,
-    "max_image_seq_len": 4096,
-    "max_shift": 0.75,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "time_shift_type": "linear",
-    "use_dynamic_shifting": True,
-}
 
 
 def build_tiny_glm(width: int) -> GlmModel:

@@ -5,18 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+from ..adapters.flux import FLUX_SCHEDULER_CONFIG
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer, eval_mode
-
-# FLUX.1-dev's scheduler, so plans and shifts match the real model's.
-FLUX_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
 
 # FLUX.1's VAE normalisation (and no quant convs), shared by the families that use its VAE (Chroma).
 FLUX_VAE_CONFIG = {

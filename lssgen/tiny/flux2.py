@@ -13,7 +13,7 @@ from diffusers import (
     Flux2Transformer2DModel,
 )
 
-from .flux import FLUX_SCHEDULER_CONFIG
+from ..adapters.flux import FLUX_SCHEDULER_CONFIG
 from .text import eval_mode
 
 # FLUX.2 checkpoints ship FLUX.1's dynamic-shifting Euler scheduler config; their pipelines pass the time shift `mu`

@@ -10,27 +10,10 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 
+from ..adapters.qwenimage import QWENIMAGE_SCHEDULER_CONFIG
 from .flux2 import tiny_flux2_prompt_embeds
 from .text import eval_mode
 
-# Qwen/Qwen-Image's `scheduler/scheduler_config.json`: an exponential time shift from the image token count (its own
-# range, 256..8192 tokens, 0.5..0.9), and the schedule stretched to end at sigma 0.02 before the final 0.
-QWENIMAGE_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
 TEXT_DIM = 32
 
 

@@ -6,20 +6,9 @@ import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..adapters.sd import SD_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
 from .text import build_tiny_clip, character_tokenizer, eval_mode
-
-# Stable Diffusion 1.5's scheduler config (PNDM, PLMS steps only), so plans match the real model's.
-SD_SCHEDULER_CONFIG = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
 
 
 def build_tiny_sd_pipeline(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from ..adapters.sd3 import SD3_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer, eval_mode
-
-# SD3-medium's and SD3.5's scheduler (a static shift) and VAE normalisation, so plans match the real models'.
-SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 def build_tiny_sd3_pipeline(

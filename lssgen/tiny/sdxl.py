@@ -10,21 +10,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from ..adapters.sdxl import SDXL_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
 from .text import build_tiny_clip, character_tokenizer, eval_mode
 
-# SDXL 1.0 base's scheduler config, so plans match the real model's.
-SDXL_SCHEDULER_CONFIG = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
 # Playground v2.5's scheduler config and VAE normalisation (per-channel mean and std).
 PLAYGROUND_SCHEDULER_CONFIG = {
     "algorithm_type": "dpmsolver++",

@@ -7,16 +7,10 @@ import zlib
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
+from ..adapters.zimage import ZIMAGE_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
 from .text import eval_mode
 
-# Tongyi-MAI/Z-Image-Turbo's `scheduler/scheduler_config.json`: a static shift of 3 (no dynamic shifting, so the
-# pipeline's `mu` is ignored).
-ZIMAGE_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": False,
-}
 TEXT_DIM = 32
 
 

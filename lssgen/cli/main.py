@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .loading import (
+from lssgen.loading import (
     DTYPES,
     check_device,
     check_pipeline,
@@ -23,8 +23,8 @@ from .loading import (
     load_pipeline,
     load_upsampler,
 )
-from .outputs import atomic_write, check_writable, write_folder
-from .scenes import EVALUATION_PER_CATEGORY
+from lssgen.outputs import atomic_write, check_writable, write_folder
+from lssgen.scenes.world import EVALUATION_PER_CATEGORY
 
 # The option names of the published LSSGen batch script (its README's command line), accepted by `geneval` next
 # to ours with the same meaning. Its `--pipeline_type` and `--shorten_intermediate_steps True` take values, so
@@ -420,7 +420,7 @@ class _Demo:
 
 def _taef2_found() -> bool:
     """Whether the scene model's VAE weights (taef2, not redistributed by lssgen) can be found; says why not."""
-    from .flux2_vae import find_taef2
+    from lssgen.autoencoders.flux2 import find_taef2
 
     try:
         find_taef2()
@@ -433,8 +433,7 @@ def _taef2_found() -> bool:
 def _demo_setup(args, device: str, dtype: torch.dtype) -> _Demo:
     import lssgen
     from lssgen.tiny import build_tiny_flux_pipeline
-
-    from .weights import shipped, weights_path
+    from lssgen.weights import shipped, weights_path
 
     if args.model:
         pipe = load_pipeline(args.model, device, dtype)
@@ -442,7 +441,7 @@ def _demo_setup(args, device: str, dtype: torch.dtype) -> _Demo:
         what = f"{type(pipe).__name__} from {args.model} on {device}"
         return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], 1024, adapter.default_steps, {}, {}, args.upsampler, what)
     if not args.random_weights and "scene-t2i" in shipped() and _taef2_found():
-        from .scenes import evaluation_scenes
+        from lssgen.scenes.world import evaluation_scenes
 
         pipe = load_pipeline(str(weights_path("scene-t2i")), device, dtype)
         prompts = [args.prompt] if args.prompt else [scene.caption for scene in evaluation_scenes()[:DEMO_SCENES]]
@@ -534,7 +533,7 @@ def run_demo(args) -> None:
 def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, dict, str]:
     """The pipe, its call (less height/width/steps), lssgen defaults and a line saying what it is."""
     import lssgen
-    from lssgen import bench
+    from lssgen.evaluation import bench
     from lssgen.tiny import build_tiny_flux_pipeline
 
     if args.preset:
@@ -567,8 +566,8 @@ def _bench_pipeline(args, device: str, dtype: torch.dtype) -> tuple[Any, dict, d
 
 
 def run_bench(args) -> None:
-    from lssgen import bench
     from lssgen.caches import cache_config
+    from lssgen.evaluation import bench
 
     device, dtype = _device_and_dtype(args)
     pipe, call, sizes, what = _bench_pipeline(args, device, dtype)
@@ -604,8 +603,8 @@ def run_bench(args) -> None:
 
 
 def run_eval_upsampler(args) -> None:
-    from lssgen.data import find_images, load_vae
-    from lssgen.evaluation import evaluate_upsampler, write_report
+    from lssgen.evaluation.upsampler import evaluate_upsampler, write_report
+    from lssgen.training.data import find_images, load_vae
 
     device, dtype = _device_and_dtype(args)
     images = find_images(args.images)
@@ -633,8 +632,8 @@ def run_eval_upsampler(args) -> None:
 def run_train_upsampler(args) -> None:
     import json
 
-    from .data import find_images, load_vae
-    from .training import train_upsampler
+    from lssgen.training.data import find_images, load_vae
+    from lssgen.training.upsampler import train_upsampler
 
     config = None
     if args.config:
@@ -681,7 +680,7 @@ def run_train_upsampler(args) -> None:
 
 def _mode_and_pipeline(args) -> tuple[str, str | None]:
     """`--mode` and `--pipeline`, or what the published `--pipeline_type` says (both given: they must agree)."""
-    from .geneval import parse_pipeline_type
+    from lssgen.evaluation.geneval import parse_pipeline_type
 
     if args.pipeline_type is None:
         return args.mode or "lssgen", args.pipeline
@@ -696,7 +695,7 @@ def _mode_and_pipeline(args) -> tuple[str, str | None]:
 
 
 def run_geneval(args) -> None:
-    from .geneval import GenEvalSettings, run_geneval
+    from lssgen.evaluation.geneval import GenEvalSettings, run_geneval
 
     mode, pipeline = _mode_and_pipeline(args)
     settings = GenEvalSettings(
@@ -724,7 +723,7 @@ def run_geneval(args) -> None:
 
 def _shipped(path: str | None, name: str, option: str) -> str:
     """`path`, or the shipped weights `name` when it is not given."""
-    from .weights import shipped, weights_path
+    from lssgen.weights import shipped, weights_path
 
     if path:
         return path
@@ -734,10 +733,10 @@ def _shipped(path: str | None, name: str, option: str) -> str:
 
 
 def run_eval_generation(args) -> None:
-    from .caches import cache_config
-    from .eval_generation import default_settings, evaluate_generation, write_report
-    from .scenes import CATEGORIES, evaluation_scenes
-    from .scorer import SceneScorer
+    from lssgen.caches import cache_config
+    from lssgen.evaluation.generation import default_settings, evaluate_generation, write_report
+    from lssgen.scenes.scorer import SceneScorer
+    from lssgen.scenes.world import CATEGORIES, evaluation_scenes
 
     if args.per_category > EVALUATION_PER_CATEGORY:
         raise ValueError(

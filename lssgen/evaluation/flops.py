@@ -7,7 +7,8 @@ compute-bound run could gain, before the (small) cost of upsampling and re-noisi
 
 The architectures are the published models each installed adapter lists (`Adapter.architectures`, real configs
 in the adapter's own file), and each adapter builds its denoiser's inputs (`Adapter.denoiser_dummy_inputs`): this
-module holds no per-model knowledge. `python -m lssgen.flops` prints the tables for all of them at 1024² and 2048².
+module holds no per-model knowledge. `python -m lssgen.evaluation.flops` prints the tables for all of them at 1024²
+and 2048².
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import installed_adapters
-from .adapters.base import Adapter, Architecture
-from .plan import StagePlan, plan_stages
-from .plugins import BUILTIN_PLUGINS
+from lssgen.adapters import installed_adapters
+from lssgen.adapters.base import Adapter, Architecture
+from lssgen.plan import StagePlan, plan_stages
+from lssgen.plugins import BUILTIN_PLUGINS
 
 VAE_SCALE_FACTOR = 8  # pixels per latent cell for all the built-in families
 

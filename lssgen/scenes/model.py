@@ -13,10 +13,10 @@ The folder loads with the stock loader once `lssgen` is imported (its VAE is `ls
 Components: taef2 (FLUX.2's tiny autoencoder) with BatchNorm statistics measured on the training renders, a
 byte-level BPE `Qwen2Tokenizer` learnt from the caption language with Qwen's chat tokens and template, a thin
 28-layer `Qwen3ForCausalLM` (so the pipeline's default `text_encoder_out_layers=(9, 18, 27)` works), a small
-convolutional U-Net behind the FLUX.2 transformer's call (`lssgen.scene_denoiser.SceneDenoiser`, which says why)
+convolutional U-Net behind the FLUX.2 transformer's call (`lssgen.scenes.denoiser.SceneDenoiser`, which says why)
 and FLUX.2's flow-matching Euler scheduler.
 
-Train with `python -m lssgen.scene_model train --out weights/scene-t2i` (see `--help`); `--resume` continues.
+Train with `python -m lssgen.scenes.model train --out weights/scene-t2i` (see `--help`); `--resume` continues.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from . import scenes
-from .adapters.flux2 import Flux2Adapter
-from .flux2_vae import TinyFlux2Autoencoder
-from .outputs import atomic_write
-from .scene_denoiser import SceneDenoiser, scene_unet_config
-from .tiny.flux2 import FLUX2_SCHEDULER_CONFIG
-from .tiny_autoencoder import is_tiny_autoencoder_folder
+from lssgen.adapters.flux2 import Flux2Adapter
+from lssgen.autoencoders.flux2 import TinyFlux2Autoencoder
+from lssgen.autoencoders.taesd import is_tiny_autoencoder_folder
+from lssgen.outputs import atomic_write
+from lssgen.tiny.flux2 import FLUX2_SCHEDULER_CONFIG
+
+from . import world as scenes
+from .denoiser import SceneDenoiser, scene_unet_config
 
 # Qwen's chat template as the pipeline uses it (`apply_chat_template(..., add_generation_prompt=True,
 # enable_thinking=False)`): the user turn, then an assistant turn with an empty thinking block.
@@ -207,7 +208,7 @@ SAMPLE_STEPS = 20
 @dataclass
 class TrainSettings:
     r"""
-    What `python -m lssgen.scene_model train` runs (see its `--help` for each argument).
+    What `python -m lssgen.scenes.model train` runs (see its `--help` for each argument).
 
     Everything that changes the trained weights is here and is saved with the checkpoint; a resumed run must match
     it except `steps` (train further), `scenes` (a larger data set: the cache grows) and the bookkeeping
@@ -645,7 +646,7 @@ an object's box touches, logit-normal times (mean {settings.time_shift}), {setti
 captions replaced by the empty prompt (the pipeline's negative prompt under classifier-free guidance), sizes
 {", ".join(map(str, SIZES))} px in the cycle {SIZE_CYCLE} (batch {settings.batch} at 256 px, x2 at 128, x4 at
 64), AdamW lr {settings.lr} ({settings.warmup} warm-up steps, then constant), gradient norm clipped at 1; scenes
-from seed {settings.data_seed} (the held-out evaluation prompts, seed `lssgen.scenes.EVALUATION_SEED`, are never
+from seed {settings.data_seed} (the held-out evaluation prompts, seed `lssgen.scenes.world.EVALUATION_SEED`, are never
 trained on). Step {step} of {settings.steps}.
 
 ```bash
@@ -664,10 +665,10 @@ Loss history (mean per window; `{HISTORY_FILE}` has every window):
 
 
 def command_line(settings: TrainSettings) -> str:
-    """The `python -m lssgen.scene_model train` command that runs `settings` (defaults left out)."""
+    """The `python -m lssgen.scenes.model train` command that runs `settings` (defaults left out)."""
     defaults = asdict(TrainSettings(out="", taef2=""))
     words = [
-        "python -m lssgen.scene_model train",
+        "python -m lssgen.scenes.model train",
         "--out",
         shlex.quote(settings.out),
         "--taef2",
@@ -711,7 +712,7 @@ def _check(s: TrainSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lssgen.scene_model", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m lssgen.scenes.model", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train (or --resume) the scene model")
     defaults = TrainSettings(out="", taef2="")
@@ -743,9 +744,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--work", help="the training's --work (default: runs/OUT_NAME)")
     for name in ("scenes", "data_seed", "threads"):
         c.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help=helps.get(name))
-    e = commands.add_parser("evaluate", help="accuracy per category on the held-out prompts, by lssgen.scorer")
+    e = commands.add_parser("evaluate", help="accuracy per category on the held-out prompts, by lssgen.scenes.scorer")
     e.add_argument("--model", required=True, help="the pipeline folder (e.g. weights/scene-t2i)")
-    e.add_argument("--scorer", required=True, help="a lssgen.scorer.SceneScorer folder (e.g. weights/scene-scorer)")
+    e.add_argument(
+        "--scorer", required=True, help="a lssgen.scenes.scorer.SceneScorer folder (e.g. weights/scene-scorer)"
+    )
     e.add_argument("--images-per-prompt", type=int, default=1)
     e.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="num_inference_steps")
     e.add_argument("--max-sequence-length", type=int, default=32)
@@ -778,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_model(pipe, scorer, images_per_prompt: int = 1, seed: int = 0, **call) -> dict[str, dict[str, float]]:
     r"""
     GenEval-style accuracy of `pipe` on the held-out prompts (`lssgen.scenes.evaluation_scenes`, 16 per category),
-    judged by `scorer` (`lssgen.scorer.SceneScorer`), per category.
+    judged by `scorer` (`lssgen.scenes.scorer.SceneScorer`), per category.
 
     `accuracy` is the share of images that show what their prompt asks; `chance` scores the same images against
     another prompt of the same category (the next one), which is what a model that ignores the prompt would reach.
@@ -787,7 +790,7 @@ def evaluate_model(pipe, scorer, images_per_prompt: int = 1, seed: int = 0, **ca
     Example:
 
     ```py
-    >>> from lssgen.scorer import SceneScorer
+    >>> from lssgen.scenes.scorer import SceneScorer
     >>> evaluate_model(pipe, SceneScorer.from_pretrained("weights/scene-scorer"), max_sequence_length=32)
     ```
     """

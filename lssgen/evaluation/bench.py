@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import write_folder
+from lssgen.outputs import write_folder
 
 UNPATCHED = "stock (unpatched)"
 BASELINE = "stock via lssgen (start_sigma=1.0)"
@@ -99,7 +99,7 @@ class BenchReport:
         return next(result for result in self.results if result.name == name)
 
     def to_json(self) -> dict[str, Any]:
-        from .evaluation import _json_safe  # strict JSON: the inf PSNR of an identical image becomes "inf"
+        from .upsampler import _json_safe  # strict JSON: the inf PSNR of an identical image becomes "inf"
 
         data = asdict(self)
         for entry, result in zip(data["results"], self.results):
@@ -470,8 +470,8 @@ def upsampler_cost(
     """One x2 scale-up into the target's latent, learned and by pixel round trip, against one denoiser call
     at the target size (timed in the baseline warm-up). Without an upsampler, a random one of the default
     (released) architecture stands in: its cost does not depend on its weights."""
-    from .scaling import pixel_round_trip
-    from .upsampler import LatentUpsampler
+    from lssgen.scaling import pixel_round_trip
+    from lssgen.upsampler import LatentUpsampler
 
     vae_param = next(pipe.vae.parameters())
     device, dtype = vae_param.device, vae_param.dtype
@@ -529,7 +529,7 @@ def build_flux_dev_pipeline(device: str, dtype: torch.dtype, **overrides: Any) -
     in float32 on the CPU first would need 48 GB. `overrides` shrink the transformer (tests)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from .tiny.flux import FLUX_SCHEDULER_CONFIG
+    from lssgen.tiny.flux import FLUX_SCHEDULER_CONFIG
 
     config = dict(
         patch_size=1,

@@ -18,6 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lssgen.evaluation.metrics import psnr
+from lssgen.latents import LatentNormalization
+from lssgen.outputs import check_writable, save_pretrained_here
+from lssgen.upsampler import LatentUpsampler
+
 from .data import (
     decode,
     downsample_nearest,
@@ -31,10 +36,6 @@ from .data import (
     vae_latent_channels,
     vae_spatial_factor,
 )
-from .latents import LatentNormalization
-from .metrics import psnr
-from .outputs import check_writable, save_pretrained_here
-from .upsampler import LatentUpsampler
 
 CHECKPOINT = "checkpoint"
 CACHE = "cache"
@@ -261,7 +262,7 @@ def train_upsampler(
     Args:
         vae (`AutoencoderKL`, `AutoencoderTiny`, `AutoencoderKLWan`, ...): the VAE of the pipelines the upsampler
             is for (frozen). A video VAE (Wan's) encodes each image as a one-frame video.
-        image_paths (`list[Path]`): training and validation images (see `lssgen.data.find_images`).
+        image_paths (`list[Path]`): training and validation images (see `lssgen.training.data.find_images`).
         out_dir (`str` or `Path`): where the upsampler (`config.json` + safetensors), `README.md` and
             `checkpoint/` go. Must not hold files unless `resume=True`.
         resolution (`int`, defaults to `256`): crop size of the target, a multiple of 2 x the VAE's spatial factor.
@@ -287,7 +288,7 @@ def train_upsampler(
     Example:
 
     ```py
-    >>> from lssgen.data import find_images, load_vae
+    >>> from lssgen.training.data import find_images, load_vae
     >>> vae = load_vae("black-forest-labs/FLUX.1-dev", subfolder="vae")
     >>> result = train_upsampler(vae, find_images("photos/"), "flux-x2", resolution=256, steps=2000)
     >>> result.val_mse, result.bicubic_mse

@@ -3,7 +3,7 @@ Procedural compositional scenes with captions and ground truth, in the spirit of
 
 A scene is a few flat-coloured shapes (8 shapes x 8 colours) on a muted, finely textured background. Each comes
 with a GenEval-style caption and the [`Check`] an image must pass to match it, so a text-to-image model can be
-trained on the renders and judged on its own images by `lssgen.scorer`.
+trained on the renders and judged on its own images by `lssgen.scenes.scorer`.
 
 | category | caption | the check |
 |---|---|---|
@@ -243,7 +243,7 @@ ATTRIBUTES = {
 
 def satisfies(check: Check, objects: Sequence[SceneObject]) -> bool:
     r"""
-    Whether `objects` (drawn, or found in an image by `lssgen.scorer`) pass `check`, GenEval's rules: every named
+    Whether `objects` (drawn, or found in an image by `lssgen.scenes.scorer`) pass `check`, GenEval's rules: every named
     object is there at least `count` times (exactly, for `counting`), with its colour where one is named, and
     for `position` some pair of them stands in the relation (see [`relation_holds`]). Other objects are allowed.
 
@@ -616,12 +616,12 @@ def render(scene: Scene, size: int = 256, photos: Sequence[str | Path] | None = 
         size (`int`, defaults to `256`): side in pixels. Any size shows the same scene.
         photos (`list[str | Path]`, *optional*): photographs to take the background from (a muted crop of one,
             chosen by the scene's seed), e.g. `sorted(Path("data/photos/train").glob("*.png"))` after
-            `python -m lssgen.photos --out data/photos`. By default a procedural texture.
+            `python -m lssgen.training.photos --out data/photos`. By default a procedural texture.
 
     Example:
 
     ```py
-    >>> from lssgen.scenes import render, sample_scene
+    >>> from lssgen.scenes.world import render, sample_scene
     >>> render(sample_scene(seed=0, index=3), 256).save("scene.png")
     ```
     """

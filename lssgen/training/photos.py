@@ -9,7 +9,7 @@ Every image is written as PNG, its long side reduced to at most `--max-side` pix
 version it came from, the path inside it, the author, the licence and a checksum; each Debian package's
 copyright file is copied to `OUT/licenses/`.
 
-Run: `python -m lssgen.photos --out data/photos` (downloads the two .deb files with `apt-get download`; or pass
+Run: `python -m lssgen.training.photos --out data/photos` (downloads the two .deb files with `apt-get download`; or pass
 them with `--deb FILE.deb`; `--skimage-only` needs no network).
 """
 
@@ -228,7 +228,9 @@ def assemble(out: str | Path, debs: dict[str, Path] | None = None, max_side: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lssgen.photos", description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(
+        prog="python -m lssgen.training.photos", description=__doc__.split("\n\n")[0].strip()
+    )
     parser.add_argument("--out", required=True, help="folder for train/, heldout/, photos.json and licenses/")
     parser.add_argument("--deb", action="append", default=[], help="an already downloaded .deb (repeatable)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="long side of the saved photos, px")

@@ -6,8 +6,8 @@ What the FLUX.2 pipelines read from their `vae` (diffusers 0.42.1, `pipeline_flu
 `config.batch_norm_eps` (the latent normalisation over 2x2 patches), `encode(images)` (read by `retrieve_latents`
 through `.latents`), `decode(latents, return_dict=False)[0]` with images in [-1, 1], `dtype` and the device of
 its parameters. [`TinyFlux2Autoencoder`] has exactly those, around the taef2 encoder and decoder of
-`lssgen.tiny_autoencoder`; a pipeline folder records it in `model_index.json` as
-`["lssgen.flux2_vae", "TinyFlux2Autoencoder"]`, which diffusers loads once `lssgen` is imported.
+`lssgen.autoencoders.taesd`; a pipeline folder records it in `model_index.json` as
+`["lssgen.autoencoders.flux2", "TinyFlux2Autoencoder"]`, which diffusers loads once `lssgen` is imported.
 
 taef2's weights are not ours to redistribute in lssgen's repository, so a model built from them
 (`from_taesd_folder`) saves only its config and BatchNorm statistics, and loading it reads the weights from a
@@ -27,7 +27,7 @@ from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
 from diffusers.models.autoencoders.vae import DecoderOutput
 from safetensors.torch import load_file, save_file
 
-from .tiny_autoencoder import WIDTH, TinyAutoencoder, build_decoder, build_encoder, is_tiny_autoencoder_folder
+from .taesd import WIDTH, TinyAutoencoder, build_decoder, build_encoder, is_tiny_autoencoder_folder
 
 TAEF2_ENV = "LSSGEN_TAEF2"
 STATISTICS_FILE = "latent_statistics.safetensors"
@@ -44,7 +44,7 @@ class TinyFlux2Autoencoder(ModelMixin, ConfigMixin):
     Args:
         latent_channels (`int`, defaults to `32`): channels of the latent (32 for FLUX.2).
         encoder_extra_branch_at (`list[int]`), decoder_extra_branch_at (`list[int]`): layers with taef2's extra
-            1x1 branch (see `lssgen.tiny_autoencoder`).
+            1x1 branch (see `lssgen.autoencoders.taesd`).
         batch_norm_eps (`float`, defaults to `1e-4`): as `AutoencoderKLFlux2`'s.
         block_out_channels (`list[int]`): only its length matters (4: the pipelines' x8 `vae_scale_factor`).
         weights_from_taef2_folder (`bool`, defaults to `False`): the encoder and decoder are taef2's: saving writes

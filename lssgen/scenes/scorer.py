@@ -11,8 +11,8 @@ object.
 Train (about 20 minutes on 2 CPU cores: the U-Net, then the shape classifier), then measure on fresh renders:
 
 ```bash
-python -m lssgen.scorer train --out weights/scene-scorer --taef2 /work/shared/data/taef2
-python -m lssgen.scorer evaluate --scorer weights/scene-scorer --taef2 /work/shared/data/taef2
+python -m lssgen.scenes.scorer train --out weights/scene-scorer --taef2 /work/shared/data/taef2
+python -m lssgen.scenes.scorer evaluate --scorer weights/scene-scorer --taef2 /work/shared/data/taef2
 ```
 """
 
@@ -37,8 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .outputs import save_pretrained_here
-from .scenes import (
+from lssgen.outputs import save_pretrained_here
+
+from .world import (
     ATTRIBUTES,
     CATEGORIES,
     COLOURS,
@@ -107,8 +108,8 @@ class SceneScorer(ModelMixin, ConfigMixin):
     Example:
 
     ```py
-    >>> from lssgen.scorer import SceneScorer
-    >>> from lssgen.scenes import render, sample_scene
+    >>> from lssgen.scenes.scorer import SceneScorer
+    >>> from lssgen.scenes.world import render, sample_scene
     >>> scorer = SceneScorer.from_pretrained("weights/scene-scorer")
     >>> scene = sample_scene(12345, 0)
     >>> scorer.score([render(scene, 256)], [scene.caption])[0].passed
@@ -285,7 +286,7 @@ class _FeatureExtractor(nn.Module):
 
 
 def _as_check(item: Scene | Check | str) -> tuple[Check, str]:
-    from .scenes import caption_for
+    from .world import caption_for
 
     if isinstance(item, Scene):
         return item.check, item.caption
@@ -351,8 +352,8 @@ def _targets(scene: Scene, labels: np.ndarray, side: int) -> tuple[np.ndarray, n
 
 def _round_trip(vae: Any, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Images in [0, 1] through an autoencoder and back, as every generated image is."""
-    from .data import decode, encode
-    from .latents import LatentNormalization
+    from lssgen.latents import LatentNormalization
+    from lssgen.training.data import decode, encode
 
     norm = LatentNormalization.from_vae_config(vae.config)
     out = []
@@ -514,7 +515,7 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
     Args:
         out_dir (`str` or `Path`): the scorer folder (`config.json`, safetensors, `README.md`).
         settings (`TrainSettings`): steps, batch, learning rate, pool.
-        vae (*optional*): an autoencoder (e.g. taef2 from `lssgen.data.load_vae`) whose round trip the scorer
+        vae (*optional*): an autoencoder (e.g. taef2 from `lssgen.training.data.load_vae`) whose round trip the scorer
             must read through, as it must read generated images.
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
         report_scenes (`int`, defaults to `600`): fresh renders the model card's accuracy is measured on
@@ -523,7 +524,7 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
     Example:
 
     ```py
-    >>> from lssgen.data import load_vae
+    >>> from lssgen.training.data import load_vae
     >>> scorer = train_scorer("scene-scorer", vae=load_vae("/work/shared/data/taef2"))
     ```
     """
@@ -661,7 +662,7 @@ def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str
                       command: str | None) -> None:  # fmt: skip
     trips = f", {settings.round_trip_share:.0%} also through the {vae_name} round trip" if vae_name else ""
     facts = {
-        "command": f"`{command}`" if command else "`lssgen.scorer.train_scorer` (Python)",
+        "command": f"`{command}`" if command else "`lssgen.scenes.scorer.train_scorer` (Python)",
         "data": f"{settings.pool} renders of `lssgen.scenes` stream {TRAIN_SEED} at 128 px{trips}; augmented with "
         "blur, noise, colour shifts and low-resolution copies",
         "training": f"U-Net {settings.steps} steps, then shape classifier {settings.classifier_steps} steps; batch "
@@ -672,7 +673,7 @@ def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str
     path.write_text(
         "# SceneScorer\n\nA GenEval-style judge for the scenes of `lssgen.scenes`: per-pixel shape and colour classes "
         "from a small U-Net, connected regions as objects, GenEval's rules on top. Load it with "
-        "`lssgen.scorer.SceneScorer.from_pretrained(this_folder)`.\n\n"
+        "`lssgen.scenes.scorer.SceneScorer.from_pretrained(this_folder)`.\n\n"
         f"| | |\n|---|---|\n{rows}\n\n## Accuracy on fresh renders\n\n"
         f"Streams {REPORT_SEED} (renders at 256 px) and {ROUND_TRIP_REPORT_SEED} (renders at 128 px through the round "
         "trip), which training never sees. `true`: the image is judged to match its own caption; `wrong`: judged not "
@@ -682,7 +683,9 @@ def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lssgen.scorer", description=__doc__.strip().split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lssgen.scenes.scorer", description=__doc__.strip().split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SceneScorer on renders")
     train.add_argument("--out", required=True, help="folder for the scorer, its model card, cache and checkpoint")
@@ -716,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae_name="taef2" if vae else None,
                 resume=args.resume,
                 report_scenes=args.report_scenes,
-                command=" ".join(["python -m lssgen.scorer", *(sys.argv[1:] if argv is None else argv)]),
+                command=" ".join(["python -m lssgen.scenes.scorer", *(sys.argv[1:] if argv is None else argv)]),
             )
         else:
             scorer = _load_scorer(args.scorer)
@@ -729,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_taef2(folder: str) -> Any:
-    from .data import load_vae
+    from lssgen.training.data import load_vae
 
     return load_vae(folder)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .latents import LatentNormalization
+from lssgen.latents import LatentNormalization
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -112,7 +112,7 @@ def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype =
     with one `*encoder.pth` and one `*decoder.pth`, such as taef2's)."""
     from diffusers import AutoModel
 
-    from .tiny_autoencoder import TinyAutoencoder, is_tiny_autoencoder_folder
+    from lssgen.autoencoders.taesd import TinyAutoencoder, is_tiny_autoencoder_folder
 
     folder = Path(path_or_id, subfolder or "")
     if is_tiny_autoencoder_folder(folder):

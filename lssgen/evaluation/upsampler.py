@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .data import (
+from lssgen.latents import LatentNormalization
+from lssgen.scaling import interpolate_latent, upsample_learned
+from lssgen.training.data import (
     decode,
     downsample_nearest,
     encode,
@@ -30,9 +32,8 @@ from .data import (
     vae_latent_channels,
     vae_spatial_factor,
 )
-from .latents import LatentNormalization
+
 from .metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
-from .scaling import interpolate_latent, upsample_learned
 
 LEARNED, BICUBIC, PIXEL, CEILING = "learned", "bicubic_latent", "pixel_round_trip", "vae_round_trip"
 METHOD_LABELS = {
@@ -217,7 +218,7 @@ def evaluate_upsampler(
     Example:
 
     ```py
-    >>> from lssgen.data import load_vae
+    >>> from lssgen.training.data import load_vae
     >>> vae = load_vae("black-forest-labs/FLUX.1-dev", subfolder="vae")
     >>> up = lssgen.LatentUpsampler.from_pretrained("path/to/flux-x2")
     >>> report = evaluate_upsampler(vae, "held-out/", upsampler=up, resolution=512, limit=100)

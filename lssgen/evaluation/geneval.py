@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import find_adapter
-from .loading import DTYPES, check_device, default_dtype, load_pipeline, load_upsampler
-from .outputs import atomic_write, check_writable
-from .patch import patch, plan_for
+from lssgen.adapters import find_adapter
+from lssgen.loading import DTYPES, check_device, default_dtype, load_pipeline, load_upsampler
+from lssgen.outputs import atomic_write, check_writable
+from lssgen.patch import patch, plan_for
 
 MODES = ("lssgen", "baseline")
 RUN_FILE = "run.json"
@@ -219,7 +219,7 @@ def _check_settings(settings: GenEvalSettings) -> None:
     check_device(settings.device)
     check_writable(settings.out, "--out")
     if settings.pipeline is not None:
-        from .adapters import installed_adapters
+        from lssgen.adapters import installed_adapters
 
         installed = installed_adapters()
         if settings.pipeline not in installed:
@@ -243,7 +243,7 @@ def parse_pipeline_type(pipeline_type: str) -> tuple[str, str]:
     (('lssgen', 'flux'), ('baseline', 'sd3'))
     ```
     """
-    from .adapters import installed_adapters
+    from lssgen.adapters import installed_adapters
 
     installed = installed_adapters()
     if pipeline_type in installed:
@@ -423,7 +423,7 @@ def run_geneval(
     Example:
 
     ```py
-    >>> from lssgen.geneval import GenEvalSettings, run_geneval
+    >>> from lssgen.evaluation.geneval import GenEvalSettings, run_geneval
     >>> run = run_geneval("evaluation_metadata.jsonl", GenEvalSettings(model="black-forest-labs/FLUX.1-dev",
     ...                   out="geneval/flux-lssgen", upsampler="flux-x2", images_per_prompt=4))
     >>> run["summary"]["median_seconds_per_image"]

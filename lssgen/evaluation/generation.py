@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluation import _json_safe, labelled_grid
+from lssgen.outputs import write_folder
+from lssgen.scenes.world import CATEGORIES, Scene, render
+
 from .metrics import psnr, ssim
-from .outputs import write_folder
-from .scenes import CATEGORIES, Scene, render
+from .upsampler import _json_safe, labelled_grid
 
 STOCK = "stock"
 TILE = 128  # grid tile side, px
@@ -247,7 +248,7 @@ def evaluate_generation(
     Args:
         pipe (`DiffusionPipeline`): a stock pipeline taking string prompts; patched here with `upsampler`, with the
             target size as the model's native size (`base_height`/`base_width`), and unpatched at the end.
-        scorer (`SceneScorer`): the judge of `lssgen.scorer`.
+        scorer (`SceneScorer`): the judge of `lssgen.scenes.scorer`.
         scenes (`list[Scene]`): the prompts, usually `lssgen.scenes.evaluation_scenes()`.
         size (`int`, defaults to `256`), steps (`int`, defaults to `20`): the target side and N.
         settings (`list[GenerationSetting]`, *optional*): defaults to [`default_settings`].

@@ -1,0 +1,5 @@
+"""The `lssgen` command line."""
+
+from .main import main
+
+__all__ = ["main"]
