@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm.auto import tqdm
 
-from lssgen.evaluation.metrics import psnr
 from lssgen.latents import LatentNormalization
 from lssgen.outputs import check_writable, save_pretrained_here
 from lssgen.upsampler import LatentUpsampler
@@ -202,7 +202,10 @@ def _validation_pairs(vae, norm, paths, resolution, device) -> tuple[torch.Tenso
 @torch.no_grad()
 def _decoded_psnr(vae, norm, latents: torch.Tensor, images: torch.Tensor) -> float:
     """Mean PSNR (dB) of the decoded `latents` against `images` (both in [-1, 1])."""
-    return float(psnr((decode(vae, latents, norm) + 1) / 2, (images + 1) / 2).mean())
+    # torchmetrics directly, as `lssgen.evaluation.metrics.psnr` does: evaluation sits above training.
+    decoded = (decode(vae, latents, norm) + 1) / 2
+    per_image = peak_signal_noise_ratio(decoded, (images + 1) / 2, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return float(per_image.mean())
 
 
 def _save_checkpoint(folder: Path, upsampler, optimizer, step: int) -> None:
