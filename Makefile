@@ -1,18 +1,31 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need,
-# torch first (CPU build by default; set TORCH="torch" or a CUDA wheel spec on a GPU machine).
+# torch first. Where there is no NVIDIA GPU (no `nvidia-smi`) on Linux, torch comes from PyTorch's CPU wheel index:
+# PyPI's Linux wheels are CUDA builds (gigabytes). With a GPU, or on macOS (PyPI's wheels there are CPU/MPS builds),
+# from pip's usual index. Override any of these: `make test TORCH="torch==2.5.1" TORCH_INDEX= EXTRAS=dev`; a changed
+# setting reinstalls into the existing .venv.
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+CPU_ONLY := $(if $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi 2>/dev/null),,yes),)
+TORCH_INDEX ?= $(if $(CPU_ONLY),https://download.pytorch.org/whl/cpu,)
 # The `quantization` extra (optimum-quanto, for the int8 test) needs torch >= 2.6: with an older TORCH, EXTRAS=dev.
 EXTRAS ?= dev,quantization
 BIN := $(VENV)/bin
+SETTINGS := TORCH=$(TORCH) TORCH_INDEX=$(TORCH_INDEX) EXTRAS=$(EXTRAS)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean FORCE
 
-$(BIN)/.installed: pyproject.toml
+# Rewritten only when the settings change, so that a new TORCH/TORCH_INDEX/EXTRAS reinstalls.
+$(VENV)/.settings: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(SETTINGS)' | cmp -s - $@ || echo '$(SETTINGS)' > $@
+
+# `--index-url` replaces pip's default index for torch alone (its dependencies resolve there too; the CPU index
+# carries them); a pip configuration's find-links or extra indexes still apply.
+$(BIN)/.installed: pyproject.toml $(VENV)/.settings
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q --retries 2 --timeout 30 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
