@@ -20,7 +20,8 @@ def check_writable(path: str | os.PathLike, option: str, *, image: bool = False)
     Check that `path` (a folder, or with `image=True` an image file) can be written, before any slow work.
 
     Returns the nearest existing folder at or above `path` (where temporary files can go); raises a `ValueError`
-    naming `option` when `path` is of the wrong kind, sits under a file, or its folder is not writable.
+    naming `option` when `path` is of the wrong kind, sits under a file, or a file cannot be created in its folder
+    (tried: a probe file is written and removed).
 
     Example:
 
@@ -47,8 +48,16 @@ def check_writable(path: str | os.PathLike, option: str, *, image: bool = False)
     ancestor = _nearest_existing(path if path.is_dir() else path.parent)
     if not ancestor.is_dir():
         raise ValueError(f"{option} {path}: {ancestor} is a file, so {path} cannot be created there.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {ancestor} is not writable. Choose a folder you can write to.")
+    # A real write, not the permission bits: root passes every `os.access` check, yet cannot create files in
+    # /proc, on a read-only mount or in a full file system.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".lssgen-write-probe-", dir=ancestor)
+    except OSError as error:
+        raise ValueError(
+            f"{option} {path}: cannot write in {ancestor} ({error.strerror}). Choose a folder you can write to."
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
     return ancestor
 
 
