@@ -7,6 +7,8 @@ the stage. The same reset runs before and after every call, an exception or an i
 denoiser: the stock pipelines reset only `CacheMixin` models, and only at the end of a call that succeeded.
 Caches calibrated on an N-step schedule also get a per-stage schedule by noise level (`stage_rule` below), and
 caches that read the step from their cache context (SeaCache) get the stage's step (`StepContextHook` below).
+Everything a hook needs to know about the running call is handed to it by `lssgen.patch` through
+`StageCacheSchedule`: this module imports nothing from `patch` or `controller`.
 """
 
 from __future__ import annotations
@@ -110,6 +112,16 @@ def _taylorseer(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
     return [(hook, "disable_cache_after_step", local)]
 
 
+@stage_rule("FasterCacheBlockHook")
+def _faster_cache_block(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
+    # FasterCache computes an attention block only at a multiple of its skip range past step 0 of its counter, and
+    # reuses its cache otherwise: it counts on its first step lying outside the skip range (stock step 0, t=1000),
+    # and fails on an empty cache where it does not. A later stage starts inside the range with its state just
+    # cleared, so the counter starts at the skip range instead: the stage's first step computes and fills the
+    # cache, and the stock compute/reuse pattern follows from there.
+    return [(hook.state, "iteration", hook.block_skip_range)]
+
+
 # The step metadata of a cache context (diffusers' `CacheContext`: `step_index`, `sigma`, `num_inference_steps`).
 # The stock image pipelines enter `transformer.cache_context("cond")` with none of it (Flux2Pipeline and SD3 enter
 # none at all), and a pipeline that passes it would count the steps of the whole loop, across stages. For the
@@ -121,7 +133,9 @@ def _taylorseer(hook: Any, context: StageContext) -> list[tuple[Any, str, Any]]:
 # every stage's first step (index 0, state just cleared) computes the whole model. Where the pipeline entered no
 # context, the hook supplies one per denoiser call of the step ("lssgen call 0", "lssgen call 1", ...), so that
 # cached state is never shared between a conditional and an unconditional call. After the call the contexts are
-# put back as they were, and the hook is removed after the lssgen call, an exception included.
+# put back as they were, and the hook is removed after the lssgen call, an exception included. The hook also
+# carries the adapter's unpacking at the stage in force (`StepContextHook.stage_latents`), which SeaCache's
+# `raw_vision_callback` (`StageRawVision`) finds on the denoiser it is called with.
 STEP_CONTEXT_HOOK = "lssgen_step_context"
 
 
@@ -139,10 +153,16 @@ def _state_managers(module: Any) -> list[StateManager]:
 class StepContextHook(ModelHook):
     """Gives each denoiser call's cache context the step of the stage being denoised (see `STEP_CONTEXT_HOOK`)."""
 
-    def __init__(self, managers: list[StateManager], position: Callable[[], StepPosition]):
+    def __init__(
+        self,
+        managers: list[StateManager],
+        position: Callable[[], StepPosition],
+        denoiser_latents: Callable[[torch.Tensor, Stage], torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.managers = managers
         self.position = position
+        self.denoiser_latents = denoiser_latents
         self._step: int | None = None
         self._calls = 0  # denoiser calls so far in this step
         self._previous: list[tuple[StateManager, CacheContext | None]] = []
@@ -173,11 +193,18 @@ class StepContextHook(ModelHook):
             manager.set_context(context)
         self._previous = []
 
+    def stage_latents(self, latent: torch.Tensor) -> torch.Tensor | None:
+        """The denoiser's latent input unpacked at the stage in force, `(B, C, h, w)`; None without an unpacker."""
+        if self.denoiser_latents is None:
+            return None
+        return self.denoiser_latents(latent, self.position().stage)
+
 
 class StageCacheSchedule:
     """For one call: clears the denoiser's stateful hooks at every stage start, applies the stage rules of its
     hooks and gives their cache contexts the stage's step (`StepContextHook`); `restore` undoes all of it and
-    clears the state again."""
+    clears the state again. `position` is where the loop is; `denoiser_latents(latent, stage)` unpacks the
+    denoiser's latent input at a stage's size (the adapter's `denoiser_latents`), for `StageRawVision`."""
 
     def __init__(
         self,
@@ -185,11 +212,13 @@ class StageCacheSchedule:
         reference_timesteps: Callable[[int], list[float]],
         num_inference_steps: int,
         position: Callable[[], StepPosition] | None = None,
+        denoiser_latents: Callable[[torch.Tensor, Stage], torch.Tensor] | None = None,
     ):
         self.denoiser = denoiser
         self.reference_timesteps = reference_timesteps
         self.num_inference_steps = num_inference_steps
         self.position = position
+        self.denoiser_latents = denoiser_latents
         self.hooks = [hook for hook in diffusers_hooks(denoiser) if type(hook).__name__ in STAGE_RULES]
         self._originals: dict[tuple[int, str], tuple[Any, str, Any]] = {}
         self._step_context: StepContextHook | None = None
@@ -202,7 +231,7 @@ class StageCacheSchedule:
         if self._step_context is None and self.position is not None:
             managers = _state_managers(self.denoiser)
             if managers:  # no hook keyed by a cache context: nothing to give one to, and the forward stays as it is
-                self._step_context = StepContextHook(managers, self.position)
+                self._step_context = StepContextHook(managers, self.position, self.denoiser_latents)
                 registry = HookRegistry.check_if_exists_or_initialize(self.denoiser)
                 registry.register_hook(self._step_context, STEP_CONTEXT_HOOK)
         reset_stateful_hooks(self.denoiser)
@@ -245,8 +274,12 @@ class StageRawVision:
     tensor per image, unpacked by the pipe's adapter at the size of the stage in force. Outside an lssgen call it
     returns None (SeaCache then runs every step in full).
 
+    The running call is found on the denoiser SeaCache calls it with: during an lssgen call, its hook registry holds
+    the call's `StepContextHook`, which knows the stage and the adapter's unpacking.
+
     Args:
-        pipe (`DiffusionPipeline`): the pipe whose denoiser the cache is applied to (patched now or later).
+        pipe (`DiffusionPipeline`): the pipe whose denoiser the cache is applied to (patched now or later); it names
+            the callback in reports.
     """
 
     def __init__(self, pipe: Any):
@@ -256,19 +289,18 @@ class StageRawVision:
         return f"StageRawVision({type(self.pipe).__name__})"
 
     def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
-        from .patch import _STATE
-
-        state = self.pipe.__dict__.get(_STATE)
-        if state is None or state.run is None:
-            return None
         module = unwrap_module(module)
+        registry = getattr(module, "_diffusers_hook", None)
+        step_context = None if registry is None else registry.get_hook(STEP_CONTEXT_HOOK)
+        if step_context is None or step_context.denoiser_latents is None:
+            return None
         forward = inspect.signature(type(module).forward)
         # The latent is the denoiser's first argument (`hidden_states`, or a UNet's `sample`), by position or name.
         arguments = forward.bind_partial(module, *args, **kwargs).arguments
         latent = arguments.get(list(forward.parameters)[1])
         if not isinstance(latent, torch.Tensor):
             return None
-        latents = state.adapter.denoiser_latents(self.pipe, latent, state.run.current_stage)
+        latents = step_context.stage_latents(latent)
         return list(latents.unsqueeze(2).unbind(0))
 
 

@@ -360,6 +360,7 @@ def _prepare_run(
                     lambda steps: stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width),
                     final.num_steps,
                     scheduler.position,
+                    lambda latent, stage: adapter.denoiser_latents(pipe, latent, stage),  # SeaCache's raw vision
                 )
                 for denoiser in adapter.denoisers(pipe)
             ]

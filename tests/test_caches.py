@@ -135,6 +135,44 @@ def test_taylorseer_stops_caching_at_the_same_noise_level_in_every_stage():
     assert {hook.disable_cache_after_step for hook in hooks} == {6}  # restored after the call
 
 
+@pytest.mark.parametrize("skip_range", [(-1, 900), (-1, 1001)])
+def test_faster_cache_whose_skip_range_covers_a_stage_start_computes_each_stages_first_step(skip_range):
+    # Before: the first step of a later stage (t ~ 750) lies in the skip range (-1, 900) with the cache just
+    # cleared, and FasterCache failed with "'NoneType' object is not subscriptable". A range over every timestep
+    # failed the same way in the first stage.
+    pipe = build_tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(
+        FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=skip_range,
+            current_timestep_callback=lambda: pipe.current_timestep,
+            is_guidance_distilled=True,
+        )
+    )
+    lssgen.patch(pipe, **THREE_STAGES)
+    # The attention's projection runs only when FasterCache computes the block (its hook wraps the forward).
+    computed = []
+    attention = pipe.transformer.transformer_blocks[0].attn
+    handles = [
+        pipe.transformer.register_forward_pre_hook(lambda module, args: computed.append(False)),
+        attention.to_q.register_forward_pre_hook(lambda module, args: computed.__setitem__(-1, True)),
+    ]
+    expected = []
+    for stage in lssgen.plan_for(pipe, 256, 256, 8, **THREE_STAGES).stages:
+        # Each stage as a stock schedule: outside the range every step computes; inside it, the stage's first step
+        # computes (filling the cache) and then every second step (the block skip range).
+        expected += [not skip_range[0] < t < skip_range[1] or index % 2 == 0 for index, t in enumerate(stage.timesteps)]
+    for _ in range(2):  # and again: nothing carries over from the first call
+        computed.clear()
+        images = pipe(**flux_call_kwargs(pipe)).images
+        assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+        assert computed == expected
+        assert not all(computed)  # some steps reused the cache
+    for handle in handles:
+        handle.remove()
+
+
 def test_a_cache_with_torch_compile():
     # Dynamo traces the cache's hooks with the model (its `.item()` decisions break the graph, which is allowed);
     # the compiled, cached, staged call gives the images of the eager one.
@@ -151,6 +189,15 @@ def test_a_cache_with_torch_compile():
     for _ in range(2):
         torch.testing.assert_close(compiled(**flux_call_kwargs(compiled)).images, expected, atol=1e-4, rtol=1e-4)
     torch._dynamo.reset()
+
+
+def test_caches_imports_nothing_from_patch_or_controller():
+    # The cache schedule is handed the running call's state (`StageCacheSchedule`'s `position` and
+    # `denoiser_latents`): it sits below patch and controller, which import it. Before, `StageRawVision` imported
+    # `patch` to find the call, a circle.
+    from test_layout import imports_of
+
+    assert imports_of("lssgen.caches") & {"lssgen.patch", "lssgen.controller"} == set()
 
 
 def _sea_cache_computes(steps: int, retention: int = 1, end: int = 1, max_cached: int = 2) -> list[bool]:
