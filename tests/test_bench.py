@@ -46,7 +46,31 @@ def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
     assert "| PSNR dB vs stock | SSIM vs stock |" in report.markdown()
     assert f"| {BASELINE} | " in report.markdown() and " | inf | 1.0000 | 4 | " in report.markdown()
     assert math.isfinite(report.overhead_ratio) and report.overhead_ratio > 0
-    assert report.upsampler_cost["latent_side"] == 32 and report.upsampler_cost["upsampler_fraction"] > 0
+    assert report.upsampler_cost["latent_shape"] == [4, 32, 32] and report.upsampler_cost["upsampler_fraction"] > 0
+    assert "x2 to a 4x32x32 latent: learned upsampler" in report.markdown()
+
+
+def test_run_bench_on_a_video_pipeline():
+    # Before: Wan's output has `frames`, not `images`, and `upsampler_cost` assumed a 4-D image latent and
+    # `pipe.vae_scale_factor` (Wan has a spatial and a temporal one): `lssgen bench --model` failed on a Wan folder.
+    from lssgen.tiny import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline()
+    call = {"prompt": "a cat", "height": 128, "width": 96, "num_frames": 5, "num_inference_steps": 4}
+    settings = [Setting(0.75, shorten_intermediate_steps=False, min_resolution=48)]
+    call["max_sequence_length"] = 16
+    report = run_bench(pipe, settings, repeats=1, call_kwargs=call, log=lambda line: None)
+    result = report.result(settings[0].name)
+    assert len(result.planned_steps) == 2  # two stages
+    # Classifier-free guidance: a conditional and an unconditional denoiser call per step.
+    assert result.denoiser_calls == [2 * steps for steps in result.planned_steps]
+    assert report.result(BASELINE).psnr == math.inf  # the frames of the stock video, bit for bit
+    assert math.isfinite(result.psnr) and -1 <= result.ssim < 0.999
+    cost = report.upsampler_cost
+    # One video's latent at the target size: 16 channels, 2 latent frames (of 5), 128x96 px / 8.
+    assert cost["latent_shape"] == [16, 2, 16, 12]
+    assert cost["upsampler_s"] > 0 and cost["pixel_round_trip_s"] > 0 and cost["upsampler_fraction"] > 0
+    assert "x2 to a 16x2x16x12 latent" in report.markdown()
 
 
 def test_setting_names_and_options():
@@ -93,7 +117,7 @@ def test_preset_refuses_cpu_without_opt_in(tmp_path):
 
 
 def test_compile_flag_is_wired():
-    from lssgen.cli.main import build_parser
+    from lssgen.cli import build_parser
 
     assert build_parser().parse_args(["bench", "--compile"]).compile is True
 

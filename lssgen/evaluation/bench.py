@@ -9,6 +9,7 @@ configuration's image of the first timed round is compared with the unpatched pi
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -91,7 +92,7 @@ class BenchReport:
     results: list[SettingResult]
     overhead_ratio: float  # patched at start_sigma=1.0 / unpatched, median of per-round ratios
     recompilations: int | None = None
-    upsampler_cost: dict[str, float] = field(default_factory=dict)
+    upsampler_cost: dict[str, Any] = field(default_factory=dict)
     cache: str | None = None  # the cache config, when each setting also ran with it
     note: str = ""
 
@@ -134,7 +135,7 @@ class BenchReport:
         cost = self.upsampler_cost
         if cost:
             lines.append(
-                f"x2 to a {cost['latent_side']}x{cost['latent_side']} latent: learned upsampler "
+                f"x2 to a {'x'.join(map(str, cost['latent_shape']))} latent: learned upsampler "
                 f"{cost['upsampler_s'] * 1e3:.2f} ms = {cost['upsampler_fraction']:.3f} of one denoiser call "
                 f"({cost['denoiser_call_s'] * 1e3:.1f} ms); pixel round trip {cost['pixel_round_trip_s'] * 1e3:.1f} ms "
                 f"= {cost['pixel_round_trip_fraction']:.3f}"
@@ -174,18 +175,27 @@ def _agreement(value: float | None, spec: str) -> str:
 
 
 def _image_tensor(image: Any) -> torch.Tensor:
-    """A pipeline's first output image (PIL, or a tensor in [0, 1]) as a `(1, 3, H, W)` float32 tensor."""
+    """A pipeline's first output image (PIL, or a tensor in [0, 1]) as a `(1, 3, H, W)` float32 tensor; a video's
+    frames (a list of those) as `(frames, 3, H, W)`."""
+    if isinstance(image, (list, tuple)):
+        return torch.cat([_image_tensor(frame) for frame in image])
     if isinstance(image, torch.Tensor):
         return image.detach().float().cpu()[None]
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
+def _first_output(output: Any) -> Any:
+    """The first image of a pipeline's output, or the first video's frames (video pipelines return `frames`)."""
+    return output.images[0] if hasattr(output, "images") else output.frames[0]
+
+
 def agreement(image: Any, reference: Any) -> tuple[float, float]:
-    """PSNR (dB, inf when identical) and SSIM of one output image against a reference output image."""
+    """PSNR (dB, inf when identical) and SSIM of one output image against a reference output image; of a video,
+    the means over its frames."""
     from .metrics import psnr, ssim
 
     x, y = _image_tensor(image), _image_tensor(reference)
-    return float(psnr(x, y)[0]), float(ssim(x, y)[0])
+    return float(psnr(x, y).mean()), float(ssim(x, y).mean())
 
 
 def _sync(device: torch.device) -> None:
@@ -367,7 +377,7 @@ def run_bench(
             with _PeakMemory(device) as memory:
                 _sync(device)
                 start = time.perf_counter()
-                image = pipe(**call_kwargs, generator=generator, output_type="pil", **(options or {})).images[0]
+                image = _first_output(pipe(**call_kwargs, generator=generator, output_type="pil", **(options or {})))
                 _sync(device)
                 seconds = time.perf_counter() - start
         finally:
@@ -439,7 +449,7 @@ def run_bench(
         cache=None if cache is None else repr(cache),
     )
     if measure_upsampler:
-        report.upsampler_cost = upsampler_cost(pipe, adapter, height, width, denoiser_call_s, upsampler)
+        report.upsampler_cost = upsampler_cost(pipe, adapter, height, width, denoiser_call_s, upsampler, call_kwargs)
     lssgen.unpatch(pipe)
     return report
 
@@ -463,29 +473,52 @@ def _median_time(function, device: torch.device, repeats: int = 5) -> float:
     return statistics.median(durations)
 
 
+def _stock_call_defaults(pipe: Any) -> dict[str, Any]:
+    """The default arguments of the pipeline's stock `__call__` (of the class `lssgen.patch` swapped out)."""
+    state = pipe.__dict__.get("_lssgen")
+    stock = type(pipe) if state is None else state.original_class
+    parameters = inspect.signature(stock.__call__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 @torch.no_grad()
 def upsampler_cost(
-    pipe: Any, adapter: Any, height: int, width: int, denoiser_call_s: float, upsampler: Any = None
-) -> dict[str, float]:
+    pipe: Any,
+    adapter: Any,
+    height: int,
+    width: int,
+    denoiser_call_s: float,
+    upsampler: Any = None,
+    call: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One x2 scale-up into the target's latent, learned and by pixel round trip, against one denoiser call
     at the target size (timed in the baseline warm-up). Without an upsampler, a random one of the default
-    (released) architecture stands in: its cost does not depend on its weights."""
-    from lssgen.scaling import pixel_round_trip
+    (released) architecture stands in: its cost does not depend on its weights. The latent is the adapter's
+    (a video's frames from `call`, else the stock call's default), scaled up as a stage switch does
+    (`lssgen.scaling.scale_up`: frame by frame, in the adapter's scaling space)."""
+    from lssgen.scaling import scale_up
     from lssgen.upsampler import LatentUpsampler
 
-    vae_param = next(pipe.vae.parameters())
-    device, dtype = vae_param.device, vae_param.dtype
-    channels = pipe.vae.config.latent_channels
+    denoiser = getattr(pipe, adapter.denoiser)
+    device, dtype = denoiser.device, adapter.latent_dtype(pipe)
+    channels = adapter.latent_channels(pipe)
     if upsampler is None:
         upsampler = LatentUpsampler(in_channels=channels, out_channels=channels)
         # Plain Module.to: ModelMixin.to warns about dtype casts meant for loaded checkpoints.
-        torch.nn.Module.to(upsampler, device, dtype)
-    factor = pipe.vae_scale_factor
-    latents = torch.randn(1, channels, height // factor // 2, width // factor // 2, device=device, dtype=dtype)
-    up_s = _median_time(lambda: upsampler(latents), device)
-    pixel_s = _median_time(lambda: pixel_round_trip(latents, pipe, adapter), device, repeats=3)
+        torch.nn.Module.to(upsampler, device, denoiser.dtype)
+    factor = adapter.vae_scale_factor(pipe)
+    call = {**_stock_call_defaults(pipe), **(call or {})}
+    shape = adapter.latent_shape(pipe, 1, height // factor // 2, width // factor // 2, call)
+    latents = torch.randn(shape, device=device, dtype=dtype)
+
+    def scale(space: str) -> torch.Tensor:
+        return scale_up(latents, space, pipe=pipe, adapter=adapter, upsampler=upsampler)
+
+    up_s = _median_time(lambda: scale("learned"), device)
+    pixel_s = _median_time(lambda: scale("pixel"), device, repeats=3)
     return {
-        "latent_side": height // factor,
+        # The target's latent, one image or video: (channels, [frames,] height, width).
+        "latent_shape": [*shape[1:-2], height // factor, width // factor],
         "upsampler_s": up_s,
         "pixel_round_trip_s": pixel_s,
         "denoiser_call_s": denoiser_call_s,
