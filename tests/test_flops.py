@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import lssgen
 from lssgen.adapters.base import Adapter, Architecture
 from lssgen.adapters.flux import FluxAdapter
 from lssgen.evaluation.flops import (
+    VIDEO_SETTINGS,
     adapter_for_denoiser,
     bound_speedup,
     call_flops,
@@ -127,6 +130,29 @@ def test_table_marks_settings_without_stages():
         architectures=["SD1.5"],
     )
     assert table.splitlines()[-1].endswith("| - |")
+
+
+def test_a_size_rounded_down_is_said_once_under_the_table(caplog):
+    # Before: the planner warned "1280x720 does not halve cleanly" once per row (each setting, each Wan model).
+    with caplog.at_level(logging.WARNING):
+        table = flop_bound_table([(720, 1280)], VIDEO_SETTINGS, architectures=["Wan2.1-T2V-14B"])
+    assert [record.getMessage() for record in caplog.records] == []
+    lines = table.splitlines()
+    rows = [line for line in lines if line.startswith("| Wan2.1-T2V-14B |")]
+    assert len(rows) == len(VIDEO_SETTINGS) == 4
+    notes = [line for line in lines if "does not halve cleanly" in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        "- 1280x720 does not halve cleanly into 2 stages; generating 1280x704"
+    )
+    assert lines.index(notes[0]) > lines.index(rows[-1])  # under the table
+    # Each cell is the bound at the size generated: plain generation and the plan both at 1280x704.
+    for row, setting in zip(rows, VIDEO_SETTINGS):
+        assert row.endswith(f"| {bound_speedup('Wan2.1-T2V-14B', (704, 1280), **setting):.2f}x |")
+
+
+def test_a_table_without_rounding_has_no_notes():
+    table = flop_bound_table([(480, 832)], VIDEO_SETTINGS[:1], architectures=["Wan2.1-T2V-14B"])
+    assert len(table.splitlines()) == 3
 
 
 def test_each_family_builds_its_own_dummy_inputs():

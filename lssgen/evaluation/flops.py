@@ -13,11 +13,13 @@ and 2048².
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -199,6 +201,29 @@ VIDEO_SETTINGS = tuple(
 )
 
 
+@contextlib.contextmanager
+def _planner_notes() -> Iterator[list[str]]:
+    """Collect the planner's warnings, each distinct one once, instead of logging them: a table plans every row
+    at the same sizes, so a size that does not halve cleanly (Wan's 1280x720) would warn once per row."""
+    notes: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message not in notes:
+                notes.append(message)
+
+    logger = logging.getLogger("lssgen.plan")
+    handler, propagate = Collect(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield notes
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def flop_bound_table(
     resolutions: Iterable[Size] = (1024, 2048),
     settings: Iterable[dict] = DEFAULT_SETTINGS,
@@ -208,22 +233,28 @@ def flop_bound_table(
     each resolution (a square side, or `(height, width)`).
 
     A cell is "-" where the setting gives no low-resolution stage (min_resolution above half the short side).
+    The planner's warnings (a size rounded down so that it halves cleanly) are listed once under the table; a
+    rounded cell compares plain generation and LSSGen both at the rounded size.
     """
     resolutions, settings = tuple(resolutions), tuple(settings)
     known = published_architectures()
     header = ["model", "steps", "start_sigma", "shorten", "min_res"] + [_size_label(r) for r in resolutions]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in known if architectures is None else architectures:
-        for setting in settings:
-            cells = []
-            for resolution in resolutions:
-                if setting["min_resolution"] * 2 > min(_height_width(resolution)):
-                    cells.append("-")
-                else:
-                    cells.append(f"{bound_speedup(name, resolution, **setting):.2f}x")
-            row = [name, str(known[name].steps), f"{setting['start_sigma']}"]
-            row += ["on" if setting["shorten_intermediate_steps"] else "off", str(setting["min_resolution"])]
-            lines.append("| " + " | ".join(row + cells) + " |")
+    with _planner_notes() as notes:
+        for name in known if architectures is None else architectures:
+            for setting in settings:
+                cells = []
+                for resolution in resolutions:
+                    if setting["min_resolution"] * 2 > min(_height_width(resolution)):
+                        cells.append("-")
+                    else:
+                        cells.append(f"{bound_speedup(name, resolution, **setting):.2f}x")
+                row = [name, str(known[name].steps), f"{setting['start_sigma']}"]
+                row += ["on" if setting["shorten_intermediate_steps"] else "off", str(setting["min_resolution"])]
+                lines.append("| " + " | ".join(row + cells) + " |")
+    if notes:
+        lines += ["", "Planned with these notes (each once; a rounded size counts plain generation at it too):"]
+        lines += [f"- {note}" for note in notes]
     return "\n".join(lines)
 
 
