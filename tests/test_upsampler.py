@@ -312,3 +312,85 @@ def test_gradients_flow():
     assert conv_in.weight.grad.abs().sum() > 0
     assert x.grad is not None
     assert all(p.grad is not None for p in up.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Values: an independent forward written from the architecture's description
+# --------------------------------------------------------------------------------------------------------------
+
+# GroupNorm epsilons of the published implementation (DESIGN.md section 1.8 names none): 1e-6 in the blocks,
+# torch's default 1e-5 in `norm_out`.
+BLOCK_NORM_EPS = 1e-6
+OUT_NORM_EPS = 1e-5
+
+
+def reference_forward(weights: dict[str, torch.Tensor], config: dict, x: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md section 1.8 in plain `torch.nn.functional`: `conv_in` (3x3) -> blocks of [GroupNorm ->
+    ConvTranspose2d(k=4, s=2, p=1) or Conv2d(3x3) -> SiLU -> GroupNorm -> Conv2d(3x3) -> SiLU] plus the block input,
+    1x1-projected where the width changes and resized by `interpolate` where the block changes the size ->
+    GroupNorm -> SiLU -> `conv_out` (3x3)."""
+    F = torch.nn.functional
+    assert config["act_fn"] == "silu"
+    groups = config["norm_num_groups"]
+
+    def w(name):
+        return weights[f"upsampler.{name}.weight"], weights[f"upsampler.{name}.bias"]
+
+    h = F.conv2d(x, *w("conv_in"), padding=1)
+    widths = config["block_out_channels"]
+    for i, (width_out, up, stride) in enumerate(zip(widths, config["is_up_samples"], config["strides"])):
+        block = f"up_blocks.{i}"
+        y = F.group_norm(h, groups, *w(f"{block}.norm1"), eps=BLOCK_NORM_EPS)
+        if stride == 1:
+            y = F.conv2d(y, *w(f"{block}.conv1"), padding=1)
+        elif up:
+            y = F.conv_transpose2d(y, *w(f"{block}.conv1"), stride=stride, padding=1)
+        else:
+            y = F.conv2d(y, *w(f"{block}.conv1"), stride=stride, padding=1)
+        y = F.silu(y)
+        y = F.silu(
+            F.conv2d(F.group_norm(y, groups, *w(f"{block}.norm2"), eps=BLOCK_NORM_EPS), *w(f"{block}.conv2"), padding=1)
+        )
+        skip = F.conv2d(h, *w(f"{block}.skip_proj")) if h.shape[1] != width_out else h
+        if stride != 1:
+            skip = F.interpolate(skip, scale_factor=stride if up else 1 / stride, mode=config["interpolate"])
+        h = y + skip
+    h = F.silu(F.group_norm(h, groups, *w("norm_out"), eps=OUT_NORM_EPS))
+    return F.conv2d(h, *w("conv_out"), padding=1)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        SMALL_4CH,
+        dict(
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=[32, 32, 16],
+            is_up_samples=[True, False, False],
+            strides=[2, 2, 1],
+            norm_num_groups=8,
+            interpolate="bicubic",
+        ),
+    ],
+    ids=["published-16ch", "published-4ch", "up-down-bicubic"],
+)
+def test_forward_matches_an_independent_functional_forward(config):
+    up = seeded(config).double()
+    # Seeded, non-trivial GroupNorm scales and shifts (the init's ones and zeros would hide a swapped affine).
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in up.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+    # Small inputs: the group variances stay near the GroupNorm epsilons, so a wrong epsilon moves the output far
+    # beyond float64 rounding.
+    x = 1e-2 * torch.randn(2, up.config.in_channels, 6, 10, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        out = up(x)
+        expected = reference_forward(up.state_dict(), dict(up.config), x)
+    scale = int(up.scale_factor)
+    assert out.shape == expected.shape == (2, up.config.out_channels, 6 * scale, 10 * scale)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
