@@ -199,3 +199,65 @@ def test_plugin_that_fails_to_import_is_skipped_with_a_warning(monkeypatch, capl
     assert "lssgen_adapter_missing_module" in caplog.text  # the import error says what is missing
     assert plugins.pm.get_plugin("broken") is None
     assert "flux" in lssgen.installed_adapters()  # the other plugins are unaffected
+
+
+GOOD_PLUGIN = """
+import lssgen
+from lssgen.adapters import FluxAdapter
+
+
+class GoodAdapter(FluxAdapter):
+    name = "lssgen_test_good"
+    pipeline_classes = ("LssgenTestNoSuchPipeline",)  # matches no real pipe: the other tests stay unaffected
+
+
+@lssgen.hookimpl
+def register_adapters(register):
+    register(GoodAdapter())
+"""
+
+
+@pytest.fixture
+def third_party_plugins(tmp_path, monkeypatch):
+    """A distribution on sys.path whose `lssgen` entry points list two broken plugins (one whose module raises on
+    import, one whose module does not exist) before a good one, loaded again from the real package metadata."""
+    (tmp_path / "lssgen_test_raises.py").write_text('raise RuntimeError("lssgen_test_raises is broken")\n')
+    (tmp_path / "lssgen_test_good.py").write_text(GOOD_PLUGIN)
+    dist_info = tmp_path / "lssgen_test_plugins-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: lssgen-test-plugins\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[lssgen]\n"
+        "lssgen_test_raises = lssgen_test_raises\n"
+        "lssgen_test_missing = lssgen_test_no_such_module\n"
+        "lssgen_test_good = lssgen_test_good\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_loaded", False)  # load the entry points again, now with these
+    try:
+        yield
+    finally:
+        if plugins.pm.get_plugin("lssgen_test_good") is not None:
+            plugins.pm.unregister(name="lssgen_test_good")
+        plugins._plugin_packages.pop("lssgen_test_good", None)
+        sys.modules.pop("lssgen_test_good", None)
+
+
+def test_broken_third_party_plugins_do_not_stop_a_later_one_from_loading(third_party_plugins, caplog):
+    names = [entry_point.name for entry_point in importlib.metadata.entry_points(group="lssgen")]
+    # The package metadata lists them in this order: the loader meets both broken ones first.
+    assert names.index("lssgen_test_raises") < names.index("lssgen_test_missing") < names.index("lssgen_test_good")
+    with caplog.at_level(logging.WARNING, logger="lssgen.plugins"):
+        plugins.load_plugins()
+    installed = lssgen.installed_adapters()
+    assert "lssgen_test_good" in installed, "the good plugin listed after the broken ones did not load"
+    assert installed["lssgen_test_good"].package == "lssgen-test-plugins"
+    assert installed["lssgen_test_good"].plugin == "lssgen_test_good"
+    for name, reason in [
+        ("lssgen_test_raises", "lssgen_test_raises is broken"),
+        ("lssgen_test_missing", "lssgen_test_no_such_module"),
+    ]:
+        assert f"lssgen plugin {name!r} from lssgen-test-plugins failed to load and is skipped" in caplog.text
+        assert reason in caplog.text
+        assert plugins.pm.get_plugin(name) is None
+    assert "flux" in installed
