@@ -273,16 +273,53 @@ def test_wan_flop_counts():
 
 def test_wan22_caches_on_both_experts_restart_at_every_stage():
     """A cache on each expert keeps tensors of the stage it last ran in: both are cleared at every stage start (with
-    a boundary of 0.5 both experts run in every stage, so a stale state would meet a latent of another size)."""
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    a boundary of 0.5 the high-noise expert runs in all three stages, the low-noise one in the last two, so a stale
+    state would meet a latent of another size)."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
     pipe = build_tiny_wan_pipeline(boundary_ratio=0.5)
     pipe.set_progress_bar_config(disable=True)
-    for expert in (pipe.transformer, pipe.transformer_2):
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    # Each expert's FirstBlockCache keeps its state (one per cache context) in the state manager of the hook on
+    # its first block; clearing the cache empties it.
+    managers = {}
+    for name, expert in experts.items():
         apply_first_block_cache(expert, FirstBlockCacheConfig(threshold=0.5))
+        head = HookRegistry.check_if_exists_or_initialize(expert.blocks[0]).get_hook("fbc_leader_block_hook")
+        managers[name] = head.state_manager
     lssgen.patch(pipe, min_resolution=64, base_height=256, base_width=256)
+    seen = []  # (expert, latent height and width, cached states before the call, after it)
+    handles = []
+    for name, expert in experts.items():
+        handles.append(
+            expert.register_forward_pre_hook(
+                lambda module, args, kwargs, name=name: seen.append(
+                    [name, tuple(kwargs["hidden_states"].shape[-2:]), len(managers[name]._state_cache)]
+                ),
+                with_kwargs=True,
+            )
+        )
+        handles.append(
+            expert.register_forward_hook(
+                lambda module, args, output, name=name: seen[-1].append(len(managers[name]._state_cache))
+            )
+        )
     latents = pipe(**wan_call_kwargs(pipe, num_inference_steps=12)).frames
+    for handle in handles:
+        handle.remove()
     assert latents.shape == (1, 16, LATENT_FRAMES, 32, 32) and torch.isfinite(latents).all()
+    sizes = [(8, 8), (16, 16), (32, 32)]
+    for name in experts:
+        calls = [call for call in seen if call[0] == name]
+        stages = sorted({size for _, size, _, _ in calls})
+        assert stages == {"transformer": sizes, "transformer_2": sizes[1:]}[name]
+        for size in stages:
+            first, *rest = [call for call in calls if call[1] == size]
+            # Empty at the expert's first call of the stage: nothing of the stage before (or of the other expert's
+            # turn) is left; the cache then fills and carries over within the stage.
+            assert first[2] == 0, (name, size, first)
+            assert first[3] > 0 and all(call[2] > 0 for call in rest), (name, size)
+        assert not managers[name]._state_cache  # and cleared after the call
 
 
 def test_per_token_timesteps_follow_the_stage_size():
