@@ -62,8 +62,16 @@ def check_device(name: str | None) -> str:
 
 
 def _hub_id(value: str) -> bool:
+    """Whether `value` can be a Hugging Face Hub id (`name` or `owner/name`) rather than a local path."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    # The hub accepts `weights/scene-t2x` as an id, but where `weights` is a folder here the user meant a local
+    # path (a typo in it should say "no such folder", not fail later as a download); likewise `./x`, `/x`, `~/x`.
+    first = Path(value).parts[0] if Path(value).parts else ""
+    if value.startswith((".", "/", "~")) or Path(value).is_absolute() or value.count("/") > 1:
+        return False
+    if first and Path(first).exists():
+        return False
     try:
         validate_repo_id(value)
     except HFValidationError:

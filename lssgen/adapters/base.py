@@ -120,6 +120,10 @@ class Adapter:
     min_resolution: int = 512
     default_steps: int = 50  # published settings of the method for this family
     default_guidance: float = 3.5
+    # The call argument that takes the guidance scale: most pipelines read `guidance_scale`, but some read it from
+    # another argument and leave `guidance_scale` to distilled checkpoints (Qwen-Image's classifier-free guidance
+    # is `true_cfg_scale`). The command line passes `--guidance` and `default_guidance` as this argument.
+    guidance_argument: str = "guidance_scale"
     # Whether the learned upsampler and latent interpolation work on the VAE's own latent (`latents_to_vae` of the
     # unpacked latents) instead of the pipeline's normalised one. For normalisations that are not one affine map
     # per channel of the unpacked grid (FLUX.2's BatchNorm over 2x2 patches gives each cell of a patch its own

@@ -124,6 +124,7 @@ class QwenImageAdapter(FluxAdapter):
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
     default_steps = 50
     default_guidance = 4.0
+    guidance_argument = "true_cfg_scale"  # `guidance_scale` is only for guidance-distilled checkpoints
     base_size = 1328
     stage_hook = QwenImageShapesHook
     stage_hook_name = IMG_SHAPES_HOOK
