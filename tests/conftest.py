@@ -1,4 +1,5 @@
-"""Hypothesis profiles, and tiny saved models shared by the command-line tests.
+"""Hypothesis profiles, tiny saved models shared by the command-line tests, and taef2's weights for the tests
+that need them.
 
 Hypothesis: CI runs a fixed sample (the same every run, no example database); `HYPOTHESIS_PROFILE=thorough` explores
 far more, with fresh random examples each run. The tiny models are built once per session (saving a pipeline takes
@@ -6,6 +7,7 @@ seconds).
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,31 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI (the `CI` variable that CI services set; empty, 0 and false mean no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def taef2_or_skip(folder: str | Path | None = None) -> Path:
+    """taef2's weights folder, as lssgen finds it (`find_taef2`: `folder`, else $LSSGEN_TAEF2, else
+    ../shared/data/taef2). Without one a test skips on a developer's machine; under CI it fails, saying where it
+    looked, so that the tests on real weights cannot silently drop out of a CI run."""
+    from lssgen.autoencoders.flux2 import find_taef2
+
+    try:
+        return find_taef2(folder)
+    except FileNotFoundError as error:
+        if in_ci():
+            pytest.fail(f"CI is set, so the tests on taef2's weights must run, but: {error}", pytrace=False)
+        pytest.skip(f"needs taef2's weights: {error}")
+
+
+@pytest.fixture(scope="session")
+def taef2_dir() -> Path:
+    """taef2's weights folder; skips the test without one, fails it under CI (`taef2_or_skip`)."""
+    return taef2_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import taef2_or_skip
 
 from lssgen.autoencoders.taesd import TinyAutoencoder
 from lssgen.evaluation.metrics import psnr
 from lssgen.latents import LatentNormalization
 from lssgen.training.data import encode, load_image, load_vae, vae_spatial_factor
 
-TAEF2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "taef2"
 skimage = pytest.importorskip("skimage")
-pytestmark = pytest.mark.skipif(not TAEF2.is_dir(), reason=f"taef2 weights not found at {TAEF2}")
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,8 @@ def round_trip_psnr(vae, image: torch.Tensor) -> float:
     return float(psnr((decoded.clamp(-1, 1) + 1) / 2, (image + 1) / 2))
 
 
-def test_taef2_loads_from_its_folder_and_round_trips_a_photo(astronaut):
-    vae = load_vae(str(TAEF2))
+def test_taef2_loads_from_its_folder_and_round_trips_a_photo(astronaut, taef2_dir):
+    vae = load_vae(str(taef2_dir))
     assert isinstance(vae, TinyAutoencoder)
     assert vae.config.latent_channels == 32 and vae_spatial_factor(vae) == 8
     latents = encode(vae, astronaut, LatentNormalization.from_vae_config(vae.config))
@@ -37,10 +36,10 @@ def test_taef2_loads_from_its_folder_and_round_trips_a_photo(astronaut):
     assert round_trip_psnr(vae, astronaut) > 30.5  # 31.2 dB measured beside the weights
 
 
-def test_the_extra_branch_is_what_taef2_needs(astronaut, tmp_path):
+def test_the_extra_branch_is_what_taef2_needs(astronaut, tmp_path, taef2_dir):
     # Without FLUX.2's extra 1x1 branch (as diffusers' AutoencoderTiny would load it), the round trip collapses.
     for part in ("encoder", "decoder"):
-        state = torch.load(TAEF2 / f"taef2_{part}.pth", weights_only=True)
+        state = torch.load(taef2_dir / f"taef2_{part}.pth", weights_only=True)
         torch.save({k: v for k, v in state.items() if ".pool." not in k}, tmp_path / f"plain_{part}.pth")
     plain = TinyAutoencoder.from_folder(tmp_path)
     assert not any(".pool." in name for name in plain.state_dict())
