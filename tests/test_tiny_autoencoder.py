@@ -62,7 +62,7 @@ def test_bad_tiny_autoencoder_folders_say_what_is_wrong(tmp_path):
         TinyAutoencoder.from_folder(wrong)
 
 
-def test_train_and_eval_upsampler_take_the_tiny_autoencoder_folder(tmp_path, astronaut):
+def test_train_and_eval_upsampler_take_the_tiny_autoencoder_folder(tmp_path, astronaut, taef2_dir):
     from lssgen.cli.main import main
     from lssgen.training.data import to_pil
 
@@ -70,10 +70,22 @@ def test_train_and_eval_upsampler_take_the_tiny_autoencoder_folder(tmp_path, ast
     images.mkdir()
     for i, (top, left) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):
         to_pil(astronaut[0, :, top : top + 256, left : left + 256]).save(images / f"{i}.png")
-    common = ["--vae", str(TAEF2), "--images", str(images), "--resolution", "64", "--device", "cpu"]
+    common = ["--vae", str(taef2_dir), "--images", str(images), "--resolution", "64", "--device", "cpu"]
     assert main(["train-upsampler", *common, "--out", str(tmp_path / "up"), "--steps", "2", "--batch-size", "2"]) == 0
     assert (tmp_path / "up" / "config.json").is_file()
     eval_args = ["--upsampler", str(tmp_path / "up"), "--out", str(tmp_path / "eval"), "--repeats", "1", "--grid", "1"]
     assert main(["eval-upsampler", *common, *eval_args]) == 0
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "taef2" in report and "learned upsampler" in report
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_missing_taef2_skips_on_a_desk_and_fails_under_ci(tmp_path, monkeypatch, ci):
+    missing = tmp_path / "no-taef2"
+    monkeypatch.setenv("CI", ci)
+    # Caught whichever it is: a skip escaping this test would only skip it.
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as raised:
+        taef2_or_skip(missing)
+    assert raised.type is (pytest.fail.Exception if ci else pytest.skip.Exception)
+    assert str(missing) in str(raised.value)  # it says where it looked
+    assert ("CI is set" in str(raised.value)) == bool(ci)
