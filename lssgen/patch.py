@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
 from .controller import Run, StageSwitchCallback, chain_callbacks
+from .loading import ModelDefaults, check_upsampler, model_defaults
 from .plan import Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
@@ -21,6 +22,17 @@ from .schedule import StagedScheduler
 logger = logging.getLogger(__name__)
 
 _STATE = "_lssgen"
+
+
+class _DefaultUpsampler:
+    """The `upsampler` of `patch` when the caller passes none (`None` itself means latent interpolation)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_UPSAMPLER"
+
+
+# The model folder's upsampler (its lssgen.json), else the one lssgen ships for the family if it fits the VAE.
+DEFAULT_UPSAMPLER = _DefaultUpsampler()
 # Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
 _CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_end")
 
@@ -62,6 +74,8 @@ class PatchState:
     defaults: Options
     original_class: type
     run: Run | None = field(default=None, repr=False)
+    # Where the upsampler came from, or why there is none: the plan's description says it.
+    upsampler_note: str = ""
 
     def low_resolution_stage(self) -> Stage | None:
         """The stage being denoised while it is a low-resolution one, else None: at the target size the
@@ -110,16 +124,25 @@ def _check_upsampler(upsampler: Any, adapter: Adapter, pipe: Any) -> None:
         raise ValueError(f"The upsampler scales by {factor}, but lssgen needs an x2 upsampler.")
 
 
-def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = None, **defaults: Any) -> Any:
+def patch(
+    pipe: Any, upsampler: Any = DEFAULT_UPSAMPLER, *, adapter: Adapter | str | None = None, **defaults: Any
+) -> Any:
     r"""
     Make `pipe(...)` generate in several resolutions (LSSGen), in place. Calling it again re-patches.
 
     Only this instance changes (its class is swapped for a subclass of the same name); other instances of the
     pipeline class are untouched. With `start_sigma=1.0`, or after [`unpatch`], the pipe is the stock pipeline.
 
+    A pipe loaded from a folder with an `lssgen.json` (see [`ModelDefaults`]) takes its lssgen defaults from there
+    (base size, `min_resolution`, upsampler); the arguments given here override them.
+
     Args:
         pipe (`DiffusionPipeline`): a stock pipeline that an installed adapter supports.
-        upsampler (`LatentUpsampler`, *optional*): learned x2 latent upsampler for the pipeline's VAE.
+        upsampler (`LatentUpsampler` or `None`, *optional*):
+            learned x2 latent upsampler for the pipeline's VAE; `None` scales by latent interpolation. Left out, the
+            model folder's upsampler is used, else the one lssgen ships for the family when it fits the pipeline's
+            VAE latent (`weights/flux2-x2` for FLUX.2), else latent interpolation. `plan_for(pipe).describe()`
+            says which.
         adapter (`Adapter` or `str`, *optional*): force an adapter instead of matching the pipeline.
         **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`.
 
@@ -139,13 +162,21 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
     if is_patched(pipe):
         unpatch(pipe)
     chosen = find_adapter(pipe, adapter)
+    folder = model_defaults(pipe)
+    if upsampler is DEFAULT_UPSAMPLER:
+        upsampler, note = _default_upsampler(pipe, chosen, folder)
+    else:
+        note = "upsampler=None given to lssgen.patch" if upsampler is None else "given to lssgen.patch"
     _check_upsampler(upsampler, chosen, pipe)
-    # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the caller's defaults.
-    options = replace(Options(min_resolution=chosen.min_resolution), **defaults)
+    # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the model folder's
+    # defaults, then the caller's.
+    options = replace(Options(min_resolution=chosen.min_resolution), **{**folder.patch_options(), **defaults})
     _check_options(options, upsampler)
 
     original_class = type(pipe)
-    state = PatchState(adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class)
+    state = PatchState(
+        adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class, upsampler_note=note
+    )
     chosen.install_hooks(pipe, state.low_resolution_stage)
     # A subclass per instance: Python looks `__call__` up on the class, and keeping the name keeps
     # `save_pretrained` writing the stock class name.
@@ -163,6 +194,38 @@ def patch(pipe: Any, upsampler: Any = None, *, adapter: Adapter | str | None = N
     pipe.__dict__[_STATE] = state
     pipe.__class__ = patched_class
     return pipe
+
+
+def _default_upsampler(pipe: Any, adapter: Adapter, folder: ModelDefaults) -> tuple[Any, str]:
+    """The upsampler `patch` uses when none is passed, and where it comes from (or why there is none)."""
+    from lssgen.weights import shipped, weights_path
+
+    from .upsampler import LatentUpsampler
+
+    if folder.names_upsampler:
+        path = folder.upsampler_path()
+        if path is None:
+            return None, f"{folder.file} sets `upsampler` to null"
+        note = f"{path}, named in {folder.file}"
+    elif adapter.default_upsampler is None:
+        return None, f"lssgen ships no upsampler for the {adapter.name} family"
+    elif adapter.default_upsampler not in shipped():
+        return None, f"the {adapter.name} family's upsampler {adapter.default_upsampler} is not installed"
+    else:
+        path = weights_path(adapter.default_upsampler)
+        # Only the config is read to decide: the shipped weights fit one VAE latent (FLUX.2's 32 channels); a pipe
+        # with another VAE falls back to latent interpolation instead of failing.
+        config = LatentUpsampler.load_config(path)
+        channels = adapter.latent_channels(pipe)
+        vae_channels = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", channels)
+        if not config["in_channels"] == config["out_channels"] == channels == vae_channels:
+            return None, (
+                f"the shipped {adapter.default_upsampler} works on {config['in_channels']}-channel latents, this "
+                f"pipeline's VAE has {vae_channels}"
+            )
+        note = f"{adapter.default_upsampler}, shipped with lssgen for {adapter.name}"
+    check_upsampler(str(path), option=f"{folder.file}: `patch.upsampler`" if folder.names_upsampler else "upsampler")
+    return LatentUpsampler.from_pretrained(path, dtype=adapter.latent_dtype(pipe)), note
 
 
 def unpatch(pipe: Any) -> Any:
@@ -267,8 +330,18 @@ def plan_for(
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
-    _check_options(chosen, state.upsampler)
-    return _plan(pipe, state, chosen, height, width, steps)
+    space = _check_options(chosen, state.upsampler)
+    return replace(_plan(pipe, state, chosen, height, width, steps), scaling=_describe_scaling(space, state))
+
+
+def _describe_scaling(space: str, state: PatchState) -> str:
+    if space == "learned":
+        return f"learned upsampler ({state.upsampler_note})"
+    if space == "pixel":
+        return "pixel round trip (decode, bicubic x2, encode)"
+    if state.upsampler is not None:
+        return "latent interpolation (bicubic x2; the upsampler is loaded but scaling_space='latent' is chosen)"
+    return f"latent interpolation (bicubic x2; no upsampler: {state.upsampler_note})"
 
 
 def _plan(

@@ -60,6 +60,8 @@ class StagePlan:
     stages: tuple[Stage, ...]
     height: int
     width: int
+    # How each stage's result is scaled up for the next, in words (set by `lssgen.plan_for`; empty otherwise).
+    scaling: str = field(default="", compare=False)
 
     @property
     def total_steps(self) -> int:
@@ -100,6 +102,8 @@ class StagePlan:
                 f"{f'{stage.latent_width}x{stage.latent_height}':<10}{steps:<14}{span:<20}{sigma}"
             )
         lines.append(f"denoiser steps in all: {self.total_steps}")
+        if self.scaling and self.is_multi_resolution:
+            lines.append(f"scaling between stages: {self.scaling}")
         return "\n".join(lines)
 
 

@@ -380,7 +380,7 @@ class AdapterContract:
     )
     def test_bad_call_arguments_raise_and_leave_the_pipe_usable(self, pipe, options, error, match):
         stock_scheduler = pipe.scheduler
-        lssgen.patch(pipe)
+        lssgen.patch(pipe, None)  # no upsampler (FLUX.2 would get its shipped one), for scaling_space='learned'
         kwargs = self.call_kwargs(pipe)
         kwargs.update(options)
         if kwargs.get("latents") == "noise":

@@ -124,6 +124,8 @@ class Adapter:
     # another argument and leave `guidance_scale` to distilled checkpoints (Qwen-Image's classifier-free guidance
     # is `true_cfg_scale`). The command line passes `--guidance` and `default_guidance` as this argument.
     guidance_argument: str = "guidance_scale"
+    # The shipped upsampler (`lssgen.weights_path` name) `lssgen.patch` uses when given none, if it fits the pipe.
+    default_upsampler: str | None = None
     # Whether the learned upsampler and latent interpolation work on the VAE's own latent (`latents_to_vae` of the
     # unpacked latents) instead of the pipeline's normalised one. For normalisations that are not one affine map
     # per channel of the unpacked grid (FLUX.2's BatchNorm over 2x2 patches gives each cell of a patch its own

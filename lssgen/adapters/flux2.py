@@ -110,6 +110,8 @@ class Flux2Adapter(Adapter):
     # space the taef2 tiny autoencoder encodes too), and the normalised grid is not spatially uniform (each cell of
     # a 2x2 patch has its own statistics), which bicubic interpolation across cells would mix up.
     scale_in_vae_space = True
+    # Trained here on that raw latent (weights/flux2-x2); `patch` checks the pipe's VAE has its 32 channels.
+    default_upsampler = "flux2-x2"
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4

@@ -46,6 +46,7 @@ from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from lssgen.adapters.flux2 import Flux2Adapter
 from lssgen.autoencoders.flux2 import TinyFlux2Autoencoder
 from lssgen.autoencoders.taesd import is_tiny_autoencoder_folder
+from lssgen.loading import ModelDefaults
 from lssgen.outputs import atomic_write
 from lssgen.tiny.flux2 import FLUX2_SCHEDULER_CONFIG
 
@@ -203,6 +204,7 @@ CHUNK = 128  # scenes per cache file
 CHECKPOINT, CACHE, SAMPLES = "checkpoint", "cache", "samples"
 HISTORY_FILE = "training_history.json"
 SAMPLE_STEPS = 20
+SAMPLE_GUIDANCE = 4.0  # the pipeline's own default, named so that samples and lssgen.json agree
 
 
 @dataclass
@@ -536,6 +538,7 @@ class _Trainer:
             height=SIZES[-1],
             width=SIZES[-1],
             num_inference_steps=SAMPLE_STEPS,
+            guidance_scale=SAMPLE_GUIDANCE,
             max_sequence_length=self.s.max_sequence_length,
             generator=torch.Generator().manual_seed(0),
         ).images
@@ -550,6 +553,7 @@ class _Trainer:
         partial = out.parent / f".{out.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         self.ema_pipeline().save_pretrained(partial)
+        folder_defaults(self.s).save(partial)
         grid.save(partial / "samples.png")
         (partial / HISTORY_FILE).write_text(json.dumps({"runs": self.runs, "history": self.history}, indent=1) + "\n")
         (partial / "README.md").write_text(model_card(self.s, self.step, self.runs, self.history))
@@ -592,6 +596,20 @@ class _Trainer:
                 self.publish()
         bar.close()
         return run
+
+
+def folder_defaults(settings: TrainSettings) -> ModelDefaults:
+    """How the output folder says to call the model (its `lssgen.json`): the native size, the sampling settings
+    of `samples.png`, the training prompt length, and lssgen's three stages (64, 128, 256 px) with our FLUX.2
+    upsampler between them."""
+    return ModelDefaults(
+        height=SIZES[-1],
+        width=SIZES[-1],
+        num_inference_steps=SAMPLE_STEPS,
+        guidance_scale=SAMPLE_GUIDANCE,
+        max_sequence_length=settings.max_sequence_length,
+        patch={"base_height": SIZES[-1], "base_width": SIZES[-1], "min_resolution": SIZES[0], "upsampler": "flux2-x2"},
+    )
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -637,6 +655,12 @@ image = pipe(prompt="a photo of a red star", height=256, width=256, num_inferenc
 Pass `max_sequence_length={settings.max_sequence_length}`: the model was trained with prompts padded to
 {settings.max_sequence_length} tokens (the longest caption with the chat template is 24); the pipeline's default
 of 512 pads with 480 more tokens the transformer never saw in training.
+
+`lssgen.json` records these settings for lssgen ({SIZES[-1]} px, {SAMPLE_STEPS} steps, guidance {SAMPLE_GUIDANCE:g},
+{settings.max_sequence_length}-token prompts; three stages from {SIZES[0]} px with `weights/flux2-x2`):
+`lssgen.load_pipeline(folder)` makes {SIZES[-1]} px the stock call's default size,
+`lssgen.model_defaults(pipe).call_arguments()` gives the rest, and `lssgen.patch(pipe)` takes its stages and
+upsampler from there (docs/model-folders.md).
 
 {components}
 
