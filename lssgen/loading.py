@@ -206,7 +206,7 @@ def load_pipeline(
     check_pipeline(model)
     defaults = model_defaults(model) if Path(model).expanduser().is_dir() else ModelDefaults()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as error:
         where = "" if Path(model).exists() else " (no such local folder; tried it as a Hugging Face Hub id)"
         raise ValueError(
@@ -223,7 +223,7 @@ def load_upsampler(path: str, dtype: torch.dtype, device: str | torch.device) ->
 
     check_upsampler(path)
     try:
-        upsampler = LatentUpsampler.from_pretrained(path, torch_dtype=dtype)
+        upsampler = LatentUpsampler.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, TypeError) as error:  # TypeError: a config value of the wrong type
         # diffusers' advice on a shape mismatch (`ignore_mismatched_sizes`) would load random weights: not ours.
         reason = str(error).split(" If you want to instead overwrite")[0]
@@ -361,9 +361,7 @@ class ModelDefaults:
 
 def _check_model_defaults(defaults: ModelDefaults, file: Path | str) -> None:
     """A `ValueError` naming `file` and the key for any value lssgen could not use."""
-    # patch.py imports this module, so its option names are imported here, when they are first needed.
-    from .patch import OPTION_NAMES, Options
-    from .plan import validate_options
+    from .plan import OPTION_NAMES, Options, validate_options
     from .scaling import resolve_scaling_space
 
     positive_ints = ("height", "width", "num_inference_steps", "max_sequence_length")

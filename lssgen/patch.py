@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import numbers
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .loading import ModelDefaults, check_upsampler, model_defaults
-from .plan import Stage, StagePlan, plan_stages, stock_timesteps, validate_options
+from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -35,34 +35,6 @@ class _DefaultUpsampler:
 DEFAULT_UPSAMPLER = _DefaultUpsampler()
 # Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
 _CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_end")
-
-
-@dataclass(frozen=True)
-class Options:
-    r"""
-    The method's call arguments. Each can be set per call, or as a default through `lssgen.patch(pipe, **options)`.
-
-    Args:
-        start_sigma (`float`, defaults to `0.75`): noise level each later stage restarts from; 0.667 is faster.
-            `1.0` turns the method off (the stock pipeline runs unchanged).
-        min_resolution (`int`, defaults to the family's, `512` for image models): short side, in pixels, of the
-            smallest stage at least.
-        shorten_intermediate_steps (`bool`, defaults to the family's published default): fewer steps for the
-            smaller stages.
-        base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
-        scaling_space (`str`): `"learned"` (alias `"resnet"`, default with an upsampler), `"latent"` (bicubic
-            latent interpolation, default without one) or `"pixel"` (decode → bicubic → encode).
-    """
-
-    start_sigma: float = 0.75
-    min_resolution: int = 512
-    shorten_intermediate_steps: bool | None = None
-    base_height: int | None = None
-    base_width: int | None = None
-    scaling_space: str | None = None
-
-
-OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,34 @@ def stage_step_count(
         return num_inference_steps
     factor = math.log2(max(2.0, (base_width / width) * (base_height / height)))
     return int(num_inference_steps // factor)
+
+
+@dataclass(frozen=True)
+class Options:
+    r"""
+    The method's call arguments. Each can be set per call, or as a default through `lssgen.patch(pipe, **options)`.
+
+    Args:
+        start_sigma (`float`, defaults to `0.75`): noise level each later stage restarts from; 0.667 is faster.
+            `1.0` turns the method off (the stock pipeline runs unchanged).
+        min_resolution (`int`, defaults to the family's, `512` for image models): short side, in pixels, of the
+            smallest stage at least.
+        shorten_intermediate_steps (`bool`, defaults to the family's published default): fewer steps for the
+            smaller stages.
+        base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
+        scaling_space (`str`): `"learned"` (alias `"resnet"`, default with an upsampler), `"latent"` (bicubic
+            latent interpolation, default without one) or `"pixel"` (decode → bicubic → encode).
+    """
+
+    start_sigma: float = 0.75
+    min_resolution: int = 512
+    shorten_intermediate_steps: bool | None = None
+    base_height: int | None = None
+    base_width: int | None = None
+    scaling_space: str | None = None
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
 def validate_options(
