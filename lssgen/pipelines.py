@@ -4,11 +4,12 @@ Code written for the published repository keeps working:
 
 ```py
 >>> from lssgen.pipelines import LSSFluxPipeline
->>> pipe = LSSFluxPipeline.from_pretrained(MODEL, latent_upsampler=UPSAMPLER, torch_dtype=torch.bfloat16)
+>>> pipe = LSSFluxPipeline.from_pretrained(MODEL, latent_upsampler=UPSAMPLER, dtype=torch.bfloat16)
 >>> image = pipe(prompt, start_sigma=0.75, shorten_intermediate_steps=True, min_resolution=512).images[0]
 ```
 
-`pipe` is the stock diffusers pipeline (e.g. `FluxPipeline`), patched with [`lssgen.patch`].
+`pipe` is the stock diffusers pipeline (e.g. `FluxPipeline`), patched with [`lssgen.patch`]. The published code's
+`torch_dtype=` is still accepted: it is passed on as `dtype=`, the name diffusers now reads.
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ class _PatchedLoader:
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a pipeline folder or hub id.
             latent_upsampler (`LatentUpsampler`, `str` or `os.PathLike`, *optional*): the upsampler, or a folder
-                to load one from (in `torch_dtype`, if given).
-            **kwargs: passed to the stock `from_pretrained` (`torch_dtype`, `variant`, components, ...).
+                to load one from (in `dtype`, if given).
+            **kwargs: passed to the stock `from_pretrained` (`dtype`, `variant`, components, ...). `torch_dtype`,
+                as the published code passes it, is passed on as `dtype`.
         """
+        if "torch_dtype" in kwargs:
+            if kwargs.get("dtype") is not None:
+                raise ValueError(
+                    "Got both `dtype` and `torch_dtype`: they are the same argument (diffusers renamed `torch_dtype` "
+                    "to `dtype`); pass only `dtype`."
+                )
+            # Renamed here rather than by diffusers, whose rename prints a FutureWarning the user did not cause.
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
         stock_class = getattr(diffusers, cls.stock_class_name)
         pipe = stock_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if isinstance(latent_upsampler, (str, os.PathLike)):
-            dtype = kwargs.get("torch_dtype")
-            latent_upsampler = LatentUpsampler.from_pretrained(latent_upsampler, torch_dtype=dtype)
+            latent_upsampler = LatentUpsampler.from_pretrained(latent_upsampler, dtype=kwargs.get("dtype"))
         return patch(pipe, latent_upsampler)
 
 

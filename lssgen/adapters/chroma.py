@@ -90,7 +90,7 @@ class ChromaAdapter(FluxAdapter):
     >>> import torch
     >>> from diffusers import ChromaPipeline
 
-    >>> pipe = ChromaPipeline.from_pretrained("lodestones/Chroma1-HD", torch_dtype=torch.bfloat16)
+    >>> pipe = ChromaPipeline.from_pretrained("lodestones/Chroma1-HD", dtype=torch.bfloat16)
     >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
     >>> image = pipe("a lighthouse at dusk", num_inference_steps=40, guidance_scale=3.0).images[0]
     ```

@@ -101,7 +101,7 @@ class CogView4Adapter(Adapter):
     >>> import torch
     >>> from diffusers import CogView4Pipeline
 
-    >>> pipe = CogView4Pipeline.from_pretrained("THUDM/CogView4-6B", torch_dtype=torch.bfloat16)
+    >>> pipe = CogView4Pipeline.from_pretrained("THUDM/CogView4-6B", dtype=torch.bfloat16)
     >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
     >>> image = pipe("a lighthouse at dusk", num_inference_steps=50, guidance_scale=3.5).images[0]
     ```

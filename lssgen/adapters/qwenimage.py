@@ -112,7 +112,7 @@ class QwenImageAdapter(FluxAdapter):
     >>> import torch
     >>> from diffusers import QwenImagePipeline
 
-    >>> pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
+    >>> pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", dtype=torch.bfloat16)
     >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
     >>> image = pipe("a lighthouse at dusk", negative_prompt=" ", true_cfg_scale=4.0, height=1024, width=1024).images[0]
     ```

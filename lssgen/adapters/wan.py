@@ -138,7 +138,7 @@ class WanAdapter(Adapter):
     >>> import torch
     >>> from diffusers import WanPipeline
 
-    >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers", torch_dtype=torch.bfloat16)
+    >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers", dtype=torch.bfloat16)
     >>> lssgen.patch(pipe)  # min_resolution defaults to 240 for Wan: 832x480 runs one stage at 416x240 first
     >>> video = pipe("a lighthouse at dusk", height=480, width=832, num_frames=81, guidance_scale=5.0).frames[0]
     ```

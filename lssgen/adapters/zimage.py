@@ -102,7 +102,7 @@ class ZImageAdapter(Adapter):
     >>> import torch
     >>> from diffusers import ZImagePipeline
 
-    >>> pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", torch_dtype=torch.bfloat16)
+    >>> pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype=torch.bfloat16)
     >>> lssgen.patch(pipe)  # the adapter is chosen by matching the pipeline
     >>> image = pipe("a lighthouse at dusk", num_inference_steps=8, guidance_scale=0.0).images[0]
     ```

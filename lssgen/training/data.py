@@ -118,7 +118,7 @@ def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype =
     if is_tiny_autoencoder_folder(folder):
         return TinyAutoencoder.from_folder(folder).to(device, dtype)
     try:
-        vae = AutoModel.from_pretrained(path_or_id, subfolder=subfolder, torch_dtype=dtype)
+        vae = AutoModel.from_pretrained(path_or_id, subfolder=subfolder, dtype=dtype)
     except (OSError, ValueError) as error:
         hint = "" if subfolder else " For a whole pipeline folder, add --subfolder vae."
         raise ValueError(f"Cannot load a VAE from {path_or_id!r}: {error}.{hint}") from None
