@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..latents import LatentNormalization
 
@@ -25,14 +24,13 @@ def linear_time_shift(
     """The linear `mu` rule of FLUX.1 and SD3 for `image_seq_len` image tokens, the length capped at the
     scheduler's `max_image_seq_len` (DESIGN §1.4); with `capped=False`, extrapolated past it, as QwenImagePipeline
     does."""
+    # diffusers' `calculate_shift`, written out: importing it from `pipeline_flux` imports FluxPipeline's image
+    # processors too, and transformers then logs a torchvision notice for any pipeline family.
     max_len = scheduler_config.get("max_image_seq_len", 4096)
-    return calculate_shift(
-        min(image_seq_len, max_len) if capped else image_seq_len,
-        scheduler_config.get("base_image_seq_len", 256),
-        max_len,
-        scheduler_config.get("base_shift", 0.5),
-        scheduler_config.get("max_shift", default_max_shift),
-    )
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    slope = (scheduler_config.get("max_shift", default_max_shift) - base_shift) / (max_len - base_len)
+    return base_shift + slope * ((min(image_seq_len, max_len) if capped else image_seq_len) - base_len)
 
 
 def flow_stage_kwargs(

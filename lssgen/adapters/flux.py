@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
@@ -73,6 +73,11 @@ class FluxImageIdsHook(ModelHook):
     def __init__(self, current_stage: Callable):
         super().__init__()
         self.current_stage = current_stage
+        # Imported when a FLUX-family pipeline is patched, not with this module: that would import FluxPipeline's
+        # image processors for every pipeline family, and transformers logs a torchvision notice for them.
+        from diffusers import FluxPipeline
+
+        self.image_ids = FluxPipeline._prepare_latent_image_ids
 
     def pre_forward(self, module, *args, **kwargs):
         stage = self.current_stage()
@@ -81,7 +86,7 @@ class FluxImageIdsHook(ModelHook):
             return args, kwargs
         # Built afresh each call (a few small aranges) rather than cached: under torch.compile a cache would
         # become guarded state and cost extra recompilations; this way each stage size compiles once.
-        kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(
+        kwargs["img_ids"] = self.image_ids(
             None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
         )
         return args, kwargs

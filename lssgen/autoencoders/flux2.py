@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers import ConfigMixin, Flux2Pipeline, ModelMixin
+from diffusers import AutoencoderKLFlux2, ConfigMixin, Flux2Pipeline, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
 from diffusers.models.autoencoders.vae import DecoderOutput
 from safetensors.torch import load_file, save_file
+
+from lssgen.console import declare_drop_in
 
 from .taesd import WIDTH, TinyAutoencoder, build_decoder, build_encoder, is_tiny_autoencoder_folder
 
@@ -129,8 +131,14 @@ class TinyFlux2Autoencoder(ModelMixin, ConfigMixin):
         statistics = load_file(folder / STATISTICS_FILE)
         model.bn.running_mean.copy_(statistics["running_mean"])
         model.bn.running_var.copy_(statistics["running_var"])
-        dtype = kwargs.get("torch_dtype")
-        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+        # `dtype` from a user; `torch_dtype` from diffusers' pipeline loader, which still passes that name to
+        # components that are not transformers models.
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+        if not isinstance(dtype, torch.dtype) or dtype == model.dtype:
+            return model
+        # torch's own cast: ModelMixin.to warns on every dtype cast that some modules "should be kept in float32",
+        # listing none (diffusers 0.42 tests `[] is not None`); this model has none to keep.
+        return nn.Module.to(model, dtype)
 
     @torch.no_grad()
     def set_latent_statistics(self, latents: torch.Tensor) -> None:
@@ -139,6 +147,12 @@ class TinyFlux2Autoencoder(ModelMixin, ConfigMixin):
         patches = Flux2Pipeline._patchify_latents(latents.float())
         self.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
         self.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+
+
+# The FLUX.2 pipelines annotate their `vae` as `AutoencoderKLFlux2`; this model reads and writes the same latents
+# through the same attributes (see the module's docstring) without being one: a subclass would inherit tiling,
+# slicing, a KL posterior and QKV fusion it cannot honour.
+declare_drop_in(TinyFlux2Autoencoder, stands_for=AutoencoderKLFlux2)
 
 
 def find_taef2(folder: str | Path | None = None) -> Path:
@@ -150,7 +164,7 @@ def find_taef2(folder: str | Path | None = None) -> Path:
     if folder is not None:
         candidates = [Path(folder)]
     else:
-        checkout = Path(__file__).resolve().parents[1]
+        checkout = Path(__file__).resolve().parents[2]  # lssgen/autoencoders/flux2.py -> the checkout
         candidates = [Path(p) for p in (os.environ.get(TAEF2_ENV),) if p]
         candidates += [Path("../shared/data/taef2"), checkout.parent / "shared" / "data" / "taef2"]
     for candidate in candidates:

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import Flux2Transformer2DModel, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+
+from lssgen.console import declare_drop_in
 
 PATCH = 2  # FLUX.2 packs 2x2 latent cells into one token
 
@@ -108,3 +110,9 @@ class SceneDenoiser(ModelMixin, ConfigMixin, CacheMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+
+# Flux2KleinPipeline annotates its `transformer` as `Flux2Transformer2DModel`; this model takes and returns what the
+# pipeline passes that transformer, and nothing else of it: a subclass would carry its tensor- and
+# context-parallel plans, device-map hints, block names and single-file conversion over modules it does not have.
+declare_drop_in(SceneDenoiser, stands_for=Flux2Transformer2DModel)

@@ -48,6 +48,7 @@ def _clip_config(width: int, projection_dim: int | None) -> CLIPTextConfig:
         projection_dim=projection_dim or width,
         pad_token_id=0,
         eos_token_id=1,
+        bos_token_id=None,  # the character tokenizer has none; CLIP's default (49406) is outside this vocabulary
     )
 
 
