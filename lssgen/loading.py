@@ -6,6 +6,7 @@ before it loads anything large: a bad upsampler folder is reported before a 24 G
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -204,7 +205,10 @@ def load_pipeline(
 
     model = str(model)
     check_pipeline(model)
-    defaults = model_defaults(model) if Path(model).expanduser().is_dir() else ModelDefaults()
+    local = Path(model).expanduser().is_dir()
+    defaults = model_defaults(model) if local else ModelDefaults()
+    if local:
+        _import_own_components(Path(model).expanduser())
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as error:
@@ -215,6 +219,21 @@ def load_pipeline(
         ) from None
     _apply_native_size(pipe, defaults)
     return pipe if device is None else pipe.to(device)
+
+
+def _import_own_components(folder: Path) -> None:
+    """Import the lssgen modules a folder's `model_index.json` names as component libraries (the scene model's
+    `lssgen.scenes.denoiser`, `lssgen.autoencoders.flux2`).
+
+    diffusers loads a component of a library outside its own list only from a module already imported (it will not
+    import one because a folder names it), and `import lssgen` no longer imports every tool; modules of lssgen
+    itself are ours to import. Any other library is left to diffusers' own rules.
+    """
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    for entry in index.values():
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
+            if entry[0].startswith("lssgen."):
+                importlib.import_module(entry[0])
 
 
 def load_upsampler(path: str, dtype: torch.dtype, device: str | torch.device) -> Any:

@@ -5,8 +5,11 @@ when the VAE latent fits it. Real folders saved with `save_pretrained`, real pip
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +305,18 @@ def test_the_scene_model_trainer_writes_the_file(tmp_path):
     assert written.call_arguments() == {**lssgen.model_defaults(weights_path("scene-t2i")).call_arguments()}
     assert written.patch == {"base_height": 256, "base_width": 256, "min_resolution": 64, "upsampler": "flux2-x2"}
 
+
+def test_load_pipeline_imports_the_components_the_folder_names(taef2_dir):
+    # diffusers loads a component of a library outside its own list only from a module already imported, and
+    # `import lssgen` imports no tool: in a fresh process, load_pipeline must import lssgen.scenes.denoiser and
+    # lssgen.autoencoders.flux2 itself.
+    script = (
+        "import sys, lssgen\n"
+        "assert 'lssgen.scenes.denoiser' not in sys.modules\n"
+        "pipe = lssgen.load_pipeline(lssgen.weights_path('scene-t2i'))\n"
+        "print(type(pipe.transformer).__name__, type(pipe.vae).__name__)\n"
+    )
+    env = {**os.environ, "LSSGEN_TAEF2": str(taef2_dir)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["SceneDenoiser", "TinyFlux2Autoencoder"]
