@@ -1,13 +1,13 @@
 r"""
 A small text-to-image model of `lssgen.scenes`, as a stock `Flux2KleinPipeline` folder in FLUX.2's latent space.
 
-The folder loads with the stock loader once `lssgen` is imported (its VAE is `lssgen.TinyFlux2Autoencoder`):
+`lssgen.load_pipeline` loads the folder with the stock loader and its `lssgen.json` (native size, steps, prompt
+length, lssgen's stages and upsampler):
 
 ```py
 >>> import lssgen
->>> from diffusers import Flux2KleinPipeline
->>> pipe = Flux2KleinPipeline.from_pretrained("weights/scene-t2i")
->>> image = pipe("a photo of a red star", height=256, width=256, num_inference_steps=20).images[0]
+>>> pipe = lssgen.load_pipeline("weights/scene-t2i")
+>>> image = pipe("a photo of a red star", **lssgen.model_defaults(pipe).call_arguments()).images[0]
 ```
 
 Components: taef2 (FLUX.2's tiny autoencoder) with BatchNorm statistics measured on the training renders, a
@@ -644,17 +644,22 @@ colours on textured backgrounds), in FLUX.2's latent space through taef2. It exi
 (`weights/flux2-x2`, the `flux2` adapter) can be measured end to end on a CPU; it is not a general image model.
 
 ```py
-import lssgen  # registers the VAE class (lssgen.TinyFlux2Autoencoder) the folder names
-from diffusers import Flux2KleinPipeline
+import lssgen
 
-pipe = Flux2KleinPipeline.from_pretrained("weights/scene-t2i")
-image = pipe(prompt="a photo of a red star", height=256, width=256, num_inference_steps=28,
-             max_sequence_length={settings.max_sequence_length}).images[0]
+pipe = lssgen.load_pipeline("weights/scene-t2i")  # {SIZES[-1]} px by default, as lssgen.json says
+defaults = lssgen.model_defaults(pipe).call_arguments()  # steps, guidance, max_sequence_length
+image = pipe("a photo of a red star", **defaults).images[0]
+lssgen.patch(pipe)  # stages from {SIZES[0]} px and the weights/flux2-x2 upsampler, from lssgen.json
+fast = pipe("a photo of a red star", **defaults).images[0]
 ```
 
-Pass `max_sequence_length={settings.max_sequence_length}`: the model was trained with prompts padded to
-{settings.max_sequence_length} tokens (the longest caption with the chat template is 24); the pipeline's default
-of 512 pads with 480 more tokens the transformer never saw in training.
+With the stock loader, import the two modules the folder names its components from first (diffusers loads
+components only from modules already imported) and pass the size and prompt length yourself:
+`import lssgen.scenes.denoiser, lssgen.autoencoders.flux2`, then
+`Flux2KleinPipeline.from_pretrained("weights/scene-t2i")(prompt, height={SIZES[-1]}, width={SIZES[-1]},
+num_inference_steps={SAMPLE_STEPS}, max_sequence_length={settings.max_sequence_length})`. The model was trained
+with prompts padded to {settings.max_sequence_length} tokens (the longest caption with the chat template is 24); the
+pipeline's default of 512 pads with 480 more tokens the transformer never saw in training.
 
 `lssgen.json` records these settings for lssgen ({SIZES[-1]} px, {SAMPLE_STEPS} steps, guidance {SAMPLE_GUIDANCE:g},
 {settings.max_sequence_length}-token prompts; three stages from {SIZES[0]} px with `weights/flux2-x2`):
