@@ -1,5 +1,5 @@
 import sys
 
-from lssgen.cli.main import main
+from lssgen.cli import main
 
 sys.exit(main())

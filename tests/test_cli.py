@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli.main import main
+from lssgen.autoencoders import TinyFlux2Autoencoder
+from lssgen.cli import main
 from lssgen.loading import check_device
 
-LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen.cli.main"
+LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
 
 
 def run(*args, cwd=None):
@@ -34,10 +36,9 @@ def test_demo_prints_plan_and_both_timings(tmp_path):
 
 
 def _tiny_scene_model(folder):
-    import lssgen
     from lssgen.scenes.model import build_pipeline
 
-    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
+    build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
     return folder
 
 
@@ -80,11 +81,11 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     # A tiny untrained scene model, saved as the shipped folder is, stands in (fast; the shipped model's pictures
     # are tests/test_scene_pictures.py's).
     import lssgen.weights
-    from lssgen.cli.main import main
+    from lssgen.cli import main
     from lssgen.scenes.model import build_pipeline
 
     folder = tmp_path / "scene-t2i"
-    build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
+    build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16)).save_pretrained(folder)
     shipped, weights_path = lssgen.weights.shipped, lssgen.weights.weights_path
     monkeypatch.setattr(lssgen.weights, "shipped", lambda: [*shipped(), "scene-t2i"])
     monkeypatch.setattr(
@@ -295,3 +296,76 @@ def test_adapters_lists_installed_adapters_with_their_package():
     assert rows["cogview4"] == ["CogView4Pipeline", "flow", "50", "3.5", "on", "lssgen"]
     assert rows["qwenimage"] == ["QwenImagePipeline", "flow", "50", "4.0", "on", "lssgen"]  # 4.0: true_cfg_scale
     assert rows["zimage"] == ["ZImagePipeline", "flow", "8", "0.0", "on", "lssgen"]
+
+
+# --- loose ends of the command line ------------------------------------------------------------------------------
+
+
+def test_geneval_passes_max_sequence_length_to_the_pipeline(tiny_flux_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a photo of a cat"}) + "\n")
+    common = [str(prompts), "--model", str(tiny_flux_dir), *SIZE, "--images-per-prompt", "1", "--device", "cpu"]
+    assert main(["geneval", *common, "--out", str(tmp_path / "default")]) == 0, capsys.readouterr().err
+    assert main(["geneval", *common, "--max-sequence-length", "8", "--out", str(tmp_path / "short")]) == 0
+    settings = json.loads((tmp_path / "short" / "run.json").read_text())["settings"]
+    assert settings["max_sequence_length"] == 8
+    # FLUX.1 attends to T5's padding too, so a shorter prompt length changes the image: it reached the pipeline.
+    default, short = (
+        np.asarray(Image.open(tmp_path / run / "00000" / "samples" / "0000.png")) for run in ("default", "short")
+    )
+    assert not np.array_equal(default, short)
+
+
+def test_a_relative_model_path_that_does_not_exist_is_no_such_folder(tmp_path, monkeypatch, capsys):
+    from lssgen.loading import check_pipeline, check_upsampler
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    for value in ("weights/scene-t2x", "./nope", "~/no-such-folder-here", "a/b/c"):
+        with pytest.raises(ValueError, match=f"^--model {value}: no such folder"):
+            check_pipeline(value)
+    with pytest.raises(ValueError, match="no such folder"):
+        check_upsampler("weights/flux2-x3")
+    check_pipeline("black-forest-labs/FLUX.1-dev")  # a hub id is still the hub's to check
+    assert main(["generate", "--model", "weights/scene-t2x", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "lssgen generate: error: --model weights/scene-t2x: no such folder.\n"
+    assert captured.out == ""
+
+
+def test_guidance_goes_to_the_argument_the_adapter_names():
+    import argparse
+
+    import lssgen
+    from lssgen.cli.options import call_arguments
+    from lssgen.tiny import build_tiny_qwenimage_pipeline, tiny_qwenimage_prompt_embeds
+
+    pipe = build_tiny_qwenimage_pipeline()
+    adapter = lssgen.find_adapter(pipe)
+    assert adapter.guidance_argument == "true_cfg_scale"  # QwenImagePipeline's CFG; guidance_scale is ignored
+    embeds, mask = tiny_qwenimage_prompt_embeds(pipe, "a lighthouse on a cliff")
+    negative, negative_mask = tiny_qwenimage_prompt_embeds(pipe, " ")
+    prompt = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+    prompt |= {"negative_prompt_embeds": negative, "negative_prompt_embeds_mask": negative_mask}
+    images = {}
+    for guidance in (1.0, 4.0):
+        args = argparse.Namespace(prompt=None, guidance=guidance)
+        call = call_arguments(args, adapter, height=64, width=64, steps=2)
+        assert call["true_cfg_scale"] == guidance and "guidance_scale" not in call
+        generator = torch.Generator().manual_seed(0)
+        images[guidance] = pipe(**call, **prompt, generator=generator, output_type="pt").images
+    assert not torch.equal(images[1.0], images[4.0])  # the value reached the guidance the pipeline applies
+    default = call_arguments(argparse.Namespace(prompt="x", guidance=None), adapter, height=64, width=64, steps=2)
+    assert default["true_cfg_scale"] == adapter.default_guidance
+
+
+def test_without_upsampler_patch_chooses_the_shipped_one(tmp_path):
+    # `lssgen.patch(pipe)` picks the shipped FLUX.2 upsampler where it fits; `upsampler=None` would mean latent
+    # interpolation, so the command line must leave the keyword out when --upsampler is not given.
+    from lssgen import LatentUpsampler
+    from lssgen.cli.options import patch
+    from lssgen.scenes.model import build_pipeline
+
+    pipe = build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
+    patch(pipe, None)
+    assert isinstance(pipe.__dict__["_lssgen"].upsampler, LatentUpsampler)

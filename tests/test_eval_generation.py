@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lssgen
-from lssgen.cli.main import main
+from lssgen.autoencoders import TinyFlux2Autoencoder
+from lssgen.cli import main
 from lssgen.evaluation.generation import (
     TILE,
     GenerationSetting,
@@ -244,7 +245,7 @@ def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
     """Flux2KleinPipeline's first parameter is `image`: a prompt passed by position would fail the call."""
     from lssgen.scenes.model import build_pipeline
 
-    pipe = build_pipeline(lssgen.TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
+    pipe = build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
     report = evaluate_generation(
         pipe,
         scorer,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lssgen import LatentUpsampler
-from lssgen.cli.main import main
+from lssgen.cli import main
 from lssgen.evaluation.metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
 from lssgen.evaluation.upsampler import (
     BICUBIC,

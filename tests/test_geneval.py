@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lssgen.cli.main import build_parser, main
+from lssgen.cli import build_parser, main
 from lssgen.evaluation.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
 

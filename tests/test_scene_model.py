@@ -12,9 +12,10 @@ from diffusers import Flux2KleinPipeline
 from safetensors.torch import load_file
 
 import lssgen
-from lssgen.autoencoders.flux2 import STATISTICS_FILE, TAEF2_ENV
+from lssgen.autoencoders.flux2 import STATISTICS_FILE, TAEF2_ENV, TinyFlux2Autoencoder
 from lssgen.scenes import model as scene_model
 from lssgen.scenes import world as scenes
+from lssgen.scenes.denoiser import SceneDenoiser
 from lssgen.scenes.model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ TINY = "8,16"  # U-Net channels per level
 def saved_pipeline(tmp_path_factory):
     """An untrained scene model (random taef2-shaped VAE with non-trivial BN statistics) saved and loaded back with
     the stock loader."""
-    vae = lssgen.TinyFlux2Autoencoder()
+    vae = TinyFlux2Autoencoder()
     vae.set_latent_statistics(torch.randn(2, 32, 8, 8) * 0.7 + 0.2)
     folder = tmp_path_factory.mktemp("scene-model")
     build_pipeline(vae, seed=0, channels=scene_model.parse_channels(TINY)).save_pretrained(folder)
@@ -45,8 +46,8 @@ def test_the_folder_loads_with_the_stock_loader(saved_pipeline):
     assert index["vae"] == ["lssgen.autoencoders.flux2", "TinyFlux2Autoencoder"]
     assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
     assert index["transformer"] == ["lssgen.scenes.denoiser", "SceneDenoiser"]
-    assert isinstance(pipe.transformer, lssgen.SceneDenoiser) and pipe.transformer.config.in_channels == 128
-    assert isinstance(pipe.vae, lssgen.TinyFlux2Autoencoder) and pipe.vae_scale_factor == 8
+    assert isinstance(pipe.transformer, SceneDenoiser) and pipe.transformer.config.in_channels == 128
+    assert isinstance(pipe.vae, TinyFlux2Autoencoder) and pipe.vae_scale_factor == 8
     assert torch.equal(pipe.vae.bn.running_mean, vae.bn.running_mean)
     assert torch.equal(pipe.vae.bn.running_var, vae.bn.running_var)
     for name, weights in vae.state_dict().items():
@@ -187,26 +188,26 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, cache):
     card = (tmp_path / "resumed" / "README.md").read_text()
     assert "--resume" in card and "Step 3 of" in card and (tmp_path / "resumed" / "samples.png").is_file()
     loaded = Flux2KleinPipeline.from_pretrained(tmp_path / "resumed")
-    assert isinstance(loaded.vae, lssgen.TinyFlux2Autoencoder)
-    taef2 = lssgen.TinyFlux2Autoencoder.from_taesd_folder(TAEF2).encoder.state_dict()
+    assert isinstance(loaded.vae, TinyFlux2Autoencoder)
+    taef2 = TinyFlux2Autoencoder.from_taesd_folder(TAEF2).encoder.state_dict()
     assert all(torch.equal(taef2[k], v) for k, v in loaded.vae.encoder.state_dict().items())
 
 
 @needs_taef2
 def test_a_taef2_vae_saves_no_taef2_weights_and_says_where_to_find_them(tmp_path, monkeypatch):
-    vae = lssgen.TinyFlux2Autoencoder.from_taesd_folder(TAEF2)
+    vae = TinyFlux2Autoencoder.from_taesd_folder(TAEF2)
     vae.set_latent_statistics(torch.randn(2, 32, 4, 4) * 3 + 1)
     vae.save_pretrained(tmp_path / "vae")
     assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", STATISTICS_FILE]
     monkeypatch.setenv(TAEF2_ENV, str(TAEF2))
-    loaded = lssgen.TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16)
+    loaded = TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", torch_dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
     expected = vae.to(torch.bfloat16).state_dict()
     assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
     monkeypatch.setenv(TAEF2_ENV, str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"no taef2 folder was found.*{TAEF2_ENV}") as missing:
-        lssgen.TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", taef2=tmp_path / "nowhere")
+        TinyFlux2Autoencoder.from_pretrained(tmp_path / "vae", taef2=tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(missing.value)
 
 

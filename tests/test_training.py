@@ -209,7 +209,7 @@ def test_cli_trains_and_resumes(vae_dir, data, small_config, tmp_path):
 
 def expect_error(capsys, out: Path, args, *words: str) -> None:
     """Bad input: exit status 2, `lssgen train-upsampler: error:` naming the problem, and no output folder."""
-    from lssgen.cli.main import main
+    from lssgen.cli import main
 
     assert main(["train-upsampler", *map(str, args)]) == 2
     error = capsys.readouterr().err

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, AutoencoderKLWan, FlowMatchEulerDiscreteSch
 from PIL import Image
 
 import lssgen
-from lssgen.cli.main import main
+from lssgen.cli import main
 from lssgen.evaluation.upsampler import LEARNED
 from lssgen.latents import LatentNormalization
 from lssgen.loading import load_upsampler

@@ -64,6 +64,7 @@ _IMAGE_SETTINGS = (
     "min_resolution",
     "shorten_intermediate_steps",
     "scaling_space",
+    "max_sequence_length",
     "seed",
     "dtype",
 )
@@ -84,6 +85,8 @@ class GenEvalSettings:
         height (`int`), width (`int`): image size in pixels (default: the pipeline's native size).
         start_sigma (`float`, defaults to `0.75`), min_resolution (`int`), shorten_intermediate_steps (`bool`),
             scaling_space (`str`): lssgen's options (ignored in baseline mode).
+        max_sequence_length (`int`, *optional*): prompt tokens, passed to the pipeline only when given (the shipped
+            scene model was trained on 32).
         images_per_prompt (`int`, defaults to `4`): samples per prompt (GenEval uses 4).
         batch_size (`int`, *optional*): images per pipeline call, all of one prompt (default: `images_per_prompt`).
         seed (`int`, defaults to `0`): base seed; image seeds derive from it (see [`image_seed`]).
@@ -105,6 +108,7 @@ class GenEvalSettings:
     min_resolution: int | None = None
     shorten_intermediate_steps: bool | None = None
     scaling_space: str | None = None
+    max_sequence_length: int | None = None
     images_per_prompt: int = 4
     batch_size: int | None = None
     seed: int = 0
@@ -208,7 +212,15 @@ def _clear_prompt_folder(folder: Path) -> None:
 def _check_settings(settings: GenEvalSettings) -> None:
     if settings.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {settings.mode!r}.")
-    for name in ("steps", "height", "width", "min_resolution", "images_per_prompt", "batch_size"):
+    for name in (
+        "steps",
+        "height",
+        "width",
+        "min_resolution",
+        "max_sequence_length",
+        "images_per_prompt",
+        "batch_size",
+    ):
         value = getattr(settings, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
@@ -353,6 +365,7 @@ def _generate_prompt(
     resolved: GenEvalSettings,
     options: dict[str, Any],
     out: Path,
+    guidance_argument: str = "guidance_scale",
 ) -> float:
     """Generate and save one prompt's samples, then its metadata; returns the wall time in seconds."""
     start = time.perf_counter()
@@ -373,7 +386,8 @@ def _generate_prompt(
             height=resolved.height,
             width=resolved.width,
             num_inference_steps=resolved.steps,
-            guidance_scale=resolved.guidance,
+            **{guidance_argument: resolved.guidance},
+            **({} if resolved.max_sequence_length is None else {"max_sequence_length": resolved.max_sequence_length}),
             **options,
         ).images
         for sample_index, image in zip(indices, images):
@@ -453,7 +467,10 @@ def run_geneval(
     options = {}
     if settings.mode == "lssgen":
         upsampler = load_upsampler(settings.upsampler, pipe.dtype, pipe.device) if settings.upsampler else None
-        patch(pipe, upsampler, adapter=adapter)
+        if upsampler is None:  # `patch` picks: a shipped upsampler that fits, else latent interpolation
+            patch(pipe, adapter=adapter)
+        else:
+            patch(pipe, upsampler, adapter=adapter)
         options = _method_options(resolved)
         # Plans before anything is written: a bad option combination fails here, not after the first prompt.
         plan = plan_for(pipe, resolved.height, resolved.width, resolved.steps, **options)
@@ -506,7 +523,7 @@ def run_geneval(
     with state.split_between_processes(todo) as mine:
         bar = tqdm(mine, desc=f"geneval ({settings.mode})", unit="prompt", disable=not main, dynamic_ncols=True)
         for index in bar:
-            seconds = _generate_prompt(pipe, index, prompts[index], resolved, options, out)
+            seconds = _generate_prompt(pipe, index, prompts[index], resolved, options, out, adapter.guidance_argument)
             records.append(
                 {
                     "index": index,

@@ -1,0 +1,100 @@
+"""`lssgen eval-generation`: stock vs lssgen settings on a scene text-to-image model, scored, in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_device_arguments, device_and_dtype, integer, path_or_shipped, positive_int
+
+# `lssgen.scenes.world.EVALUATION_PER_CATEGORY` (importing it loads torch); tests/test_cli_startup.py checks they agree.
+EVALUATION_PER_CATEGORY = 16
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "eval-generation",
+        help="stock vs lssgen settings on a scene text-to-image model: accuracy, KID, fidelity and time, in one run",
+        description="Generate the held-out scene prompts (lssgen.scenes) with the stock pipeline, lssgen in every "
+        "scaling space at start sigma 0.75 and 0.667 with 2 and 3 stages, and the stock pipeline at the step counts "
+        "that fit in each lssgen setting's time; score them with the scene scorer. Writes report.json, report.md "
+        "and grid.png.",
+    )
+    parser.add_argument("--model", help="pipeline folder taking string prompts (default: the shipped scene-t2i)")
+    parser.add_argument("--scorer", help="SceneScorer folder (default: the shipped scene-scorer)")
+    parser.add_argument("--upsampler", help="LatentUpsampler folder (without one, the learned space is skipped)")
+    parser.add_argument("--size", type=positive_int, default=256, help="image side, px (the model's native size)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps of the stock pipeline (N)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (the pipeline's default)")
+    parser.add_argument(
+        "--max-sequence-length", type=positive_int, default=None, help="prompt tokens (scene-t2i was trained on 32)"
+    )
+    parser.add_argument(
+        "--per-category",
+        type=integer(1, f"an integer from 1 to {EVALUATION_PER_CATEGORY}"),
+        default=EVALUATION_PER_CATEGORY,
+        help="held-out prompts per category",
+    )
+    parser.add_argument("--stages", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="stage counts")
+    parser.add_argument(
+        "--equal-speed", action=argparse.BooleanOptionalAction, default=True, help="stock at equal-time step counts"
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="NAME[:key=value,...]",
+        help="also run the stock N-step setting and every lssgen setting with a diffusers cache on the denoiser "
+        "(rows `... + NAME cache`): first-block, pyramid-attention-broadcast, taylorseer, mag or faster, e.g. "
+        "first-block:threshold=0.2",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then one more per prompt)")
+    parser.add_argument("--out", default="outputs/eval-generation", help="report folder")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_device_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    import lssgen
+    from lssgen.caches import cache_config
+    from lssgen.evaluation.generation import default_settings, evaluate_generation, write_report
+    from lssgen.loading import load_pipeline, load_upsampler
+    from lssgen.scenes.scorer import SceneScorer
+    from lssgen.scenes.world import CATEGORIES, evaluation_scenes
+
+    if args.per_category > EVALUATION_PER_CATEGORY:
+        raise ValueError(
+            f"--per-category {args.per_category}: the held-out set has {EVALUATION_PER_CATEGORY} prompts per category."
+        )
+    if args.cache:
+        cache_config(args.cache, pipe=None)  # a malformed spec fails here, before the model loads
+    device, dtype = device_and_dtype(args)
+    model = path_or_shipped(args.model, "scene-t2i", "--model")
+    pipe = load_pipeline(model, device, dtype)
+    scorer = SceneScorer.from_pretrained(path_or_shipped(args.scorer, "scene-scorer", "--scorer")).to(device)
+    upsampler = load_upsampler(args.upsampler, dtype, device) if args.upsampler else None
+    scenes = evaluation_scenes()[: args.per_category * len(CATEGORIES)]  # categories take turns in the set
+    settings = default_settings(args.size, args.steps, learned=upsampler is not None, stages=args.stages)
+    guidance_argument = lssgen.find_adapter(pipe).guidance_argument
+    report = evaluate_generation(
+        pipe,
+        scorer,
+        scenes,
+        size=args.size,
+        steps=args.steps,
+        upsampler=upsampler,
+        settings=settings,
+        equal_speed=args.equal_speed,
+        seed=args.seed,
+        call={
+            name: value
+            for name, value in ((guidance_argument, args.guidance), ("max_sequence_length", args.max_sequence_length))
+            if value is not None
+        },
+        progress=args.progress,
+        model_name=model,
+        cache=cache_config(args.cache, pipe) if args.cache else None,
+        cache_label=args.cache.partition(":")[0] if args.cache else "cache",
+    )
+    out = write_report(report, args.out)
+    print(report.markdown())
+    print(f"wrote {out / 'report.json'}, report.md and grid.png")
