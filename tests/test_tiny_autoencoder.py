@@ -63,7 +63,7 @@ def test_bad_tiny_autoencoder_folders_say_what_is_wrong(tmp_path):
 
 
 def test_train_and_eval_upsampler_take_the_tiny_autoencoder_folder(tmp_path, astronaut, taef2_dir):
-    from lssgen.cli.main import main
+    from lssgen.cli import main
     from lssgen.training.data import to_pil
 
     images = tmp_path / "images"
