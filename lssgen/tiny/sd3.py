@@ -14,7 +14,7 @@ def build_tiny_sd3_pipeline(
     seed: int = 0,
     *,
     latent_channels: int = 16,
-    num_layers: int = 1,
+    num_layers: int = 2,  # FirstBlockCache needs a head and a tail block
     num_attention_heads: int = 2,
     attention_head_dim: int = 8,
     clip_dim: int = 16,
