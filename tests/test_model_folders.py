@@ -17,7 +17,6 @@ from diffusers import AutoencoderKLFlux2, DiffusionPipeline, Flux2Pipeline, Flux
 
 import lssgen
 from lssgen import LatentUpsampler, ModelDefaults, weights_path
-from lssgen.autoencoders.flux2 import find_taef2
 from lssgen.tiny.flux2 import build_tiny_flux2_pipeline, tiny_flux2_prompt_embeds
 from lssgen.weights import shipped
 
@@ -253,19 +252,9 @@ def test_a_file_broken_after_loading_is_reported_by_patch(flux2_folder):
 
 
 # --- the shipped scene model ---------------------------------------------------------------------------------------
-def _taef2_missing() -> bool:
-    try:
-        find_taef2()
-    except FileNotFoundError:
-        return True
-    return False
-
-
-@pytest.mark.skipif(
-    "scene-t2i" not in shipped() or _taef2_missing(),
-    reason="needs the shipped scene model and taef2's weights (../shared/data/taef2 or $LSSGEN_TAEF2)",
-)
+@pytest.mark.usefixtures("taef2_dir")  # skips without taef2's weights, fails under CI
 def test_the_shipped_scene_model_is_called_as_it_was_trained():
+    assert "scene-t2i" in shipped()
     from lssgen.scenes.model import TrainSettings, folder_defaults
 
     folder = weights_path("scene-t2i")
@@ -291,13 +280,12 @@ def test_the_shipped_scene_model_is_called_as_it_was_trained():
     assert "learned upsampler" in plan.describe()
 
 
-@pytest.mark.skipif(_taef2_missing(), reason="needs taef2's weights (../shared/data/taef2 or $LSSGEN_TAEF2)")
-def test_the_scene_model_trainer_writes_the_file(tmp_path):
+def test_the_scene_model_trainer_writes_the_file(tmp_path, taef2_dir):
     from lssgen.scenes import model as scene_model
 
     out = tmp_path / "scene-t2i"
     settings = scene_model.TrainSettings(
-        out=str(out), taef2=str(find_taef2()), work=str(tmp_path / "work"), scenes=4, steps=1, batch=2, threads=1,
+        out=str(out), taef2=str(taef2_dir), work=str(tmp_path / "work"), scenes=4, steps=1, batch=2, threads=1,
         checkpoint_every=1, sample_every=1000, samples=1, channels="8,16",
     )  # fmt: skip
     scene_model.train(settings)

@@ -12,18 +12,25 @@ from diffusers import Flux2KleinPipeline
 from safetensors.torch import load_file
 
 import lssgen
-from lssgen.autoencoders.flux2 import STATISTICS_FILE, TAEF2_ENV, TinyFlux2Autoencoder
+from lssgen.autoencoders.flux2 import STATISTICS_FILE, TAEF2_ENV, TinyFlux2Autoencoder, find_taef2
 from lssgen.scenes import model as scene_model
 from lssgen.scenes import world as scenes
 from lssgen.scenes.denoiser import SceneDenoiser
 from lssgen.scenes.model import TrainSettings, _Trainer, build_pipeline, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# The shared data sits beside the main checkout (../shared) or, from a worktree under wt/, one level further up.
-TAEF2 = next(
-    (p for p in (ROOT.parent / "shared/data/taef2", ROOT.parents[1] / "shared/data/taef2") if p.is_dir()), None
-)
-needs_taef2 = pytest.mark.skipif(TAEF2 is None, reason="taef2 weights (shared/data/taef2) not found")
+
+
+def _taef2() -> Path | None:
+    try:
+        return find_taef2()
+    except FileNotFoundError:
+        return None
+
+
+TAEF2 = _taef2()
+# The tests on taef2's weights skip without them, and fail under CI (tests/conftest.py's `taef2_dir`).
+needs_taef2 = pytest.mark.usefixtures("taef2_dir")
 TINY = "8,16"  # U-Net channels per level
 
 
