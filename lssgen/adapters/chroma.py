@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..hookspecs import hookimpl
 from .base import Architecture
-from .flux import FLUX_DEV_CONFIG, FluxAdapter, FluxImageIdsHook, packed_dummy_inputs
+from .flux import FLUX_DEV_CONFIG, FLUX_SCHEDULER_CONFIG, FluxAdapter, FluxImageIdsHook, packed_dummy_inputs
 
 STAGE_HOOK = "lssgen_chroma_stage"
 
@@ -25,15 +25,7 @@ CHROMA1_HD_CONFIG = {
 
 # Chroma1-HD's scheduler (`scheduler/scheduler_config.json`): FLUX.1's, but a static shift of 3 (no dynamic shifting),
 # so plans and shifts match the real model's.
-CHROMA_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": False,
-}
+CHROMA_SCHEDULER_CONFIG = {**FLUX_SCHEDULER_CONFIG, "use_dynamic_shifting": False}
 
 
 def chroma_scheduler() -> FlowMatchEulerDiscreteScheduler:
