@@ -456,11 +456,7 @@ def exact(parser: argparse.ArgumentParser, *, elided: bool) -> argparse.Argument
     return parser
 
 
-def parse_lssgen(
-    argv: list[str], where: str, *, elided: bool = False, made: set[str] = frozenset()
-) -> argparse.Namespace:
-    """Parse with lssgen's parser; a `weights/...` folder given must be in the repository unless `made` by an
-    earlier command of the block (its `--out`)."""
+def parse_lssgen(argv: list[str], where: str, *, elided: bool = False) -> argparse.Namespace:
     from lssgen.cli import build_parser
 
     if elided:  # a `...` after an option that takes a value is that value; any other `...` is the elision
@@ -472,11 +468,17 @@ def parse_lssgen(
             args = parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"{where}: `lssgen {shlex.join(argv)}` does not parse: {errors.getvalue().strip()}", pytrace=False)
-    for name in ("model", "upsampler", "vae", "init_from", "scorer"):
-        value = getattr(args, name, None)
-        if isinstance(value, str) and value.startswith("weights/") and value not in made:
-            assert (ROOT / value).is_dir(), f"{where}: --{name.replace('_', '-')} {value} is not in the repository"
     return args
+
+
+def check_weights_folders(argv: list[str], where: str, made: set[str]) -> None:
+    """A `weights/...` folder a command reads is in the repository, unless an earlier command of the block made it
+    (its `--out`); record this command's `--out`."""
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] == "--out":
+            made.add(arg)
+        elif arg.startswith("weights/") and arg not in made:
+            assert (ROOT / arg).is_dir(), f"{where}: {arg} is not in the repository"
 
 
 def module_help(module: str, subcommands: list[str]) -> str:
@@ -527,9 +529,10 @@ def test_shell_commands_parse(block, capsys):
             continue
         argv = shlex.split(line, comments=True)
         command = argv[0]
+        check_weights_folders(argv, where, made)
         if command == "lssgen":
             elided = any(file == block.file and line.startswith(key) for file, key in ELIDED)
-            made.add(getattr(parse_lssgen(argv[1:], where, elided=elided, made=made), "out", None))
+            parse_lssgen(argv[1:], where, elided=elided)
             if shlex.join(argv) in to_run:
                 from lssgen.cli import main
 
