@@ -139,20 +139,6 @@ def check_pipeline(model: str) -> None:
     _check_weights(sorted(folder.glob("*/*.safetensors")), "--model")
 
 
-def check_vae(vae: str, subfolder: str | None = None) -> None:
-    """Fail early on a local `--vae` folder (with `--subfolder`) that cannot hold a VAE."""
-    from lssgen.autoencoders.taesd import is_tiny_autoencoder_folder
-
-    if not Path(vae).expanduser().exists() and _hub_id(vae):
-        return  # the hub's to check
-    folder = _local_folder(Path(vae, subfolder or ""), "--vae")
-    if folder is None or is_tiny_autoencoder_folder(folder):
-        return
-    hint = "a diffusers VAE folder" + ("" if subfolder else " (for a whole pipeline folder, add --subfolder vae)")
-    _json_object(folder / "config.json", "--vae", folder, hint)
-    _check_weights(sorted(folder.glob("*.safetensors")), "--vae")
-
-
 def check_upsampler(path: str, option: str = "--upsampler") -> None:
     """Fail early on a local `LatentUpsampler` folder with a broken or incomplete config or weights file."""
     folder = _local_folder(path, option)

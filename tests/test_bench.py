@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lssgen
-from lssgen.evaluation.bench import BASELINE, UNPATCHED, Setting, default_settings, run_bench
+from lssgen.evaluation.bench import BASELINE, UNPATCHED, Setting, Timing, busy_warning, default_settings, run_bench
 from lssgen.tiny import build_tiny_flux_pipeline
 
 CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 32}
@@ -229,3 +229,25 @@ def test_cache_spec_values_are_python_literals():
 
     config = cache_config("mag:mag_ratios=[1.0, 0.9, 0.8],num_inference_steps=3,threshold=0.1", pipe=None)
     assert config.mag_ratios.tolist() == pytest.approx([1.0, 0.9, 0.8]) and config.threshold == 0.1
+
+
+def test_timing_reports_the_median_with_its_spread():
+    assert Timing((2.0,)).describe() == "2.00 s"  # one run: no spread to report
+    timing = Timing((2.2, 2.0, 3.0))
+    assert timing.median == 2.2 and timing.spread == 1.5
+    assert timing.describe() == "2.20 s (min–max 2.00–3.00 s, 3 runs)"
+    assert Timing((0.0423, 0.05, 0.123)).describe() == "0.0500 s (min–max 0.0423–0.123 s, 3 runs)"  # 3 digits
+    for times in [(), (1.0, 0.0)]:
+        with pytest.raises(ValueError, match="positive durations"):
+            Timing(times)
+
+
+def test_busy_warning_names_the_side_whose_runs_spread_past_the_limit():
+    quiet = {"stock": [2.0, 2.1, 2.05], "lssgen": [1.0, 1.2]}  # 1.05x and 1.20x: within 1.25
+    assert busy_warning(quiet) is None
+    assert busy_warning({"stock": [2.0], "lssgen": [1.0]}) is None  # single runs show no spread
+    warning = busy_warning({"stock": [2.0, 2.1], "lssgen": [1.0, 1.3, 1.5]})  # lssgen 1.50x
+    assert warning.startswith("warning: the lssgen runs differ by 1.50x (slowest / fastest; above 1.25 ")
+    assert "rerun on a quiet machine" in warning
+    assert busy_warning({"stock": Timing((2.0, 2.6))}).startswith("warning: the stock runs differ by 1.30x")
+    assert busy_warning({"stock": [2.0, 2.6]}, limit=1.5) is None

@@ -1,9 +1,11 @@
 """The `lssgen` command line, run as a real installed console script."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from lssgen.cli import main
 from lssgen.loading import check_device
 
 LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd=None):
@@ -25,12 +28,18 @@ def run(*args, cwd=None):
 
 def test_demo_prints_plan_and_both_timings(tmp_path):
     args = ["--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128, "--out-dir", tmp_path / "demo"]
-    result = run("demo", "--random-weights", *args)
+    result = run("demo", "--random-weights", "--repeats", 2, *args)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "RANDOM weights" in out
     assert "1/2    128x128" in out and "2/2    256x256" in out
-    assert "baseline (stock pipeline, 4 steps at 256x256):" in out and "speed-up:" in out
+    assert "baseline (stock pipeline, 4 steps at 256x256):" in out
+    # The medians of the alternating rounds, with the spread of each side.
+    speed_up = re.search(r"speed-up: [\d.]+x \(median of 2 alternating rounds of 1 prompt; min–max stock ([\d.]+)–"
+                         r"([\d.]+) s, lssgen ([\d.]+)–([\d.]+) s; cpu, float32\)", out)  # fmt: skip
+    assert speed_up, out
+    low, high = float(speed_up[1]), float(speed_up[2])
+    assert low <= float(re.search(r"baseline \(.*\): ([\d.]+) s", out)[1]) <= high
     for name in ("baseline.png", "lssgen.png"):
         assert Image.open(tmp_path / "demo" / name).size == (256, 256)
 
@@ -94,12 +103,20 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     # Its VAE is a random one saved whole, so no taef2 folder is needed; the demo still looks for one.
     monkeypatch.setattr("lssgen.autoencoders.flux2.find_taef2", lambda folder=None: tmp_path)
 
+    # Its settings come from its lssgen.json, as the shipped model's do: here the shipped model's file with two
+    # stages instead of three, so that nothing but the file can have set them.
+    shipped_defaults = lssgen.model_defaults(weights_path("scene-t2i"))
+    assert shipped_defaults.patch["min_resolution"] == 64
+    replace(shipped_defaults, patch={**shipped_defaults.patch, "min_resolution": 128}).save(folder)
+
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "4", "--out-dir", str(out)]) == 0
+    assert main(["demo", "--steps", "4", "--repeats", "1", "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "the scene model trained here" in printed and "RANDOM" not in printed
-    assert "1/3    64x64" in printed and "3/3    256x256" in printed  # three stages, our upsampler between
-    assert "speed-up:" in printed and "4 prompts in all" in printed
+    assert "1/2    128x128" in printed and "2/2    256x256" in printed  # the folder's size and min_resolution
+    assert "learned upsampler" in printed and "named in" in printed  # the folder's upsampler between them
+    assert "baseline (stock pipeline, 4 steps at 256x256)" in printed
+    assert "speed-up:" in printed and "(1 round of 4 prompts; cpu, float32)" in printed
     sheet = Image.open(out / "demo.png")
     assert sheet.size == (2 * 256, 14 + 4 * (256 + 14))  # stock | lssgen, one row per held-out prompt
     assert Image.open(out / "baseline.png").size == Image.open(out / "lssgen.png").size == (256, 256)
@@ -111,11 +128,102 @@ def test_generate_with_a_local_checkpoint(tiny_flux_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "denoiser steps in all" in result.stdout and "lssgen:" in result.stdout
     assert Image.open(tmp_path / "fast.png").size == (192, 256)
+    assert [path.name for path in tmp_path.iterdir()] == ["fast.png"]  # no stock image without --baseline
 
-    result = run("generate", *common, "--baseline", "--out", tmp_path / "stock.png")
-    assert result.returncode == 0, result.stderr
-    assert "baseline:" in result.stdout and "denoiser steps" not in result.stdout
-    assert Image.open(tmp_path / "stock.png").size == (192, 256)
+
+def test_generate_baseline_times_the_same_call_both_ways(tiny_flux_dir, tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    threads = torch.get_num_threads()
+    call = ["--prompt", "a red cube", "--height", 128, "--width", 192, "--steps", 6, "--max-sequence-length", 16]
+    argv = ["generate", "--model", tiny_flux_dir, *call, "--min-resolution", 64, "--device", "cpu"]
+    argv += ["--baseline", "--repeats", 2, "--threads", 1, "--out", tmp_path / "cube.png"]
+    try:
+        assert main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+        assert torch.get_num_threads() == 1  # --threads reached torch
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "2/2    192x128" in printed  # the plan (width x height), printed in both modes
+    number = r"([\d.]+)"
+    stock, fast = (
+        re.search(rf"^{side}: +{number} s \(min–max {number}–{number} s, 2 runs\) -> (.+)$", printed, re.MULTILINE)
+        for side in ("stock", "lssgen")
+    )
+    assert stock and fast, printed
+    assert Path(stock[4]) == tmp_path / "cube-stock.png" and Path(fast[4]) == tmp_path / "cube.png"
+    for timing in (stock, fast):
+        assert float(timing[2]) <= float(timing[1]) <= float(timing[3])  # median within min–max
+    speed_up = re.search(rf"^speed-up: {number}x \(the same call, alternating, medians of 2 runs each; cpu, "
+                         r"float32\)$", printed, re.MULTILINE)  # fmt: skip
+    # (from the unrounded medians: the printed ones agree to their rounding)
+    assert speed_up and float(speed_up[1]) == pytest.approx(float(stock[1]) / float(fast[1]), rel=0.05)
+
+    # The stock image is the unpatched pipeline's for the same call and seed; lssgen's differs from it.
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    expected = pipe(
+        "a red cube", height=128, width=192, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    stock_image, lssgen_image = (np.asarray(Image.open(tmp_path / name)) for name in ("cube-stock.png", "cube.png"))
+    assert np.array_equal(stock_image, np.asarray(expected))
+    assert stock_image.shape == lssgen_image.shape == (128, 192, 3) and not np.array_equal(stock_image, lssgen_image)
+
+
+@pytest.fixture
+def flux_folder_with_defaults(tiny_flux_dir, tmp_path):
+    """The tiny FLUX.1 folder with an lssgen.json: 128 px, 6 steps, 8 prompt tokens, smallest stage 64 px."""
+    from lssgen.loading import ModelDefaults
+
+    folder = shutil.copytree(tiny_flux_dir, tmp_path / "model")
+    ModelDefaults(
+        height=128, width=128, num_inference_steps=6, max_sequence_length=8, patch={"min_resolution": 64}
+    ).save(folder)
+    return folder
+
+
+def test_generate_uses_the_model_folders_defaults(flux_folder_with_defaults, tiny_flux_dir, tmp_path, capsys):
+    def generate(model, out, *options):
+        argv = ["generate", "--model", model, "--prompt", "a red cube", "--device", "cpu", "--out", out, *options]
+        assert main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out, np.asarray(Image.open(out))
+
+    printed, image = generate(flux_folder_with_defaults, tmp_path / "folder.png")
+    assert image.shape == (128, 128, 3)  # the folder's size, not FLUX.1's 1024 px
+    assert "1/2    64x64" in printed and "2/2    128x128" in printed and " of 6 " in printed  # its steps, stages
+    # The same call spelled out on the command line, from the folder without its lssgen.json: the same image, so
+    # the folder's prompt length (which changes FLUX.1's image: it attends to the padding) and base size (the
+    # native size, the reference for shortening) were used too.
+    spelled = ["--height", 128, "--width", 128, "--steps", 6, "--max-sequence-length", 8, "--min-resolution", 64]
+    spelled += ["--base-size", 128]
+    _, same = generate(tiny_flux_dir, tmp_path / "spelled.png", *spelled)
+    assert np.array_equal(image, same)
+    _, longer = generate(flux_folder_with_defaults, tmp_path / "longer.png", "--max-sequence-length", 16)
+    assert not np.array_equal(image, longer)
+
+    # What the user gives overrides the folder.
+    printed, image = generate(flux_folder_with_defaults, tmp_path / "mine.png", "--height", 192, "--steps", 8)
+    assert image.shape == (192, 128, 3)
+    assert "1/2    64x96" in printed and "2/2    128x192" in printed and " of 8 " in printed
+
+
+def test_bench_uses_the_model_folders_defaults(flux_folder_with_defaults, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", flux_folder_with_defaults, "--repeats", 1, "--start-sigmas", 0.75, "--out", out]
+    assert main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+    call = json.loads((out / "bench.json").read_text())["call"]
+    assert (call["height"], call["width"], call["num_inference_steps"]) == (128, 128, 6)
+    assert call["max_sequence_length"] == 8 and call["guidance_scale"] == 3.5  # the folder's; FLUX.1's guidance
+
+
+def test_a_missing_model_is_one_line_from_the_console_script():
+    # From the repository root, where `weights/` is a folder: a typo in it is no hub id to try. Nothing else is
+    # written (no FutureWarning, no hub connection message), and nothing is loaded.
+    for model in ("weights/nope", "./nope"):
+        result = run("generate", "--model", model, "--prompt", "x", cwd=REPO)
+        assert result.returncode == 2
+        assert result.stderr == f"lssgen generate: error: --model {model}: no such folder.\n"
+        assert result.stdout == ""
 
 
 def test_console_script_reports_bad_input_in_one_line_without_traceback(tiny_flux_dir, tmp_path):

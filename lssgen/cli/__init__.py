@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from . import adapters, bench, demo, eval_generation, eval_upsampler, generate, geneval, train_upsampler
-from .options import Parser, check_inputs
+from .options import Parser, check_inputs, set_threads
 
 # In the order `lssgen --help` lists them.
 COMMANDS = (generate, adapters, demo, eval_upsampler, train_upsampler, bench, eval_generation, geneval)
@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help, or a usage error already reported in one line
         return int(exit.code or 0)
+    from lssgen.console import quiet_console  # standard library only: filters notices the libraries log on import
+
+    quiet_console()
     try:
         check_inputs(args)
+        set_threads(args)
         args.run(args)
     except ValueError as error:
         message = " ".join(str(error).split())  # one line, however a library below worded it

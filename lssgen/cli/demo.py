@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .options import DEFAULT_PROMPT, add_method_options, call_arguments, device_and_dtype, method_options, patch, timed
+from .options import DEFAULT_PROMPT, add_method_options, add_model_options, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -23,8 +23,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--random-weights", action="store_true", help="a FLUX.1-architecture pipeline with random weights instead"
     )
-    add_method_options(parser, steps=None, size=None)
+    add_method_options(parser)
+    add_model_options(parser)
     parser.set_defaults(prompt=None)  # the model's own: held-out scene captions, or a lighthouse for the others
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="timed rounds, stock and lssgen alternating (default 3)"
+    )
     parser.add_argument("--out-dir", default="outputs/demo", help="folder for demo.png, baseline.png and lssgen.png")
     parser.set_defaults(run=run)
     return parser
@@ -34,12 +38,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
 class _Demo:
     pipe: Any
     prompts: list[str]
-    size: int
-    steps: int
-    call: dict[str, Any]  # more call arguments
-    options: dict[str, Any]  # lssgen options fitting the model's size
-    upsampler: str | None
     what: str
+    # How to call a model built in code (a folder's model says it in its lssgen.json): a `ModelDefaults`.
+    defaults: Any = None
 
 
 def _taef2_found() -> bool:
@@ -55,44 +56,44 @@ def _taef2_found() -> bool:
 
 
 def _demo_setup(args: argparse.Namespace, device: str, dtype: torch.dtype) -> _Demo:
-    import torch
-
-    import lssgen
-    from lssgen.loading import load_pipeline
-    from lssgen.tiny import build_tiny_flux_pipeline
+    from lssgen.loading import ModelDefaults, load_pipeline
     from lssgen.weights import shipped, weights_path
+
+    from .options import to_dtype
 
     if args.model:
         pipe = load_pipeline(args.model, device, dtype)
-        adapter = lssgen.find_adapter(pipe)
-        what = f"{type(pipe).__name__} from {args.model} on {device}"
-        return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], 1024, adapter.default_steps, {}, {}, args.upsampler, what)
+        return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], f"{type(pipe).__name__} from {args.model} on {device}")
     if not args.random_weights and "scene-t2i" in shipped() and _taef2_found():
         from lssgen.scenes.world import evaluation_scenes
 
+        # Its size, steps, guidance, prompt length, stages and upsampler all come from its folder's lssgen.json.
         pipe = load_pipeline(str(weights_path("scene-t2i")), device, dtype)
         prompts = [args.prompt] if args.prompt else [scene.caption for scene in evaluation_scenes()[:DEMO_SCENES]]
-        # 256 px is the model's native size; three stages (64, 128, 256 px), our FLUX.2 upsampler between them.
-        options = {"min_resolution": 64, "base_height": 256, "base_width": 256}
-        upsampler = args.upsampler or str(weights_path("flux2-x2"))
         what = (
-            "the scene model trained here (weights/scene-t2i: a small Flux2KleinPipeline, held-out prompts) with our "
-            "FLUX.2 upsampler (weights/flux2-x2)"
+            "the scene model trained here (weights/scene-t2i: a small Flux2KleinPipeline, held-out prompts), called "
+            "as its lssgen.json says"
         )
-        return _Demo(pipe, prompts, 256, 20, {"max_sequence_length": 32}, options, upsampler, what)
+        return _Demo(pipe, prompts, what)
+    from lssgen.tiny import build_tiny_flux_pipeline  # only here: it imports FluxPipeline and its text encoders
+
     pipe = build_tiny_flux_pipeline(
         num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, text_dim=64
     ).to(device)
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
+    to_dtype(pipe, dtype)
     # A small model, so a small native size: 512 px plays the part of FLUX.1's 1024 px.
-    options = {"min_resolution": 256, "base_height": 512, "base_width": 512}
+    defaults = ModelDefaults(
+        height=512,
+        width=512,
+        num_inference_steps=20,
+        max_sequence_length=64,
+        patch={"min_resolution": 256, "base_height": 512, "base_width": 512},
+    )
     what = (
         "a FLUX.1-architecture pipeline with RANDOM weights, built locally (no download).\n"
         "The images are noise; the demo shows the stage plan and the speed-up of the same call."
     )
-    prompts = [args.prompt or DEFAULT_PROMPT]
-    return _Demo(pipe, prompts, 512, 20, {"max_sequence_length": 64}, options, args.upsampler, what)
+    return _Demo(pipe, [args.prompt or DEFAULT_PROMPT], what, defaults)
 
 
 def _side_by_side(rows: list[tuple[str, Image.Image, Image.Image]], titles: tuple[str, str]) -> Image.Image:
@@ -113,10 +114,11 @@ def _side_by_side(rows: list[tuple[str, Image.Image, Image.Image]], titles: tupl
 
 
 def run(args: argparse.Namespace) -> None:
-    import statistics
-
     import lssgen
+    from lssgen.evaluation.bench import Timing, busy_warning
     from lssgen.outputs import write_folder
+
+    from .options import compare, device_and_dtype, method_options, model_call, patch, patched_defaults
 
     device, dtype = device_and_dtype(args)
     demo = _demo_setup(args, device, dtype)
@@ -124,37 +126,37 @@ def run(args: argparse.Namespace) -> None:
     pipe = demo.pipe
     adapter = lssgen.find_adapter(pipe)
     pipe.set_progress_bar_config(disable=True)
-    height, width, steps = args.height or demo.size, args.width or demo.size, args.steps or demo.steps
-    patch(pipe, demo.upsampler)
-    options = {**demo.options, **method_options(args)}
-    print(lssgen.plan_for(pipe, height, width, steps, **options).describe())
+    calls = [
+        model_call(argparse.Namespace(**{**vars(args), "prompt": prompt}), pipe, adapter, demo.defaults)
+        for prompt in demo.prompts
+    ]
+    height, width, steps = (calls[0][key] for key in ("height", "width", "num_inference_steps"))
+    own = demo.defaults.patch_options() if demo.defaults is not None else {}  # a folder's, `patch` reads itself
+    patch(pipe, args.upsampler, **{**own, **method_options(args)})
+    print(lssgen.plan_for(pipe, height, width, steps).describe())
 
-    def call(prompt: str) -> dict[str, Any]:
-        args.prompt = prompt
-        return {**call_arguments(args, adapter, height=height, width=width, steps=steps), **demo.call}
-
-    timed(pipe, {**call(demo.prompts[0]), "num_inference_steps": 2}, args.seed, device, start_sigma=1.0)  # warm-up
-    rows, baseline_times, lssgen_times = [], [], []
-    for index, prompt in enumerate(demo.prompts):
-        seed = args.seed + index  # one seed per prompt, the same for both
-        for _ in range(2 if len(demo.prompts) == 1 else 1):  # alternate, so both see the same machine state
-            baseline, seconds = timed(pipe, call(prompt), seed, device, start_sigma=1.0)
-            baseline_times.append(seconds)
-            scaled, seconds = timed(pipe, call(prompt), seed, device, **options)
-            lssgen_times.append(seconds)
-        rows.append((prompt, baseline, scaled))
-    if len(demo.prompts) == 1:
-        base, fast = statistics.median(baseline_times), statistics.median(lssgen_times)
-        count = "median of 2 alternating runs"
-    else:
-        base, fast = sum(baseline_times), sum(lssgen_times)
-        count = f"{len(demo.prompts)} prompts in all"
-    sigma = options["start_sigma"]
-    sheet = _side_by_side(rows, (f"stock, {steps} steps: {base:.1f} s", f"lssgen, start_sigma={sigma}: {fast:.1f} s"))
+    images, stock_times, lssgen_times = compare(pipe, calls, args.seed, device, args.repeats)
+    base, fast = Timing(tuple(stock_times)), Timing(tuple(lssgen_times))
+    sigma = patched_defaults(pipe).start_sigma
+    rows = [(prompt, stock, scaled) for prompt, (stock, scaled) in zip(demo.prompts, images)]
+    titles = (f"stock, {steps} steps: {base.median:.1f} s", f"lssgen, start_sigma={sigma}: {fast.median:.1f} s")
+    sheet = _side_by_side(rows, titles)
     out_dir = write_folder(
         args.out_dir, {"demo.png": sheet.save, "baseline.png": rows[0][1].save, "lssgen.png": rows[0][2].save}
     )
-    print(f"baseline (stock pipeline, {steps} steps at {width}x{height}): {base:.2f} s")
-    print(f"lssgen   (same call, start_sigma={sigma}):  {fast:.2f} s")
-    print(f"speed-up: {base / fast:.2f}x ({count}, {device}, {str(dtype).split('.')[-1]})")
+    prompts = "1 prompt" if len(calls) == 1 else f"{len(calls)} prompts"
+    rounds = f"median of {args.repeats} alternating rounds" if args.repeats > 1 else "1 round"
+    spread = ""
+    if args.repeats > 1:
+        spread = (
+            f"; min–max stock {min(stock_times):.2f}–{max(stock_times):.2f} s, lssgen "
+            f"{min(lssgen_times):.2f}–{max(lssgen_times):.2f} s"
+        )
+    print(f"baseline (stock pipeline, {steps} steps at {width}x{height}): {base.median:.2f} s")
+    print(f"lssgen   (same call, start_sigma={sigma}):  {fast.median:.2f} s")
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"speed-up: {base.median / fast.median:.2f}x ({rounds} of {prompts}{spread}; {device}, {dtype_name})")
+    warning = busy_warning({"stock": base, "lssgen": fast})
+    if warning:
+        print(f"lssgen demo: {warning}")
     print(f"images: {out_dir / 'demo.png'} (side by side), {out_dir / 'baseline.png'}, {out_dir / 'lssgen.png'}")

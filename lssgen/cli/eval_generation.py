@@ -21,12 +21,25 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="pipeline folder taking string prompts (default: the shipped scene-t2i)")
     parser.add_argument("--scorer", help="SceneScorer folder (default: the shipped scene-scorer)")
-    parser.add_argument("--upsampler", help="LatentUpsampler folder (without one, the learned space is skipped)")
-    parser.add_argument("--size", type=positive_int, default=256, help="image side, px (the model's native size)")
-    parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps of the stock pipeline (N)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (the pipeline's default)")
     parser.add_argument(
-        "--max-sequence-length", type=positive_int, default=None, help="prompt tokens (scene-t2i was trained on 32)"
+        "--upsampler",
+        help="LatentUpsampler folder (default: the model folder's, else the one lssgen ships for the family; "
+        "without any, the learned space is skipped)",
+    )
+    # No defaults here: the model folder's lssgen.json gives them (scene-t2i: 256 px, 20 steps, guidance 4, 32
+    # tokens), else the family's published settings.
+    parser.add_argument("--size", type=positive_int, default=None, help="image side, px (default: the native size)")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="denoising steps of the stock pipeline, N (default: the model folder's, else the family's)",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default: the model folder's, else the family's)"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=positive_int, default=None, help="prompt tokens (default: the model folder's)"
     )
     parser.add_argument(
         "--per-category",
@@ -57,9 +70,11 @@ def run(args: argparse.Namespace) -> None:
     import lssgen
     from lssgen.caches import cache_config
     from lssgen.evaluation.generation import default_settings, evaluate_generation, write_report
-    from lssgen.loading import load_pipeline, load_upsampler
+    from lssgen.loading import load_pipeline
     from lssgen.scenes.scorer import SceneScorer
     from lssgen.scenes.world import CATEGORIES, evaluation_scenes
+
+    from .options import chosen_upsampler
 
     if args.per_category > EVALUATION_PER_CATEGORY:
         raise ValueError(
@@ -71,25 +86,32 @@ def run(args: argparse.Namespace) -> None:
     model = path_or_shipped(args.model, "scene-t2i", "--model")
     pipe = load_pipeline(model, device, dtype)
     scorer = SceneScorer.from_pretrained(path_or_shipped(args.scorer, "scene-scorer", "--scorer")).to(device)
-    upsampler = load_upsampler(args.upsampler, dtype, device) if args.upsampler else None
+    upsampler = chosen_upsampler(pipe, args.upsampler)
     scenes = evaluation_scenes()[: args.per_category * len(CATEGORIES)]  # categories take turns in the set
-    settings = default_settings(args.size, args.steps, learned=upsampler is not None, stages=args.stages)
-    guidance_argument = lssgen.find_adapter(pipe).guidance_argument
+    # Size, steps, guidance and prompt length: the user's, else the folder's lssgen.json; then the family's size
+    # and steps, and the pipeline's own guidance and prompt length (left out of the call).
+    adapter, folder = lssgen.find_adapter(pipe), lssgen.model_defaults(pipe)
+    size = args.size or folder.height or adapter.default_size(pipe)[0]
+    steps = args.steps or folder.num_inference_steps or adapter.default_steps
+    guidance = folder.guidance_scale if args.guidance is None else args.guidance
+    length = args.max_sequence_length or folder.max_sequence_length
+    call = {
+        name: value
+        for name, value in ((adapter.guidance_argument, guidance), ("max_sequence_length", length))
+        if value is not None
+    }
+    settings = default_settings(size, steps, learned=upsampler is not None, stages=args.stages)
     report = evaluate_generation(
         pipe,
         scorer,
         scenes,
-        size=args.size,
-        steps=args.steps,
+        size=size,
+        steps=steps,
         upsampler=upsampler,
         settings=settings,
         equal_speed=args.equal_speed,
         seed=args.seed,
-        call={
-            name: value
-            for name, value in ((guidance_argument, args.guidance), ("max_sequence_length", args.max_sequence_length))
-            if value is not None
-        },
+        call=call,
         progress=args.progress,
         model_name=model,
         cache=cache_config(args.cache, pipe) if args.cache else None,

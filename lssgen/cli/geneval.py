@@ -37,12 +37,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "(flux = --mode baseline --pipeline flux), lss + the family runs LSSGen (lssflux = --mode lssgen --pipeline "
         "flux)",
     )
-    add_method_options(parser, steps=None, size=None, prompt=False, published=True)
+    add_method_options(parser, prompt=False, published=True)
     parser.add_argument(
         "--max-sequence-length",
         type=positive_int,
         default=None,
-        help="prompt tokens (default: the pipeline's; the shipped scene-t2i was trained on 32)",
+        help="prompt tokens (default: the model folder's, else the pipeline's)",
     )
     parser.add_argument("--images-per-prompt", type=positive_int, default=4, help="samples per prompt (GenEval: 4)")
     parser.add_argument(
@@ -70,23 +70,31 @@ def _mode_and_pipeline(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def run(args: argparse.Namespace) -> None:
     from lssgen.evaluation.geneval import GenEvalSettings, run_geneval
+    from lssgen.plan import Options
+
+    from .options import folder_defaults
 
     mode, pipeline = _mode_and_pipeline(args)
+    # What the user leaves out comes from the model folder's lssgen.json (run_geneval fills in the family's after
+    # that); its lssgen options other than start_sigma reach `lssgen.patch` from the folder itself. start_sigma is
+    # passed with every call, so it is resolved here: the user's, the folder's, else the method's default.
+    folder = folder_defaults(args.model)
+    start_sigma = folder.patch.get("start_sigma", Options.start_sigma) if args.start_sigma is None else args.start_sigma
     settings = GenEvalSettings(
         model=args.model,
         out=args.out,
         mode=mode,
         pipeline=pipeline,
         upsampler=args.upsampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        height=args.height,
-        width=args.width,
-        start_sigma=args.start_sigma,
+        steps=args.steps or folder.num_inference_steps,
+        guidance=folder.guidance_scale if args.guidance is None else args.guidance,
+        height=args.height or folder.height,
+        width=args.width or folder.width,
+        start_sigma=start_sigma,
         min_resolution=args.min_resolution,
         shorten_intermediate_steps=args.shorten_intermediate_steps,
         scaling_space=args.scaling_space,
-        max_sequence_length=args.max_sequence_length,
+        max_sequence_length=args.max_sequence_length or folder.max_sequence_length,
         images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -65,16 +65,33 @@ def boolean(text: str) -> bool:
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_threads_argument(parser)
 
 
-def add_method_options(
-    parser: argparse.ArgumentParser,
-    *,
-    steps: int | None,
-    size: int | None,
-    prompt: bool = True,
-    published: bool = False,
-) -> None:
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads torch uses (torch.set_num_threads, before loading); pin it so timings compare "
+        "(default: torch's, one per core)",
+    )
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options a model folder's `lssgen.json` gives defaults for, besides size, steps and guidance."""
+    parser.add_argument(
+        "--max-sequence-length", type=positive_int, default=None, help="prompt tokens (default: the model folder's)"
+    )
+    parser.add_argument(
+        "--base-size",
+        type=positive_int,
+        default=None,
+        help="the model's native side, px, the reference for shortening (default: the model folder's)",
+    )
+
+
+def add_method_options(parser: argparse.ArgumentParser, *, prompt: bool = True, published: bool = False) -> None:
     """The options of one generation (size, steps, guidance) and of the method, and `--device`/`--dtype`."""
 
     def names(name: str) -> list[str]:
@@ -82,27 +99,36 @@ def add_method_options(
 
     if prompt:
         parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--height", type=positive_int, default=size, help="image height in pixels")
-    parser.add_argument("--width", type=positive_int, default=size, help="image width in pixels")
+    # No defaults here: a model folder's lssgen.json gives them, else the adapter's published values.
+    parser.add_argument("--height", type=positive_int, default=None, help="image height, px (default: native)")
+    parser.add_argument("--width", type=positive_int, default=None, help="image width, px (default: native)")
     parser.add_argument(
-        *names("--steps"), dest="steps", type=positive_int, default=steps, help="denoising steps of a plain generation"
+        *names("--steps"),
+        dest="steps",
+        type=positive_int,
+        default=None,
+        help="denoising steps of a plain generation (default: the model folder's, else the family's)",
     )
     parser.add_argument(
-        *names("--guidance"), dest="guidance", type=float, default=None, help="guidance scale (family's default)"
+        *names("--guidance"),
+        dest="guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: the model folder's, else the family's)",
     )
     parser.add_argument(
         *names("--start-sigma"),
         dest="start_sigma",
         type=float,
-        default=0.75,
-        help="noise level later stages restart from",
+        default=None,
+        help="noise level later stages restart from (default: 0.75, or the model folder's)",
     )
     parser.add_argument(
         *names("--min-resolution"),
         dest="min_resolution",
         type=positive_int,
         default=None,
-        help="smallest stage's short side, px",
+        help="smallest stage's short side, px (default: the model folder's, else the family's)",
     )
     parser.add_argument(
         "--shorten-intermediate-steps",
@@ -120,7 +146,10 @@ def add_method_options(
         )
     parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
     parser.add_argument(
-        *names("--upsampler"), dest="upsampler", help="folder of a LatentUpsampler (config.json + safetensors)"
+        *names("--upsampler"),
+        dest="upsampler",
+        help="folder of a LatentUpsampler (config.json + safetensors); default: the model folder's, else the one "
+        "lssgen ships for the family, else latent interpolation",
     )
     parser.add_argument("--seed", type=int, default=0)
     add_device_arguments(parser)
@@ -128,13 +157,15 @@ def add_method_options(
 
 def check_inputs(args: argparse.Namespace) -> None:
     """What every command is given, checked before anything slow is loaded or anything is written."""
-    from lssgen.loading import check_device, check_pipeline, check_upsampler, check_vae
+    from lssgen.loading import check_device, check_pipeline, check_upsampler
     from lssgen.outputs import check_writable
 
     check_device(getattr(args, "device", None))
     if getattr(args, "model", None):
         check_pipeline(args.model)
     if getattr(args, "vae", None):
+        from lssgen.training.data import check_vae
+
         check_vae(args.vae, args.subfolder)
     for name in ("upsampler", "init_from"):
         if getattr(args, name, None):
@@ -146,6 +177,14 @@ def check_inputs(args: argparse.Namespace) -> None:
             )
 
 
+def set_threads(args: argparse.Namespace) -> None:
+    """`--threads`, before anything loads (torch sizes its thread pools on first use)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     from lssgen.loading import DTYPES, check_device, default_dtype
 
@@ -154,37 +193,113 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def call_arguments(args: argparse.Namespace, adapter: Any, *, height: int, width: int, steps: int) -> dict[str, Any]:
-    """The pipeline call of `args`: guidance goes to the argument the adapter's pipeline reads it from."""
+def call_arguments(
+    args: argparse.Namespace, adapter: Any, *, height: int, width: int, steps: int, guidance: float | None = None
+) -> dict[str, Any]:
+    """The pipeline call of `args`: guidance (`--guidance`, else `guidance`, else the adapter's published value)
+    goes to the argument the adapter's pipeline reads it from."""
+    if args.guidance is not None:
+        guidance = args.guidance
     return {
         "prompt": args.prompt,
         "height": height,
         "width": width,
         "num_inference_steps": steps,
-        adapter.guidance_argument: adapter.default_guidance if args.guidance is None else args.guidance,
+        adapter.guidance_argument: adapter.default_guidance if guidance is None else guidance,
     }
 
 
+def folder_defaults(model: str) -> Any:
+    """The `lssgen.json` defaults of a local `--model` folder; none for a hub id."""
+    from pathlib import Path
+
+    from lssgen.loading import ModelDefaults, model_defaults
+
+    return model_defaults(model) if Path(model).expanduser().is_dir() else ModelDefaults()
+
+
+def model_call(args: argparse.Namespace, pipe: Any, adapter: Any, defaults: Any = None) -> dict[str, Any]:
+    r"""
+    The pipeline call of `args`. Each of size, steps, guidance and prompt length is the user's, else the model
+    folder's `lssgen.json` (`defaults`, a `ModelDefaults`: by default the pipe's folder's), else the adapter's
+    published value (size: the pipeline's default size). The folder's `guidance_scale` goes where `--guidance`
+    goes (the adapter's `guidance_argument`), so that `--guidance` replaces it.
+    """
+    import lssgen
+
+    if defaults is None:
+        defaults = lssgen.model_defaults(pipe)
+    native = (defaults.height, defaults.width) if defaults.height else adapter.default_size(pipe)
+    steps = args.steps or defaults.num_inference_steps or adapter.default_steps
+    call = call_arguments(
+        args,
+        adapter,
+        height=args.height or native[0],
+        width=args.width or native[1],
+        steps=steps,
+        guidance=defaults.guidance_scale,
+    )
+    length = getattr(args, "max_sequence_length", None) or defaults.max_sequence_length
+    if length:
+        call["max_sequence_length"] = length
+    return call
+
+
 def method_options(args: argparse.Namespace, **overrides) -> dict[str, Any]:
+    """The lssgen options the user gave (`None` is "not given": the model folder's, then the family's apply)."""
     options = {
         "start_sigma": args.start_sigma,
         "min_resolution": args.min_resolution,
         "shorten_intermediate_steps": args.shorten_intermediate_steps,
         "scaling_space": args.scaling_space,
     }
+    base = getattr(args, "base_size", None)
+    if base:
+        options.update(base_height=base, base_width=base)
     options.update(overrides)
     return {name: value for name, value in options.items() if value is not None}
 
 
-def patch(pipe: Any, upsampler: str | None) -> Any:
-    """`lssgen.patch(pipe)` with the `upsampler` folder loaded; without one, `patch` chooses (it may have a shipped
-    upsampler that fits the pipe), so no `upsampler=None` is passed: that would ask for latent interpolation."""
+def patch(pipe: Any, upsampler: str | None, **options: Any) -> Any:
+    """`lssgen.patch(pipe, **options)` with the `upsampler` folder loaded; without one, `patch` chooses (the model
+    folder's, or a shipped upsampler that fits the pipe), so no `upsampler=None` is passed: that would ask for
+    latent interpolation."""
     import lssgen
     from lssgen.loading import load_upsampler
 
     if upsampler is None:
-        return lssgen.patch(pipe)
-    return lssgen.patch(pipe, load_upsampler(upsampler, pipe.dtype, pipe.device))
+        return lssgen.patch(pipe, **options)
+    return lssgen.patch(pipe, load_upsampler(upsampler, pipe.dtype, pipe.device), **options)
+
+
+def chosen_upsampler(pipe: Any, upsampler: str | None) -> Any:
+    """The `upsampler` folder loaded, or the upsampler `lssgen.patch(pipe)` chooses without one (the model folder's,
+    a shipped one that fits, or `None` for latent interpolation), for tools that patch the pipe themselves."""
+    import lssgen
+
+    patch(pipe, upsampler)
+    chosen = pipe.__dict__["_lssgen"].upsampler
+    lssgen.unpatch(pipe)
+    return chosen
+
+
+def patched_defaults(pipe: Any) -> Any:
+    """The `Options` a patched pipe's calls start from (the family's, the folder's, then the user's)."""
+    return pipe.__dict__["_lssgen"].defaults
+
+
+def to_dtype(pipe: Any, dtype: torch.dtype) -> Any:
+    """A pipeline built in code, its modules converted to `dtype` (a loaded one gets its dtype from the loader).
+
+    diffusers' `ModelMixin.to` logs "There are modules in X that should be kept in float32: [...]" for every dtype
+    cast, even of a model with no such module; `torch.nn.Module.to` converts the same way without the line, and a
+    module already in `dtype` is left alone."""
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and component.dtype != dtype:
+            torch.nn.Module.to(component, dtype=dtype)
+    return pipe
 
 
 def timed(pipe: Any, call: dict[str, Any], seed: int, device: str, **options) -> tuple[Any, float]:
@@ -212,3 +327,33 @@ def path_or_shipped(path: str | None, name: str, option: str) -> str:
     if name not in shipped():
         raise ValueError(f"{option}: lssgen ships no {name!r} weights ({', '.join(shipped())}); pass {option} FOLDER.")
     return str(weights_path(name))
+
+
+def compare(
+    pipe: Any, calls: list[dict[str, Any]], seed: int, device: str, repeats: int
+) -> tuple[list[tuple[Any, Any]], list[float], list[float]]:
+    r"""
+    Time each of `calls` on the patched `pipe` with the stock pipeline (`start_sigma=1.0` runs it unchanged) and
+    with lssgen, alternately, for `repeats` rounds after a short warm-up.
+
+    Returns each call's (stock, lssgen) images of the first round, and each round's seconds for all the calls,
+    stock and lssgen. The two sides take turns call by call, and which goes first swaps every round, so both see
+    the same machine state and neither always runs right after the other. Call `index` has seed `seed + index`.
+    """
+    timed(pipe, {**calls[0], "num_inference_steps": 2}, seed, device, start_sigma=1.0)  # warm-up
+    images: list[tuple[Any, Any]] = []
+    stock_times, lssgen_times = [], []
+    for round_index in range(repeats):
+        totals = {"stock": 0.0, "lssgen": 0.0}
+        for index, call in enumerate(calls):
+            order = ("stock", "lssgen") if round_index % 2 == 0 else ("lssgen", "stock")
+            pair = {}
+            for side in order:
+                options = {"start_sigma": 1.0} if side == "stock" else {}
+                pair[side], seconds = timed(pipe, call, seed + index, device, **options)
+                totals[side] += seconds
+            if round_index == 0:
+                images.append((pair["stock"], pair["lssgen"]))
+        stock_times.append(totals["stock"])
+        lssgen_times.append(totals["lssgen"])
+    return images, stock_times, lssgen_times

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DTYPE_NAMES, device_and_dtype, interval, positive_int
+from .options import DTYPE_NAMES, add_threads_argument, device_and_dtype, interval, positive_int
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="VAE dtype (upsampler: float32)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_threads_argument(parser)
     parser.add_argument("--config", help="JSON file of LatentUpsampler config keys (default: from the VAE)")
     parser.add_argument(
         "--pixel-loss", choices=["none", "l1", "mse"], default="none", help="also compare decoded images"

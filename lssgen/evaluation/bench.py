@@ -26,10 +26,86 @@ import torch
 
 from lssgen.outputs import write_folder
 
+# Slowest / fastest run of one variant above this: something else used the machine while it was timed (on a quiet
+# machine repeated runs of the same call agree within a few percent).
+BUSY_SPREAD = 1.25
+
 UNPATCHED = "stock (unpatched)"
 BASELINE = "stock via lssgen (start_sigma=1.0)"
 CACHE_ALONE = "cache alone (start_sigma=1.0)"
 WITH_CACHE = " + cache"
+
+
+@dataclass(frozen=True)
+class Timing:
+    r"""
+    The repeated wall times of one variant, reported as their median with their spread (min–max), as
+    `torch.utils.benchmark` and hyperfine report them: one run's time says little on a shared machine.
+
+    Example:
+
+    ```py
+    >>> Timing((2.0, 2.2, 2.1)).describe()
+    '2.10 s (min–max 2.00–2.20 s, 3 runs)'
+    ```
+    """
+
+    times: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.times or min(self.times) <= 0:
+            raise ValueError(f"`times` must be one or more positive durations, got {self.times!r}.")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        """Slowest / fastest run: 1.0 for one run or identical runs."""
+        return max(self.times) / min(self.times)
+
+    def describe(self) -> str:
+        if len(self.times) == 1:
+            return f"{seconds(self.median)} s"
+        low, high = seconds(min(self.times)), seconds(max(self.times))
+        return f"{seconds(self.median)} s (min–max {low}–{high} s, {len(self.times)} runs)"
+
+
+def seconds(value: float) -> str:
+    """A duration in seconds with two decimals, or three significant digits below one second (a tiny model's
+    0.04 s would otherwise lose most of its digits, and any ratio taken from it)."""
+    decimals = 2 if value >= 1 else 2 - math.floor(math.log10(value))
+    return f"{value:.{decimals}f}"
+
+
+def busy_warning(times: dict[str, Any], limit: float = BUSY_SPREAD) -> str | None:
+    r"""
+    A one-line warning when the runs of any variant spread more than `limit` (slowest / fastest), else `None`.
+
+    Repeated runs of the same call differ by a few percent on a quiet machine; a wider spread means other work
+    took the cores for part of the runs, so the medians, and any speed-up taken from them, are uncertain.
+
+    Args:
+        times (`dict`): each variant's name and its repeated wall times (a sequence of seconds, or a [`Timing`]).
+        limit (`float`, defaults to `BUSY_SPREAD`): the largest spread taken as a quiet machine.
+
+    Example:
+
+    ```py
+    >>> busy_warning({"stock": [2.0, 2.1], "lssgen": [1.0, 1.6]})
+    'warning: the lssgen runs differ by 1.60x (slowest / fastest; ...'
+    ```
+    """
+    timings = {name: value if isinstance(value, Timing) else Timing(tuple(value)) for name, value in times.items()}
+    worst = max(timings, key=lambda name: timings[name].spread, default=None)
+    if worst is None or timings[worst].spread <= limit:
+        return None
+    return (
+        f"warning: the {worst} runs differ by {timings[worst].spread:.2f}x (slowest / fastest; above {limit} the "
+        "machine was busy with other work while timing), so the times and the speed-up are uncertain: rerun on a "
+        "quiet machine, with more --repeats."
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +218,9 @@ class BenchReport:
             )
         if self.note:
             lines.append(self.note)
+        warning = busy_warning({r.name: r.times for r in self.results})
+        if warning:
+            lines += ["", warning]
         return "\n".join(lines) + "\n"
 
     def _cache_lines(self) -> list[str]:

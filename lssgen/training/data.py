@@ -106,6 +106,23 @@ def downsample_nearest(images: torch.Tensor, factor: int = 2) -> torch.Tensor:
     return F.interpolate(images, scale_factor=1 / factor, mode="nearest")
 
 
+def check_vae(vae: str, subfolder: str | None = None) -> None:
+    """Fail early on a local `--vae` folder (with `--subfolder`) that cannot hold a VAE, before `load_vae` loads it:
+    only names, `config.json` and safetensors headers are read. Here rather than in `lssgen.loading`, because a
+    VAE folder may be a tiny autoencoder's (`lssgen.autoencoders`), which the runtime core does not import."""
+    from lssgen.autoencoders.taesd import is_tiny_autoencoder_folder
+    from lssgen.loading import _check_weights, _hub_id, _json_object, _local_folder
+
+    if not Path(vae).expanduser().exists() and _hub_id(vae):
+        return  # the hub's to check
+    folder = _local_folder(Path(vae, subfolder or ""), "--vae")
+    if folder is None or is_tiny_autoencoder_folder(folder):
+        return
+    hint = "a diffusers VAE folder" + ("" if subfolder else " (for a whole pipeline folder, add --subfolder vae)")
+    _json_object(folder / "config.json", "--vae", folder, hint)
+    _check_weights(sorted(folder.glob("*.safetensors")), "--vae")
+
+
 def load_vae(path_or_id: str, subfolder: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """A VAE in eval mode: a diffusers VAE (`AutoencoderKL`, `AutoencoderTiny`, `AutoencoderKLWan`, ...: the class
     its `config.json` names) from a folder or hub id, or a tiny autoencoder in the original `.pth` layout (a folder
