@@ -6,6 +6,7 @@ import inspect
 import logging
 import numbers
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,7 +179,9 @@ def _default_upsampler(pipe: Any, adapter: Adapter, folder: ModelDefaults) -> tu
         path = folder.upsampler_path()
         if path is None:
             return None, f"{folder.file} sets `upsampler` to null"
-        note = f"{path}, named in {folder.file}"
+        # As the file spells it (a shipped name or a path relative to the folder), not an absolute path.
+        file = Path(folder.file)
+        note = f"{folder.patch['upsampler']}, named in {file.parent.name}/{file.name}"
     elif adapter.default_upsampler is None:
         return None, f"lssgen ships no upsampler for the {adapter.name} family"
     elif adapter.default_upsampler not in shipped():
