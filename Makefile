@@ -34,8 +34,10 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/lssgen demo
 
+# One worker per core (pytest-xdist; each computes on one thread, tests/conftest.py), a test file per worker so that
+# each module's tiny models are built once.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check lssgen tests weights && $(BIN)/ruff format --check lssgen tests weights

@@ -22,6 +22,11 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker computes on one thread: two
+# workers of two threads each would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def in_ci() -> bool:
     """Whether the tests run under CI (the `CI` variable that CI services set; empty, 0 and false mean no)."""
