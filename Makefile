@@ -13,7 +13,7 @@ EXTRAS ?= dev,quantization
 BIN := $(VENV)/bin
 SETTINGS := TORCH=$(TORCH) TORCH_INDEX=$(TORCH_INDEX) EXTRAS=$(EXTRAS)
 
-.PHONY: install demo test lint clean FORCE
+.PHONY: install demo test lint mutation clean FORCE
 
 # Rewritten only when the settings change, so that a new TORCH/TORCH_INDEX/EXTRAS reinstalls.
 $(VENV)/.settings: FORCE
@@ -42,5 +42,14 @@ test: install
 lint: install
 	$(BIN)/ruff check lssgen tests weights && $(BIN)/ruff format --check lssgen tests weights
 
+# Mutation testing of the runtime core (docs/testing.md): the core files whole, the adapters' packing and
+# normalisation methods, each mutant against the fast tests in [tool.mutmut] that run its function.
+MUTANTS := "lssgen.plan.*" "lssgen.schedule.*" "lssgen.scaling.*" "lssgen.controller.*" "lssgen.latents.*" \
+	"lssgen.upsampler.*" $(foreach method,pack unpack latents_to_vae vae_to_latents _bn_stats latent_normalization,\
+	"lssgen.adapters.*ǁ$(method)__mutmut_*")
+mutation: install
+	$(BIN)/mutmut run $(MUTANTS) > mutants.log 2>&1 || (tail -20 mutants.log; false)
+	$(BIN)/python scripts/mutation_table.py
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache mutants mutants.log
