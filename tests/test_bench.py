@@ -2,19 +2,16 @@
 
 import json
 import math
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from console_script import LSSGEN
 
 import lssgen
 from lssgen.evaluation.bench import BASELINE, UNPATCHED, Setting, Timing, busy_warning, default_settings, run_bench
 from lssgen.tiny import build_tiny_flux_pipeline
 
 CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 32}
-LSSGEN = shutil.which("lssgen") or str(Path(sys.executable).with_name("lssgen"))
 
 
 def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
@@ -86,7 +83,7 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--height", 256, "--width", 256, "--steps", 4, "--min-resolution", 128]
     args += ["--repeats", 1, "--start-sigmas", 0.75, "--out", out, "--plot", "--cache", "first-block:threshold=0.2"]
-    result = subprocess.run([LSSGEN, *map(str, args)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*LSSGEN, *map(str, args)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout and "overhead (patched at start_sigma=1.0 / unpatched)" in result.stdout
     data = json.loads((out / "bench.json").read_text())
@@ -112,7 +109,7 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
 
 def test_preset_refuses_cpu_without_opt_in(tmp_path):
     args = ["bench", "--preset", "flux-dev", "--device", "cpu", "--out", tmp_path]
-    result = subprocess.run([LSSGEN, *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*LSSGEN, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "run it on a GPU" in result.stderr
 
 

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from console_script import LSSGEN
 from PIL import Image
 
 from lssgen.autoencoders import TinyFlux2Autoencoder
 from lssgen.cli import main
 from lssgen.loading import check_device
 
-LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd=None):
-    command = [*LSSGEN.split(), *map(str, args)]
+    command = [*LSSGEN, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -477,3 +477,10 @@ def test_without_upsampler_patch_chooses_the_shipped_one(tmp_path):
     pipe = build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
     patch(pipe, None)
     assert isinstance(pipe.__dict__["_lssgen"].upsampler, LatentUpsampler)
+
+
+def test_command_line_tests_run_this_environments_lssgen():
+    """The subprocess tests run the `lssgen` of the interpreter under test, not the first one on PATH (another
+    checkout's or environment's would test other code): the console script beside `sys.executable`, else
+    `python -m lssgen` with this interpreter."""
+    assert LSSGEN[0] == str(Path(sys.executable).with_name("lssgen")) or LSSGEN[:3] == [sys.executable, "-m", "lssgen"]

@@ -4,14 +4,12 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from console_script import LSSGEN
 from PIL import Image
 
 from lssgen import LatentUpsampler
@@ -30,8 +28,6 @@ from lssgen.evaluation.upsampler import (
 from lssgen.latents import LatentNormalization
 from lssgen.tiny.flux import build_tiny_vae
 
-# The installed console script, looked up beside this interpreter first (the venv need not be on PATH).
-LSSGEN = shutil.which("lssgen", path=str(Path(sys.executable).parent)) or shutil.which("lssgen")
 RESOLUTION = 64
 
 
@@ -287,8 +283,7 @@ def test_evaluate_names_an_image_too_small_for_the_vae(vae, tmp_path):
 
 
 def run(*args):
-    assert LSSGEN, "the `lssgen` console script is not installed: pip install -e ."
-    command = [LSSGEN, "eval-upsampler", *map(str, args)]
+    command = [*LSSGEN, "eval-upsampler", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `one_thread`, for the child process
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 

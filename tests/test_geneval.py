@@ -11,13 +11,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from console_script import LSSGEN
 from PIL import Image
 
 from lssgen.cli import build_parser, main
 from lssgen.evaluation.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
 
-LSSGEN = shutil.which("lssgen") or f"{sys.executable} -m lssgen"
 PROMPTS = [
     {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
     {"tag": "two_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog and a bench"},
@@ -39,7 +39,7 @@ def _env(tmp_path):
 
 
 def run_cli(tmp_path, *args):
-    command = [*LSSGEN.split(), "geneval", *map(str, args)]
+    command = [*LSSGEN, "geneval", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
 
 

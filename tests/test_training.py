@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from console_script import LSSGEN
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
@@ -175,11 +175,9 @@ def test_normalisation_matches_pipelines(config, encode_formula):
 
 # --- the command line -------------------------------------------------------------------------------------
 
-LSSGEN = shutil.which("lssgen") or str(Path(sys.executable).with_name("lssgen"))
-
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([LSSGEN, "train-upsampler", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*LSSGEN, "train-upsampler", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
