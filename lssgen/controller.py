@@ -29,6 +29,8 @@ class Run:
     generator: torch.Generator | list[torch.Generator] | None
     caches: StageCacheSchedules
     progress_bar: Any = field(default=None, repr=False)
+    # The packed latents the first stage starts from: noise, or an img2img image noised to the stage's start.
+    first_latents: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def current_stage(self) -> Stage:

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
+from .conditions import first_stage_image_latents, takes_image_and_strength
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
@@ -35,7 +36,10 @@ class _DefaultUpsampler:
 # The model folder's upsampler (its lssgen.json), else the one lssgen ships for the family if it fits the VAE.
 DEFAULT_UPSAMPLER = _DefaultUpsampler()
 # Call arguments that fix the noise or the schedule themselves, which a multi-resolution plan replaces.
-_CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_end")
+_CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_start", "denoising_end")
+# Where a pipeline's `__call__` takes no `latents` (StableDiffusionImg2ImgPipeline), its `prepare_latents` is shadowed
+# by an instance attribute for the call and returns the first stage's.
+_PREPARE_LATENTS = "prepare_latents"
 
 
 @dataclass
@@ -274,10 +278,14 @@ def _patched_call(self, *args, **kwargs):
     # Swap through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config.
     self.__dict__["scheduler"] = run.scheduler
     state.run = run
+    if "latents" not in call:
+        self.__dict__[_PREPARE_LATENTS] = lambda *args, **kwargs: run.first_latents
     try:
         run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
         return stock_call(self, **call)
     finally:
+        if "latents" not in call:
+            del self.__dict__[_PREPARE_LATENTS]
         self.__dict__["scheduler"] = stock_scheduler
         state.run = None
         run.caches.restore()
@@ -288,10 +296,13 @@ def plan_for(
     height: int | None = None,
     width: int | None = None,
     num_inference_steps: int | None = None,
+    *,
+    strength: float = 1.0,
     **options: Any,
 ) -> StagePlan:
     r"""
-    The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs).
+    The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs); `strength` is an
+    image-to-image call's.
 
     Example:
 
@@ -306,7 +317,8 @@ def plan_for(
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
     space = _check_options(chosen, state.upsampler)
-    return replace(_plan(pipe, state, chosen, height, width, steps), scaling=_describe_scaling(space, state))
+    plan = _plan(pipe, state, chosen, height, width, steps, strength=strength)
+    return replace(plan, scaling=_describe_scaling(space, state))
 
 
 def _describe_scaling(space: str, state: PatchState) -> str:
@@ -327,6 +339,7 @@ def _plan(
     width: int | None,
     steps: int,
     call: dict[str, Any] | None = None,
+    strength: float = 1.0,
 ):
     adapter = state.adapter
     default_height, default_width = adapter.default_size(pipe)
@@ -346,6 +359,7 @@ def _plan(
         shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
         base_height=options.base_height or adapter.base_height,
         base_width=options.base_width or adapter.base_width,
+        strength=strength,
     )
 
 
@@ -362,7 +376,16 @@ def _prepare_run(
                 "stock pipeline."
             )
     steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
-    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps, call)
+    image_to_image = takes_image_and_strength(state.original_class.__call__)
+    strength = call.get("strength", stock_defaults.get("strength")) if image_to_image else 1.0
+    if image_to_image and (
+        call.get("image") is None
+        or isinstance(strength, bool)
+        or not isinstance(strength, numbers.Real)
+        or not 0.0 < strength <= 1.0
+    ):
+        return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
+    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps, call, strength)
     if not plan.is_multi_resolution:
         logger.warning(
             f"No low-resolution stage fits {plan.width}x{plan.height} with min_resolution={options.min_resolution} "
@@ -385,12 +408,15 @@ def _prepare_run(
         )
     device = pipe._execution_device
     first = plan.stages[0]
-    noise = randn_tensor(
-        adapter.latent_shape(pipe, batch, first.latent_height, first.latent_width, {**stock_defaults, **call}),
-        generator=generator,
-        device=device,
-        dtype=adapter.latent_dtype(pipe),
-    )
+    if image_to_image:
+        image = first_stage_image_latents(pipe, adapter, call["image"], first, batch, adapter.latent_dtype(pipe))
+    else:
+        noise = randn_tensor(
+            adapter.latent_shape(pipe, batch, first.latent_height, first.latent_width, {**stock_defaults, **call}),
+            generator=generator,
+            device=device,
+            dtype=adapter.latent_dtype(pipe),
+        )
     final, template = plan.stages[-1], pipe.scheduler  # the stock scheduler (the staged one stands in during the call)
     scheduler = StagedScheduler(plan, template, device=device)
     run = Run(
@@ -414,7 +440,16 @@ def _prepare_run(
             ]
         ),
     )
-    call.update(num_inference_steps=plan.total_steps, latents=adapter.pack(pipe, noise))
+    if image_to_image:
+        # The first stage starts from the image noised to its own start; the stock loop then runs the plan's
+        # timesteps whole (strength 1.0 keeps `get_timesteps` from cutting them again).
+        run.first_latents = adapter.pack(pipe, run.renoise(image.to(device), first))
+        call.update(strength=1.0)
+    else:
+        run.first_latents = adapter.pack(pipe, noise)
+    call.update(num_inference_steps=plan.total_steps)
+    if "latents" in inspect.signature(state.original_class.__call__).parameters:
+        call.update(latents=run.first_latents)
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.
     if adapter.resolution_bin(pipe, plan.height, plan.width, call) is None:
         call.update(height=plan.height, width=plan.width)

@@ -227,6 +227,7 @@ def plan_stages(
     shorten_intermediate_steps: bool = True,
     base_height: int = 1024,
     base_width: int = 1024,
+    strength: float = 1.0,
 ) -> StagePlan:
     r"""
     Plan a multi-resolution generation.
@@ -242,6 +243,10 @@ def plan_stages(
         min_resolution (`int`, defaults to `512`): the smallest stage's short side is at least this many pixels.
         shorten_intermediate_steps (`bool`, defaults to `True`): give smaller stages proportionally fewer steps.
         base_height (`int`), base_width (`int`, default `1024`): the model's native size, for shortening.
+        strength (`float`, defaults to `1.0`): image-to-image: the first stage starts part-way into its own
+            schedule, where the stock img2img pipeline would start that schedule for this strength, and every later
+            stage restarts from `start_sigma` times the first stage's noise level, never above it (see
+            docs/how-it-works.md). `1.0` starts from pure noise, as text-to-image.
 
     Returns:
         [`StagePlan`]: the stages, smallest first. The target is rounded down (with a warning) so that it halves
@@ -263,6 +268,9 @@ def plan_stages(
         base_height=base_height,
         base_width=base_width,
     )
+    _check_number("strength", strength)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"`strength` must be in (0, 1] for a multi-resolution plan, got {strength}.")
     num_low = count_low_resolution_stages(height, width, min_resolution, start_sigma)
     unit = vae_scale_factor * facts.latent_multiple * 2**num_low
     target_height, target_width = height // unit * unit, width // unit * unit
@@ -295,7 +303,16 @@ def plan_stages(
             num_steps = 1
         stages.append(
             _schedule_stage(
-                index, latent_height, latent_width, vae_scale_factor, num_steps, start_sigma, scheduler, facts
+                index,
+                latent_height,
+                latent_width,
+                vae_scale_factor,
+                num_steps,
+                start_sigma,
+                scheduler,
+                facts,
+                strength=strength,
+                first=stages[0] if stages else None,
             )
         )
     return StagePlan(stages=tuple(stages), height=target_height, width=target_width)
@@ -344,6 +361,14 @@ def stock_timesteps(template: Any, facts: ScheduleFacts, num_steps: int, latent_
     return [float(t) for t in scheduler.timesteps]
 
 
+def _img2img_begin(num_steps: int, strength: float, order: int, flow: bool) -> int:
+    """Where diffusers' img2img pipelines start a `num_steps`-step schedule for `strength` (their `get_timesteps`,
+    which rounds the kept steps down for diffusion models and the skipped ones down for flow models)."""
+    if flow:
+        return int(max(num_steps - min(num_steps * strength, num_steps), 0)) * order
+    return (num_steps - min(int(num_steps * strength), num_steps)) * order
+
+
 def _schedule_stage(
     index: int,
     latent_height: int,
@@ -353,6 +378,9 @@ def _schedule_stage(
     start_sigma: float,
     template: Any,
     facts: ScheduleFacts,
+    *,
+    strength: float = 1.0,
+    first: Stage | None = None,
 ) -> Stage:
     kwargs = facts.timestep_kwargs(template, num_steps, latent_height, latent_width)
     scheduler = fresh_scheduler(template)
@@ -367,24 +395,35 @@ def _schedule_stage(
             "get. Use more `num_inference_steps` (every stage needs at least 2 steps with this scheduler), or "
             "`shorten_intermediate_steps=False`."
         )
-    if index == 0:
-        begin = 0
+    if first is None:
+        # The first stage starts where a stock img2img call of its size and length would (0: text-to-image).
+        begin = _img2img_begin(num_steps, strength, scheduler.order, facts.flow)
     elif facts.flow:
-        # Restart from the smallest (shifted) timestep that is still >= start_sigma * 1000.
-        above = [i for i, t in enumerate(timesteps) if t >= start_sigma * 1000]
+        # Restart from the smallest (shifted) timestep that is still >= start_sigma times the noise level the
+        # first stage started from (pure noise, 1000, unless an img2img strength started it lower), but never from
+        # more noise than the first stage had: the user's strength bounds every stage.
+        level = 1000.0 if first.begin_index == 0 else first.timesteps[0]
+        above = [i for i, t in enumerate(timesteps) if t >= start_sigma * level]
         begin = above[-1] if above else 0
+        while first.begin_index and begin < len(timesteps) and timesteps[begin] > level:
+            begin += 1
     else:
-        # The img2img rule of diffusers' pipelines.
-        kept = min(int(num_steps * start_sigma), num_steps)
-        begin = (num_steps - kept) * scheduler.order
+        # The img2img rule of diffusers' pipelines, for the fraction start_sigma of the first stage's strength.
+        begin = _img2img_begin(num_steps, start_sigma * strength, scheduler.order, flow=False)
+        while first.begin_index and begin < len(timesteps) and timesteps[begin] > first.timesteps[0]:
+            begin += 1
     if begin >= len(timesteps):
+        what = "`strength`" if first is None else "`start_sigma`"
+        value = strength if first is None else start_sigma
         raise ValueError(
-            f"`start_sigma`={start_sigma} leaves stage {index + 1} no step of its {num_steps}; "
-            "raise `start_sigma` or `num_inference_steps`."
+            f"{what}={value} leaves stage {index + 1} ({latent_width * vae_scale_factor}x"
+            f"{latent_height * vae_scale_factor}) no step of its {num_steps}"
+            + (f" (with strength={strength})" if first is not None and strength < 1.0 else "")
+            + f"; raise {what} or `num_inference_steps`."
         )
     # Flow models re-noise to this sigma; diffusion schedulers' sigmas are another scale (add_noise handles them).
     first_sigma = float(scheduler.sigmas[begin]) if facts.flow else None
-    if index and first_sigma is not None and first_sigma >= 1.0:
+    if first is not None and first_sigma is not None and first_sigma >= 1.0:
         logger.warning(
             f"Stage {index + 1} restarts from pure noise: none of its {num_steps} timesteps lies between 1000 and "
             f"start_sigma * 1000 = {start_sigma * 1000:g} but the first, so the earlier stages are wasted. Use more "

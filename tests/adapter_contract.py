@@ -143,6 +143,8 @@ class AdapterContract:
         (192, 384, 20, {"min_resolution": 48, "base_height": 256, "base_width": 512}),
     ]
     calls_per_step = 1  # denoiser calls per step (2 where the pipeline runs CFG as two calls)
+    # An image-to-image family's `strength` (its `call_kwargs` pass it with an `image`); 1.0: text-to-image.
+    strength = 1.0
     lora_prefix = ""  # e.g. "transformer.transformer_blocks.0.attn.to_q": the module a test LoRA adapts
 
     def build_pipe(self, seed: int = 0) -> Any:
@@ -172,7 +174,9 @@ class AdapterContract:
     def plan(self, pipe, height=None, width=None, steps=None, **options) -> StagePlan:
         if not lssgen.is_patched(pipe):
             raise AssertionError("patch the pipe first")
-        return lssgen.plan_for(pipe, height or self.height, width or self.width, steps or self.steps, **options)
+        return lssgen.plan_for(
+            pipe, height or self.height, width or self.width, steps or self.steps, strength=self.strength, **options
+        )
 
     def images(self, pipe, **kwargs):
         return pipe(**kwargs).images
@@ -327,7 +331,9 @@ class AdapterContract:
             assert upsampler_inputs == [(batch, channels, s.latent_height, s.latent_width) for s in plan.stages[:-1]]
         else:
             assert upsampler_inputs == []
-        assert len(encodes) == (len(plan.stages) - 1 if space == "pixel" else 0)
+        # An img2img call also encodes its input image, once, at the first stage's size.
+        image_encodes = 1 if self.strength < 1.0 else 0
+        assert len(encodes) == (len(plan.stages) - 1 if space == "pixel" else 0) + image_encodes
 
     def test_scaling_spaces_give_different_results(self, pipe):
         lssgen.patch(pipe, self.small_upsampler(pipe), **self.three_stages)
@@ -490,7 +496,7 @@ class AdapterContract:
             return
         height, width = drawn.call.get("height", self.height), drawn.call.get("width", self.width)
         steps = drawn.call.get("num_inference_steps", self.steps)
-        plan = lssgen.plan_for(pipe, height, width, steps, **drawn.options)
+        plan = lssgen.plan_for(pipe, height, width, steps, strength=self.strength, **drawn.options)
         assert tuple(images.shape) == self.output_shape(drawn.images_in_batch(), plan.height, plan.width), drawn
 
     def test_error_inside_the_loop_restores_the_scheduler(self, pipe):

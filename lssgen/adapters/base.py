@@ -270,6 +270,11 @@ class Adapter:
         """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
         return self.latent_normalization(pipe).from_vae(vae_latents)
 
+    def encode_pixels(self, pipe: Any, pixels: torch.Tensor, sample: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1] → unpacked pipeline latents `(B, C, H/f, W/f)`, float32: `vae.encode`,
+        `sample` of its output, then the pipeline's normalisation (a video VAE's family adds the frame axis)."""
+        return self.vae_to_latents(pipe, sample(pipe.vae.encode(pixels)))
+
     # FLOP counts (`lssgen.evaluation.flops`) -------------------------------------------------------------------------
     def denoiser_dummy_inputs(
         self, model: torch.nn.Module, latent_height: int, latent_width: int, text_tokens: int, batch: int = 1

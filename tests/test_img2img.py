@@ -1,0 +1,253 @@
+"""Image-to-image (issue #21): a stock img2img pipeline through lssgen starts its first, smallest stage from the
+input image, where that stage's own stock schedule starts for the `strength`; later stages restart below the noise
+level the first one started from; `strength=1.0` is text-to-image; and the adapter contract holds."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import test_flux
+import torch
+from adapter_contract import AdapterContract
+from diffusers import (
+    DDIMScheduler,
+    FluxImg2ImgPipeline,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lssgen
+from lssgen.adapters.flux import FluxAdapter
+from lssgen.adapters.sd import SDAdapter
+from lssgen.plan import plan_stages
+from lssgen.tiny import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline
+
+IMAGE = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))
+OTHER_IMAGE = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(8))
+FLOW = FluxAdapter()
+DIFFUSION = SDAdapter()
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+
+
+def _stock_img2img_timesteps(pipeline_class, scheduler, stage, strength) -> list[float]:
+    """The timesteps diffusers' own img2img `get_timesteps` keeps of a stage's full schedule for `strength`."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(**stage.scheduler_kwargs)
+    timesteps, _ = pipeline_class.get_timesteps(
+        types.SimpleNamespace(scheduler=fresh), stage.num_steps, strength, "cpu"
+    )
+    return [float(t) for t in timesteps]
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+PLANS = st.tuples(
+    st.floats(0.05, 1.0),  # strength
+    st.integers(4, 50),  # steps
+    st.sampled_from([0.5, 0.667, 0.75, 0.9]),  # start_sigma
+    st.booleans(),  # shorten
+)
+
+
+def _plan(facts, scheduler, strength, steps, start_sigma, shorten):
+    return plan_stages(
+        512,
+        512,
+        steps,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        start_sigma=start_sigma,
+        min_resolution=128,
+        shorten_intermediate_steps=shorten,
+        base_height=512,
+        base_width=512,
+        strength=strength,
+    )
+
+
+@pytest.mark.parametrize(
+    ("facts", "make_scheduler", "pipeline_class"),
+    [
+        (FLOW, _flow_scheduler, FluxImg2ImgPipeline),
+        (DIFFUSION, lambda: DDIMScheduler(**SD_SCHEDULER), StableDiffusionImg2ImgPipeline),
+        (DIFFUSION, lambda: PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True), StableDiffusionImg2ImgPipeline),
+    ],
+    ids=["flow", "ddim", "pndm"],
+)
+@given(drawn=PLANS)
+def test_the_first_stage_starts_where_stock_img2img_starts_its_schedule(facts, make_scheduler, pipeline_class, drawn):
+    """The first stage's timesteps are exactly those diffusers' img2img pipeline of that family keeps of the
+    stage's own full schedule for the strength (its `get_timesteps`, called here on the stage's scheduler), and a
+    strength that keeps none is a ValueError naming `strength`."""
+    strength, steps, start_sigma, shorten = drawn
+    scheduler = make_scheduler()
+    reference = _plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
+    expected = _stock_img2img_timesteps(pipeline_class, scheduler, reference.stages[0], strength)
+    if not expected:
+        with pytest.raises(ValueError, match="`strength`"):
+            _plan(facts, scheduler, strength, steps, start_sigma, shorten)
+        return
+    try:
+        plan = _plan(facts, scheduler, strength, steps, start_sigma, shorten)
+    except ValueError as error:
+        assert "start_sigma" in str(error) and "strength" in str(error)  # a later stage kept no step
+        return
+    assert list(plan.stages[0].timesteps) == expected
+
+
+def _noise_level(scheduler, facts, stage) -> float:
+    """The share of noise in the latent a stage starts from: sigma for flow models, sqrt(1 - alpha_bar_t) for
+    diffusion models (their add_noise mixes sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise)."""
+    if facts.flow:
+        return stage.first_sigma
+    return float((1 - scheduler.alphas_cumprod[int(stage.timesteps[0])]) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("facts", "make_scheduler"),
+    [(FLOW, _flow_scheduler), (DIFFUSION, lambda: DDIMScheduler(**SD_SCHEDULER))],
+    ids=["flow", "ddim"],
+)
+@given(drawn=PLANS)
+def test_later_stages_never_restart_above_the_first_stages_noise_level(facts, make_scheduler, drawn):
+    """By noise level, not step index: every later stage starts from at most the noise the user's strength gave
+    the first stage; with strength 1.0 the plan is the text-to-image plan."""
+    strength, steps, start_sigma, shorten = drawn
+    scheduler = make_scheduler()
+    try:
+        plan = _plan(facts, scheduler, strength, steps, start_sigma, shorten)
+    except ValueError:
+        return  # a strength or start_sigma that leaves a stage no step (the test above checks the message)
+    first = _noise_level(scheduler, facts, plan.stages[0])
+    for stage in plan.stages[1:]:
+        assert _noise_level(scheduler, facts, stage) <= first + 1e-6, (stage.index, strength)
+    if strength == 1.0:
+        assert plan == _plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
+
+
+def test_the_restart_is_start_sigma_times_the_first_stages_noise_level():
+    """Flow models: the later stage restarts from the smallest of its timesteps at or above start_sigma times the
+    first stage's start, as text-to-image restarts at start_sigma times pure noise (worked example, 28 steps)."""
+    scheduler = _flow_scheduler()
+    first, *later = _plan(FLOW, scheduler, 0.6, 28, 0.75, False).stages
+    threshold = 0.75 * first.timesteps[0]
+    for stage, full in zip(later, _plan(FLOW, scheduler, 1.0, 28, 0.75, False).stages[1:]):
+        schedule = _stock_img2img_timesteps(FluxImg2ImgPipeline, scheduler, full, 1.0)
+        assert stage.timesteps[0] == min(t for t in schedule if t >= threshold)
+        assert stage.timesteps[0] < first.timesteps[0] < 1000
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------
+def _img2img_pipe(seed=0):
+    pipe = FluxImg2ImgPipeline(**build_tiny_flux_pipeline(seed=seed).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call(pipe, **overrides):
+    return test_flux.flux_call_kwargs(pipe, **{"image": IMAGE, "strength": 0.6, **overrides})
+
+
+def _denoiser_calls(pipe, **kwargs):
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, inputs: calls.append((inputs["hidden_states"].clone(), float(inputs["timestep"][0]))),
+        with_kwargs=True,
+    )
+    try:
+        images = pipe(**kwargs).images
+    finally:
+        hook.remove()
+    return images, calls
+
+
+PLAN = {"min_resolution": 128, "shorten_intermediate_steps": False}
+
+
+def test_first_stage_runs_the_stock_img2img_schedule_of_its_size_and_starts_from_the_resized_image():
+    """The first stage's denoiser calls carry the timesteps stock FluxImg2ImgPipeline uses at that stage's size,
+    steps and strength; its first input is the input image resized to the stage, encoded, normalised, and noised
+    to that stage's start with the call's generator."""
+    pipe, stock = _img2img_pipe(), _img2img_pipe()
+    lssgen.patch(pipe, None, **PLAN)
+    plan = lssgen.plan_for(pipe, 256, 256, 8, strength=0.6, **PLAN)
+    first = plan.stages[0]
+    _, calls = _denoiser_calls(pipe, **_call(pipe))
+    _, stock_calls = _denoiser_calls(stock, **_call(stock, height=first.height, width=first.width))
+    assert [t for _, t in calls[: first.num_denoiser_steps]] == [t for _, t in stock_calls]
+    assert len(calls) == plan.total_steps
+
+    pixels = stock.image_processor.preprocess(IMAGE, height=first.height, width=first.width)
+    clean = FLOW.vae_to_latents(stock, stock.vae.encode(pixels).latent_dist.mode())
+    noise = randn_tensor(clean.shape, generator=torch.Generator().manual_seed(0))
+    sigma = first.first_sigma
+    expected = FLOW.pack(stock, (1 - sigma) * clean + sigma * noise)
+    torch.testing.assert_close(calls[0][0], expected)
+
+
+def test_strength_one_is_text_to_image_with_the_image_ignored():
+    """As stock: at strength 1.0 the image does not matter, and the patched img2img pipe makes the patched
+    text-to-image pipe's images (same components, seed and plan)."""
+    pipe = _img2img_pipe()
+    text_to_image = build_tiny_flux_pipeline(seed=0)  # the same weights, its own modules (hooks are per module)
+    text_to_image.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, None, **PLAN)
+    lssgen.patch(text_to_image, None, **PLAN)
+    one = pipe(**_call(pipe, strength=1.0)).images
+    other = pipe(**_call(pipe, strength=1.0, image=OTHER_IMAGE)).images
+    assert torch.equal(one, other)
+    torch.testing.assert_close(one, text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images)
+    # Below 1.0 the image shows.
+    assert not torch.equal(pipe(**_call(pipe)).images, pipe(**_call(pipe, image=OTHER_IMAGE)).images)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        # The stock pipeline's own checks: its schedule keeps no step at strength 0; strength must be in [0, 1].
+        ({"strength": 0.0}, ValueError, "After adjusting the num_inference_steps by strength parameter: 0.0"),
+        ({"strength": 1.5}, ValueError, "The value of strength should in"),
+        ({"image": None}, ValueError, None),  # the stock pipeline's own error
+        ({"image": torch.rand(2, 3, 64, 64), "prompt": ["a", "b", "c"]}, ValueError, "Cannot duplicate `image`"),
+    ],
+    ids=["zero", "out-of-range", "no-image", "image-batch"],
+)
+def test_bad_img2img_input_raises_before_denoising_and_leaves_the_pipe_usable(overrides, error, match):
+    pipe = _img2img_pipe()
+    lssgen.patch(pipe, None, **PLAN)
+    before = pipe(**_call(pipe)).images
+    _, calls = None, []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(error, match=match):
+        pipe(**_call(pipe, **overrides))
+    hook.remove()
+    assert not calls
+    assert torch.equal(pipe(**_call(pipe)).images, before)
+
+
+# --- the adapter contract -------------------------------------------------------------------------------------
+class TestFluxImg2Img(AdapterContract):
+    adapter_name = "flux"
+    lora_prefix = test_flux.TestFlux.lora_prefix
+    strength = 0.6
+    observe = test_flux.TestFlux.observe
+    expected = test_flux.TestFlux.expected
+    conditioning_hooks = test_flux.TestFlux.conditioning_hooks
+
+    def build_pipe(self, seed=0):
+        return FluxImg2ImgPipeline(**build_tiny_flux_pipeline(seed=seed).components)
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        return test_flux.flux_call_kwargs(
+            pipe, prompts, seed, **{"image": IMAGE, "strength": self.strength, **overrides}
+        )
