@@ -138,9 +138,12 @@ class StagedScheduler:
         return len(self.template)
 
     def __getattr__(self, name: str):
-        # Anything else (add_noise, scale_noise, helpers) belongs to the stage in force.
+        # Anything else (add_noise, scale_noise, helpers) belongs to the stage in force. Its own names raise, so that
+        # reading a half-built instance (no `stage_schedulers` yet) fails cleanly instead of recursing: `current`
+        # too, which Python looks up here when the property itself raises AttributeError.
         if name.startswith("__") or name in {
             "plan",
+            "current",
             "template",
             "stage_schedulers",
             "steps_taken",
