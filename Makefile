@@ -40,7 +40,7 @@ test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
-	$(BIN)/ruff check lssgen tests weights && $(BIN)/ruff format --check lssgen tests weights
+	$(BIN)/ruff check lssgen tests weights scripts && $(BIN)/ruff format --check lssgen tests weights scripts
 
 # Mutation testing of the runtime core (docs/testing.md): the core files whole, the adapters' packing and
 # normalisation methods, each mutant against the fast tests in [tool.mutmut] that run its function.

@@ -63,7 +63,7 @@ def main() -> None:
             f"| {100 * killed / len(statuses):.1f}% |"
         )
     if args.survivors:
-        for module, statuses in table.items():
+        for statuses in table.values():
             for name, status in statuses.items():
                 if status not in KILLED:
                     print(f"{status}: {name}")
