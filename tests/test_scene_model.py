@@ -270,3 +270,43 @@ def test_object_tokens_cover_each_objects_box_and_check_the_cache():
     assert masks[256][0].view(16, 16).sum(dim=1).max() <= 7
     with pytest.raises(ValueError, match="holds other scenes"):
         scene_model.object_tokens(0, captions[1:])
+
+
+def test_reference_tokens_are_accepted_and_ignored(saved_pipeline):
+    """FLUX.2's pipelines append reference images' tokens (time id 10, 20, ...) after the generated image's:
+    the scene model, trained without references, gives the generated tokens the same prediction as without them
+    and zeros for the references; references placed first are refused."""
+    _, _, pipe = saved_pipeline
+    latents = torch.randn(1, 32, 4, 6)
+    patches = Flux2KleinPipeline._patchify_latents(latents)
+    tokens, ids = Flux2KleinPipeline._pack_latents(patches), Flux2KleinPipeline._prepare_latent_ids(patches)
+    reference = torch.randn(1, 128, 4, 4)
+    reference_tokens = Flux2KleinPipeline._pack_latents(reference)
+    reference_ids = Flux2KleinPipeline._prepare_image_ids([reference])
+    text = torch.randn(1, 4, 96)
+    with torch.no_grad():
+        alone = pipe.transformer(hidden_states=tokens, encoder_hidden_states=text, timestep=torch.tensor([0.5]),
+                                 img_ids=ids, return_dict=False)[0]  # fmt: skip
+        both = pipe.transformer(hidden_states=torch.cat([tokens, reference_tokens], dim=1), encoder_hidden_states=text,
+                                timestep=torch.tensor([0.5]), img_ids=torch.cat([ids, reference_ids], dim=1),
+                                return_dict=False)[0]  # fmt: skip
+        assert torch.equal(both[:, : tokens.shape[1]], alone)
+        assert torch.equal(both[:, tokens.shape[1] :], torch.zeros_like(reference_tokens))
+        with pytest.raises(ValueError, match="reference tokens"):
+            pipe.transformer(hidden_states=torch.cat([reference_tokens, tokens], dim=1), encoder_hidden_states=text,
+                             timestep=torch.tensor([0.5]), img_ids=torch.cat([reference_ids, ids], dim=1))  # fmt: skip
+
+
+@needs_taef2
+def test_the_stock_inpaint_pipeline_runs_the_shipped_model_with_its_image_as_reference():
+    """Flux2KleinInpaintPipeline loads the shipped scene model's folder and runs it: with a mask that repaints
+    everything it is FLUX.2 klein's img2img (the pipeline appends the image's tokens as a reference)."""
+    from diffusers import Flux2KleinInpaintPipeline
+
+    pipe = Flux2KleinInpaintPipeline.from_pretrained(lssgen.weights_path("scene-t2i"))
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    out = pipe(prompt="a photo of a red circle", image=image, mask_image=torch.ones(1, 1, 256, 256), strength=0.6,
+               height=256, width=256, num_inference_steps=4, max_sequence_length=32, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()

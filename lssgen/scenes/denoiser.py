@@ -12,6 +12,11 @@ What it keeps of the pipeline's contract: it takes the packed 2x2 patches (`(B, 
 timestep as the pipeline passes it (sigma), the stacked text states and the position ids, and returns packed
 velocities. It reads the image grid from `img_ids` and checks them, so a stage denoised with another stage's
 ids fails instead of drawing the wrong size.
+
+Reference images: FLUX.2's pipelines append a reference image's tokens after the generated image's, with a time
+id of 10, 20, ... (the generated image's is 0); `Flux2KleinInpaintPipeline` always appends its input image so. The
+scene model was trained without references: it denoises the generated image's tokens alone and returns zeros for
+the reference tokens (the pipelines keep only the first, generated, part of the prediction).
 """
 
 from __future__ import annotations
@@ -100,13 +105,25 @@ class SceneDenoiser(ModelMixin, ConfigMixin, CacheMixin):
         return_dict: bool = True,
     ):
         batch, tokens, channels = hidden_states.shape
-        height, width = self._grid(img_ids, tokens)
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        if ids.shape[0] != tokens:
+            self._grid(ids, tokens)  # raises: the ids are another latent's
+        generated = int((ids[:, 0] == 0).sum())  # time id 0: the generated image; references follow it
+        if not bool((ids[:generated, 0] == 0).all()):
+            raise ValueError(
+                "img_ids put reference tokens (time id > 0) before the generated image's (time id 0): pass the "
+                "generated image's tokens first, as FLUX.2's pipelines do."
+            )
+        references = hidden_states[:, generated:]
+        hidden_states, tokens = hidden_states[:, :generated], generated
+        height, width = self._grid(ids[:generated], tokens)
         patches = hidden_states.transpose(1, 2).reshape(batch, channels, height, width)
         # FLUX.2's patch channels are (latent channel, row, column), pixel_shuffle's order.
         latents = F.pixel_shuffle(patches, PATCH)
         # The pipeline passes sigma in [0, 1]; the U-Net's sinusoidal embedding is laid out for 0-1000.
         sample = self.unet(latents, timestep * 1000, encoder_hidden_states=encoder_hidden_states).sample
         out = F.pixel_unshuffle(sample, PATCH).reshape(batch, channels, tokens).transpose(1, 2)
+        out = torch.cat([out, torch.zeros_like(references)], dim=1)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
