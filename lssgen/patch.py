@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
-from .conditions import first_stage_image_latents, takes_image_and_strength
+from .conditions import first_stage_image_latents, image_to_image_size, takes_image_and_strength
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
@@ -342,8 +342,9 @@ def _plan(
     strength: float = 1.0,
 ):
     adapter = state.adapter
-    default_height, default_width = adapter.default_size(pipe)
-    height, width = height or default_height, width or default_width
+    if not (height and width):
+        default_height, default_width = adapter.default_size(pipe)
+        height, width = height or default_height, width or default_width
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
     shorten = options.shorten_intermediate_steps
@@ -385,7 +386,12 @@ def _prepare_run(
         or not 0.0 < strength <= 1.0
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
-    plan = _plan(pipe, state, options, call.get("height"), call.get("width"), steps, call, strength)
+    stock_call = state.original_class.__call__
+    if image_to_image:
+        height, width = image_to_image_size(pipe, stock_call, call)
+    else:
+        height, width = call.get("height"), call.get("width")
+    plan = _plan(pipe, state, options, height, width, steps, call, strength)
     if not plan.is_multi_resolution:
         logger.warning(
             f"No low-resolution stage fits {plan.width}x{plan.height} with min_resolution={options.min_resolution} "
@@ -448,10 +454,12 @@ def _prepare_run(
     else:
         run.first_latents = adapter.pack(pipe, noise)
     call.update(num_inference_steps=plan.total_steps)
+    adapter.prepare_call(pipe, call, plan)
     if "latents" in inspect.signature(state.original_class.__call__).parameters:
         call.update(latents=run.first_latents)
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.
-    if adapter.resolution_bin(pipe, plan.height, plan.width, call) is None:
+    takes_size = "height" in inspect.signature(stock_call).parameters
+    if takes_size and adapter.resolution_bin(pipe, plan.height, plan.width, call) is None:
         call.update(height=plan.height, width=plan.width)
     if "callback_on_step_end" in inspect.signature(state.original_class.__call__).parameters:
         callback, tensor_inputs = chain_callbacks(

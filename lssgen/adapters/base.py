@@ -15,7 +15,7 @@ from diffusers.hooks import HookRegistry
 from ..latents import LatentNormalization
 
 if TYPE_CHECKING:
-    from ..plan import Stage
+    from ..plan import Stage, StagePlan
 
 
 def linear_time_shift(
@@ -237,6 +237,10 @@ class Adapter:
     # Schedule ---------------------------------------------------------------------------------------------------
     def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
         return {"num_inference_steps": num_steps}
+
+    def prepare_call(self, pipe: Any, call: dict[str, Any], plan: StagePlan) -> None:
+        """Set call arguments in place that the stock pipeline would derive from target-size inputs which lssgen
+        gives at the first stage's size (e.g. SDXL img2img's size conditioning, read from the latents' shape)."""
 
     # Resolution conditioning ------------------------------------------------------------------------------------
     # A diffusers ModelHook class, built with the `current_stage` callable, for conditioning that must follow the

@@ -89,7 +89,7 @@ class ChromaAdapter(FluxAdapter):
     """
 
     name = "chroma"
-    pipeline_classes = ("ChromaPipeline",)
+    pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline")
     default_steps = 40
     default_guidance = 3.0
     stage_hook = ChromaStageHook

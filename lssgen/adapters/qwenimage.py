@@ -119,7 +119,7 @@ class QwenImageAdapter(FluxAdapter):
     """
 
     name = "qwenimage"
-    pipeline_classes = ("QwenImagePipeline",)
+    pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
     # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
     default_steps = 50
@@ -171,6 +171,10 @@ class QwenImageAdapter(FluxAdapter):
         if vae_latents.ndim == 5:
             vae_latents = vae_latents[:, :, 0]
         return super().vae_to_latents(pipe, vae_latents)
+
+    def encode_pixels(self, pipe, pixels, sample):
+        # Qwen-Image's VAE is a video VAE: an image is one frame, `(B, 3, 1, H, W)`.
+        return super().encode_pixels(pipe, pixels[:, :, None], sample)
 
     # FLOP counts ------------------------------------------------------------------------------------------------
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):

@@ -85,7 +85,7 @@ class SDAdapter(Adapter):
     """
 
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline",)
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     denoiser = "unet"
     flow = False
     latent_multiple = 1

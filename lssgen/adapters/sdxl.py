@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -111,7 +112,7 @@ class SDXLAdapter(Adapter):
     """
 
     name = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     denoiser = "unet"
     flow = False
     latent_multiple = 1
@@ -132,6 +133,15 @@ class SDXLAdapter(Adapter):
             scheduler=sdxl_scheduler,
         ),
     )
+
+    def prepare_call(self, pipe, call, plan):
+        # StableDiffusionXLImg2ImgPipeline takes its size from the latents it is given, which lssgen gives at the
+        # first stage's size: the size conditioning of the target stage is set as the stock call would have set it
+        # from target-size latents (a size the user passes is kept; the stages' sizes come from the hook).
+        if "height" not in inspect.signature(type(pipe).__call__).parameters:
+            for name in ("original_size", "target_size"):
+                if call.get(name) is None:
+                    call[name] = (plan.height, plan.width)
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         return unet_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)

@@ -109,7 +109,7 @@ class ZImageAdapter(Adapter):
     """
 
     name = "zimage"
-    pipeline_classes = ("ZImagePipeline",)
+    pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer's 2x2 patches (the pipeline's default `patch_size`)
@@ -176,7 +176,9 @@ class ZImageAdapter(Adapter):
         # get one bound to themselves), and `remove_hooks` deletes it.
         self.check_patch_size(pipe)
         super().install_hooks(pipe, current_stage)
-        pipe.__dict__[_PREPARE_LATENTS] = functools.partial(_prepare_latents_for_stages, pipe, current_stage)
+        # ZImageImg2ImgPipeline's `prepare_latents` takes given latents as they are: it needs no stand-in.
+        if isinstance(pipe, ZImagePipeline):
+            pipe.__dict__[_PREPARE_LATENTS] = functools.partial(_prepare_latents_for_stages, pipe, current_stage)
 
     def remove_hooks(self, pipe):
         super().remove_hooks(pipe)
