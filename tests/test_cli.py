@@ -396,14 +396,22 @@ def test_adapters_lists_installed_adapters_with_their_package():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["adapter", "pipelines", "kind", "steps", "guidance", "shorten", "package"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert rows["flux"] == ["FluxPipeline", "flow", "50", "3.5", "on", "lssgen"]
-    assert rows["sd3"] == ["StableDiffusion3Pipeline", "flow", "40", "4.5", "on", "lssgen"]
-    assert rows["sdxl"] == ["StableDiffusionXLPipeline", "diffusion", "50", "5.0", "off", "lssgen"]
-    assert rows["sd"] == ["StableDiffusionPipeline", "diffusion", "50", "7.5", "off", "lssgen"]
+    # Columns are separated by two spaces or more; a pipelines cell lists its classes with ", ".
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[1:])}
+    assert rows["flux"] == ["FluxPipeline, FluxImg2ImgPipeline", "flow", "50", "3.5", "on", "lssgen"]
+    assert rows["sd3"] == [
+        "StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline", "flow", "40", "4.5", "on", "lssgen"
+    ]  # fmt: skip
+    assert rows["sdxl"] == [
+        "StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline", "diffusion", "50", "5.0", "off", "lssgen"
+    ]  # fmt: skip
+    assert rows["sd"] == [
+        "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline", "diffusion", "50", "7.5", "off", "lssgen"
+    ]  # fmt: skip
     assert rows["cogview4"] == ["CogView4Pipeline", "flow", "50", "3.5", "on", "lssgen"]
-    assert rows["qwenimage"] == ["QwenImagePipeline", "flow", "50", "4.0", "on", "lssgen"]  # 4.0: true_cfg_scale
-    assert rows["zimage"] == ["ZImagePipeline", "flow", "8", "0.0", "on", "lssgen"]
+    # 4.0: true_cfg_scale
+    assert rows["qwenimage"] == ["QwenImagePipeline, QwenImageImg2ImgPipeline", "flow", "50", "4.0", "on", "lssgen"]
+    assert rows["zimage"] == ["ZImagePipeline, ZImageImg2ImgPipeline", "flow", "8", "0.0", "on", "lssgen"]
 
 
 # --- loose ends of the command line ------------------------------------------------------------------------------
