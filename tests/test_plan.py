@@ -19,12 +19,14 @@ base_shift 0.5, max_shift 1.15):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import types
 
 import numpy as np
 import pytest
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
 import lssgen
 from lssgen.adapters import FluxAdapter
@@ -34,6 +36,7 @@ from lssgen.plan import (
     count_low_resolution_stages,
     plan_stages,
     stage_step_count,
+    stock_timesteps,
     validate_arguments,
     validate_options,
 )
@@ -648,3 +651,567 @@ def test_a_later_stage_that_would_restart_from_pure_noise_is_warned_about(caplog
     with caplog.at_level(logging.WARNING, logger="lssgen"):
         plan(256, 256, 20, min_resolution=128, base_height=512, base_width=512)
     assert "pure noise" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What users read: the plan table and the messages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_describe_prints_every_stage_of_a_non_square_flow_plan():
+    """`describe()` (what `lssgen plan` and the logs print) shows each stage's image and latent size as width x
+    height, its steps (`run of n` for truncated stages), its first and last timestep and its start sigma, as worked
+    out by hand: 1024x768 at min_resolution 192 -> 256x192, 512x384, 1024x768.
+
+    Stage 1: 16x12 tokens -> mu 0.489167; 11 steps (50 // log2(21.33)); last sigma 1/11 -> shifted 0.14023.
+    Stage 2: 32x24 tokens -> mu 0.586667; 20 steps; restarts at s = 0.65 -> 0.76954; last s = 0.05 -> 0.08645.
+    Stage 3: 64x48 tokens -> mu 0.976667; 50 steps; restarts at index 23 (0.75713); last s = 0.02 -> 0.05141."""
+    p = plan(768, 1024, 50, min_resolution=192)
+    assert p.describe() == (
+        "stage  image       latent    steps         timesteps           start sigma\n"
+        "1/3    256x192     32x24     11            1000.0 -> 140.2     1.000\n"
+        "2/3    512x384     64x48     13 of 20      769.5 -> 86.4       0.770\n"
+        "3/3    1024x768    128x96    27 of 50      757.1 -> 51.4       0.757\n"
+        "denoiser steps in all: 51"
+    )
+
+
+def test_describe_names_the_scaling_only_between_stages():
+    """The scaling line appears when `lssgen.plan_for` names it and there is more than one stage; a one-stage plan
+    or a plan with no scaling named has no such line."""
+    two = plan(1024, 1024, 8, min_resolution=512)
+    assert "scaling" not in two.describe()
+    named = dataclasses.replace(two, scaling="learned upsampler")
+    assert named.describe().splitlines()[-2:] == [
+        "denoiser steps in all: 8",
+        "scaling between stages: learned upsampler",
+    ]
+    one = dataclasses.replace(plan(1024, 1024, 8, min_resolution=1024), scaling="learned upsampler")
+    assert one.describe().splitlines()[-1] == "denoiser steps in all: 8"
+    assert "scaling" not in one.describe()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"height": 1024.0}, "`height` must be an int, got float 1024.0."),
+        ({"width": "1024"}, "`width` must be an int, got str '1024'."),
+        ({"num_inference_steps": True}, "`num_inference_steps` must be an int, got bool True."),
+        ({"start_sigma": "0.7"}, "`start_sigma` must be a number, got str '0.7'."),
+        ({"start_sigma": None}, "`start_sigma` must be a number, got NoneType None."),
+        ({"min_resolution": 512.5}, "`min_resolution` must be an int, got float 512.5."),
+        ({"base_height": 1024.0}, "`base_height` must be an int, got float 1024.0."),
+        ({"base_width": "1024"}, "`base_width` must be an int, got str '1024'."),
+    ],
+)
+def test_type_errors_name_the_argument_and_what_it_got(changes, message):
+    """A wrong type is refused with the argument's name, the kind it needs (an int for sizes and counts, a number
+    for `start_sigma`) and the type and value it got."""
+    with pytest.raises(TypeError) as error:
+        validate_arguments(**{**VALID, **changes})
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"height": 0}, "`height` must be a positive integer, got 0"),
+        ({"width": -16}, "`width` must be a positive integer, got -16"),
+        ({"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer, got 0"),
+        (
+            {"start_sigma": 1.5},
+            r"`start_sigma` must be in \(0, 1\], got 1.5.* 1.0 turns multi-resolution generation off",
+        ),
+        ({"min_resolution": 0}, "`min_resolution` must be a positive number of pixels"),
+        ({"base_height": 0}, "`base_height` must be a positive number of pixels"),
+        ({"base_width": -1}, "`base_width` must be a positive number of pixels"),
+    ],
+)
+def test_value_errors_name_the_argument_and_the_fix(changes, match):
+    """A value out of range is refused naming the argument, and, where there is one, the way out."""
+    with pytest.raises(ValueError, match=match):
+        validate_arguments(**{**VALID, **changes})
+
+
+def test_min_resolution_above_the_short_side_error_gives_both_ways_out():
+    """A `min_resolution` larger than the image's short side is refused with the largest that works, what half of
+    it gives, and plain generation as the other way out."""
+    with pytest.raises(ValueError) as error:
+        validate_arguments(**{**VALID, "height": 768, "min_resolution": 1024})
+    assert str(error.value) == (
+        "`min_resolution`=1024 is larger than the image's short side (768 px for 1024x768). Use a `min_resolution` "
+        "of at most 768 (half of it gives one low-resolution stage), or pass `start_sigma=1.0` for plain generation."
+    )
+
+
+@pytest.mark.parametrize("changes", [{"base_height": 1}, {"base_width": 1}, {"base_height": 1, "base_width": 1}])
+def test_a_one_pixel_base_size_is_valid(changes):
+    """`base_height`/`base_width` need only be positive: 1 is the smallest valid value."""
+    validate_arguments(**{**VALID, **changes})
+    validate_options(start_sigma=0.75, min_resolution=512, **changes)
+
+
+def test_rounding_warning_says_how_many_stages_and_what_size(caplog):
+    """A size that does not halve cleanly is rounded down with a warning naming the stage count, the size really
+    generated and the multiple to pass instead."""
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        plan(1000, 1000, 50, min_resolution=250)  # 3 stages -> multiples of 64
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "lssgen.plan"]
+    assert message == (
+        "1000x1000 does not halve cleanly into 3 stages; generating 960x960 instead (both sides must be multiples "
+        "of 64 px). Pass a multiple of 64 to avoid this."
+    )
+
+
+def test_clamp_warning_says_what_happens_and_how_to_avoid_it(caplog):
+    """The warning for a stage shortened to no step says it runs one step instead, and how to avoid it."""
+    with caplog.at_level(logging.WARNING, logger="lssgen.plan"):
+        plan(1024, 1024, 3, min_resolution=256)
+    (message,) = [r.getMessage() for r in caplog.records if "no step" in r.getMessage()]
+    assert message == (
+        "num_inference_steps=3 leaves stage 1 with no step after shortening; it runs 1 step. Use more steps or "
+        "`shorten_intermediate_steps=False`."
+    )
+
+
+def test_smallest_stage_error_at_exactly_two_patches_suggests_a_larger_min_resolution():
+    """At 32 px, exactly two FLUX patches a side, one low-resolution stage fits (min_resolution 16 works), so a too
+    small `min_resolution` is answered with the smallest that works, not with "the image is too small"; under 32 px
+    the image itself is too small and the error says to generate plainly."""
+    assert sizes(plan(32, 32, 8, min_resolution=16)) == [(16, 16), (32, 32)]
+    with pytest.raises(ValueError, match=r"Use a `min_resolution` of at least 16 \(the default is 512\)\.") as error:
+        plan(32, 32, 8, min_resolution=8)
+    assert "too small" not in str(error.value)
+    with pytest.raises(
+        ValueError,
+        match=r"generate at least 32 px a side, or pass `start_sigma=1.0` for plain generation\.",
+    ):
+        plan(16, 16, 8, min_resolution=8)
+
+
+def test_stage_sizes_are_ints():
+    """Stage sizes are whole latent cells and pixels (ints), which the denoiser's and VAE's shapes need."""
+    for stage in plan(1000, 1000, 50, min_resolution=250).stages:
+        for value in (stage.latent_height, stage.latent_width, stage.height, stage.width):
+            assert type(value) is int, stage
+
+
+def test_a_later_stage_restarting_from_pure_noise_is_explained(caplog):
+    """The pure-noise warning names the stage, its step count, the threshold start_sigma * 1000 and the remedies."""
+    with caplog.at_level(logging.WARNING, logger="lssgen"):
+        plan(256, 256, 4, min_resolution=128, base_height=512, base_width=512)
+    (message,) = [r.getMessage() for r in caplog.records if "pure noise" in r.getMessage()]
+    assert message == (
+        "Stage 2 restarts from pure noise: none of its 2 timesteps lies between 1000 and start_sigma * 1000 = 750 "
+        "but the first, so the earlier stages are wasted. Use more `num_inference_steps`, "
+        "`shorten_intermediate_steps=False`, or fewer stages (a larger `min_resolution`)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Truncation edge cases and other schedulers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def unshifted_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """No time shift: timesteps are sigmas * 1000 exactly."""
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+
+def test_a_timestep_exactly_at_start_sigma_is_where_the_stage_restarts():
+    """The restart is the smallest timestep >= start_sigma * 1000, equality included: unshifted 4-step sigmas are
+    [1, .75, .5, .25], so at start_sigma 0.75 the target stage restarts at 750 exactly (index 1), not at 1000."""
+    p = plan_stages(
+        1024,
+        1024,
+        4,
+        scheduler=unshifted_scheduler(),
+        facts=FLUX,
+        vae_scale_factor=VAE_SCALE,
+        min_resolution=512,
+        shorten_intermediate_steps=False,
+    )
+    assert p.stages[0].timesteps == (1000.0, 750.0, 500.0, 250.0)
+    assert p.stages[1].begin_index == 1
+    assert p.stages[1].timesteps == (750.0, 500.0, 250.0)
+    assert p.stages[1].first_sigma == 0.75
+
+
+class LowSigmaFacts:
+    """A flow family whose stage schedules never reach start_sigma: sigmas linspace(0.6, 0.1, n)."""
+
+    flow = True
+    latent_multiple = 1
+    min_stage_latent_side = 1
+
+    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
+        return {"sigmas": np.linspace(0.6, 0.1, num_steps)}
+
+
+def test_a_schedule_wholly_below_start_sigma_runs_from_its_first_step():
+    """When no timestep of a later stage reaches start_sigma * 1000, the stage runs its whole schedule from the
+    first timestep (and its sigma) rather than failing or skipping a step."""
+    p = plan_stages(
+        1024, 1024, 6, scheduler=unshifted_scheduler(), facts=LowSigmaFacts(), vae_scale_factor=8, min_resolution=512
+    )
+    later = p.stages[1]
+    assert later.begin_index == 0
+    assert later.timesteps == pytest.approx((600.0, 500.0, 400.0, 300.0, 200.0, 100.0))
+    assert later.first_sigma == pytest.approx(0.6)
+
+
+def sd_facts_and_scheduler(scheduler_class):
+    from lssgen.adapters.sd import SD_SCHEDULER_CONFIG, SDAdapter
+
+    return SDAdapter(), scheduler_class.from_config(SD_SCHEDULER_CONFIG)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, PNDMScheduler, HeunDiscreteScheduler])
+@pytest.mark.parametrize(("steps", "start_sigma"), [(50, 0.75), (50, 0.667), (20, 0.5), (7, 0.75)])
+def test_diffusion_stages_follow_diffusers_img2img_rule(scheduler_class, steps, start_sigma):
+    """Diffusion (noise-prediction) families truncate later stages exactly as diffusers' img2img pipelines do with
+    `strength = start_sigma` (StableDiffusionImg2ImgPipeline.get_timesteps, second-order schedulers included), and
+    carry no flow sigma."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    facts, scheduler = sd_facts_and_scheduler(scheduler_class)
+    p = plan_stages(
+        1024,
+        1024,
+        steps,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        start_sigma=start_sigma,
+        min_resolution=512,
+        shorten_intermediate_steps=False,
+    )
+    first, later = p.stages
+    assert first.begin_index == 0
+    assert first.first_sigma is None and later.first_sigma is None
+    reference = scheduler_class.from_config(scheduler.config)
+    reference.set_timesteps(steps)
+    full = [float(t) for t in reference.timesteps]
+    assert first.timesteps == tuple(full)
+    img2img = types.SimpleNamespace(scheduler=reference)
+    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(img2img, steps, start_sigma, "cpu")
+    assert later.timesteps == tuple(float(t) for t in timesteps)
+    assert later.begin_index == len(full) - len(timesteps)
+
+
+def test_diffusion_truncation_by_hand():
+    """50 DDIM steps at start_sigma 0.75 keep int(37.5) = 37 steps: the target stage begins at index 13; Heun
+    (order 2, each step but the last two timesteps) begins at 26."""
+    for scheduler_class, begin in ((DDIMScheduler, 13), (HeunDiscreteScheduler, 26)):
+        facts, scheduler = sd_facts_and_scheduler(scheduler_class)
+        p = plan_stages(
+            1024,
+            1024,
+            50,
+            scheduler=scheduler,
+            facts=facts,
+            vae_scale_factor=8,
+            min_resolution=512,
+            shorten_intermediate_steps=False,
+        )
+        assert p.stages[1].begin_index == begin
+        assert p.stages[1].num_steps == 50
+
+
+def test_diffusion_describe_shows_no_start_sigma():
+    """Diffusion stages have no flow sigma: `describe()` shows "-" in that column."""
+    facts, scheduler = sd_facts_and_scheduler(DDIMScheduler)
+    p = plan_stages(
+        1024,
+        1024,
+        50,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        min_resolution=512,
+        shorten_intermediate_steps=False,
+    )
+    assert p.describe().splitlines()[1:3] == [
+        "1/2    512x512     64x64     50            981.0 -> 1.0        -",
+        "2/2    1024x1024   128x128   37 of 50      721.0 -> 1.0        -",
+    ]
+
+
+def test_diffusion_stage_with_no_step_left_is_refused():
+    """One DDIM step at start_sigma 0.75 keeps int(0.75) = 0 steps of the target stage: an error naming the stage
+    and the fix, not a stage that denoises nothing."""
+    facts, scheduler = sd_facts_and_scheduler(DDIMScheduler)
+    with pytest.raises(ValueError) as error:
+        plan_stages(
+            1024,
+            1024,
+            1,
+            scheduler=scheduler,
+            facts=facts,
+            vae_scale_factor=8,
+            min_resolution=512,
+            shorten_intermediate_steps=False,
+        )
+    assert str(error.value) == (
+        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 1; raise `start_sigma` or `num_inference_steps`."
+    )
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+def test_a_scheduler_that_makes_nan_timesteps_is_refused():
+    """Qwen-Image's scheduler (`shift_terminal`) makes NaN timesteps for a 1-step schedule; a plan that would give
+    one to a stage (2 steps, shortened to 1 for the 512 px stage) is refused, naming the scheduler, the stage and
+    the fixes."""
+    from lssgen.adapters.qwenimage import QwenImageAdapter, qwenimage_scheduler
+
+    with pytest.raises(ValueError) as error:
+        plan_stages(
+            1024,
+            1024,
+            2,
+            scheduler=qwenimage_scheduler(),
+            facts=QwenImageAdapter(),
+            vae_scale_factor=8,
+            min_resolution=512,
+        )
+    assert str(error.value) == (
+        "FlowMatchEulerDiscreteScheduler with this config makes no finite 1-step schedule (NaN timesteps), which "
+        "stage 1 (512x512) would get. Use more `num_inference_steps` (every stage needs at least 2 steps with this "
+        "scheduler), or `shorten_intermediate_steps=False`."
+    )
+
+
+def test_stock_timesteps_are_the_untruncated_stock_schedule():
+    """`stock_timesteps` (what the cache schedules are laid on) is the stock n-step schedule of a latent of that
+    size, untruncated, and leaves the template scheduler untouched."""
+    scheduler = make_scheduler()
+    assert stock_timesteps(scheduler, FLUX, 50, 128, 128) == reference_schedule(50, 1.15)[0]
+    assert stock_timesteps(scheduler, FLUX, 25, 64, 64) == reference_schedule(25, 0.63)[0]
+    assert stock_timesteps(scheduler, FLUX, 20, 96, 64) == reference_schedule(20, reference_mu(96, 64))[0]
+    assert getattr(scheduler, "num_inference_steps", None) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image-to-image: `strength`
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stock_img2img_timesteps(pipeline_class, scheduler, num_steps, strength) -> list[float]:
+    """The timesteps diffusers' own img2img `get_timesteps` keeps of a fresh `num_steps`-step schedule."""
+    scheduler.set_timesteps(num_steps)
+    timesteps, _ = pipeline_class.get_timesteps(types.SimpleNamespace(scheduler=scheduler), num_steps, strength, "cpu")
+    return [float(t) for t in timesteps]
+
+
+def test_strength_starts_the_first_flow_stage_where_stock_img2img_does():
+    """Image-to-image at strength 0.6: the 512 px stage (25 steps, mu 0.63) starts where FluxImg2ImgPipeline starts a
+    25-step schedule, at int(25 - 15) = 10 (s = 0.6 -> shifted 0.737975); the target stage restarts from start_sigma
+    times that level, 0.75 * 737.97 = 553.5: index 35 of its 50 (s = 0.30 -> 0.575103; s = 0.28 gives 0.5512)."""
+    p = plan(1024, 1024, 50, strength=0.6)
+    first, later = p.stages
+    assert [s.begin_index for s in p.stages] == [10, 35]
+    assert first.first_sigma == pytest.approx(0.737975, abs=1e-5)
+    assert first.timesteps[0] == pytest.approx(737.975, abs=1e-2)
+    assert later.first_sigma == pytest.approx(0.575103, abs=1e-5)
+    assert [s.num_denoiser_steps for s in p.stages] == [15, 15]
+    assert first.timesteps == tuple(reference_schedule(25, 0.63)[0][10:])
+
+
+def test_flow_strength_rounds_the_skipped_steps_down():
+    """Flow img2img pipelines skip int(n - n * strength) steps: at strength 0.63 a 25-step stage skips int(9.25) = 9
+    (s = 0.64 -> 0.769478), not the 10 that diffusion's rule, n - int(n * strength), gives; the target stage then
+    restarts below 0.75 * 769.48 = 577.1, at index 34 (s = 0.32 -> 0.597781)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    p = plan(1024, 1024, 50, strength=0.63)
+    assert [s.begin_index for s in p.stages] == [9, 34]
+    assert p.stages[0].first_sigma == pytest.approx(0.769478, abs=1e-5)
+    assert p.stages[1].first_sigma == pytest.approx(0.597781, abs=1e-5)
+    # The same timesteps as the stock pipeline keeps of that stage's schedule (set up with the stage's own `mu`).
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 25, 25), mu=0.63)
+    timesteps, _ = FluxImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=scheduler), 25, 0.63, "cpu")
+    assert p.stages[0].timesteps == tuple(float(t) for t in timesteps)
+
+
+def test_strength_one_is_the_text_to_image_plan():
+    """strength 1.0 (the default) starts every first stage at pure noise: the text-to-image plan."""
+    assert plan(1024, 1024, 50, min_resolution=256, strength=1.0) == plan(1024, 1024, 50, min_resolution=256)
+    assert plan(1024, 1024, 50, min_resolution=256, strength=1).stages[1].begin_index == 9
+
+
+def test_a_later_flow_stage_never_starts_above_the_first_stages_noise():
+    """Strength 0.5, 5 steps: the 512 px stage runs 2 steps, sigmas [1, .5] -> starts at .5 (shifted 0.652489). The
+    target stage's 5 shifted timesteps are [1000, 926.6, 825.7, 678.0, 441.2]; the smallest >= 0.75 * 652.5 is 678.0,
+    more noise than the first stage had, so it starts at the next one, 441.2."""
+    p = plan(1024, 1024, 5, strength=0.5)
+    first, later = p.stages
+    assert first.begin_index == 1
+    assert first.timesteps == pytest.approx((652.489,), abs=1e-2)
+    assert later.begin_index == 4
+    assert later.timesteps == pytest.approx((441.200,), abs=1e-2)
+    assert later.first_sigma == pytest.approx(0.441200, abs=1e-5)
+
+
+def test_a_later_stage_left_no_step_by_the_strength_is_refused():
+    """4 steps unshortened at strength 0.25: the 512 px stage starts at its last step (s = .25 -> 384.95); the target
+    stage's timesteps [1000, 904.5, 759.5, 512.8] all lie above that, so no step is left for it: an error naming
+    start_sigma, the stage, its size and the strength."""
+    with pytest.raises(ValueError) as error:
+        plan(1024, 1024, 4, strength=0.25, shorten_intermediate_steps=False)
+    assert str(error.value) == (
+        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 4 (with strength=0.25); raise `start_sigma` or "
+        "`num_inference_steps`."
+    )
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, HeunDiscreteScheduler])
+@pytest.mark.parametrize("strength", [0.6, 0.63, 0.9])
+def test_diffusion_strength_follows_stock_img2img_in_every_stage(scheduler_class, strength):
+    """Diffusion families: the first stage keeps what StableDiffusionImg2ImgPipeline keeps of its schedule for the
+    strength, the target stage what it keeps for start_sigma * strength (second-order Heun included)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    facts, scheduler = sd_facts_and_scheduler(scheduler_class)
+    p = plan_stages(
+        1024,
+        1024,
+        50,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        strength=strength,
+        min_resolution=512,
+        shorten_intermediate_steps=False,
+    )
+    first, later = p.stages
+    stock = scheduler_class.from_config(scheduler.config)
+    assert first.timesteps == tuple(stock_img2img_timesteps(StableDiffusionImg2ImgPipeline, stock, 50, strength))
+    assert later.timesteps == tuple(stock_img2img_timesteps(StableDiffusionImg2ImgPipeline, stock, 50, 0.75 * strength))
+
+
+def test_diffusion_strength_by_hand():
+    """DDIM, 50 steps unshortened, strength 0.6: the first stage keeps int(30) steps (begins at 20), the target
+    stage int(50 * 0.45) = 22 (begins at 28); Heun (order 2) begins at 40 and 56."""
+    for scheduler_class, begins in ((DDIMScheduler, [20, 28]), (HeunDiscreteScheduler, [40, 56])):
+        facts, scheduler = sd_facts_and_scheduler(scheduler_class)
+        p = plan_stages(
+            1024,
+            1024,
+            50,
+            scheduler=scheduler,
+            facts=facts,
+            vae_scale_factor=8,
+            strength=0.6,
+            min_resolution=512,
+            shorten_intermediate_steps=False,
+        )
+        assert [s.begin_index for s in p.stages] == begins
+
+
+@pytest.mark.parametrize(("scheduler_class", "begins"), [(DDIMScheduler, [24, 49]), (HeunDiscreteScheduler, [48, 97])])
+def test_a_later_diffusion_stage_never_starts_above_the_first_stages_noise(scheduler_class, begins):
+    """Strength 0.06, shortened (base 1024): the 25-step 512 px stage keeps int(1.5) = 1 step, its last (DDIM
+    timestep 1); the 50-step target stage would keep int(2.25) = 2 steps, from timestep 21, noisier than the first
+    stage, so it starts one step later, at timestep 1 too (Heun: at its last timestep, 0)."""
+    facts, scheduler = sd_facts_and_scheduler(scheduler_class)
+    p = plan_stages(
+        1024,
+        1024,
+        50,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        strength=0.06,
+        min_resolution=512,
+        base_height=1024,
+        base_width=1024,
+    )
+    assert [s.num_steps for s in p.stages] == [25, 50]
+    assert [s.begin_index for s in p.stages] == begins
+    assert p.stages[1].timesteps[0] <= p.stages[0].timesteps[0]
+    assert p.stages[1].timesteps[0] == p.stages[0].timesteps[0]
+
+
+def test_a_later_flow_stage_may_restart_at_exactly_the_first_stages_noise():
+    """ "Never above" the first stage's level allows equality: unshifted 4-step sigmas [1, .75, .5, .25] in both
+    stages, strength 0.5 starts the first at 500; the target stage's smallest timestep >= 0.75 * 500 is 500 itself,
+    where it restarts."""
+    p = plan_stages(
+        1024,
+        1024,
+        4,
+        scheduler=unshifted_scheduler(),
+        facts=FLUX,
+        vae_scale_factor=VAE_SCALE,
+        strength=0.5,
+        min_resolution=512,
+        shorten_intermediate_steps=False,
+    )
+    assert [s.begin_index for s in p.stages] == [2, 2]
+    assert [s.timesteps for s in p.stages] == [(500.0, 250.0), (500.0, 250.0)]
+
+
+class SizedDiffusionFacts:
+    """A diffusion family whose schedules depend on the stage size: the target stage's 4 custom timesteps all lie
+    above the first stage's last one."""
+
+    flow = False
+    latent_multiple = 1
+    min_stage_latent_side = 1
+
+    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
+        return {"timesteps": [999, 600, 300, 100] if latent_height < 128 else [999, 700, 400, 200]}
+
+
+def test_a_later_diffusion_stage_left_no_step_by_the_strength_is_refused():
+    """Strength 0.34 starts the first stage at its last timestep, 100 (4 - int(1.36) = 3); the target stage would
+    start at 200 (4 - int(1.02) = 3), noisier, and has no later step: a clear error, not an index error."""
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError) as error:
+        plan_stages(
+            1024,
+            1024,
+            4,
+            scheduler=DDPMScheduler(),
+            facts=SizedDiffusionFacts(),
+            vae_scale_factor=8,
+            strength=0.34,
+            min_resolution=512,
+            shorten_intermediate_steps=False,
+        )
+    assert str(error.value) == (
+        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 4 (with strength=0.34); raise `start_sigma` or "
+        "`num_inference_steps`."
+    )
+
+
+def test_a_strength_that_leaves_the_first_stage_no_step_is_refused():
+    """DDIM keeps int(25 * 0.01) = 0 steps of the 25-step first stage: an error naming strength, the stage and its
+    size."""
+    facts, scheduler = sd_facts_and_scheduler(DDIMScheduler)
+    with pytest.raises(ValueError) as error:
+        plan_stages(
+            1024, 1024, 50, scheduler=scheduler, facts=facts, vae_scale_factor=8, strength=0.01, min_resolution=512
+        )
+    assert str(error.value) == (
+        "`strength`=0.01 leaves stage 1 (512x512) no step of its 25; raise `strength` or `num_inference_steps`."
+    )
+
+
+@pytest.mark.parametrize(
+    ("strength", "error", "message"),
+    [
+        (0.0, ValueError, "`strength` must be in (0, 1] for a multi-resolution plan, got 0.0."),
+        (1.5, ValueError, "`strength` must be in (0, 1] for a multi-resolution plan, got 1.5."),
+        (-0.2, ValueError, "`strength` must be in (0, 1] for a multi-resolution plan, got -0.2."),
+        ("0.5", TypeError, "`strength` must be a number, got str '0.5'."),
+        (True, TypeError, "`strength` must be a number, got bool True."),
+    ],
+)
+def test_invalid_strength_is_refused(strength, error, message):
+    """A strength outside (0, 1] or not a number is refused, naming it."""
+    with pytest.raises(error) as raised:
+        plan(1024, 1024, 50, strength=strength)
+    assert str(raised.value) == message

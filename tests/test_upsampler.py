@@ -237,9 +237,14 @@ def test_saved_file_is_readable_as_plain_safetensors(tmp_path):
 
 
 def test_use_safetensors_false_is_refused(tmp_path):
+    """Asking for pickled weights is refused with the way to convert them."""
     LatentUpsampler(**SMALL_4CH).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(ValueError) as error:
         LatentUpsampler.from_pretrained(tmp_path, use_safetensors=False)
+    assert str(error.value) == (
+        "LatentUpsampler loads safetensors weights only. Convert the checkpoint with `safetensors.torch.save_file` "
+        "and drop `use_safetensors=False`."
+    )
 
 
 def test_bin_only_folder_does_not_load(tmp_path):
