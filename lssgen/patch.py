@@ -377,7 +377,8 @@ def _prepare_run(
                 "stock pipeline."
             )
     steps = call.get("num_inference_steps", stock_defaults.get("num_inference_steps"))
-    image_to_image = takes_image_and_strength(state.original_class.__call__)
+    stock_call = state.original_class.__call__
+    image_to_image = takes_image_and_strength(stock_call)
     strength = call.get("strength", stock_defaults.get("strength")) if image_to_image else 1.0
     if image_to_image and (
         call.get("image") is None
@@ -386,7 +387,6 @@ def _prepare_run(
         or not 0.0 < strength <= 1.0
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
-    stock_call = state.original_class.__call__
     if image_to_image:
         height, width = image_to_image_size(pipe, stock_call, call)
     else:
@@ -455,7 +455,7 @@ def _prepare_run(
         run.first_latents = adapter.pack(pipe, noise)
     call.update(num_inference_steps=plan.total_steps)
     adapter.prepare_call(pipe, call, plan)
-    if "latents" in inspect.signature(state.original_class.__call__).parameters:
+    if "latents" in inspect.signature(stock_call).parameters:
         call.update(latents=run.first_latents)
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.
     takes_size = "height" in inspect.signature(stock_call).parameters
