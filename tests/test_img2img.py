@@ -1,11 +1,10 @@
 """Image-to-image (issue #21): a stock img2img pipeline through lssgen starts its first, smallest stage from the
-input image, where that stage's own stock schedule starts for the `strength`; later stages restart below the noise
-level the first one started from; `strength=1.0` is text-to-image; and the adapter contract holds."""
+input image, where that stage's own stock schedule starts for the `strength`; `strength=1.0` is text-to-image; and
+the adapter contract holds. The plan's img2img rules (first stage, restarts by noise level) are in test_plan.py."""
 
 from __future__ import annotations
 
 import inspect
-import types
 
 import pytest
 import test_chroma
@@ -18,9 +17,7 @@ import test_zimage
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline,
-    DDIMScheduler,
     FluxImg2ImgPipeline,
-    PNDMScheduler,
     QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -28,134 +25,14 @@ from diffusers import (
     ZImageImg2ImgPipeline,
 )
 from diffusers.utils.torch_utils import randn_tensor
-from hypothesis import given
-from hypothesis import strategies as st
 
 import lssgen
 from lssgen.adapters.flux import FluxAdapter
-from lssgen.adapters.sd import SDAdapter
-from lssgen.plan import plan_stages
-from lssgen.tiny import FLUX_SCHEDULER_CONFIG, build_tiny_flux_pipeline
+from lssgen.tiny import build_tiny_flux_pipeline
 
 IMAGE = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))
 OTHER_IMAGE = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(8))
 FLOW = FluxAdapter()
-DIFFUSION = SDAdapter()
-SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
-
-
-def _flow_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
-
-
-def _stock_img2img_timesteps(pipeline_class, scheduler, stage, strength) -> list[float]:
-    """The timesteps diffusers' own img2img `get_timesteps` keeps of a stage's full schedule for `strength`."""
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(**stage.scheduler_kwargs)
-    timesteps, _ = pipeline_class.get_timesteps(
-        types.SimpleNamespace(scheduler=fresh), stage.num_steps, strength, "cpu"
-    )
-    return [float(t) for t in timesteps]
-
-
-# --- the plan ---------------------------------------------------------------------------------------------------
-PLANS = st.tuples(
-    st.floats(0.05, 1.0),  # strength
-    st.integers(4, 50),  # steps
-    st.sampled_from([0.5, 0.667, 0.75, 0.9]),  # start_sigma
-    st.booleans(),  # shorten
-)
-
-
-def _plan(facts, scheduler, strength, steps, start_sigma, shorten):
-    return plan_stages(
-        512,
-        512,
-        steps,
-        scheduler=scheduler,
-        facts=facts,
-        vae_scale_factor=8,
-        start_sigma=start_sigma,
-        min_resolution=128,
-        shorten_intermediate_steps=shorten,
-        base_height=512,
-        base_width=512,
-        strength=strength,
-    )
-
-
-@pytest.mark.parametrize(
-    ("facts", "make_scheduler", "pipeline_class"),
-    [
-        (FLOW, _flow_scheduler, FluxImg2ImgPipeline),
-        (DIFFUSION, lambda: DDIMScheduler(**SD_SCHEDULER), StableDiffusionImg2ImgPipeline),
-        (DIFFUSION, lambda: PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True), StableDiffusionImg2ImgPipeline),
-    ],
-    ids=["flow", "ddim", "pndm"],
-)
-@given(drawn=PLANS)
-def test_the_first_stage_starts_where_stock_img2img_starts_its_schedule(facts, make_scheduler, pipeline_class, drawn):
-    """The first stage's timesteps are exactly those diffusers' img2img pipeline of that family keeps of the
-    stage's own full schedule for the strength (its `get_timesteps`, called here on the stage's scheduler), and a
-    strength that keeps none is a ValueError naming `strength`."""
-    strength, steps, start_sigma, shorten = drawn
-    scheduler = make_scheduler()
-    reference = _plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
-    expected = _stock_img2img_timesteps(pipeline_class, scheduler, reference.stages[0], strength)
-    if not expected:
-        with pytest.raises(ValueError, match="`strength`"):
-            _plan(facts, scheduler, strength, steps, start_sigma, shorten)
-        return
-    try:
-        plan = _plan(facts, scheduler, strength, steps, start_sigma, shorten)
-    except ValueError as error:
-        assert "start_sigma" in str(error) and "strength" in str(error)  # a later stage kept no step
-        return
-    assert list(plan.stages[0].timesteps) == expected
-
-
-def _noise_level(scheduler, facts, stage) -> float:
-    """The share of noise in the latent a stage starts from: sigma for flow models, sqrt(1 - alpha_bar_t) for
-    diffusion models (their add_noise mixes sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise)."""
-    if facts.flow:
-        return stage.first_sigma
-    return float((1 - scheduler.alphas_cumprod[int(stage.timesteps[0])]) ** 0.5)
-
-
-@pytest.mark.parametrize(
-    ("facts", "make_scheduler"),
-    [(FLOW, _flow_scheduler), (DIFFUSION, lambda: DDIMScheduler(**SD_SCHEDULER))],
-    ids=["flow", "ddim"],
-)
-@given(drawn=PLANS)
-def test_later_stages_never_restart_above_the_first_stages_noise_level(facts, make_scheduler, drawn):
-    """By noise level, not step index: every later stage starts from at most the noise the user's strength gave
-    the first stage; with strength 1.0 the plan is the text-to-image plan."""
-    strength, steps, start_sigma, shorten = drawn
-    scheduler = make_scheduler()
-    try:
-        plan = _plan(facts, scheduler, strength, steps, start_sigma, shorten)
-    except ValueError:
-        return  # a strength or start_sigma that leaves a stage no step (the test above checks the message)
-    first = _noise_level(scheduler, facts, plan.stages[0])
-    for stage in plan.stages[1:]:
-        assert _noise_level(scheduler, facts, stage) <= first + 1e-6, (stage.index, strength)
-    if strength == 1.0:
-        assert plan == _plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
-
-
-def test_the_restart_is_start_sigma_times_the_first_stages_noise_level():
-    """Flow models: the later stage restarts from the smallest of its timesteps at or above start_sigma times the
-    first stage's start, as text-to-image restarts at start_sigma times pure noise (worked example, 28 steps)."""
-    scheduler = _flow_scheduler()
-    first, *later = _plan(FLOW, scheduler, 0.6, 28, 0.75, False).stages
-    threshold = 0.75 * first.timesteps[0]
-    for stage, full in zip(later, _plan(FLOW, scheduler, 1.0, 28, 0.75, False).stages[1:]):
-        schedule = _stock_img2img_timesteps(FluxImg2ImgPipeline, scheduler, full, 1.0)
-        assert stage.timesteps[0] == min(t for t in schedule if t >= threshold)
-        assert stage.timesteps[0] < first.timesteps[0] < 1000
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------

@@ -26,10 +26,20 @@ import types
 
 import numpy as np
 import pytest
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
+from diffusers import (
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lssgen
 from lssgen.adapters import FluxAdapter
+from lssgen.adapters.sd import SD_SCHEDULER_CONFIG, SDAdapter
 from lssgen.plan import (
     Stage,
     StagePlan,
@@ -43,6 +53,7 @@ from lssgen.plan import (
 from lssgen.tiny import FLUX_SCHEDULER_CONFIG
 
 FLUX = FluxAdapter()
+SD = SDAdapter()
 VAE_SCALE = 8
 E_MU_MAX = 3.158193  # e ** 1.15
 
@@ -861,9 +872,7 @@ def test_a_schedule_wholly_below_start_sigma_runs_from_its_first_step():
 
 
 def sd_facts_and_scheduler(scheduler_class):
-    from lssgen.adapters.sd import SD_SCHEDULER_CONFIG, SDAdapter
-
-    return SDAdapter(), scheduler_class.from_config(SD_SCHEDULER_CONFIG)
+    return SD, scheduler_class.from_config(SD_SCHEDULER_CONFIG)
 
 
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, PNDMScheduler, HeunDiscreteScheduler])
@@ -996,11 +1005,119 @@ def test_stock_timesteps_are_the_untruncated_stock_schedule():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def stock_img2img_timesteps(pipeline_class, scheduler, num_steps, strength) -> list[float]:
-    """The timesteps diffusers' own img2img `get_timesteps` keeps of a fresh `num_steps`-step schedule."""
-    scheduler.set_timesteps(num_steps)
+def stock_img2img_timesteps(pipeline_class, scheduler, num_steps, strength, **schedule) -> list[float]:
+    """The timesteps diffusers' own img2img `get_timesteps` keeps of a fresh `num_steps`-step schedule (set with
+    `schedule`, the scheduler's default one without)."""
+    scheduler.set_timesteps(**(schedule or {"num_inference_steps": num_steps}))
     timesteps, _ = pipeline_class.get_timesteps(types.SimpleNamespace(scheduler=scheduler), num_steps, strength, "cpu")
     return [float(t) for t in timesteps]
+
+
+def stage_img2img_timesteps(pipeline_class, scheduler, stage, strength) -> list[float]:
+    """What diffusers' img2img `get_timesteps` keeps for `strength` of a stage's own full schedule."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    return stock_img2img_timesteps(pipeline_class, fresh, stage.num_steps, strength, **stage.scheduler_kwargs)
+
+
+STRENGTH_PLANS = st.tuples(
+    st.floats(0.05, 1.0),  # strength
+    st.integers(4, 50),  # steps
+    st.sampled_from([0.5, 0.667, 0.75, 0.9]),  # start_sigma
+    st.booleans(),  # shorten
+)
+
+
+def strength_plan(facts, scheduler, strength, steps, start_sigma, shorten):
+    return plan_stages(
+        512,
+        512,
+        steps,
+        scheduler=scheduler,
+        facts=facts,
+        vae_scale_factor=8,
+        start_sigma=start_sigma,
+        min_resolution=128,
+        shorten_intermediate_steps=shorten,
+        base_height=512,
+        base_width=512,
+        strength=strength,
+    )
+
+
+@pytest.mark.parametrize(
+    ("facts", "new_scheduler", "pipeline_class"),
+    [
+        (FLUX, make_scheduler, FluxImg2ImgPipeline),
+        (SD, lambda: DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), StableDiffusionImg2ImgPipeline),
+        (
+            SD,
+            lambda: PNDMScheduler.from_config(SD_SCHEDULER_CONFIG, skip_prk_steps=True),
+            StableDiffusionImg2ImgPipeline,
+        ),
+    ],
+    ids=["flow", "ddim", "pndm"],
+)
+@given(drawn=STRENGTH_PLANS)
+def test_the_first_stage_starts_where_stock_img2img_starts_its_schedule(facts, new_scheduler, pipeline_class, drawn):
+    """The first stage's timesteps are exactly those diffusers' img2img pipeline of that family keeps of the
+    stage's own full schedule for the strength (its `get_timesteps`, called here on the stage's scheduler), and a
+    strength that keeps none is a ValueError naming `strength`."""
+    strength, steps, start_sigma, shorten = drawn
+    scheduler = new_scheduler()
+    reference = strength_plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
+    expected = stage_img2img_timesteps(pipeline_class, scheduler, reference.stages[0], strength)
+    if not expected:
+        with pytest.raises(ValueError, match="`strength`"):
+            strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
+        return
+    try:
+        plan = strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
+    except ValueError as error:
+        assert "start_sigma" in str(error) and "strength" in str(error)  # a later stage kept no step
+        return
+    assert list(plan.stages[0].timesteps) == expected
+
+
+def _noise_level(scheduler, facts, stage) -> float:
+    """The share of noise in the latent a stage starts from: sigma for flow models, sqrt(1 - alpha_bar_t) for
+    diffusion models (their add_noise mixes sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise)."""
+    if facts.flow:
+        return stage.first_sigma
+    return float((1 - scheduler.alphas_cumprod[int(stage.timesteps[0])]) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("facts", "new_scheduler"),
+    [(FLUX, make_scheduler), (SD, lambda: DDIMScheduler.from_config(SD_SCHEDULER_CONFIG))],
+    ids=["flow", "ddim"],
+)
+@given(drawn=STRENGTH_PLANS)
+def test_later_stages_never_restart_above_the_first_stages_noise_level(facts, new_scheduler, drawn):
+    """By noise level, not step index: every later stage starts from at most the noise the user's strength gave
+    the first stage; with strength 1.0 the plan is the text-to-image plan."""
+    strength, steps, start_sigma, shorten = drawn
+    scheduler = new_scheduler()
+    try:
+        plan = strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
+    except ValueError:
+        return  # a strength or start_sigma that leaves a stage no step (the test above checks the message)
+    first = _noise_level(scheduler, facts, plan.stages[0])
+    for stage in plan.stages[1:]:
+        assert _noise_level(scheduler, facts, stage) <= first + 1e-6, (stage.index, strength)
+    if strength == 1.0:
+        assert plan == strength_plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
+
+
+def test_the_restart_is_start_sigma_times_the_first_stages_noise_level():
+    """Flow models: the later stage restarts from the smallest of its timesteps at or above start_sigma times the
+    first stage's start, as text-to-image restarts at start_sigma times pure noise (worked example, 28 steps)."""
+    scheduler = make_scheduler()
+    first, *later = strength_plan(FLUX, scheduler, 0.6, 28, 0.75, False).stages
+    threshold = 0.75 * first.timesteps[0]
+    for stage, full in zip(later, strength_plan(FLUX, scheduler, 1.0, 28, 0.75, False).stages[1:]):
+        schedule = stage_img2img_timesteps(FluxImg2ImgPipeline, scheduler, full, 1.0)
+        assert stage.timesteps[0] == min(t for t in schedule if t >= threshold)
+        assert stage.timesteps[0] < first.timesteps[0] < 1000
 
 
 def test_strength_starts_the_first_flow_stage_where_stock_img2img_does():
