@@ -36,14 +36,6 @@ def image_to_image_size(pipe: Any, stock_call: Any, call: dict[str, Any]) -> tup
     return height, width
 
 
-def _sample_mode(encoded: Any) -> torch.Tensor:
-    # AutoencoderKL returns a distribution (its mode keeps the encoding deterministic: no generator draw before the
-    # stage noise, so a seed gives the same noise with and without an image); AutoencoderTiny returns latents.
-    if hasattr(encoded, "latent_dist"):
-        return encoded.latent_dist.mode()
-    return encoded.latents if hasattr(encoded, "latents") else encoded[0]
-
-
 def first_stage_image_latents(
     pipe: Any, adapter: Adapter, image: Any, stage: Stage, batch: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -52,7 +44,7 @@ def first_stage_image_latents(
     pixels = pipe.image_processor.preprocess(image, height=stage.height, width=stage.width)
     vae = pipe.vae
     param = next(vae.parameters())
-    latents = adapter.encode_pixels(pipe, pixels.to(param.device, param.dtype), _sample_mode)
+    latents = adapter.encode_pixels(pipe, pixels.to(param.device, param.dtype))
     if batch % latents.shape[0]:
         raise ValueError(
             f"Cannot duplicate `image` of batch size {latents.shape[0]} to an effective batch of {batch} images "

@@ -69,3 +69,11 @@ class LatentNormalization:
         """What `vae.encode` gives → pipeline latents (float32)."""
         mean, std = self._stats(vae_latents)
         return (vae_latents.float() - mean) * self.scale / std
+
+
+def encoded_latents(encoded: Any) -> torch.Tensor:
+    """The latents of what `vae.encode` returns: an AutoencoderKL's distribution gives its mode (deterministic: no
+    draw from a generator), an AutoencoderTiny's output its `latents`, a tuple its first item."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.mode()
+    return encoded.latents if hasattr(encoded, "latents") else encoded[0]

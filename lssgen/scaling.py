@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.base import Adapter
+from .latents import encoded_latents
 
 SCALING_SPACES = ("learned", "latent", "pixel")
 _ALIASES = {"resnet": "learned"}
@@ -56,14 +57,6 @@ def upsample_learned(latents: torch.Tensor, upsampler: torch.nn.Module) -> torch
     return upsampler(latents.to(param.dtype)).to(latents.dtype)
 
 
-def _encode(vae: Any, image: torch.Tensor) -> torch.Tensor:
-    encoded = vae.encode(image)
-    # AutoencoderKL returns a distribution (its mode keeps the round trip deterministic); AutoencoderTiny latents.
-    if hasattr(encoded, "latent_dist"):
-        return encoded.latent_dist.mode()
-    return encoded.latents if hasattr(encoded, "latents") else encoded[0]
-
-
 def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torch.Tensor:
     """Decode, bicubic x2 in pixel space, encode again, all in the pipeline's normalised latent space."""
     vae = pipe.vae
@@ -76,7 +69,7 @@ def pixel_round_trip(latents: torch.Tensor, pipe: Any, adapter: Adapter) -> torc
     image = frame_by_frame(
         lambda frames: F.interpolate(frames.float(), scale_factor=2, mode="bicubic", align_corners=False), image
     )
-    z = _encode(vae, image.clamp(-1, 1).to(vae_param.dtype))
+    z = encoded_latents(vae.encode(image.clamp(-1, 1).to(vae_param.dtype)))
     return adapter.vae_to_latents(pipe, z).to(latents.device, latents.dtype)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
-from ..latents import LatentNormalization
+from ..latents import LatentNormalization, encoded_latents
 
 if TYPE_CHECKING:
     from ..plan import Stage, StagePlan
@@ -274,10 +274,10 @@ class Adapter:
         """Apply the pipeline's latent normalisation to what `vae.encode` gives."""
         return self.latent_normalization(pipe).from_vae(vae_latents)
 
-    def encode_pixels(self, pipe: Any, pixels: torch.Tensor, sample: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-        """Images `(B, 3, H, W)` in [-1, 1] → unpacked pipeline latents `(B, C, H/f, W/f)`, float32: `vae.encode`,
-        `sample` of its output, then the pipeline's normalisation (a video VAE's family adds the frame axis)."""
-        return self.vae_to_latents(pipe, sample(pipe.vae.encode(pixels)))
+    def encode_pixels(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [-1, 1] → unpacked pipeline latents `(B, C, H/f, W/f)`, float32: `vae.encode`
+        (its mode), then the pipeline's normalisation (a video VAE's family adds the frame axis)."""
+        return self.vae_to_latents(pipe, encoded_latents(pipe.vae.encode(pixels)))
 
     # FLOP counts (`lssgen.evaluation.flops`) -------------------------------------------------------------------------
     def denoiser_dummy_inputs(

@@ -172,9 +172,9 @@ class QwenImageAdapter(FluxAdapter):
             vae_latents = vae_latents[:, :, 0]
         return super().vae_to_latents(pipe, vae_latents)
 
-    def encode_pixels(self, pipe, pixels, sample):
+    def encode_pixels(self, pipe, pixels):
         # Qwen-Image's VAE is a video VAE: an image is one frame, `(B, 3, 1, H, W)`.
-        return super().encode_pixels(pipe, pixels[:, :, None], sample)
+        return super().encode_pixels(pipe, pixels[:, :, None])
 
     # FLOP counts ------------------------------------------------------------------------------------------------
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
