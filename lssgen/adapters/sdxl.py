@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
@@ -138,7 +137,7 @@ class SDXLAdapter(Adapter):
         # StableDiffusionXLImg2ImgPipeline takes its size from the latents it is given, which lssgen gives at the
         # first stage's size: the size conditioning of the target stage is set as the stock call would have set it
         # from target-size latents (a size the user passes is kept; the stages' sizes come from the hook).
-        if "height" not in inspect.signature(type(pipe).__call__).parameters:
+        if isinstance(pipe, StableDiffusionXLImg2ImgPipeline):
             for name in ("original_size", "target_size"):
                 if call.get(name) is None:
                     call[name] = (plan.height, plan.width)
