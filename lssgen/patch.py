@@ -388,7 +388,7 @@ def _prepare_run(
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
     if image_to_image:
-        height, width = image_to_image_size(pipe, stock_call, call)
+        height, width = image_to_image_size(pipe, adapter, stock_call, call)
     else:
         height, width = call.get("height"), call.get("width")
     plan = _plan(pipe, state, options, height, width, steps, call, strength)
@@ -399,6 +399,7 @@ def _prepare_run(
             "`min_resolution` to scale."
         )
         return None
+    adapter.prepare_call(pipe, call, plan)
 
     per_prompt = adapter.per_prompt_argument
     num_images = call.get(per_prompt)
@@ -454,7 +455,6 @@ def _prepare_run(
     else:
         run.first_latents = adapter.pack(pipe, noise)
     call.update(num_inference_steps=plan.total_steps)
-    adapter.prepare_call(pipe, call, plan)
     if "latents" in inspect.signature(stock_call).parameters:
         call.update(latents=run.first_latents)
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.

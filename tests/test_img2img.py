@@ -9,6 +9,7 @@ import inspect
 import pytest
 import test_chroma
 import test_flux
+import test_flux2
 import test_qwenimage
 import test_sd
 import test_sd3
@@ -17,6 +18,7 @@ import test_zimage
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline,
+    Flux2KleinInpaintPipeline,
     FluxImg2ImgPipeline,
     QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
@@ -175,3 +177,41 @@ TestQwenImageImg2ImgPipeline = img2img_contract(test_qwenimage.TestQwenImage, Qw
 TestZImageImg2ImgPipeline = img2img_contract(test_zimage.TestZImage, ZImageImg2ImgPipeline)
 TestStableDiffusionXLImg2ImgPipeline = img2img_contract(test_sdxl.TestSDXL, StableDiffusionXLImg2ImgPipeline)
 TestStableDiffusionImg2ImgPipeline = img2img_contract(test_sd.TestSD, StableDiffusionImg2ImgPipeline)
+
+
+class TestFlux2KleinInpaintPipeline(img2img_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
+    """FLUX.2 klein's img2img: the inpainting pipeline with a mask that repaints every pixel. The input image also
+    rides along as reference tokens, at the target size in every stage."""
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
+        height, width = kwargs["image"].shape[-2:]
+        # Read by `expected`: the reference tokens of this call's image (one per 16 x 16 pixels).
+        self.reference_tokens = (height // 16) * (width // 16)
+        return {"mask_image": torch.ones(1, 1, height, width), **kwargs}
+
+    def expected(self, pipe, stage, timestep, references=0):
+        return super().expected(pipe, stage, timestep, references + self.reference_tokens)
+
+    @pytest.mark.parametrize(
+        ("overrides", "match"),
+        [
+            ({"mask_image": torch.ones(1, 1, 256, 256).index_fill_(3, torch.tensor([5]), 0.0)}, "`mask_image` keeps"),
+            ({"image": torch.zeros(1, 128, 16, 16)}, "`image` is given as latents"),
+            ({"padding_mask_crop": 8}, "`padding_mask_crop`"),
+        ],
+        ids=["partial-mask", "image-latents", "mask-crop"],
+    )
+    def test_what_is_not_image_to_image_is_refused_before_denoising(self, pipe, overrides, match):
+        lssgen.patch(pipe, None, **self.three_stages)
+        before = self.images(pipe, **self.call_kwargs(pipe))
+        calls = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        with pytest.raises(ValueError, match=match):
+            pipe(**{**self.call_kwargs(pipe), **overrides})
+        hook.remove()
+        assert not calls
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), before)
+        # The stock pipeline still inpaints with a partial mask.
+        partial = {key: value for key, value in overrides.items() if key == "mask_image"}
+        assert self.images(pipe, **{**self.call_kwargs(pipe), **partial}, start_sigma=1.0).shape == before.shape

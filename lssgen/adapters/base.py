@@ -238,9 +238,16 @@ class Adapter:
     def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
         return {"num_inference_steps": num_steps}
 
+    def image_to_image_size(self, pipe: Any, call: dict[str, Any]) -> tuple[int, int] | None:
+        """The size an image-to-image call generates at, where the family's pipeline decides it its own way (e.g.
+        from the input image whatever `height`/`width` say); None: the usual rule (`lssgen.conditions`)."""
+        return None
+
     def prepare_call(self, pipe: Any, call: dict[str, Any], plan: StagePlan) -> None:
-        """Set call arguments in place that the stock pipeline would derive from target-size inputs which lssgen
-        gives at the first stage's size (e.g. SDXL img2img's size conditioning, read from the latents' shape)."""
+        """Check and set call arguments in place, before anything is encoded or denoised: refuse what the family's
+        adapter does not serve with a `ValueError` naming the argument, and set what the stock pipeline would
+        derive from target-size inputs which lssgen gives at the first stage's size (e.g. SDXL img2img's size
+        conditioning, read from the latents' shape)."""
 
     # Resolution conditioning ------------------------------------------------------------------------------------
     # A diffusers ModelHook class, built with the `current_stage` callable, for conditioning that must follow the
