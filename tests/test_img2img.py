@@ -101,6 +101,43 @@ def test_strength_one_is_text_to_image_with_the_image_ignored():
     assert not torch.equal(pipe(**_call(pipe)).images, pipe(**_call(pipe, image=OTHER_IMAGE)).images)
 
 
+def test_a_first_stage_that_would_start_from_pure_noise_is_warned_about(caplog):
+    """With few steps the first stage's schedule keeps every step at the strength (the stock rule), so the image is
+    lost: said, not silent."""
+    pipe = _img2img_pipe()
+    lssgen.patch(pipe, None, min_resolution=64, base_height=256, base_width=256)
+    assert lssgen.plan_for(pipe, 256, 256, 4, strength=0.6, min_resolution=64).stages[0].begin_index == 0
+    with caplog.at_level("WARNING", logger="lssgen.patch"):
+        pipe(**_call(pipe, num_inference_steps=4))
+    assert "input image is lost" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lssgen.patch"):
+        pipe(**_call(pipe, num_inference_steps=20))
+    assert "input image is lost" not in caplog.text
+
+
+def test_pipes_sharing_modules_are_patched_and_unpatched_each_on_its_own():
+    """An img2img pipe on a patched text-to-image pipe's very modules (`lssgen.image_to_image_pipeline`, or diffusers'
+    `from_pipe`) patches too, and each gives what it gives alone; unpatching one leaves the other patched."""
+    text_to_image = build_tiny_flux_pipeline(seed=0)
+    text_to_image.set_progress_bar_config(disable=True)
+    lssgen.patch(text_to_image, None, **PLAN)
+    alone = text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images
+    img2img = lssgen.image_to_image_pipeline(text_to_image)
+    assert type(img2img).__name__ == "FluxImg2ImgPipeline" and img2img.transformer is text_to_image.transformer
+    assert lssgen.is_patched(img2img) and img2img._lssgen.defaults == text_to_image._lssgen.defaults
+    separate = _img2img_pipe()
+    lssgen.patch(separate, None, **PLAN)
+    expected = separate(**_call(separate)).images
+    assert torch.equal(img2img(**_call(img2img)).images, expected)
+    assert torch.equal(text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images, alone)
+    lssgen.unpatch(text_to_image)
+    assert torch.equal(img2img(**_call(img2img)).images, expected)
+    lssgen.unpatch(img2img)
+    registry = img2img.transformer._diffusers_hook
+    assert not [name for name in registry.hooks if name.startswith("lssgen")]
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
