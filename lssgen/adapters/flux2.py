@@ -28,6 +28,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
+from PIL import Image
 
 from ..hookspecs import hookimpl
 from .base import Adapter, flow_stage_kwargs
@@ -153,6 +154,8 @@ def _inpaint_prepare_mask_latents_for_stages(pipe, current_stage, *args, **kwarg
 class Flux2Adapter(Adapter):
     name = "flux2"
     pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+    # Flux2Pipeline has none: its Mistral text encoder is not the inpainting pipeline's.
+    image_to_image_pipelines = {"Flux2KleinPipeline": "Flux2KleinInpaintPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # 2x2 patches
@@ -212,6 +215,11 @@ class Flux2Adapter(Adapter):
             scale = math.sqrt(_INPAINT_MAX_PIXELS / (height * width))
             height, width = int(height * scale), int(width * scale)
         return height // multiple * multiple, width // multiple * multiple
+
+    def image_to_image_arguments(self, pipe, image):
+        if not isinstance(pipe, Flux2KleinInpaintPipeline):
+            return {}
+        return {"mask_image": Image.new("L", image.size, 255)}  # white: repaint every pixel
 
     def prepare_call(self, pipe, call, plan):
         """Flux2KleinInpaintPipeline is served as image-to-image: a mask that repaints every pixel, the image as
