@@ -399,14 +399,6 @@ def _prepare_run(
             "`min_resolution` to scale."
         )
         return None
-    if image_to_image and strength < 1.0 and plan.stages[0].begin_index == 0:
-        first = plan.stages[0]
-        logger.warning(
-            f"At strength={strength} the first stage's {first.num_steps}-step schedule ({first.width}x"
-            f"{first.height}) keeps every step, as the stock pipeline's would: it starts from pure noise and the "
-            "input image is lost. Raise `num_inference_steps` or `min_resolution` to give the first stage more "
-            "steps."
-        )
     adapter.prepare_call(pipe, call, plan)
 
     per_prompt = adapter.per_prompt_argument

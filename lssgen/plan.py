@@ -243,10 +243,11 @@ def plan_stages(
         min_resolution (`int`, defaults to `512`): the smallest stage's short side is at least this many pixels.
         shorten_intermediate_steps (`bool`, defaults to `True`): give smaller stages proportionally fewer steps.
         base_height (`int`), base_width (`int`, default `1024`): the model's native size, for shortening.
-        strength (`float`, defaults to `1.0`): image-to-image: the first stage starts part-way into its own
-            schedule, where the stock img2img pipeline would start that schedule for this strength, and every later
-            stage restarts from `start_sigma` times the first stage's noise level, never above it (see
-            docs/how-it-works.md). `1.0` starts from pure noise, as text-to-image.
+        strength (`float`, defaults to `1.0`): image-to-image. The stock img2img call at the target size starts
+            its schedule where `strength` cuts it; no stage starts with more noise than that start's, compared at
+            the stage's size (a stage `f` times smaller per side: `f` times less noise per unit of image). The first
+            stage starts at its first step within that bound; later stages restart from `start_sigma` times the
+            stock start, within it (see docs/how-it-works.md). `1.0` starts from pure noise, as text-to-image.
 
     Returns:
         [`StagePlan`]: the stages, smallest first. The target is rounded down (with a warning) so that it halves
@@ -282,6 +283,12 @@ def plan_stages(
             f"Pass a multiple of {unit} to avoid this."
         )
 
+    # Image-to-image: where the stock call would start its schedule at the target size. Every stage is bounded by
+    # that start's noise, each at its own size (`_noise_to_signal`).
+    stock_start = _stock_img2img_start(
+        scheduler, facts, num_inference_steps, strength, target_height // vae_scale_factor,
+        target_width // vae_scale_factor,
+    )  # fmt: skip
     stages = []
     for index in range(num_low + 1):
         scale = 2 ** (num_low - index)
@@ -312,6 +319,8 @@ def plan_stages(
                 scheduler,
                 facts,
                 strength=strength,
+                stock_start=stock_start,
+                scale=scale,
                 first=stages[0] if stages else None,
             )
         )
@@ -369,6 +378,41 @@ def _img2img_begin(num_steps: int, strength: float, order: int, flow: bool) -> i
     return (num_steps - min(int(num_steps * strength), num_steps)) * order
 
 
+def _noise_to_signal(scheduler: Any, facts: ScheduleFacts, index: int) -> float:
+    """The ratio of noise to image in a latent noised to the `index`-th step of the scheduler's schedule: sigma /
+    (1 - sigma) for flow models, sqrt((1 - alpha_bar) / alpha_bar) for diffusion models; infinite for pure noise."""
+    if facts.flow:
+        sigma = float(scheduler.sigmas[index])
+        return math.inf if sigma >= 1.0 else sigma / (1.0 - sigma)
+    alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[index])])
+    return math.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+
+@dataclass(frozen=True)
+class StockStart:
+    """Where a stock img2img call at the target size starts: its first timestep and that step's noise-to-signal
+    ratio (`_noise_to_signal`; infinite, and timestep 1000, for text-to-image)."""
+
+    timestep: float
+    noise_to_signal: float
+
+
+def _stock_img2img_start(
+    template: Any, facts: ScheduleFacts, num_steps: int, strength: float, latent_height: int, latent_width: int
+) -> StockStart:
+    if strength == 1.0:
+        return StockStart(timestep=1000.0, noise_to_signal=math.inf)
+    scheduler = fresh_scheduler(template)
+    scheduler.set_timesteps(**facts.timestep_kwargs(template, num_steps, latent_height, latent_width))
+    begin = _img2img_begin(num_steps, strength, scheduler.order, facts.flow)
+    if begin >= len(scheduler.timesteps):
+        raise ValueError(
+            f"`strength`={strength} leaves no step of the {num_steps}-step schedule at the target size (the stock "
+            "pipeline refuses it too); raise `strength` or `num_inference_steps`."
+        )
+    return StockStart(float(scheduler.timesteps[begin]), _noise_to_signal(scheduler, facts, begin))
+
+
 def _schedule_stage(
     index: int,
     latent_height: int,
@@ -380,6 +424,8 @@ def _schedule_stage(
     facts: ScheduleFacts,
     *,
     strength: float = 1.0,
+    stock_start: StockStart = StockStart(timestep=1000.0, noise_to_signal=math.inf),
+    scale: int = 1,
     first: Stage | None = None,
 ) -> Stage:
     kwargs = facts.timestep_kwargs(template, num_steps, latent_height, latent_width)
@@ -395,31 +441,38 @@ def _schedule_stage(
             "get. Use more `num_inference_steps` (every stage needs at least 2 steps with this scheduler), or "
             "`shorten_intermediate_steps=False`."
         )
+    order = scheduler.order
+
+    # Image-to-image: no stage holds more noise than the stock call's start, compared at the stage's size. A latent
+    # `scale` times smaller per side averages scale x scale cells of the target's into one, which divides the
+    # noise's share by `scale` and keeps the image's: the same noise level leaves a small stage far less of the
+    # image (SD3's resolution-dependent shift is the same rule). Infinite for text-to-image: no bound.
+    bound = stock_start.noise_to_signal / scale * (1 + 1e-6)
+
+    def within_bound(begin: int) -> int:
+        # The first step from `begin` on within the bound; a schedule too coarse to have one runs its last step.
+        moved = begin
+        while moved < len(timesteps) and _noise_to_signal(scheduler, facts, moved) > bound:
+            moved += order
+        return begin if moved == begin else min(moved, (len(timesteps) - 1) // order * order)
+
     if first is None:
-        # The first stage starts where a stock img2img call of its size and length would (0: text-to-image).
-        begin = _img2img_begin(num_steps, strength, scheduler.order, facts.flow)
+        # Text-to-image: the whole schedule. Image-to-image: from its first step within the bound.
+        begin = within_bound(0)
     elif facts.flow:
         # Restart from the smallest (shifted) timestep that is still >= start_sigma times the noise level the
-        # first stage started from (pure noise, 1000, unless an img2img strength started it lower), but never from
-        # more noise than the first stage had: the user's strength bounds every stage.
-        level = 1000.0 if first.begin_index == 0 else first.timesteps[0]
-        above = [i for i, t in enumerate(timesteps) if t >= start_sigma * level]
-        begin = above[-1] if above else 0
-        while first.begin_index and begin < len(timesteps) and timesteps[begin] > level:
-            begin += 1
+        # stock call starts from (pure noise, 1000, for text-to-image), within the bound.
+        above = [i for i, t in enumerate(timesteps) if t >= start_sigma * stock_start.timestep]
+        begin = within_bound(above[-1] if above else 0)
     else:
-        # The img2img rule of diffusers' pipelines, for the fraction start_sigma of the first stage's strength.
-        begin = _img2img_begin(num_steps, start_sigma * strength, scheduler.order, flow=False)
-        while first.begin_index and begin < len(timesteps) and timesteps[begin] > first.timesteps[0]:
-            begin += 1
+        # The img2img rule of diffusers' pipelines, for the fraction start_sigma of the strength, within the bound.
+        begin = within_bound(_img2img_begin(num_steps, start_sigma * strength, order, flow=False))
     if begin >= len(timesteps):
-        what = "`strength`" if first is None else "`start_sigma`"
-        value = strength if first is None else start_sigma
         raise ValueError(
-            f"{what}={value} leaves stage {index + 1} ({latent_width * vae_scale_factor}x"
+            f"`start_sigma`={start_sigma} leaves stage {index + 1} ({latent_width * vae_scale_factor}x"
             f"{latent_height * vae_scale_factor}) no step of its {num_steps}"
-            + (f" (with strength={strength})" if first is not None and strength < 1.0 else "")
-            + f"; raise {what} or `num_inference_steps`."
+            + (f" (with strength={strength})" if strength < 1.0 else "")
+            + "; raise `start_sigma` or `num_inference_steps`."
         )
     # Flow models re-noise to this sigma; diffusion schedulers' sigmas are another scale (add_noise handles them).
     first_sigma = float(scheduler.sigmas[begin]) if facts.flow else None

@@ -66,7 +66,8 @@ class TestFlux(AdapterContract):
         records, handle = self.trace(pipe)
         pipe(**flux_call_kwargs(pipe), negative_prompt="blurry", true_cfg_scale=2.0)
         handle.remove()
-        plan = self.plan(pipe, **self.three_stages)
+        # The text-to-image pipe's plan (an img2img contract class inherits this test, with its own `strength`).
+        plan = lssgen.plan_for(pipe, self.height, self.width, self.steps, **self.three_stages)
         # A conditional and an unconditional call per step, both at the stage's size and with its ids.
         expected = [self.expected(pipe, s, t) for s in plan.stages for t in s.timesteps for _ in range(2)]
         assert [r["ids"] for r in records] == [e["ids"] for e in expected]

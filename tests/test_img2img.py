@@ -64,17 +64,18 @@ def _denoiser_calls(pipe, **kwargs):
 PLAN = {"min_resolution": 128, "shorten_intermediate_steps": False}
 
 
-def test_first_stage_runs_the_stock_img2img_schedule_of_its_size_and_starts_from_the_resized_image():
-    """The first stage's denoiser calls carry the timesteps stock FluxImg2ImgPipeline uses at that stage's size,
-    steps and strength; its first input is the input image resized to the stage, encoded, normalised, and noised
-    to that stage's start with the call's generator."""
+def test_first_stage_runs_the_stock_schedule_of_its_size_and_starts_from_the_resized_image():
+    """The first stage's denoiser calls carry the tail of the timesteps stock FluxImg2ImgPipeline uses at that
+    stage's size and steps, from where the plan starts it (the rule: test_plan.py); its first input is the input
+    image resized to the stage, encoded, normalised, and noised to that stage's start with the call's generator."""
     pipe, stock = _img2img_pipe(), _img2img_pipe()
     lssgen.patch(pipe, None, **PLAN)
     plan = lssgen.plan_for(pipe, 256, 256, 8, strength=0.6, **PLAN)
     first = plan.stages[0]
+    assert first.begin_index > 0
     _, calls = _denoiser_calls(pipe, **_call(pipe))
-    _, stock_calls = _denoiser_calls(stock, **_call(stock, height=first.height, width=first.width))
-    assert [t for _, t in calls[: first.num_denoiser_steps]] == [t for _, t in stock_calls]
+    _, stock_calls = _denoiser_calls(stock, **_call(stock, height=first.height, width=first.width, strength=1.0))
+    assert [t for _, t in calls[: first.num_denoiser_steps]] == [t for _, t in stock_calls[first.begin_index :]]
     assert len(calls) == plan.total_steps
 
     pixels = stock.image_processor.preprocess(IMAGE, height=first.height, width=first.width)
@@ -99,21 +100,6 @@ def test_strength_one_is_text_to_image_with_the_image_ignored():
     torch.testing.assert_close(one, text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images)
     # Below 1.0 the image shows.
     assert not torch.equal(pipe(**_call(pipe)).images, pipe(**_call(pipe, image=OTHER_IMAGE)).images)
-
-
-def test_a_first_stage_that_would_start_from_pure_noise_is_warned_about(caplog):
-    """With few steps the first stage's schedule keeps every step at the strength (the stock rule), so the image is
-    lost: said, not silent."""
-    pipe = _img2img_pipe()
-    lssgen.patch(pipe, None, min_resolution=64, base_height=256, base_width=256)
-    assert lssgen.plan_for(pipe, 256, 256, 4, strength=0.6, min_resolution=64).stages[0].begin_index == 0
-    with caplog.at_level("WARNING", logger="lssgen.patch"):
-        pipe(**_call(pipe, num_inference_steps=4))
-    assert "input image is lost" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="lssgen.patch"):
-        pipe(**_call(pipe, num_inference_steps=20))
-    assert "input image is lost" not in caplog.text
 
 
 def test_pipes_sharing_modules_are_patched_and_unpatched_each_on_its_own():

@@ -1014,9 +1014,20 @@ def stock_img2img_timesteps(pipeline_class, scheduler, num_steps, strength, **sc
 
 
 def stage_img2img_timesteps(pipeline_class, scheduler, stage, strength) -> list[float]:
-    """What diffusers' img2img `get_timesteps` keeps for `strength` of a stage's own full schedule."""
+    """What diffusers' img2img `get_timesteps` keeps for `strength` of a stage's own full schedule (1.0: all of it)."""
     fresh = type(scheduler).from_config(scheduler.config)
     return stock_img2img_timesteps(pipeline_class, fresh, stage.num_steps, strength, **stage.scheduler_kwargs)
+
+
+def noise_to_signal(scheduler, facts, timestep) -> float:
+    """Noise over image in a latent noised to `timestep`, from the scheduler's own tables: flow models mix
+    (1 - sigma) x + sigma noise with sigma = t / 1000 (FlowMatchEulerDiscreteScheduler's timesteps are sigmas *
+    1000); diffusion models sqrt(alpha_bar_t) x + sqrt(1 - alpha_bar_t) noise."""
+    if facts.flow:
+        sigma = timestep / 1000
+        return math.inf if sigma >= 1 else sigma / (1 - sigma)
+    alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    return math.sqrt((1 - alpha_bar) / alpha_bar)
 
 
 STRENGTH_PLANS = st.tuples(
@@ -1044,7 +1055,7 @@ def strength_plan(facts, scheduler, strength, steps, start_sigma, shorten):
     )
 
 
-@pytest.mark.parametrize(
+STRENGTH_FAMILIES = pytest.mark.parametrize(
     ("facts", "new_scheduler", "pipeline_class"),
     [
         (FLUX, make_scheduler, FluxImg2ImgPipeline),
@@ -1057,98 +1068,93 @@ def strength_plan(facts, scheduler, strength, steps, start_sigma, shorten):
     ],
     ids=["flow", "ddim", "pndm"],
 )
-@given(drawn=STRENGTH_PLANS)
-def test_the_first_stage_starts_where_stock_img2img_starts_its_schedule(facts, new_scheduler, pipeline_class, drawn):
-    """The first stage's timesteps are exactly those diffusers' img2img pipeline of that family keeps of the
-    stage's own full schedule for the strength (its `get_timesteps`, called here on the stage's scheduler), and a
-    strength that keeps none is a ValueError naming `strength`."""
+
+
+def _strength_plan_and_stock_start(facts, new_scheduler, pipeline_class, drawn):
+    """The plan for `drawn` and the noise-to-signal ratio where the stock img2img pipeline starts the target size's
+    schedule for the strength; None where lssgen refuses the call (after checking the error names the cause)."""
     strength, steps, start_sigma, shorten = drawn
     scheduler = new_scheduler()
     reference = strength_plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
-    expected = stage_img2img_timesteps(pipeline_class, scheduler, reference.stages[0], strength)
-    if not expected:
-        with pytest.raises(ValueError, match="`strength`"):
+    stock = stage_img2img_timesteps(pipeline_class, scheduler, reference.stages[-1], strength)
+    if not stock:
+        with pytest.raises(ValueError, match="`strength`=.* leaves no step .* at the target size"):
             strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
-        return
+        return None
     try:
         plan = strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
     except ValueError as error:
-        assert "start_sigma" in str(error) and "strength" in str(error)  # a later stage kept no step
-        return
-    assert list(plan.stages[0].timesteps) == expected
+        assert "`start_sigma`" in str(error) and f"strength={strength}" in str(error)  # a later stage kept no step
+        return None
+    # Strength 1.0 is text-to-image: pure noise (SD's stock img2img would noise the image to its first timestep).
+    return scheduler, reference, plan, math.inf if strength == 1.0 else noise_to_signal(scheduler, facts, stock[0])
 
 
-def _noise_level(scheduler, facts, stage) -> float:
-    """The share of noise in the latent a stage starts from: sigma for flow models, sqrt(1 - alpha_bar_t) for
-    diffusion models (their add_noise mixes sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise)."""
-    if facts.flow:
-        return stage.first_sigma
-    return float((1 - scheduler.alphas_cumprod[int(stage.timesteps[0])]) ** 0.5)
-
-
-@pytest.mark.parametrize(
-    ("facts", "new_scheduler"),
-    [(FLUX, make_scheduler), (SD, lambda: DDIMScheduler.from_config(SD_SCHEDULER_CONFIG))],
-    ids=["flow", "ddim"],
-)
+@STRENGTH_FAMILIES
 @given(drawn=STRENGTH_PLANS)
-def test_later_stages_never_restart_above_the_first_stages_noise_level(facts, new_scheduler, drawn):
-    """By noise level, not step index: every later stage starts from at most the noise the user's strength gave
-    the first stage; with strength 1.0 the plan is the text-to-image plan."""
-    strength, steps, start_sigma, shorten = drawn
-    scheduler = new_scheduler()
-    try:
-        plan = strength_plan(facts, scheduler, strength, steps, start_sigma, shorten)
-    except ValueError:
-        return  # a strength or start_sigma that leaves a stage no step (the test above checks the message)
-    first = _noise_level(scheduler, facts, plan.stages[0])
-    for stage in plan.stages[1:]:
-        assert _noise_level(scheduler, facts, stage) <= first + 1e-6, (stage.index, strength)
-    if strength == 1.0:
-        assert plan == strength_plan(facts, scheduler, 1.0, steps, start_sigma, shorten)
+def test_the_first_stage_starts_where_it_holds_the_stock_starts_noise_at_its_size(
+    facts, new_scheduler, pipeline_class, drawn
+):
+    """The first stage, f times smaller per side than the target, runs the tail of its own full schedule from the
+    first timestep whose noise-to-signal ratio is at most 1/f of the stock img2img call's start at the target size
+    (its `get_timesteps`, run here on the target's schedule), else its last timestep; a strength the stock call
+    keeps no step of is a ValueError naming `strength`."""
+    found = _strength_plan_and_stock_start(facts, new_scheduler, pipeline_class, drawn)
+    if found is None:
+        return
+    scheduler, reference, plan, stock_level = found
+    bound = stock_level / 2 ** (len(plan.stages) - 1) * (1 + 1e-6)
+    full = stage_img2img_timesteps(pipeline_class, scheduler, reference.stages[0], 1.0)
+    within = [i for i, t in enumerate(full) if noise_to_signal(scheduler, facts, t) <= bound]
+    assert list(plan.stages[0].timesteps) == full[within[0] if within else len(full) - 1 :]
 
 
-def test_the_restart_is_start_sigma_times_the_first_stages_noise_level():
-    """Flow models: the later stage restarts from the smallest of its timesteps at or above start_sigma times the
-    first stage's start, as text-to-image restarts at start_sigma times pure noise (worked example, 28 steps)."""
+@STRENGTH_FAMILIES
+@given(drawn=STRENGTH_PLANS)
+def test_no_stage_starts_with_more_noise_than_the_stock_start_at_its_size(facts, new_scheduler, pipeline_class, drawn):
+    """By noise level, not step index: every stage starts from at most the stock call's noise-to-signal ratio
+    divided by how many times smaller it is per side (the target: the stock start itself), unless its schedule has
+    no step that low and it runs its last step alone; with strength 1.0 the plan is the text-to-image plan."""
+    found = _strength_plan_and_stock_start(facts, new_scheduler, pipeline_class, drawn)
+    if found is None:
+        return
+    scheduler, reference, plan, stock_level = found
+    for stage in plan.stages:
+        bound = stock_level / 2 ** (len(plan.stages) - 1 - stage.index) * (1 + 1e-6)
+        level = noise_to_signal(scheduler, facts, stage.timesteps[0])
+        assert level <= bound or stage.num_denoiser_steps == 1, (stage.index, drawn)
+    if drawn[0] == 1.0:
+        assert plan == reference
+
+
+def test_the_restart_is_start_sigma_times_the_stock_start():
+    """Flow models: a later stage restarts from the smallest of its timesteps at or above start_sigma times the
+    stock call's first timestep, as text-to-image restarts at start_sigma times pure noise (worked example, 28
+    steps, three stages, where no later stage meets the bound)."""
     scheduler = make_scheduler()
-    first, *later = strength_plan(FLUX, scheduler, 0.6, 28, 0.75, False).stages
-    threshold = 0.75 * first.timesteps[0]
-    for stage, full in zip(later, strength_plan(FLUX, scheduler, 1.0, 28, 0.75, False).stages[1:]):
+    plan = strength_plan(FLUX, scheduler, 0.6, 28, 0.75, False)
+    reference = strength_plan(FLUX, scheduler, 1.0, 28, 0.75, False)
+    stock = stage_img2img_timesteps(FluxImg2ImgPipeline, scheduler, reference.stages[-1], 0.6)
+    for stage, full in zip(plan.stages[1:], reference.stages[1:]):
         schedule = stage_img2img_timesteps(FluxImg2ImgPipeline, scheduler, full, 1.0)
-        assert stage.timesteps[0] == min(t for t in schedule if t >= threshold)
-        assert stage.timesteps[0] < first.timesteps[0] < 1000
+        assert stage.timesteps[0] == min(t for t in schedule if t >= 0.75 * stock[0])
+    assert plan.stages[-1].timesteps[0] < stock[0] < 1000
 
 
-def test_strength_starts_the_first_flow_stage_where_stock_img2img_does():
-    """Image-to-image at strength 0.6: the 512 px stage (25 steps, mu 0.63) starts where FluxImg2ImgPipeline starts a
-    25-step schedule, at int(25 - 15) = 10 (s = 0.6 -> shifted 0.737975); the target stage restarts from start_sigma
-    times that level, 0.75 * 737.97 = 553.5: index 35 of its 50 (s = 0.30 -> 0.575103; s = 0.28 gives 0.5512)."""
+def test_strength_starts_the_first_flow_stage_at_the_stock_start_matched_to_its_size():
+    """Image-to-image at strength 0.6, 1024 px, 50 steps: FluxImg2ImgPipeline skips int(50 - 30) = 20 steps of the
+    target's schedule (mu 1.15), starting at sigma 0.825702, noise/image = 4.7373. The 512 px stage, half the size
+    per side, starts at its first sigma with at most half that ratio, 2.3686 (sigma 0.703148): of its 25-step
+    schedule (mu 0.63), index 11 is 0.704987, index 12 0.670411. The target restarts at its smallest timestep
+    >= 0.75 * 825.70 = 619.28: index 33 (0.619330)."""
     p = plan(1024, 1024, 50, strength=0.6)
     first, later = p.stages
-    assert [s.begin_index for s in p.stages] == [10, 35]
-    assert first.first_sigma == pytest.approx(0.737975, abs=1e-5)
-    assert first.timesteps[0] == pytest.approx(737.975, abs=1e-2)
-    assert later.first_sigma == pytest.approx(0.575103, abs=1e-5)
-    assert [s.num_denoiser_steps for s in p.stages] == [15, 15]
-    assert first.timesteps == tuple(reference_schedule(25, 0.63)[0][10:])
-
-
-def test_flow_strength_rounds_the_skipped_steps_down():
-    """Flow img2img pipelines skip int(n - n * strength) steps: at strength 0.63 a 25-step stage skips int(9.25) = 9
-    (s = 0.64 -> 0.769478), not the 10 that diffusion's rule, n - int(n * strength), gives; the target stage then
-    restarts below 0.75 * 769.48 = 577.1, at index 34 (s = 0.32 -> 0.597781)."""
-    from diffusers import FluxImg2ImgPipeline
-
-    p = plan(1024, 1024, 50, strength=0.63)
-    assert [s.begin_index for s in p.stages] == [9, 34]
-    assert p.stages[0].first_sigma == pytest.approx(0.769478, abs=1e-5)
-    assert p.stages[1].first_sigma == pytest.approx(0.597781, abs=1e-5)
-    # The same timesteps as the stock pipeline keeps of that stage's schedule (set up with the stage's own `mu`).
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 25, 25), mu=0.63)
-    timesteps, _ = FluxImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=scheduler), 25, 0.63, "cpu")
-    assert p.stages[0].timesteps == tuple(float(t) for t in timesteps)
+    assert [s.begin_index for s in p.stages] == [12, 33]
+    assert first.first_sigma == pytest.approx(0.670411, abs=1e-5)
+    assert later.first_sigma == pytest.approx(0.619330, abs=1e-5)
+    assert [s.num_denoiser_steps for s in p.stages] == [13, 17]
+    assert first.timesteps == tuple(reference_schedule(25, 0.63)[0][12:])
+    assert later.timesteps == tuple(reference_schedule(50, 1.15)[0][33:])
 
 
 def test_strength_one_is_the_text_to_image_plan():
@@ -1157,38 +1163,34 @@ def test_strength_one_is_the_text_to_image_plan():
     assert plan(1024, 1024, 50, min_resolution=256, strength=1).stages[1].begin_index == 9
 
 
-def test_a_later_flow_stage_never_starts_above_the_first_stages_noise():
-    """Strength 0.5, 5 steps: the 512 px stage runs 2 steps, sigmas [1, .5] -> starts at .5 (shifted 0.652489). The
-    target stage's 5 shifted timesteps are [1000, 926.6, 825.7, 678.0, 441.2]; the smallest >= 0.75 * 652.5 is 678.0,
-    more noise than the first stage had, so it starts at the next one, 441.2."""
-    p = plan(1024, 1024, 5, strength=0.5)
-    first, later = p.stages
-    assert first.begin_index == 1
-    assert first.timesteps == pytest.approx((652.489,), abs=1e-2)
-    assert later.begin_index == 4
-    assert later.timesteps == pytest.approx((441.200,), abs=1e-2)
-    assert later.first_sigma == pytest.approx(0.441200, abs=1e-5)
-
-
-def test_a_later_stage_left_no_step_by_the_strength_is_refused():
-    """4 steps unshortened at strength 0.25: the 512 px stage starts at its last step (s = .25 -> 384.95); the target
-    stage's timesteps [1000, 904.5, 759.5, 512.8] all lie above that, so no step is left for it: an error naming
-    start_sigma, the stage, its size and the strength."""
-    with pytest.raises(ValueError) as error:
-        plan(1024, 1024, 4, strength=0.25, shorten_intermediate_steps=False)
-    assert str(error.value) == (
-        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 4 (with strength=0.25); raise `start_sigma` or "
-        "`num_inference_steps`."
+def test_each_stage_is_bounded_at_its_own_size_and_a_coarse_schedule_runs_its_last_step():
+    """Unshifted 4-step sigmas [1, .75, .5, .25] in all three stages (256, 512, 1024 px), strength 0.5: the stock
+    call starts at sigma .5, noise/image 1. The 512 px stage may start at 1/2 (sigma 1/3): its restart, the
+    smallest timestep >= 0.75 * 500, is 500, over that bound, so it restarts at 250. The 256 px stage may start at
+    1/4 (sigma 0.2): no step is that low, so it runs its last one, 250. The target restarts at 500, the stock start
+    itself: more noise than the smaller stages had, as much as the stock call."""
+    p = plan_stages(
+        1024,
+        1024,
+        4,
+        scheduler=unshifted_scheduler(),
+        facts=FLUX,
+        vae_scale_factor=VAE_SCALE,
+        strength=0.5,
+        min_resolution=256,
+        shorten_intermediate_steps=False,
     )
+    assert [s.begin_index for s in p.stages] == [3, 3, 2]
+    assert [s.timesteps for s in p.stages] == [(250.0,), (250.0,), (500.0, 250.0)]
 
 
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, HeunDiscreteScheduler])
+@pytest.mark.parametrize(("scheduler_class", "begins"), [(DDIMScheduler, [31, 28]), (HeunDiscreteScheduler, [62, 56])])
 @pytest.mark.parametrize("strength", [0.6, 0.63, 0.9])
-def test_diffusion_strength_follows_stock_img2img_in_every_stage(scheduler_class, strength):
-    """Diffusion families: the first stage keeps what StableDiffusionImg2ImgPipeline keeps of its schedule for the
-    strength, the target stage what it keeps for start_sigma * strength (second-order Heun included)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
+def test_diffusion_strength_by_noise_level(scheduler_class, begins, strength):
+    """Diffusion families, 50 steps unshortened: the 512 px stage starts at the first of its timesteps whose
+    sqrt((1 - alpha_bar) / alpha_bar) is at most half the stock call's start (what StableDiffusionImg2ImgPipeline
+    keeps of the target's schedule for the strength); the target keeps what that pipeline keeps for start_sigma *
+    strength (second-order Heun included). At strength 0.6: DDIM begins at 31 and 28, Heun at 62 and 56."""
     facts, scheduler = sd_facts_and_scheduler(scheduler_class)
     p = plan_stages(
         1024,
@@ -1202,88 +1204,28 @@ def test_diffusion_strength_follows_stock_img2img_in_every_stage(scheduler_class
         shorten_intermediate_steps=False,
     )
     first, later = p.stages
-    stock = scheduler_class.from_config(scheduler.config)
-    assert first.timesteps == tuple(stock_img2img_timesteps(StableDiffusionImg2ImgPipeline, stock, 50, strength))
-    assert later.timesteps == tuple(stock_img2img_timesteps(StableDiffusionImg2ImgPipeline, stock, 50, 0.75 * strength))
-
-
-def test_diffusion_strength_by_hand():
-    """DDIM, 50 steps unshortened, strength 0.6: the first stage keeps int(30) steps (begins at 20), the target
-    stage int(50 * 0.45) = 22 (begins at 28); Heun (order 2) begins at 40 and 56."""
-    for scheduler_class, begins in ((DDIMScheduler, [20, 28]), (HeunDiscreteScheduler, [40, 56])):
-        facts, scheduler = sd_facts_and_scheduler(scheduler_class)
-        p = plan_stages(
-            1024,
-            1024,
-            50,
-            scheduler=scheduler,
-            facts=facts,
-            vae_scale_factor=8,
-            strength=0.6,
-            min_resolution=512,
-            shorten_intermediate_steps=False,
+    stock = stock_img2img_timesteps(
+        StableDiffusionImg2ImgPipeline, scheduler_class.from_config(scheduler.config), 50, strength
+    )
+    bound = noise_to_signal(scheduler, facts, stock[0]) / 2
+    full = stock_img2img_timesteps(
+        StableDiffusionImg2ImgPipeline, scheduler_class.from_config(scheduler.config), 50, 1.0
+    )
+    starts = [i for i, t in enumerate(full) if noise_to_signal(scheduler, facts, t) <= bound]
+    starts = [i for i in starts if i % scheduler.order == 0]
+    assert first.timesteps == tuple(full[starts[0] :])
+    assert later.timesteps == tuple(
+        stock_img2img_timesteps(
+            StableDiffusionImg2ImgPipeline, scheduler_class.from_config(scheduler.config), 50, 0.75 * strength
         )
+    )
+    if strength == 0.6:
         assert [s.begin_index for s in p.stages] == begins
 
 
-@pytest.mark.parametrize(("scheduler_class", "begins"), [(DDIMScheduler, [24, 49]), (HeunDiscreteScheduler, [48, 97])])
-def test_a_later_diffusion_stage_never_starts_above_the_first_stages_noise(scheduler_class, begins):
-    """Strength 0.06, shortened (base 1024): the 25-step 512 px stage keeps int(1.5) = 1 step, its last (DDIM
-    timestep 1); the 50-step target stage would keep int(2.25) = 2 steps, from timestep 21, noisier than the first
-    stage, so it starts one step later, at timestep 1 too (Heun: at its last timestep, 0)."""
-    facts, scheduler = sd_facts_and_scheduler(scheduler_class)
-    p = plan_stages(
-        1024,
-        1024,
-        50,
-        scheduler=scheduler,
-        facts=facts,
-        vae_scale_factor=8,
-        strength=0.06,
-        min_resolution=512,
-        base_height=1024,
-        base_width=1024,
-    )
-    assert [s.num_steps for s in p.stages] == [25, 50]
-    assert [s.begin_index for s in p.stages] == begins
-    assert p.stages[1].timesteps[0] <= p.stages[0].timesteps[0]
-    assert p.stages[1].timesteps[0] == p.stages[0].timesteps[0]
-
-
-def test_a_later_flow_stage_may_restart_at_exactly_the_first_stages_noise():
-    """ "Never above" the first stage's level allows equality: unshifted 4-step sigmas [1, .75, .5, .25] in both
-    stages, strength 0.5 starts the first at 500; the target stage's smallest timestep >= 0.75 * 500 is 500 itself,
-    where it restarts."""
-    p = plan_stages(
-        1024,
-        1024,
-        4,
-        scheduler=unshifted_scheduler(),
-        facts=FLUX,
-        vae_scale_factor=VAE_SCALE,
-        strength=0.5,
-        min_resolution=512,
-        shorten_intermediate_steps=False,
-    )
-    assert [s.begin_index for s in p.stages] == [2, 2]
-    assert [s.timesteps for s in p.stages] == [(500.0, 250.0), (500.0, 250.0)]
-
-
-class SizedDiffusionFacts:
-    """A diffusion family whose schedules depend on the stage size: the target stage's 4 custom timesteps all lie
-    above the first stage's last one."""
-
-    flow = False
-    latent_multiple = 1
-    min_stage_latent_side = 1
-
-    def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
-        return {"timesteps": [999, 600, 300, 100] if latent_height < 128 else [999, 700, 400, 200]}
-
-
 def test_a_later_diffusion_stage_left_no_step_by_the_strength_is_refused():
-    """Strength 0.34 starts the first stage at its last timestep, 100 (4 - int(1.36) = 3); the target stage would
-    start at 200 (4 - int(1.02) = 3), noisier, and has no later step: a clear error, not an index error."""
+    """DDPM, 4 steps, strength 0.3: the stock call keeps int(1.2) = 1 step; the target stage would keep
+    int(4 * 0.75 * 0.3) = 0: a clear error naming start_sigma, the stage, its size and the strength."""
     from diffusers import DDPMScheduler
 
     with pytest.raises(ValueError) as error:
@@ -1292,28 +1234,29 @@ def test_a_later_diffusion_stage_left_no_step_by_the_strength_is_refused():
             1024,
             4,
             scheduler=DDPMScheduler(),
-            facts=SizedDiffusionFacts(),
+            facts=SD,
             vae_scale_factor=8,
-            strength=0.34,
+            strength=0.3,
             min_resolution=512,
             shorten_intermediate_steps=False,
         )
     assert str(error.value) == (
-        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 4 (with strength=0.34); raise `start_sigma` or "
+        "`start_sigma`=0.75 leaves stage 2 (1024x1024) no step of its 4 (with strength=0.3); raise `start_sigma` or "
         "`num_inference_steps`."
     )
 
 
-def test_a_strength_that_leaves_the_first_stage_no_step_is_refused():
-    """DDIM keeps int(25 * 0.01) = 0 steps of the 25-step first stage: an error naming strength, the stage and its
-    size."""
+def test_a_strength_the_stock_call_keeps_no_step_of_is_refused():
+    """DDIM keeps int(50 * 0.01) = 0 steps of the target's schedule: the stock pipeline refuses it, and so does the
+    plan, naming strength."""
     facts, scheduler = sd_facts_and_scheduler(DDIMScheduler)
     with pytest.raises(ValueError) as error:
         plan_stages(
             1024, 1024, 50, scheduler=scheduler, facts=facts, vae_scale_factor=8, strength=0.01, min_resolution=512
         )
     assert str(error.value) == (
-        "`strength`=0.01 leaves stage 1 (512x512) no step of its 25; raise `strength` or `num_inference_steps`."
+        "`strength`=0.01 leaves no step of the 50-step schedule at the target size (the stock pipeline refuses it "
+        "too); raise `strength` or `num_inference_steps`."
     )
 
 
