@@ -261,6 +261,20 @@ class Adapter:
         if self.stage_hook is not None and registry is not None:
             registry.remove_hook(self.stage_hook_name, recurse=False)
 
+    # ControlNet (see lssgen.controlnets) --------------------------------------------------------------------------
+    # The pipeline's method that prepares one control image at a size (called once per controlnet, in order), and the
+    # call argument holding the control image(s); None: the family has no ControlNet class lssgen serves.
+    control_image_method: str | None = None
+    control_image_argument: str = "image"
+
+    def stage_control_image(
+        self, pipe: Any, prepare: Callable, arguments: dict[str, Any], stage: Stage, run: Any
+    ) -> torch.Tensor:
+        """The control condition a controlnet receives during `stage`: the pipeline's own preparation (`prepare`,
+        the stock `control_image_method`) with the stock call's `arguments` but the stage's size. A family whose
+        pipeline encodes the prepared image further (with the VAE, then packs it) adds that here."""
+        return prepare(**{**arguments, "height": stage.height, "width": stage.width})
+
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         """How the pipeline maps VAE latents to the latents it denoises."""

@@ -85,7 +85,11 @@ class SDAdapter(Adapter):
     """
 
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionControlNetPipeline",
+    )
     denoiser = "unet"
     flow = False
     latent_multiple = 1
@@ -93,6 +97,8 @@ class SDAdapter(Adapter):
     base_size = 512
     default_steps = 50
     default_guidance = 7.5
+    # StableDiffusionControlNetPipeline's `prepare_image` resizes, repeats and doubles (CFG) the control image.
+    control_image_method = "prepare_image"
     # 77 CLIP text tokens; CFG doubles the batch.
     architectures = (
         Architecture(

@@ -1,0 +1,214 @@
+"""ControlNet pipelines: the control condition at each stage's size, and the control window by noise level.
+
+A stock ControlNet call prepares its control image once, at the target size, and hands it to the controlnet(s) at
+every step, scaled by `controlnet_conditioning_scale` times a keep factor that `control_guidance_start/end` set per
+*loop step index* (step i is kept when `start <= i / N` and `(i + 1) / N <= end`, N the loop's length). Under lssgen
+neither holds: a low-resolution stage needs the condition at its own size, and one loop runs every stage's schedule
+one after the other, so a step-index fraction no longer says how noisy a step is.
+
+- Condition: the pipeline's own preparation method (`Adapter.control_image_method`, e.g. `prepare_image`) is stood in
+  on the instance for the call. The stock call runs it as always (its checks, its arguments, the target size); lssgen
+  then prepares the same control image again at each low-resolution stage's size with the same arguments
+  (`Adapter.stage_control_image`: the pipeline's method at that size, plus whatever encoding the pipeline does after
+  it), and a hook on each controlnet swaps the stage's condition in while that stage is denoised.
+- Window: the window is read off the stock schedule at the target size with the call's step count: the noisiest and
+  the least noisy step it keeps bound an interval of timesteps (open on a side where the window reaches the
+  schedule's end). A controlnet call is kept when the loop's current timestep lies in that interval, in every stage,
+  so a window means the same part of the generation at every size; at the target stage it keeps exactly the steps
+  stock keeps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter
+    from .plan import Stage, StagePlan
+
+CONTROL_HOOK = "lssgen_control"
+
+
+def controlnets_of(pipe: Any) -> list[torch.nn.Module]:
+    """Each controlnet of `pipe`, in the order the pipeline pairs them with control images (a multi-controlnet's
+    `nets`); empty for a pipeline without one."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if not isinstance(controlnet, torch.nn.Module):
+        return []
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if nets is not None else [controlnet]
+
+
+@dataclass(frozen=True)
+class ControlWindow:
+    """The timesteps a controlnet is kept at: `low <= t <= high` (infinite bounds where the window reaches the end
+    of the schedule); `empty` when the stock call keeps no step at all."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    empty: bool = False
+
+    def keeps(self, timestep: float) -> bool:
+        return not self.empty and self.low <= timestep <= self.high
+
+    @classmethod
+    def from_stock(cls, start: float, end: float, timesteps: list[float]) -> ControlWindow:
+        """The window of `control_guidance_start/end` on the stock schedule `timesteps` (the target size's)."""
+        total = len(timesteps)
+        # The stock rule, step by step: kept unless `i / N < start` or `(i + 1) / N > end`.
+        kept = [i for i in range(total) if not (i / total < start or (i + 1) / total > end)]
+        if not kept:
+            return cls(empty=True)
+        high = math.inf if kept[0] == 0 else timesteps[kept[0]]
+        low = -math.inf if kept[-1] == total - 1 else timesteps[kept[-1]]
+        return cls(low=low, high=high)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def control_windows(call: dict[str, Any], defaults: dict[str, Any], count: int, timesteps: list[float]):
+    """Each controlnet's window, as the stock pipelines pair `control_guidance_start/end` with controlnets (a single
+    value repeats; a single controlnet reads the first pair); None for a controlnet whose window the arguments do not
+    give, where the stock call's own checks raise."""
+    start = call.get("control_guidance_start", defaults.get("control_guidance_start", 0.0))
+    end = call.get("control_guidance_end", defaults.get("control_guidance_end", 1.0))
+    if not isinstance(start, (list, tuple)) and isinstance(end, (list, tuple)):
+        start = [start] * len(end)
+    elif isinstance(start, (list, tuple)) and not isinstance(end, (list, tuple)):
+        end = [end] * len(start)
+    elif not isinstance(start, (list, tuple)):
+        start, end = [start] * count, [end] * count
+    windows: list[ControlWindow | None] = []
+    for index in range(count):
+        pair = (start[index], end[index]) if index < min(len(start), len(end)) else None
+        windows.append(ControlWindow.from_stock(*pair, timesteps) if pair and all(map(_is_number, pair)) else None)
+    return windows
+
+
+def control_scales(call: dict[str, Any], defaults: dict[str, Any], count: int) -> list[Any]:
+    """Each controlnet's `controlnet_conditioning_scale`, as the stock pipelines read it (a single value for every
+    controlnet; a list per controlnet, its first entry for a single one)."""
+    scale = call.get("controlnet_conditioning_scale", defaults.get("controlnet_conditioning_scale", 1.0))
+    if isinstance(scale, (list, tuple)):
+        return [scale[index] if index < len(scale) else None for index in range(count)]
+    return [scale] * count
+
+
+@dataclass
+class StageControls:
+    """One call's control conditions: per controlnet, its condition at each low-resolution stage (by stage index,
+    filled when the pipeline prepares its control images), its scale and its window."""
+
+    scales: list[Any]
+    windows: list[ControlWindow | None]
+    conditions: list[dict[int, Any]] = field(default_factory=list)
+    # The timestep of the denoiser call in progress: read from the staged scheduler by the hook.
+    current_timestep: Callable[[], float] | None = field(default=None, repr=False)
+
+
+class ControlNetStageHook(ModelHook):
+    """On one controlnet: during an lssgen call, its condition of the stage being denoised and its scale kept or
+    zeroed by the control window of the current timestep; outside a call, nothing."""
+
+    def __init__(self, index: int, current: Callable[[], tuple[Stage | None, StageControls] | None]):
+        super().__init__()
+        self.index = index
+        self.current = current
+
+    def pre_forward(self, module, *args, **kwargs):
+        state = self.current()
+        if state is None:
+            return args, kwargs
+        stage, controls = state
+        if stage is not None:
+            conditions = controls.conditions[self.index] if self.index < len(controls.conditions) else {}
+            if stage.index not in conditions:
+                raise RuntimeError(
+                    f"lssgen prepared no control condition of controlnet {self.index} for stage {stage.index + 1}: "
+                    "the pipeline did not prepare its control images through the adapter's `control_image_method`."
+                )
+            kwargs["controlnet_cond"] = conditions[stage.index]
+        window, scale = controls.windows[self.index], controls.scales[self.index]
+        if window is None or not _is_number(scale):
+            raise ValueError(
+                "lssgen cannot read `control_guidance_start`/`control_guidance_end`/`controlnet_conditioning_scale` "
+                f"for controlnet {self.index}; pass numbers, one per controlnet, or `start_sigma=1.0` for the stock "
+                "pipeline."
+            )
+        kwargs["conditioning_scale"] = scale if window.keeps(controls.current_timestep()) else 0.0 * scale
+        return args, kwargs
+
+
+def install_control_hooks(
+    pipe: Any, adapter: Adapter, current_stage: Callable, current_controls: Callable
+) -> list[torch.nn.Module]:
+    """Hook every controlnet of `pipe`: the adapter's stage hook (the size conditioning the denoiser gets, which
+    the pipeline hands the controlnet too) and the control hook. Returns the hooked modules, for `remove`."""
+    nets = controlnets_of(pipe)
+    for index, net in enumerate(nets):
+        registry = HookRegistry.check_if_exists_or_initialize(net)
+        if adapter.stage_hook is not None:
+            registry.register_hook(adapter.stage_hook(current_stage), adapter.stage_hook_name)
+        registry.register_hook(ControlNetStageHook(index, current_controls), CONTROL_HOOK)
+    return nets
+
+
+def remove_control_hooks(nets: list[torch.nn.Module], adapter: Adapter) -> None:
+    for net in nets:
+        registry = getattr(net, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        registry.remove_hook(CONTROL_HOOK, recurse=False)
+        if adapter.stage_hook is not None:
+            registry.remove_hook(adapter.stage_hook_name, recurse=False)
+
+
+def stand_in_control_preparation(pipe: Any, adapter: Adapter, plan: StagePlan, controls: StageControls, run: Any):
+    """A stand-in for the pipeline's control-image method: the stock result at the target size for the pipeline, and
+    the same preparation at every low-resolution stage's size recorded in `controls` (one entry per call: the
+    pipelines prepare one control image per controlnet, in order)."""
+    stock_method = getattr(pipe, adapter.control_image_method)
+    signature = inspect.signature(stock_method)
+
+    def prepare(*args, **kwargs):
+        prepared = stock_method(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        controls.conditions.append(
+            {
+                stage.index: adapter.stage_control_image(pipe, stock_method, dict(arguments.arguments), stage, run)
+                for stage in plan.stages[:-1]
+            }
+        )
+        return prepared
+
+    return prepare
+
+
+def control_image_size(pipe: Any, adapter: Adapter, call: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The size a ControlNet call generates at when it takes it from the control image (SD's and SDXL's: no
+    `height`/`width` given and no default size): the first control image's, as the control image processor reads
+    it; else the call's (None: the family default)."""
+    height, width = call.get("height"), call.get("width")
+    image = call.get(adapter.control_image_argument)
+    processor = getattr(pipe, "control_image_processor", None)
+    if (height is None or width is None) and processor is not None and image is not None:
+        # One image per controlnet, each possibly a list per prompt: the stock call reads the first one's size.
+        while isinstance(image, (list, tuple)) and image:
+            image = image[0]
+        try:
+            image_height, image_width = processor.get_default_height_width(image)
+        except Exception:  # noqa: BLE001 - an image the stock call rejects with its own error
+            return height, width
+        height, width = height or image_height, width or image_width
+    return height, width
