@@ -18,7 +18,6 @@ from .conditions import first_stage_image_latents, image_to_image_size, takes_im
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .controlnets import (
     StageControls,
-    control_image_size,
     control_scales,
     control_windows,
     controlnets_of,
@@ -418,7 +417,7 @@ def _prepare_run(
     if image_to_image:
         height, width = image_to_image_size(pipe, stock_call, call)
     elif adapter.control_image_method is not None:
-        height, width = control_image_size(pipe, adapter, call)
+        height, width = adapter.control_size(pipe, call)
     else:
         height, width = call.get("height"), call.get("width")
     plan = _plan(pipe, state, options, height, width, steps, call, strength)

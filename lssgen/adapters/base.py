@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
+from ..controlnets import control_image_size
 from ..latents import LatentNormalization, encoded_latents
 
 if TYPE_CHECKING:
@@ -266,6 +267,11 @@ class Adapter:
     # call argument holding the control image(s); None: the family has no ControlNet class lssgen serves.
     control_image_method: str | None = None
     control_image_argument: str = "image"
+
+    def control_size(self, pipe: Any, call: dict[str, Any]) -> tuple[int | None, int | None]:
+        """The size a ControlNet call generates at, as the stock pipeline decides it (None: the family default): the
+        call's `height`/`width`, else, where the pipeline has no default size (SD's, SDXL's), the control image's."""
+        return control_image_size(pipe, self, call)
 
     def stage_control_image(
         self, pipe: Any, prepare: Callable, arguments: dict[str, Any], stage: Stage, run: Any

@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
+from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
@@ -94,7 +95,7 @@ class FluxImageIdsHook(ModelHook):
 
 class FluxAdapter(Adapter):
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # 2x2 packing
@@ -133,6 +134,50 @@ class FluxAdapter(Adapter):
         tokens = (latent_height // 2) * (latent_width // 2)
         mu = linear_time_shift(scheduler.config, tokens, 1.15)
         return flow_stage_kwargs(scheduler, num_steps, mu, sigmas_for_flow_sigmas=self.sigmas_for_flow_sigmas)
+
+    # ControlNet: FluxControlNetPipeline's `prepare_image` preprocesses (a tensor is taken as it is) and repeats the
+    # control image; the pipeline then encodes it with the VAE and packs it, for controlnets without an input hint
+    # block (InstantX's; XLabs' take the pixels). Its controlnets take `img_ids` too: the ids hook goes on them.
+    control_image_method = "prepare_image"
+    control_image_argument = "control_image"
+
+    def control_size(self, pipe, call):
+        # The pipeline generates at a tensor control image's own size, whatever `height`/`width` say.
+        image = call.get(self.control_image_argument)
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        if isinstance(first, torch.Tensor) and first.ndim == 4:
+            return tuple(first.shape[-2:])
+        return super().control_size(pipe, call)
+
+    def prepare_call(self, pipe, call, plan):
+        images = call.get(self.control_image_argument)
+        for image in images if isinstance(images, (list, tuple)) else [images]:
+            if (
+                isinstance(image, torch.Tensor)
+                and image.ndim == 4
+                and tuple(image.shape[-2:]) != (plan.height, plan.width)
+            ):
+                raise ValueError(
+                    f"`{self.control_image_argument}` is a {image.shape[-1]}x{image.shape[-2]} tensor, which "
+                    f"{type(pipe).__name__} generates at as it is, but lssgen's stages need {plan.width}x{plan.height} "
+                    "(a size that halves down to every stage). Pass a control image of that size, or a PIL image, or "
+                    "`start_sigma=1.0` for the stock pipeline."
+                )
+
+    def stage_control_image(self, pipe, prepare, arguments, stage, run):
+        image = arguments["image"]
+        if isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        if controlnets_of(pipe)[0].input_hint_block is not None:
+            return prepared
+        from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+
+        # Encoded as the pipeline encodes its control image: sampled with the call's generator, then normalised.
+        latents = retrieve_latents(pipe.vae.encode(prepared), generator=run.generator)
+        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        return pipe._pack_latents(latents, *latents.shape)
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)
