@@ -1,0 +1,311 @@
+"""ControlNet (issue #21): a stock ControlNet pipeline through lssgen gives each controlnet the control image prepared
+at the stage's size, keeps `controlnet_conditioning_scale`, maps `control_guidance_start/end` to noise levels, and
+keeps the adapter contract. The rules are in lssgen.controlnets and docs/how-it-works.md#controlnet."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import test_flux
+import test_sd
+import test_sdxl
+import torch
+from diffusers import FluxControlNetPipeline, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+import lssgen
+from lssgen.controlnets import CONTROL_HOOK, controlnets_of
+from lssgen.tiny.flux import build_tiny_flux_controlnet_pipeline
+from lssgen.tiny.sd import build_tiny_sd_controlnet_pipeline
+from lssgen.tiny.sdxl import build_tiny_sdxl_controlnet_pipeline
+
+# Within the suite's time budget everything here runs at 128 px: three stages of 32, 64 and 128 px.
+SIZE = 128
+CONTROL = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+THREE_STAGES = {"min_resolution": 32, "base_height": SIZE, "base_width": SIZE}
+
+
+def control_images(count: int, height: int = SIZE, width: int = SIZE) -> torch.Tensor | list[torch.Tensor]:
+    """One control image per controlnet, of the requested size (a single tensor for a single controlnet)."""
+    image = torch.nn.functional.interpolate(CONTROL, size=(height, width), mode="bilinear", align_corners=False)
+    images = [image, image.flip(-1), image.flip(-2)][:count]
+    return images[0] if count == 1 else images
+
+
+# --- the adapter contract -------------------------------------------------------------------------------------
+# Within the suite's time budget (see test_img2img.py): a ControlNet class shares its family's denoiser, hooks,
+# caches and call-argument handling with the family's text-to-image class, whose contract runs in full; here runs what
+# the control image and window change: stock equality, the plan the denoiser sees, batches, per-image noise, the
+# interrupt (SDXL, whose UNet path is SD's, and a second FLUX.1 controlnet, the first two). The calls carry a control
+# window that ends early, so a step-index window would show; they run at 128 px, in 4 steps.
+CONTROLNET_TESTS = (
+    "test_start_sigma_one_and_unpatch_are_bit_identical_to_stock",
+    "test_denoiser_calls_follow_the_plan",
+    "test_batch_of_prompts_with_several_images_each",
+    "test_stage_noise_is_drawn_for_every_image_of_the_batch",
+    "test_interrupt_in_a_low_resolution_stage_still_returns_a_full_size_image",
+)
+
+
+def controlnet_contract(
+    family: type,
+    pipeline_class: type,
+    build,
+    control_argument: str,
+    *,
+    controlnets: int = 1,
+    tests: tuple[str, ...] = CONTROLNET_TESTS,
+) -> type:
+    """The adapter contract of `family` (a family's contract test class) for its ControlNet pipeline built by
+    `build(seed=, controlnets=)`, called with one control image per controlnet of the requested size, a scale per
+    controlnet and a window that ends at 0.7 of the generation."""
+    contract_tests = {name for cls in family.__mro__ for name in vars(cls) if name.startswith("test_")}
+    dropped = dict.fromkeys(contract_tests - set(tests))
+
+    def build_pipe(self, seed=0):
+        return build(seed=seed, controlnets=controlnets)
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        overrides = {"height": self.height, "width": self.width, "num_inference_steps": self.steps, **overrides}
+        kwargs = family.call_kwargs(self, pipe, prompts, seed, **overrides)
+        size = (kwargs.get("height", self.height), kwargs.get("width", self.width))
+        scales = [0.9, 0.6, 0.3][:controlnets]
+        return {
+            control_argument: control_images(controlnets, *size),
+            "controlnet_conditioning_scale": scales[0] if controlnets == 1 else scales,
+            "control_guidance_end": 0.7,
+            **kwargs,
+        }
+
+    members = {
+        "height": SIZE,
+        "width": SIZE,
+        "steps": 4,
+        "three_stages": THREE_STAGES,
+        "trace_cases": [(SIZE, SIZE, 4, THREE_STAGES)],
+        "build_pipe": build_pipe,
+        "call_kwargs": call_kwargs,
+    }
+    suffix = "" if controlnets == 1 else f"With{controlnets}ControlNets"
+    return type(f"Test{pipeline_class.__name__}{suffix}", (family,), {**dropped, **members})
+
+
+TestStableDiffusionControlNetPipeline = controlnet_contract(
+    test_sd.TestSD, StableDiffusionControlNetPipeline, build_tiny_sd_controlnet_pipeline, "image"
+)
+TestStableDiffusionXLControlNetPipeline = controlnet_contract(
+    test_sdxl.TestSDXL,
+    StableDiffusionXLControlNetPipeline,
+    build_tiny_sdxl_controlnet_pipeline,
+    "image",
+    tests=CONTROLNET_TESTS[:2],
+)
+TestFluxControlNetPipeline = controlnet_contract(
+    test_flux.TestFlux, FluxControlNetPipeline, build_tiny_flux_controlnet_pipeline, "control_image"
+)
+TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
+    test_flux.TestFlux,
+    FluxControlNetPipeline,
+    build_tiny_flux_controlnet_pipeline,
+    "control_image",
+    controlnets=2,
+    tests=CONTROLNET_TESTS[:2],
+)
+
+
+# --- the condition each controlnet reads, at each stage -----------------------------------------------------------
+def _record_inputs(module: torch.nn.Module, records: list) -> torch.utils.hooks.RemovableHandle:
+    """Record the first input of `module` (a submodule of a controlnet: what the controlnet really consumed, after
+    lssgen's hook on it rewrote its arguments)."""
+    return module.register_forward_pre_hook(lambda m, args: records.append(args[0].clone()))
+
+
+def _stage_of_each_step(plan) -> list:
+    return [stage for stage in plan.stages for _ in stage.timesteps]
+
+
+def test_unet_controlnets_read_the_control_image_prepared_at_each_stage_size():
+    """SD (two controlnets) and SDXL: inside each controlnet, the condition of every call is what the pipeline's own
+    `prepare_image` makes of that controlnet's image at the stage's size; SDXL's controlnet also gets the stage's
+    size conditioning."""
+    for build, count in ((build_tiny_sd_controlnet_pipeline, 2), (build_tiny_sdxl_controlnet_pipeline, 1)):
+        pipe = build(controlnets=count)
+        pipe.set_progress_bar_config(disable=True)
+        lssgen.patch(pipe, **THREE_STAGES)
+        nets = controlnets_of(pipe)
+        conditions = [[] for _ in nets]
+        handles = [_record_inputs(net.controlnet_cond_embedding, seen) for net, seen in zip(nets, conditions)]
+        time_ids = []
+        if hasattr(nets[0], "add_time_proj") and nets[0].config.addition_embed_type == "text_time":
+            handles.append(_record_inputs(nets[0].add_time_proj, time_ids))
+        images = control_images(count)
+        pipe(**test_sd.sd_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=2), image=images)
+        for handle in handles:
+            handle.remove()
+        plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **THREE_STAGES)
+        steps = _stage_of_each_step(plan)
+        for index, seen in enumerate(conditions):
+            assert len(seen) == len(steps)
+            image = images[index] if count > 1 else images
+            for stage, condition in zip(steps, seen):
+                expected = pipe.prepare_image(
+                    image=image,
+                    width=stage.width,
+                    height=stage.height,
+                    batch_size=1,
+                    num_images_per_prompt=1,
+                    device=pipe.device,
+                    dtype=nets[index].dtype,
+                    do_classifier_free_guidance=True,
+                )
+                assert torch.equal(condition, expected), (build.__name__, index, stage.index)
+        if time_ids:
+            sizes = [[(row[0], row[1], row[4], row[5]) for row in ids.reshape(-1, 6).tolist()] for ids in time_ids]
+            assert sizes == [[(s.height, s.width) * 2] * 2 for s in steps]
+
+
+def test_flux_controlnet_reads_the_control_image_encoded_and_packed_at_each_stage_size():
+    """FluxControlNetPipeline: inside the controlnet, each stage's condition is the control image prepared at that
+    size by the pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample drawn from the call's
+    generator, after the target-size one the stock call draws) and packed."""
+    pipe = build_tiny_flux_controlnet_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, **THREE_STAGES)
+    seen = []
+    handle = _record_inputs(pipe.controlnet.controlnet_x_embedder, seen)
+    pipe(**test_flux.flux_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=CONTROL)
+    handle.remove()
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **THREE_STAGES)
+    # The call's generator draws, in order: the first stage's noise, one control sample per low-resolution stage (as
+    # the pipeline prepares its control image), then the stock call's target-size one.
+    generator = torch.Generator().manual_seed(0)
+    first = plan.stages[0]
+    randn_tensor((1, 4, first.latent_height, first.latent_width), generator=generator)
+    expected = {}
+    config = pipe.vae.config
+    for stage in plan.stages:
+        pixels = pipe.prepare_image(
+            pipe.image_processor.resize(CONTROL, stage.height, stage.width),
+            stage.width,
+            stage.height,
+            1,
+            1,
+            pipe.device,
+            pipe.vae.dtype,
+        )
+        posterior = pipe.vae.encode(pixels).latent_dist
+        if stage is not plan.stages[-1]:
+            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
+            latents = (sample - config.shift_factor) * config.scaling_factor
+            expected[stage.index] = pipe._pack_latents(latents, *latents.shape)
+    steps = _stage_of_each_step(plan)
+    assert len(seen) == len(steps)
+    for stage, condition in zip(steps, seen):
+        rows, cols = stage.latent_height // 2, stage.latent_width // 2
+        assert condition.shape == (1, rows * cols, 16)
+        if stage.index in expected:
+            torch.testing.assert_close(condition, expected[stage.index], rtol=1e-5, atol=1e-5)
+
+
+# --- the control window, by noise level ---------------------------------------------------------------------------
+def _effective_scales(net: torch.nn.Module, records: list) -> list:
+    """Per call of a UNet controlnet: its timestep and its effective conditioning scale, the ratio of its scaled
+    mid-block residual (its output) to the raw one (the mid-block's output)."""
+    raw = []
+    handles = [
+        net.controlnet_mid_block.register_forward_hook(lambda m, args, out: raw.append(out.abs().sum())),
+        net.register_forward_pre_hook(
+            lambda m, args, kwargs: records.append([float(kwargs["timestep"])]), with_kwargs=True
+        ),
+        net.register_forward_hook(lambda m, args, out: records[-1].append(float(out[1].abs().sum() / raw[-1]))),
+    ]
+    return handles
+
+
+def test_control_window_keeps_each_controlnet_exactly_at_the_noise_levels_of_the_stock_window():
+    """Two controlnets with their own windows (one closed on both sides, one open at the noisy end) and scales: in a
+    3-stage call, each controlnet's effective scale is its `controlnet_conditioning_scale` exactly for the calls whose
+    timestep lies between the noisiest and the least noisy timestep the stock call keeps (unbounded where the stock
+    window reaches the schedule's end), and 0 elsewhere; at the target size that keeps what stock keeps."""
+    windows = {"control_guidance_start": [0.25, 0.0], "control_guidance_end": [0.75, 0.5]}
+    scales = [0.5, 0.8]
+    stock, pipe = build_tiny_sd_controlnet_pipeline(controlnets=2), build_tiny_sd_controlnet_pipeline(controlnets=2)
+    calls = {}
+    for name, p in (("stock", stock), ("lssgen", pipe)):
+        p.set_progress_bar_config(disable=True)
+        if name == "lssgen":
+            lssgen.patch(p, **THREE_STAGES)
+        records = [[], []]
+        handles = [h for net, seen in zip(p.controlnet.nets, records) for h in _effective_scales(net, seen)]
+        kwargs = test_sd.sd_call_kwargs(p, height=SIZE, width=SIZE)
+        p(**kwargs, image=control_images(2), controlnet_conditioning_scale=scales, **windows)
+        for handle in handles:
+            handle.remove()
+        calls[name] = records
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 8, **THREE_STAGES)
+    for index, scale in enumerate(scales):
+        stock_calls = calls["stock"][index]
+        kept = [t for t, effective in stock_calls if effective > 0]
+        assert all(effective == pytest.approx(scale) for _, effective in stock_calls if effective > 0)
+        high = math.inf if stock_calls[0][1] > 0 else max(kept)
+        low = -math.inf if stock_calls[-1][1] > 0 else min(kept)
+        got = calls["lssgen"][index]
+        assert [t for t, _ in got] == [t for stage in plan.stages for t in stage.timesteps]
+        expected = [scale if low <= t <= high else 0.0 for t, _ in got]
+        assert [effective for _, effective in got] == pytest.approx(expected, abs=1e-6), index
+        # The check bites: within the low-resolution stages, some calls are kept and some are not.
+        low_resolution = expected[: plan.stage_ends[-2]]
+        assert 0.0 in low_resolution and scale in low_resolution, index
+        # At the target size, a call is kept exactly where stock keeps the same timestep.
+        stock_keeps = dict(stock_calls)
+        for t, effective in got[plan.stage_ends[-2] :]:
+            assert (effective > 0) == (stock_keeps[t] > 0), (index, t)
+
+
+# --- hooks, and bad input ---------------------------------------------------------------------------------------
+def test_patch_hooks_every_controlnet_and_unpatch_removes_exactly_those_hooks():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    pipe = build_tiny_sdxl_controlnet_pipeline(controlnets=2)
+    nets = controlnets_of(pipe)
+    user_hook = ModelHook()
+    HookRegistry.check_if_exists_or_initialize(nets[1]).register_hook(user_hook, "user")
+    lssgen.patch(pipe)
+    lssgen.patch(pipe)  # re-patching replaces the hooks, never stacks them
+    for net in nets:
+        hooks = [name for name in net._diffusers_hook.hooks if name.startswith("lssgen")]
+        assert sorted(hooks) == sorted([CONTROL_HOOK, lssgen.find_adapter(pipe).stage_hook_name])
+    lssgen.unpatch(pipe)
+    assert [list(net._diffusers_hook.hooks) for net in nets] == [[], ["user"]]
+
+
+@pytest.mark.parametrize(
+    ("build", "overrides", "match"),
+    [
+        # The stock pipeline's own check of the control image against the prompts.
+        (
+            build_tiny_sd_controlnet_pipeline,
+            {"image": torch.rand(2, 3, SIZE, SIZE), "prompt": ["a", "b", "c"]},
+            "image batch size must be same as prompt batch size",
+        ),
+        # lssgen's own: FluxControlNetPipeline generates at a tensor control image's size, which halves to no stage.
+        (build_tiny_flux_controlnet_pipeline, {"control_image": torch.rand(1, 3, 100, 100)}, "`control_image` is a"),
+    ],
+    ids=["stock-batch", "tensor-size"],
+)
+def test_bad_control_input_raises_before_denoising_and_leaves_the_pipe_usable(build, overrides, match):
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, **THREE_STAGES)
+    argument = lssgen.find_adapter(pipe).control_image_argument
+    call = test_flux.flux_call_kwargs if argument == "control_image" else test_sd.sd_call_kwargs
+    kwargs = call(pipe, height=SIZE, width=SIZE, num_inference_steps=2, **{argument: CONTROL})
+    calls = []
+    denoiser = getattr(pipe, lssgen.find_adapter(pipe).denoiser)
+    handle = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match=match):
+        pipe(**{**kwargs, **overrides})
+    handle.remove()
+    assert not calls and pipe._lssgen.run is None
+    assert pipe(**kwargs).images.shape == (1, 3, SIZE, SIZE)
