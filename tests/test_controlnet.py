@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 
+import PIL.Image
 import pytest
 import test_flux
 import test_sd
 import test_sdxl
 import torch
 from diffusers import FluxControlNetPipeline, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 import lssgen
@@ -22,6 +24,7 @@ from lssgen.tiny.sdxl import build_tiny_sdxl_controlnet_pipeline
 
 # Within the suite's time budget everything here runs at 128 px: three stages of 32, 64 and 128 px.
 SIZE = 128
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONTROL = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
 THREE_STAGES = {"min_resolution": 32, "base_height": SIZE, "base_width": SIZE}
 
@@ -31,6 +34,12 @@ def control_images(count: int, height: int = SIZE, width: int = SIZE) -> torch.T
     image = torch.nn.functional.interpolate(CONTROL, size=(height, width), mode="bilinear", align_corners=False)
     images = [image, image.flip(-1), image.flip(-2)][:count]
     return images[0] if count == 1 else images
+
+
+def as_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """A control image as users pass them: resized with PIL's filter at a stage's size, not sampled from the
+    target-size tensor (which a nearest-neighbour tensor resize would also give)."""
+    return VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(image))[0]
 
 
 # --- the adapter contract -------------------------------------------------------------------------------------
@@ -139,7 +148,8 @@ def test_unet_controlnets_read_the_control_image_prepared_at_each_stage_size():
         time_ids = []
         if hasattr(nets[0], "add_time_proj") and nets[0].config.addition_embed_type == "text_time":
             handles.append(_record_inputs(nets[0].add_time_proj, time_ids))
-        images = control_images(count)
+        images = [as_pil(image) for image in control_images(2)][:count]
+        images = images[0] if count == 1 else images
         pipe(**test_sd.sd_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=2), image=images)
         for handle in handles:
             handle.remove()
