@@ -47,6 +47,12 @@ def controlnets_of(pipe: Any) -> list[torch.nn.Module]:
     return list(nets) if nets is not None else [controlnet]
 
 
+def takes_control(pipe: Any, adapter: Adapter) -> bool:
+    """Whether a call of `pipe` is a ControlNet call lssgen conditions per stage: its adapter knows the family's
+    ControlNet class and the pipe has controlnets (the family's other classes share the adapter)."""
+    return adapter.control_image_method is not None and bool(controlnets_of(pipe))
+
+
 @dataclass(frozen=True)
 class ControlWindow:
     """The timesteps a controlnet is kept at: `low <= t <= high` (infinite bounds where the window reaches the end

@@ -24,6 +24,7 @@ from .controlnets import (
     install_control_hooks,
     remove_control_hooks,
     stand_in_control_preparation,
+    takes_control,
 )
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
@@ -173,7 +174,7 @@ def patch(
         adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class, upsampler_note=note
     )
     chosen.install_hooks(pipe, state.low_resolution_stage)
-    if chosen.control_image_method is not None:
+    if takes_control(pipe, chosen):
         state.controlnets = install_control_hooks(pipe, chosen, state.low_resolution_stage, state.controls)
     # A subclass per instance: Python looks `__call__` up on the class, and keeping the name keeps
     # `save_pretrained` writing the stock class name.
@@ -416,7 +417,7 @@ def _prepare_run(
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
     if image_to_image:
         height, width = image_to_image_size(pipe, stock_call, call)
-    elif adapter.control_image_method is not None:
+    elif takes_control(pipe, adapter):
         height, width = adapter.control_size(pipe, call)
     else:
         height, width = call.get("height"), call.get("width")
@@ -482,7 +483,7 @@ def _prepare_run(
         call.update(strength=1.0)
     else:
         run.first_latents = adapter.pack(pipe, noise)
-    if adapter.control_image_method is not None:
+    if takes_control(pipe, adapter):
         nets = controlnets_of(pipe)
         # The control window is read off the stock schedule at the target size (see lssgen.controlnets).
         target = stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width)

@@ -150,7 +150,7 @@ class FluxAdapter(Adapter):
         return super().control_size(pipe, call)
 
     def prepare_call(self, pipe, call, plan):
-        images = call.get(self.control_image_argument)
+        images = call.get(self.control_image_argument) if controlnets_of(pipe) else None
         for image in images if isinstance(images, (list, tuple)) else [images]:
             if (
                 isinstance(image, torch.Tensor)
