@@ -201,6 +201,28 @@ def stand_in_control_preparation(pipe: Any, adapter: Adapter, plan: StagePlan, c
     return prepare
 
 
+def tensor_control_size(call: dict[str, Any], argument: str) -> tuple[int, int] | None:
+    """The size of the call's first control image where it is a `(B, C, H, W)` tensor: FLUX.1's and SD3's ControlNet
+    pipelines take a tensor as it is and generate at its size, whatever `height`/`width` say."""
+    image = call.get(argument)
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    return tuple(first.shape[-2:]) if isinstance(first, torch.Tensor) and first.ndim == 4 else None
+
+
+def check_tensor_control_size(pipe: Any, call: dict[str, Any], argument: str, plan: StagePlan) -> None:
+    """For pipelines that generate at a tensor control image's size: every such tensor must have the planned size
+    (one that halves down to every stage), else a ValueError naming the argument, before any denoising."""
+    images = call.get(argument)
+    for image in images if isinstance(images, (list, tuple)) else [images]:
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and tuple(image.shape[-2:]) != (plan.height, plan.width):
+            raise ValueError(
+                f"`{argument}` is a {image.shape[-1]}x{image.shape[-2]} tensor, which {type(pipe).__name__} "
+                f"generates at as it is, but lssgen's stages need {plan.width}x{plan.height} (a size that halves "
+                "down to every stage). Pass a control image of that size, or a PIL image, or `start_sigma=1.0` for "
+                "the stock pipeline."
+            )
+
+
 def control_image_size(pipe: Any, adapter: Adapter, call: dict[str, Any]) -> tuple[int | None, int | None]:
     """The size a ControlNet call generates at when it takes it from the control image (SD's and SDXL's: no
     `height`/`width` given and no default size): the first control image's, as the control image processor reads

@@ -10,9 +10,15 @@ import PIL.Image
 import pytest
 import test_flux
 import test_sd
+import test_sd3
 import test_sdxl
 import torch
-from diffusers import FluxControlNetPipeline, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import (
+    FluxControlNetPipeline,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -20,6 +26,7 @@ import lssgen
 from lssgen.controlnets import CONTROL_HOOK, controlnets_of
 from lssgen.tiny.flux import build_tiny_flux_controlnet_pipeline
 from lssgen.tiny.sd import build_tiny_sd_controlnet_pipeline
+from lssgen.tiny.sd3 import build_tiny_sd3_controlnet_pipeline
 from lssgen.tiny.sdxl import build_tiny_sdxl_controlnet_pipeline
 
 # Within the suite's time budget everything here runs at 128 px: three stages of 32, 64 and 128 px.
@@ -65,6 +72,7 @@ def controlnet_contract(
     *,
     controlnets: int = 1,
     tests: tuple[str, ...] = CONTROLNET_TESTS,
+    global_random_state: bool = False,
 ) -> type:
     """The adapter contract of `family` (a family's contract test class) for its ControlNet pipeline built by
     `build(seed=, controlnets=)`, called with one control image per controlnet of the requested size, a scale per
@@ -87,7 +95,14 @@ def controlnet_contract(
             **kwargs,
         }
 
+    def images(self, pipe, **kwargs):
+        # A pipeline that samples its control latents from the global random state (SD3) repeats only when seeded.
+        if global_random_state:
+            torch.manual_seed(0)
+        return family.images(self, pipe, **kwargs)
+
     members = {
+        "images": images,
         "height": SIZE,
         "width": SIZE,
         "steps": 4,
@@ -112,6 +127,16 @@ TestStableDiffusionXLControlNetPipeline = controlnet_contract(
 )
 TestFluxControlNetPipeline = controlnet_contract(
     test_flux.TestFlux, FluxControlNetPipeline, build_tiny_flux_controlnet_pipeline, "control_image"
+)
+# SD3's control sample comes from the global random state, whose draws depend on the batch: an image generated alone
+# does not repeat within a batch, with or without lssgen, so the per-image noise test does not apply.
+TestStableDiffusion3ControlNetPipeline = controlnet_contract(
+    test_sd3.TestSD3,
+    StableDiffusion3ControlNetPipeline,
+    build_tiny_sd3_controlnet_pipeline,
+    "control_image",
+    tests=tuple(name for name in CONTROLNET_TESTS if "per_image" not in name and "stage_noise" not in name),
+    global_random_state=True,
 )
 TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
     test_flux.TestFlux,
@@ -175,45 +200,46 @@ def test_unet_controlnets_read_the_control_image_prepared_at_each_stage_size():
             assert sizes == [[(s.height, s.width) * 2] * 2 for s in steps]
 
 
-def test_flux_controlnet_reads_the_control_image_encoded_and_packed_at_each_stage_size():
-    """FluxControlNetPipeline: inside the controlnet, each stage's condition is the control image prepared at that
-    size by the pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample drawn from the call's
-    generator, after the target-size one the stock call draws) and packed."""
-    pipe = build_tiny_flux_controlnet_pipeline()
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_size(family):
+    """FLUX.1 and SD3: inside the controlnet, each stage's condition is the control image prepared at that size by the
+    pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample: FLUX.1 draws it from the call's
+    generator, SD3 from the global random state) and normalised (FLUX.1 also packs it)."""
+    flux = family == "flux"
+    pipe = (build_tiny_flux_controlnet_pipeline if flux else build_tiny_sd3_controlnet_pipeline)()
     pipe.set_progress_bar_config(disable=True)
     lssgen.patch(pipe, **THREE_STAGES)
     seen = []
-    handle = _record_inputs(pipe.controlnet.controlnet_x_embedder, seen)
-    pipe(**test_flux.flux_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=CONTROL)
+    handle = _record_inputs(pipe.controlnet.controlnet_x_embedder if flux else pipe.controlnet.pos_embed_input, seen)
+    call = test_flux.flux_call_kwargs if flux else test_sd3.sd3_call_kwargs
+    torch.manual_seed(1234)
+    pipe(**call(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=CONTROL)
     handle.remove()
     plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **THREE_STAGES)
-    # The call's generator draws, in order: the first stage's noise, one control sample per low-resolution stage (as
-    # the pipeline prepares its control image), then the stock call's target-size one.
-    generator = torch.Generator().manual_seed(0)
-    first = plan.stages[0]
-    randn_tensor((1, 4, first.latent_height, first.latent_width), generator=generator)
-    expected = {}
+    # The draws, in order: (FLUX.1: the first stage's noise, from the same generator), one control sample per
+    # low-resolution stage (as the pipeline prepares its control image), then the stock call's target-size one.
+    generator = torch.Generator().manual_seed(0) if flux else None
+    torch.manual_seed(1234)
+    if flux:
+        first = plan.stages[0]
+        randn_tensor((1, 4, first.latent_height, first.latent_width), generator=generator)
     config = pipe.vae.config
-    for stage in plan.stages:
-        pixels = pipe.prepare_image(
-            pipe.image_processor.resize(CONTROL, stage.height, stage.width),
-            stage.width,
-            stage.height,
-            1,
-            1,
-            pipe.device,
-            pipe.vae.dtype,
-        )
+    shift = config.shift_factor if flux else 0.0  # SD3: controlnets that zero the pooled projection skip the shift
+    expected = {}
+    for stage in plan.stages[:-1]:
+        image = pipe.image_processor.resize(CONTROL, stage.height, stage.width)
+        pixels = pipe.prepare_image(image, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype, not flux)
         posterior = pipe.vae.encode(pixels).latent_dist
-        if stage is not plan.stages[-1]:
-            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
-            latents = (sample - config.shift_factor) * config.scaling_factor
-            expected[stage.index] = pipe._pack_latents(latents, *latents.shape)
+        sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
+        latents = (sample - shift) * config.scaling_factor
+        expected[stage.index] = pipe._pack_latents(latents, *latents.shape) if flux else latents
     steps = _stage_of_each_step(plan)
     assert len(seen) == len(steps)
     for stage, condition in zip(steps, seen):
-        rows, cols = stage.latent_height // 2, stage.latent_width // 2
-        assert condition.shape == (1, rows * cols, 16)
+        if flux:
+            assert condition.shape == (1, stage.latent_height * stage.latent_width // 4, 16)
+        else:
+            assert condition.shape == (2, 16, stage.latent_height, stage.latent_width)
         if stage.index in expected:
             torch.testing.assert_close(condition, expected[stage.index], rtol=1e-5, atol=1e-5)
 

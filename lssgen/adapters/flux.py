@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
-from ..controlnets import controlnets_of
+from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
 from ..hookspecs import hookimpl
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
@@ -142,27 +142,11 @@ class FluxAdapter(Adapter):
     control_image_argument = "control_image"
 
     def control_size(self, pipe, call):
-        # The pipeline generates at a tensor control image's own size, whatever `height`/`width` say.
-        image = call.get(self.control_image_argument)
-        first = image[0] if isinstance(image, (list, tuple)) and image else image
-        if isinstance(first, torch.Tensor) and first.ndim == 4:
-            return tuple(first.shape[-2:])
-        return super().control_size(pipe, call)
+        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
 
     def prepare_call(self, pipe, call, plan):
-        images = call.get(self.control_image_argument) if controlnets_of(pipe) else None
-        for image in images if isinstance(images, (list, tuple)) else [images]:
-            if (
-                isinstance(image, torch.Tensor)
-                and image.ndim == 4
-                and tuple(image.shape[-2:]) != (plan.height, plan.width)
-            ):
-                raise ValueError(
-                    f"`{self.control_image_argument}` is a {image.shape[-1]}x{image.shape[-2]} tensor, which "
-                    f"{type(pipe).__name__} generates at as it is, but lssgen's stages need {plan.width}x{plan.height} "
-                    "(a size that halves down to every stage). Pass a control image of that size, or a PIL image, or "
-                    "`start_sigma=1.0` for the stock pipeline."
-                )
+        if controlnets_of(pipe):
+            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
 
     def stage_control_image(self, pipe, prepare, arguments, stage, run):
         image = arguments["image"]
