@@ -9,12 +9,14 @@ import math
 import PIL.Image
 import pytest
 import test_flux
+import test_qwenimage
 import test_sd
 import test_sd3
 import test_sdxl
 import torch
 from diffusers import (
     FluxControlNetPipeline,
+    QwenImageControlNetPipeline,
     StableDiffusion3ControlNetPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -25,6 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import lssgen
 from lssgen.controlnets import CONTROL_HOOK, controlnets_of
 from lssgen.tiny.flux import build_tiny_flux_controlnet_pipeline
+from lssgen.tiny.qwenimage import build_tiny_qwenimage_controlnet_pipeline
 from lssgen.tiny.sd import build_tiny_sd_controlnet_pipeline
 from lssgen.tiny.sd3 import build_tiny_sd3_controlnet_pipeline
 from lssgen.tiny.sdxl import build_tiny_sdxl_controlnet_pipeline
@@ -73,6 +76,7 @@ def controlnet_contract(
     controlnets: int = 1,
     tests: tuple[str, ...] = CONTROLNET_TESTS,
     global_random_state: bool = False,
+    steps: int = 4,
 ) -> type:
     """The adapter contract of `family` (a family's contract test class) for its ControlNet pipeline built by
     `build(seed=, controlnets=)`, called with one control image per controlnet of the requested size, a scale per
@@ -105,9 +109,9 @@ def controlnet_contract(
         "images": images,
         "height": SIZE,
         "width": SIZE,
-        "steps": 4,
+        "steps": steps,
         "three_stages": THREE_STAGES,
-        "trace_cases": [(SIZE, SIZE, 4, THREE_STAGES)],
+        "trace_cases": [(SIZE, SIZE, steps, THREE_STAGES)],
         "build_pipe": build_pipe,
         "call_kwargs": call_kwargs,
     }
@@ -137,6 +141,15 @@ TestStableDiffusion3ControlNetPipeline = controlnet_contract(
     "control_image",
     tests=tuple(name for name in CONTROLNET_TESTS if "per_image" not in name and "stage_noise" not in name),
     global_random_state=True,
+)
+# Qwen-Image's schedule needs 2 steps in every stage: 12 steps, shortened against the 128 px base.
+TestQwenImageControlNetPipeline = controlnet_contract(
+    test_qwenimage.TestQwenImage,
+    QwenImageControlNetPipeline,
+    build_tiny_qwenimage_controlnet_pipeline,
+    "control_image",
+    tests=CONTROLNET_TESTS[:2],
+    steps=12,
 )
 TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
     test_flux.TestFlux,
@@ -200,48 +213,89 @@ def test_unet_controlnets_read_the_control_image_prepared_at_each_stage_size():
             assert sizes == [[(s.height, s.width) * 2] * 2 for s in steps]
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+def _flux_condition(pipe, latents):
+    config = pipe.vae.config
+    latents = (latents - config.shift_factor) * config.scaling_factor
+    return pipe._pack_latents(latents, *latents.shape)
+
+
+def _qwenimage_condition(pipe, latents):
+    config = pipe.vae.config
+    mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
+    latents = ((latents - mean) / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)).permute(0, 2, 1, 3, 4)
+    return pipe._pack_latents(latents, latents.shape[0], latents.shape[2], *latents.shape[3:])
+
+
+# Per family: the tiny pipeline, its call, the controlnet's module that takes the condition, whether the call runs
+# CFG in one batch (the condition is doubled), whether the VAE sample comes from the call's generator (else the global
+# random state), and the normalisation and packing of the sampled latent. (SD3's controlnets zero the pooled
+# projection, so the pipeline skips the VAE's shift.)
+VAE_ENCODING_FAMILIES = {
+    "flux": (
+        build_tiny_flux_controlnet_pipeline,
+        test_flux.flux_call_kwargs,
+        "controlnet_x_embedder",
+        False,
+        True,
+        _flux_condition,
+    ),
+    "sd3": (
+        build_tiny_sd3_controlnet_pipeline,
+        test_sd3.sd3_call_kwargs,
+        "pos_embed_input",
+        True,
+        False,
+        lambda pipe, latents: latents * pipe.vae.config.scaling_factor,
+    ),
+    "qwenimage": (
+        build_tiny_qwenimage_controlnet_pipeline,
+        test_qwenimage.qwenimage_call_kwargs,
+        "controlnet_x_embedder",
+        False,
+        True,
+        _qwenimage_condition,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(VAE_ENCODING_FAMILIES))
 def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_size(family):
-    """FLUX.1 and SD3: inside the controlnet, each stage's condition is the control image prepared at that size by the
-    pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample: FLUX.1 draws it from the call's
-    generator, SD3 from the global random state) and normalised (FLUX.1 also packs it)."""
-    flux = family == "flux"
-    pipe = (build_tiny_flux_controlnet_pipeline if flux else build_tiny_sd3_controlnet_pipeline)()
+    """FLUX.1, SD3, Qwen-Image: inside the controlnet, each stage's condition is the control image prepared at that
+    size by the pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample, from the call's generator
+    or the global random state), normalised and packed as the pipeline does."""
+    build, call, probe, doubled, from_generator, finish = VAE_ENCODING_FAMILIES[family]
+    pipe = build()
     pipe.set_progress_bar_config(disable=True)
-    lssgen.patch(pipe, **THREE_STAGES)
+    options = {**THREE_STAGES, "shorten_intermediate_steps": False}
+    lssgen.patch(pipe, **options)
     seen = []
-    handle = _record_inputs(pipe.controlnet.controlnet_x_embedder if flux else pipe.controlnet.pos_embed_input, seen)
-    call = test_flux.flux_call_kwargs if flux else test_sd3.sd3_call_kwargs
+    handle = _record_inputs(getattr(pipe.controlnet, probe), seen)
     torch.manual_seed(1234)
     pipe(**call(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=CONTROL)
     handle.remove()
-    plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **THREE_STAGES)
-    # The draws, in order: (FLUX.1: the first stage's noise, from the same generator), one control sample per
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **options)
+    # The draws, in order: the first stage's noise (from the call's generator), one control sample per
     # low-resolution stage (as the pipeline prepares its control image), then the stock call's target-size one.
-    generator = torch.Generator().manual_seed(0) if flux else None
+    generator = torch.Generator().manual_seed(0) if from_generator else None
     torch.manual_seed(1234)
-    if flux:
+    if from_generator:
         first = plan.stages[0]
-        randn_tensor((1, 4, first.latent_height, first.latent_width), generator=generator)
-    config = pipe.vae.config
-    shift = config.shift_factor if flux else 0.0  # SD3: controlnets that zero the pooled projection skip the shift
+        noise = lssgen.find_adapter(pipe).latent_shape(pipe, 1, first.latent_height, first.latent_width, {})
+        randn_tensor(noise, generator=generator)
     expected = {}
     for stage in plan.stages[:-1]:
         image = pipe.image_processor.resize(CONTROL, stage.height, stage.width)
-        pixels = pipe.prepare_image(image, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype, not flux)
-        posterior = pipe.vae.encode(pixels).latent_dist
+        pixels = pipe.prepare_image(image, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype, doubled)
+        posterior = pipe.vae.encode(pixels if family != "qwenimage" else pixels.unsqueeze(2)).latent_dist
         sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
-        latents = (sample - shift) * config.scaling_factor
-        expected[stage.index] = pipe._pack_latents(latents, *latents.shape) if flux else latents
+        expected[stage.index] = finish(pipe, sample)
     steps = _stage_of_each_step(plan)
     assert len(seen) == len(steps)
     for stage, condition in zip(steps, seen):
-        if flux:
-            assert condition.shape == (1, stage.latent_height * stage.latent_width // 4, 16)
-        else:
-            assert condition.shape == (2, 16, stage.latent_height, stage.latent_width)
         if stage.index in expected:
             torch.testing.assert_close(condition, expected[stage.index], rtol=1e-5, atol=1e-5)
+    # One condition size per stage, the target stage's being the stock call's own.
+    assert len({condition.shape for condition in seen}) == len(plan.stages)
 
 
 # --- the control window, by noise level ---------------------------------------------------------------------------

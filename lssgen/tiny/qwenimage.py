@@ -6,6 +6,9 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImageMultiControlNetModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -94,3 +97,41 @@ def tiny_qwenimage_prompt_embeds(pipe, prompts: str | list[str]) -> tuple[torch.
         embeds[row, :length] = tiny_flux2_prompt_embeds(pipe, text, length)[0]
         mask[row, :length] = 1
     return embeds, mask
+
+
+def build_tiny_qwenimage_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> QwenImageControlNetPipeline:
+    r"""
+    A stock `QwenImageControlNetPipeline`: the tiny Qwen-Image pipeline's components (`build_tiny_qwenimage_pipeline`:
+    no text encoder, call it with `tiny_qwenimage_prompt_embeds`) and tiny controlnets of its transformer (one block,
+    `QwenImageControlNetModel.from_transformer`), their zero-initialised projections given small random weights so
+    that the control image shows in the result.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
+        controlnets (`int`, defaults to `1`): one `QwenImageControlNetModel`, or a `QwenImageMultiControlNetModel`.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_qwenimage_controlnet_pipeline()
+    >>> embeds, mask = tiny_qwenimage_prompt_embeds(pipe, "a cat")
+    >>> image = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, control_image=edges, height=256, width=256)
+    ```
+    """
+    base = build_tiny_qwenimage_pipeline(seed=seed)
+    config = base.transformer.config
+    nets = []
+    for index in range(controlnets):
+        torch.manual_seed(seed + 1 + index)
+        net = QwenImageControlNetModel.from_transformer(
+            base.transformer,
+            num_layers=1,
+            attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads,
+        )
+        with torch.no_grad():
+            for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
+                layer.weight.normal_(std=0.1)
+        nets.append(net.eval())
+    controlnet = nets[0] if controlnets == 1 else QwenImageMultiControlNetModel(nets)
+    return QwenImageControlNetPipeline(**base.components, controlnet=controlnet)
