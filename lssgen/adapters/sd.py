@@ -90,6 +90,7 @@ class SDAdapter(Adapter):
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionControlNetPipeline",
     )
+    image_to_image_pipelines = {"StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
     latent_multiple = 1

@@ -66,6 +66,7 @@ class SD3Adapter(Adapter):
         "StableDiffusion3Img2ImgPipeline",
         "StableDiffusion3ControlNetPipeline",
     )
+    image_to_image_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer patchifies 2x2 (transformer.config.patch_size)

@@ -116,6 +116,7 @@ class SDXLAdapter(Adapter):
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLControlNetPipeline",
     )
+    image_to_image_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
     latent_multiple = 1
