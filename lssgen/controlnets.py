@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
@@ -123,60 +123,99 @@ class StageControls:
 
 
 class ControlNetStageHook(ModelHook):
-    """On one controlnet: during an lssgen call, its condition of the stage being denoised and its scale kept or
-    zeroed by the control window of the current timestep; outside a call, nothing."""
+    """On the pipeline's controlnet module (a multi-controlnet as a whole, so that a union model called once per
+    control image is served too): during an lssgen call, each control image's condition of the stage being denoised
+    and its scale kept or zeroed by the control window of the current timestep; outside a call, nothing."""
 
-    def __init__(self, index: int, current: Callable[[], tuple[Stage | None, StageControls] | None]):
+    def __init__(self, current: Callable[[], tuple[Stage | None, StageControls] | None], adapter: Adapter):
         super().__init__()
-        self.index = index
         self.current = current
+        self.adapter = adapter
+
+    def initialize_hook(self, module):
+        # Where the condition sits when the pipeline passes it by position (Z-Image's controlnet call).
+        names = list(inspect.signature(type(module).forward).parameters)[1:]
+        name = self.adapter.control_condition_argument
+        self.position = names.index(name) if name in names else None
+        return module
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.current()
         if state is None:
             return args, kwargs
         stage, controls = state
-        if stage is not None:
-            conditions = controls.conditions[self.index] if self.index < len(controls.conditions) else {}
-            if stage.index not in conditions:
-                raise RuntimeError(
-                    f"lssgen prepared no control condition of controlnet {self.index} for stage {stage.index + 1}: "
-                    "the pipeline did not prepare its control images through the adapter's `control_image_method`."
-                )
-            kwargs["controlnet_cond"] = conditions[stage.index]
-        window, scale = controls.windows[self.index], controls.scales[self.index]
-        if window is None or not _is_number(scale):
-            raise ValueError(
-                "lssgen cannot read `control_guidance_start`/`control_guidance_end`/`controlnet_conditioning_scale` "
-                f"for controlnet {self.index}; pass numbers, one per controlnet, or `start_sigma=1.0` for the stock "
-                "pipeline."
+        name = self.adapter.control_condition_argument
+        by_position = name not in kwargs and self.position is not None and self.position < len(args)
+        stock = args[self.position] if by_position else kwargs.get(name)
+        several = isinstance(stock, (list, tuple))
+        count = len(stock) if several else 1
+        if len(controls.conditions) != count:
+            raise RuntimeError(
+                f"lssgen prepared {len(controls.conditions)} control condition(s) but the controlnet got {count}: "
+                "the pipeline did not prepare its control images through the adapter's `control_image_method`."
             )
-        kwargs["conditioning_scale"] = scale if window.keeps(controls.current_timestep()) else 0.0 * scale
+        if stage is not None:
+            conditions = [
+                self.adapter.fit_control_condition(
+                    stock[index] if several else stock, controls.conditions[index][stage.index]
+                )
+                for index in range(count)
+            ]
+            condition = conditions if several else conditions[0]
+            if by_position:
+                args = (*args[: self.position], condition, *args[self.position + 1 :])
+            else:
+                kwargs[name] = condition
+        scales = []
+        for index in range(count):
+            window, scale = controls.windows[index], controls.scales[index]
+            if window is None or not _is_number(scale):
+                raise ValueError(
+                    "lssgen cannot read `control_guidance_start`/`control_guidance_end`/"
+                    f"`controlnet_conditioning_scale` for control image {index}; pass numbers, one per control image, "
+                    "or `start_sigma=1.0` for the stock pipeline."
+                )
+            scales.append(scale if window.keeps(controls.current_timestep()) else 0.0 * scale)
+        kwargs["conditioning_scale"] = scales if several else scales[0]
         return args, kwargs
+
+
+def control_count(pipe: Any, adapter: Adapter, call: dict[str, Any]) -> int:
+    """How many control images a ControlNet call conditions on: one per entry of the control argument for a
+    multi-controlnet (one per controlnet, or several for one union controlnet), else one."""
+    image = call.get(adapter.control_image_argument)
+    several = getattr(pipe.controlnet, "nets", None) is not None and isinstance(image, (list, tuple))
+    return len(image) if several else 1
 
 
 def install_control_hooks(
     pipe: Any, adapter: Adapter, current_stage: Callable, current_controls: Callable
 ) -> list[torch.nn.Module]:
-    """Hook every controlnet of `pipe`: the adapter's stage hook (the size conditioning the denoiser gets, which
-    the pipeline hands the controlnet too) and the control hook. Returns the hooked modules, for `remove`."""
+    """Hook the controlnets of `pipe`: the adapter's stage hook (the size conditioning the denoiser gets, which the
+    pipeline hands the controlnet too) on each controlnet, and the control hook on the pipeline's controlnet module.
+    A module another patched pipe shares keeps one hook, which each pipe joins (`share_hook`). Returns the hooked
+    modules, for `remove_control_hooks`."""
+    from .adapters.base import share_hook
+
     nets = controlnets_of(pipe)
-    for index, net in enumerate(nets):
-        registry = HookRegistry.check_if_exists_or_initialize(net)
-        if adapter.stage_hook is not None:
-            registry.register_hook(adapter.stage_hook(current_stage), adapter.stage_hook_name)
-        registry.register_hook(ControlNetStageHook(index, current_controls), CONTROL_HOOK)
-    return nets
+    if adapter.stage_hook is not None:
+        for net in nets:
+            share_hook(net, adapter.stage_hook_name, adapter.stage_hook, pipe, current_stage)
+    share_hook(
+        pipe.controlnet, CONTROL_HOOK, lambda current: ControlNetStageHook(current, adapter), pipe, current_controls
+    )
+    return [pipe.controlnet, *nets]
 
 
-def remove_control_hooks(nets: list[torch.nn.Module], adapter: Adapter) -> None:
-    for net in nets:
-        registry = getattr(net, "_diffusers_hook", None)
-        if registry is None:
-            continue
-        registry.remove_hook(CONTROL_HOOK, recurse=False)
-        if adapter.stage_hook is not None:
-            registry.remove_hook(adapter.stage_hook_name, recurse=False)
+def remove_control_hooks(pipe: Any, modules: list[torch.nn.Module], adapter: Adapter) -> None:
+    from .adapters.base import release_hook
+
+    if not modules:
+        return
+    release_hook(modules[0], CONTROL_HOOK, pipe)
+    if adapter.stage_hook is not None:
+        for net in modules[1:]:
+            release_hook(net, adapter.stage_hook_name, pipe)
 
 
 def stand_in_control_preparation(pipe: Any, adapter: Adapter, plan: StagePlan, controls: StageControls, run: Any):

@@ -18,9 +18,9 @@ from .conditions import first_stage_image_latents, image_to_image_size, takes_im
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .controlnets import (
     StageControls,
+    control_count,
     control_scales,
     control_windows,
-    controlnets_of,
     install_control_hooks,
     remove_control_hooks,
     stand_in_control_preparation,
@@ -63,7 +63,8 @@ class PatchState:
     run: Run | None = field(default=None, repr=False)
     # Where the upsampler came from, or why there is none: the plan's description says it.
     upsampler_note: str = ""
-    # The controlnets `patch` hooked (each one of a multi-controlnet), so that `unpatch` unhooks exactly those.
+    # The controlnet modules `patch` hooked (the pipeline's controlnet, then each controlnet of a multi-controlnet),
+    # so that `unpatch` unhooks exactly those.
     controlnets: list = field(default_factory=list, repr=False)
 
     def low_resolution_stage(self) -> Stage | None:
@@ -242,7 +243,7 @@ def unpatch(pipe: Any) -> Any:
     if state is None:
         return pipe
     state.adapter.remove_hooks(pipe)
-    remove_control_hooks(state.controlnets, state.adapter)
+    remove_control_hooks(pipe, state.controlnets, state.adapter)
     pipe.__class__ = state.original_class
     del pipe.__dict__[_STATE]
     return pipe
@@ -493,12 +494,12 @@ def _prepare_run(
     else:
         run.first_latents = adapter.pack(pipe, noise)
     if takes_control(pipe, adapter):
-        nets = controlnets_of(pipe)
+        count = control_count(pipe, adapter, call)
         # The control window is read off the stock schedule at the target size (see lssgen.controlnets).
         target = stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width)
         run.controls = StageControls(
-            scales=control_scales(call, stock_defaults, len(nets)),
-            windows=control_windows(call, stock_defaults, len(nets), target),
+            scales=control_scales(call, stock_defaults, count),
+            windows=control_windows(call, stock_defaults, count, target),
             current_timestep=lambda: float(scheduler.timesteps[scheduler.position().step]),
         )
     call.update(num_inference_steps=plan.total_steps)
