@@ -160,6 +160,7 @@ class TestQwenImageControlNetPipeline(
         expected = super().expected(pipe, stage, timestep, prompts)
         return {**expected, "shapes": tuple(shapes[0] for shapes in expected["shapes"])}
 
+
 TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
     test_flux.TestFlux,
     FluxControlNetPipeline,
@@ -305,6 +306,62 @@ def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_s
             torch.testing.assert_close(condition, expected[stage.index], rtol=1e-5, atol=1e-5)
     # One condition size per stage, the target stage's being the stock call's own.
     assert len({condition.shape for condition in seen}) == len(plan.stages)
+
+
+def test_qwenimage_union_controlnet_reads_each_image_its_stage_grid_and_its_own_window():
+    """Qwen-Image's multi-controlnet runs its one (union) controlnet once per control image: every call reads its own
+    image's condition at the stage's size (encoded and packed as the pipeline does, target size included), the stage's
+    token grid in `img_shapes`, and its own image's scale and window (one image kept only early, one only late)."""
+    pipe = build_tiny_qwenimage_controlnet_pipeline(controlnets=2)
+    pipe.set_progress_bar_config(disable=True)
+    options = {**THREE_STAGES, "shorten_intermediate_steps": False}
+    lssgen.patch(pipe, **options)
+    net = controlnets_of(pipe)[0]
+    conditions, shapes, scales = [], [], []
+    handles = [
+        _record_inputs(net.controlnet_x_embedder, conditions),
+        net.pos_embed.register_forward_pre_hook(lambda m, args: shapes.append([tuple(s) for s in args[0]])),
+        net.register_forward_pre_hook(
+            lambda m, args, kwargs: scales.append((float(kwargs["timestep"][0]), kwargs["conditioning_scale"])),
+            with_kwargs=True,
+        ),
+    ]
+    images = [as_pil(image) for image in control_images(2)]
+    windows = {"control_guidance_start": [0.0, 0.25], "control_guidance_end": [0.5, 1.0]}
+    call = test_qwenimage.qwenimage_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=8)
+    pipe(**call, control_image=images, controlnet_conditioning_scale=[0.7, 0.4], **windows)
+    for handle in handles:
+        handle.remove()
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 8, **options)
+    steps = _stage_of_each_step(plan)
+    assert len(conditions) == len(shapes) == len(scales) == 2 * len(steps)
+    # The draws from the call's generator: the first stage's noise, then per control image one sample per stage (the
+    # low-resolution ones as lssgen prepares the image, the target size's as the stock call encodes it).
+    generator = torch.Generator().manual_seed(0)
+    first = plan.stages[0]
+    randn_tensor((1, first.latent_height * first.latent_width // 4, 64), generator=generator)
+    expected = []
+    for image in images:
+        expected.append({})
+        for stage in plan.stages:
+            resized = pipe.image_processor.resize(image, stage.height, stage.width)
+            pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype)
+            posterior = pipe.vae.encode(pixels.unsqueeze(2)).latent_dist
+            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
+            expected[-1][stage.index] = _qwenimage_condition(pipe, sample)
+    for call_index, (condition, shape, (_, scale)) in enumerate(zip(conditions, shapes, scales)):
+        stage, image = steps[call_index // 2], call_index % 2
+        torch.testing.assert_close(condition, expected[image][stage.index], rtol=1e-5, atol=1e-5)
+        assert shape == [(1, stage.latent_height // 2, stage.latent_width // 2)]
+        assert scale in ((0.7, 0.0) if image == 0 else (0.4, 0.0))
+    # Image 0's window keeps the noisy calls only, image 1's the late ones only, in the low-resolution stages too.
+    for image, keeps_early in ((0, True), (1, False)):
+        kept = [t for t, scale in scales[image::2] if scale > 0]
+        dropped = [t for t, scale in scales[image::2] if scale == 0]
+        assert kept and dropped
+        assert min(kept) > max(dropped) if keeps_early else max(kept) < min(dropped)
+        low_resolution = [scale for (t, scale), stage in zip(scales[image::2], steps) if stage is not plan.stages[-1]]
+        assert 0.0 in low_resolution and any(low_resolution)
 
 
 # --- the control window, by noise level ---------------------------------------------------------------------------

@@ -131,7 +131,9 @@ class QwenImageAdapter(FluxAdapter):
     stage_hook = QwenImageShapesHook
     stage_hook_name = IMG_SHAPES_HOOK
     # ControlNet (QwenImageControlNetPipeline) as FLUX.1's (`prepare_image`, a tensor taken at its own size, the
-    # `img_shapes` hook on each controlnet too), with the video VAE's encoding (see `stage_control_image`).
+    # `img_shapes` hook on the controlnet too), with the video VAE's encoding (see `stage_control_image`). Its
+    # multi-controlnet holds one (union) controlnet, run once per control image: the control hook on the multi-model
+    # gives each call its own image's condition. QwenImageControlNetInpaintPipeline is not served.
     # The pipeline passes its linspace sigmas to any scheduler, one with `use_flow_sigmas` included.
     sigmas_for_flow_sigmas = True
     # 128 text tokens: an assumed prompt length. The pipeline does not pad (the embedding is as long as the prompt,

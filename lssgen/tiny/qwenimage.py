@@ -102,13 +102,15 @@ def tiny_qwenimage_prompt_embeds(pipe, prompts: str | list[str]) -> tuple[torch.
 def build_tiny_qwenimage_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> QwenImageControlNetPipeline:
     r"""
     A stock `QwenImageControlNetPipeline`: the tiny Qwen-Image pipeline's components (`build_tiny_qwenimage_pipeline`:
-    no text encoder, call it with `tiny_qwenimage_prompt_embeds`) and tiny controlnets of its transformer (one block,
-    `QwenImageControlNetModel.from_transformer`), their zero-initialised projections given small random weights so
-    that the control image shows in the result.
+    no text encoder, call it with `tiny_qwenimage_prompt_embeds`) and a tiny controlnet of its transformer (one block,
+    `QwenImageControlNetModel.from_transformer`), its zero-initialised projections given small random weights so that
+    the control image shows in the result.
 
     Args:
-        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
-        controlnets (`int`, defaults to `1`): one `QwenImageControlNetModel`, or a `QwenImageMultiControlNetModel`.
+        seed (`int`, defaults to `0`): seed of the random weights (the controlnet's is `seed + 1`).
+        controlnets (`int`, defaults to `1`): how many control images a call takes: one, to the controlnet itself;
+            more, to the controlnet wrapped in a `QwenImageMultiControlNetModel`, which runs its one controlnet once
+            per control image (a union controlnet: the pipeline runs no multi-controlnet of several nets).
 
     Example:
 
@@ -120,18 +122,15 @@ def build_tiny_qwenimage_controlnet_pipeline(seed: int = 0, controlnets: int = 1
     """
     base = build_tiny_qwenimage_pipeline(seed=seed)
     config = base.transformer.config
-    nets = []
-    for index in range(controlnets):
-        torch.manual_seed(seed + 1 + index)
-        net = QwenImageControlNetModel.from_transformer(
-            base.transformer,
-            num_layers=1,
-            attention_head_dim=config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads,
-        )
-        with torch.no_grad():
-            for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
-                layer.weight.normal_(std=0.1)
-        nets.append(net.eval())
-    controlnet = nets[0] if controlnets == 1 else QwenImageMultiControlNetModel(nets)
+    torch.manual_seed(seed + 1)
+    net = QwenImageControlNetModel.from_transformer(
+        base.transformer,
+        num_layers=1,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
+            layer.weight.normal_(std=0.1)
+    controlnet = net.eval() if controlnets == 1 else QwenImageMultiControlNetModel([net.eval()])
     return QwenImageControlNetPipeline(**base.components, controlnet=controlnet)
