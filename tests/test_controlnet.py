@@ -4,8 +4,10 @@ keeps the adapter contract. The rules are in lssgen.controlnets and docs/how-it-
 
 from __future__ import annotations
 
+import functools
 import math
 
+import diffusers
 import PIL.Image
 import pytest
 import test_flux
@@ -13,6 +15,7 @@ import test_qwenimage
 import test_sd
 import test_sd3
 import test_sdxl
+import test_zimage
 import torch
 from diffusers import (
     FluxControlNetPipeline,
@@ -20,6 +23,7 @@ from diffusers import (
     StableDiffusion3ControlNetPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
+    ZImageControlNetPipeline,
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
@@ -31,6 +35,7 @@ from lssgen.tiny.qwenimage import build_tiny_qwenimage_controlnet_pipeline
 from lssgen.tiny.sd import build_tiny_sd_controlnet_pipeline
 from lssgen.tiny.sd3 import build_tiny_sd3_controlnet_pipeline
 from lssgen.tiny.sdxl import build_tiny_sdxl_controlnet_pipeline
+from lssgen.tiny.zimage import build_tiny_zimage_controlnet_pipeline
 
 # Within the suite's time budget everything here runs at 128 px: three stages of 32, 64 and 128 px.
 SIZE = 128
@@ -77,10 +82,11 @@ def controlnet_contract(
     tests: tuple[str, ...] = CONTROLNET_TESTS,
     global_random_state: bool = False,
     steps: int = 4,
+    window: bool = True,
 ) -> type:
     """The adapter contract of `family` (a family's contract test class) for its ControlNet pipeline built by
     `build(seed=, controlnets=)`, called with one control image per controlnet of the requested size, a scale per
-    controlnet and a window that ends at 0.7 of the generation."""
+    controlnet and (`window`: where the pipeline takes one) a window that ends at 0.7 of the generation."""
     contract_tests = {name for cls in family.__mro__ for name in vars(cls) if name.startswith("test_")}
     dropped = dict.fromkeys(contract_tests - set(tests))
 
@@ -95,7 +101,7 @@ def controlnet_contract(
         return {
             control_argument: control_images(controlnets, *size),
             "controlnet_conditioning_scale": scales[0] if controlnets == 1 else scales,
-            "control_guidance_end": 0.7,
+            **({"control_guidance_end": 0.7} if window else {}),
             **kwargs,
         }
 
@@ -161,6 +167,14 @@ class TestQwenImageControlNetPipeline(
         return {**expected, "shapes": tuple(shapes[0] for shapes in expected["shapes"])}
 
 
+# Z-Image's pipeline takes no control window.
+TestZImageControlNetPipeline = controlnet_contract(
+    test_zimage.TestZImage,
+    ZImageControlNetPipeline,
+    build_tiny_zimage_controlnet_pipeline,
+    "control_image",
+    window=False,
+)
 TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
     test_flux.TestFlux,
     FluxControlNetPipeline,
@@ -364,6 +378,42 @@ def test_qwenimage_union_controlnet_reads_each_image_its_stage_grid_and_its_own_
         assert 0.0 in low_resolution and any(low_resolution)
 
 
+def test_zimage_controlnet_reads_the_control_image_encoded_at_each_stage_size():
+    """Z-Image: the condition (passed by position) of every controlnet call is the control image prepared at the
+    stage's size by the pipeline's `prepare_image`, encoded as the pipeline does (the VAE's mode, normalised, one
+    frame, its extra channels zero-filled for a version 2.0 controlnet) and doubled for classifier-free guidance; the
+    controlnet runs on the stage's latents at its scale."""
+    pipe = build_tiny_zimage_controlnet_pipeline(control_in_dim=33)
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, **THREE_STAGES)
+    tokens, sizes = [], []
+    handles = [
+        _record_inputs(pipe.controlnet.control_all_x_embedder["2-1"], tokens),
+        pipe.controlnet.register_forward_pre_hook(
+            lambda m, args, kwargs: sizes.append((tuple(args[0][0].shape[-2:]), kwargs["conditioning_scale"])),
+            with_kwargs=True,
+        ),
+    ]
+    image = as_pil(CONTROL)
+    call = test_zimage.zimage_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=4)
+    pipe(**call, control_image=image, controlnet_conditioning_scale=0.6)
+    for handle in handles:
+        handle.remove()
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 4, **THREE_STAGES)
+    steps = _stage_of_each_step(plan)
+    assert len(tokens) == len(steps)
+    config = pipe.vae.config
+    for stage, got, (size, scale) in zip(steps, tokens, sizes):
+        resized = pipe.image_processor.resize(image, stage.height, stage.width)
+        pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype)
+        latents = (pipe.vae.encode(pixels).latent_dist.mode() - config.shift_factor) * config.scaling_factor
+        latents = torch.cat([latents, torch.zeros(1, 33 - 16, *latents.shape[2:])], dim=1)
+        condition = latents[:, :, None].repeat(2, 1, 1, 1, 1)  # CFG: the conditional and unconditional calls
+        expected = torch.cat(pipe.controlnet.patchify(list(condition), 2, 1))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert size == (stage.latent_height, stage.latent_width) and scale == 0.6
+
+
 # --- the control window, by noise level ---------------------------------------------------------------------------
 def _effective_scales(net: torch.nn.Module, records: list) -> list:
     """Per call of a UNet controlnet: its timestep and its effective conditioning scale, the ratio of its scaled
@@ -440,26 +490,47 @@ def test_patch_hooks_every_controlnet_and_unpatch_removes_exactly_those_hooks():
 
 
 @pytest.mark.parametrize(
-    ("build", "overrides", "match"),
+    ("build", "call", "steps", "overrides", "match"),
     [
         # The stock pipeline's own check of the control image against the prompts.
         (
             build_tiny_sd_controlnet_pipeline,
+            test_sd.sd_call_kwargs,
+            2,
             {"image": torch.rand(2, 3, SIZE, SIZE), "prompt": ["a", "b", "c"]},
             "image batch size must be same as prompt batch size",
         ),
-        # lssgen's own: FluxControlNetPipeline generates at a tensor control image's size, which halves to no stage.
-        (build_tiny_flux_controlnet_pipeline, {"control_image": torch.rand(1, 3, 100, 100)}, "`control_image` is a"),
+        # lssgen's own: these pipelines generate at a tensor control image's size, which halves to no stage.
+        (
+            build_tiny_flux_controlnet_pipeline,
+            test_flux.flux_call_kwargs,
+            2,
+            {"control_image": torch.rand(1, 3, 100, 100)},
+            "`control_image` is a",
+        ),
+        (
+            build_tiny_qwenimage_controlnet_pipeline,
+            test_qwenimage.qwenimage_call_kwargs,
+            12,
+            {"control_image": torch.rand(1, 3, 112, 112)},
+            "`control_image` is a",
+        ),
+        (
+            build_tiny_zimage_controlnet_pipeline,
+            test_zimage.zimage_call_kwargs,
+            2,
+            {"control_image": torch.rand(1, 3, 100, 100)},
+            "`control_image` is a",
+        ),
     ],
-    ids=["stock-batch", "tensor-size"],
+    ids=["stock-batch", "tensor-size-flux", "tensor-size-qwenimage", "tensor-size-zimage"],
 )
-def test_bad_control_input_raises_before_denoising_and_leaves_the_pipe_usable(build, overrides, match):
+def test_bad_control_input_raises_before_denoising_and_leaves_the_pipe_usable(build, call, steps, overrides, match):
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     lssgen.patch(pipe, **THREE_STAGES)
     argument = lssgen.find_adapter(pipe).control_image_argument
-    call = test_flux.flux_call_kwargs if argument == "control_image" else test_sd.sd_call_kwargs
-    kwargs = call(pipe, height=SIZE, width=SIZE, num_inference_steps=2, **{argument: CONTROL})
+    kwargs = call(pipe, height=SIZE, width=SIZE, num_inference_steps=steps, **{argument: CONTROL})
     calls = []
     denoiser = getattr(pipe, lssgen.find_adapter(pipe).denoiser)
     handle = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -468,3 +539,24 @@ def test_bad_control_input_raises_before_denoising_and_leaves_the_pipe_usable(bu
     handle.remove()
     assert not calls and pipe._lssgen.run is None
     assert pipe(**kwargs).images.shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("build", "stock_class"),
+    [
+        (build_tiny_qwenimage_controlnet_pipeline, "QwenImageControlNetInpaintPipeline"),
+        # The inpainting pipeline takes only controlnets with more input channels than the latents (version 2.0's).
+        (
+            functools.partial(build_tiny_zimage_controlnet_pipeline, control_in_dim=33),
+            "ZImageControlNetInpaintPipeline",
+        ),
+    ],
+    ids=["qwenimage", "zimage"],
+)
+def test_unserved_controlnet_classes_are_refused_at_patch_naming_the_served_ones(build, stock_class):
+    pipe = getattr(diffusers, stock_class)(**build().components)
+    served = lssgen.find_adapter(build()).pipeline_classes
+    with pytest.raises(ValueError, match=f"no adapter for {stock_class}") as refused:
+        lssgen.patch(pipe)
+    assert all(name in str(refused.value) for name in served)
+    assert "_lssgen" not in pipe.__dict__
