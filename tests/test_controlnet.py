@@ -489,6 +489,29 @@ def test_patch_hooks_every_controlnet_and_unpatch_removes_exactly_those_hooks():
     assert list(pipe.controlnet._diffusers_hook.hooks) == []
 
 
+def test_two_patched_pipes_sharing_their_controlnets_join_one_hook_and_each_leaves_it():
+    """Two ControlNet pipes on the same modules (as `from_pipe` or `**pipe.components` build them), both patched: each
+    generates what it generates alone; unpatching one leaves the other served; unpatching both leaves no hook."""
+    first = build_tiny_sd_controlnet_pipeline(controlnets=2)
+    second = type(first)(**first.components)
+    kwargs = {"image": control_images(2), "controlnet_conditioning_scale": [0.9, 0.6], "control_guidance_end": 0.7}
+    call = test_sd.sd_call_kwargs(first, height=SIZE, width=SIZE, num_inference_steps=4)
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+        lssgen.patch(pipe, **THREE_STAGES)
+    alone = first(**call, **kwargs).images
+    torch.testing.assert_close(
+        second(**{**call, "generator": torch.Generator().manual_seed(0)}, **kwargs).images, alone
+    )
+    lssgen.unpatch(first)
+    again = second(**{**call, "generator": torch.Generator().manual_seed(0)}, **kwargs).images
+    torch.testing.assert_close(again, alone)
+    lssgen.unpatch(second)
+    modules = [first.controlnet, *controlnets_of(first)]
+    registries = [getattr(module, "_diffusers_hook", None) for module in modules]
+    assert not [name for registry in registries if registry for name in registry.hooks if name.startswith("lssgen")]
+
+
 @pytest.mark.parametrize(
     ("build", "call", "steps", "overrides", "match"),
     [
