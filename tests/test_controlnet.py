@@ -495,7 +495,7 @@ def test_two_patched_pipes_sharing_their_controlnets_join_one_hook_and_each_leav
     first = build_tiny_sd_controlnet_pipeline(controlnets=2)
     second = type(first)(**first.components)
     kwargs = {"image": control_images(2), "controlnet_conditioning_scale": [0.9, 0.6], "control_guidance_end": 0.7}
-    call = test_sd.sd_call_kwargs(first, height=SIZE, width=SIZE, num_inference_steps=4)
+    call = test_sd.sd_call_kwargs(first, height=SIZE, width=SIZE, num_inference_steps=2)
     for pipe in (first, second):
         pipe.set_progress_bar_config(disable=True)
         lssgen.patch(pipe, **THREE_STAGES)
