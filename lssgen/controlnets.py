@@ -166,8 +166,12 @@ class ControlNetStageHook(ModelHook):
                 args = (*args[: self.position], condition, *args[self.position + 1 :])
             else:
                 kwargs[name] = condition
+        # As many scales as the pipeline passes: a multi-controlnet runs only the images it has scales for (FLUX.1's
+        # pipeline pairs windows with nets, so its union controlnet given scalar windows runs the first image only).
+        stock_scale = kwargs.get("conditioning_scale")
+        scale_count = min(count, len(stock_scale)) if several and isinstance(stock_scale, (list, tuple)) else count
         scales = []
-        for index in range(count):
+        for index in range(scale_count):
             window, scale = controls.windows[index], controls.scales[index]
             if window is None or not _is_number(scale):
                 raise ValueError(

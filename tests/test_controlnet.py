@@ -19,6 +19,7 @@ import test_zimage
 import torch
 from diffusers import (
     FluxControlNetPipeline,
+    FluxMultiControlNetModel,
     QwenImageControlNetPipeline,
     StableDiffusion3ControlNetPipeline,
     StableDiffusionControlNetPipeline,
@@ -376,6 +377,51 @@ def test_qwenimage_union_controlnet_reads_each_image_its_stage_grid_and_its_own_
         assert min(kept) > max(dropped) if keeps_early else max(kept) < min(dropped)
         low_resolution = [scale for (t, scale), stage in zip(scales[image::2], steps) if stage is not plan.stages[-1]]
         assert 0.0 in low_resolution and any(low_resolution)
+
+
+def test_flux_union_multi_controlnet_reads_each_image_encoded_at_each_stage_size():
+    """FLUX.1's multi-controlnet of one (union) controlnet runs it once per control image: each call reads its own
+    image's condition at the stage's size, encoded (with the call's generator) and packed as the pipeline does; and only
+    the images the pipeline passes scales for, as stock."""
+    pipe = build_tiny_flux_controlnet_pipeline()
+    pipe.controlnet = FluxMultiControlNetModel([pipe.controlnet])
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe, **THREE_STAGES)
+    seen = []
+    handle = _record_inputs(controlnets_of(pipe)[0].controlnet_x_embedder, seen)
+    images = [as_pil(image) for image in control_images(2)]
+    call = test_flux.flux_call_kwargs(pipe, height=SIZE, width=SIZE, num_inference_steps=2)
+    # A window per image: with scalar ones the pipeline pairs one window with its one net and runs the first image only.
+    windows = {"control_guidance_start": [0.0, 0.0], "control_guidance_end": [1.0, 1.0]}
+    pipe(**call, control_image=images, controlnet_conditioning_scale=[0.5, 0.5], **windows)
+    handle.remove()
+    plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **THREE_STAGES)
+    steps = _stage_of_each_step(plan)
+    assert len(seen) == 2 * len(steps)
+    # The generator's draws: the first stage's noise, then per control image one sample per stage.
+    generator = torch.Generator().manual_seed(0)
+    first = plan.stages[0]
+    randn_tensor(
+        lssgen.find_adapter(pipe).latent_shape(pipe, 1, first.latent_height, first.latent_width, {}),
+        generator=generator,
+    )
+    expected = []
+    for image in images:
+        expected.append({})
+        for stage in plan.stages:
+            resized = pipe.image_processor.resize(image, stage.height, stage.width)
+            pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype)
+            posterior = pipe.vae.encode(pixels).latent_dist
+            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
+            expected[-1][stage.index] = _flux_condition(pipe, sample)
+    for index, condition in enumerate(seen):
+        torch.testing.assert_close(condition, expected[index % 2][steps[index // 2].index], rtol=1e-5, atol=1e-5)
+    # Scalar windows: the pipeline passes one scale, and its multi-controlnet runs the first image only, as stock.
+    seen.clear()
+    handle = _record_inputs(controlnets_of(pipe)[0].controlnet_x_embedder, seen)
+    pipe(**call, control_image=images, controlnet_conditioning_scale=[0.5, 0.5])
+    handle.remove()
+    assert len(seen) == len(steps)
 
 
 def test_zimage_controlnet_reads_the_control_image_encoded_at_each_stage_size():
