@@ -10,7 +10,8 @@ one after the other, so a step-index fraction no longer says how noisy a step is
   on the instance for the call. The stock call runs it as always (its checks, its arguments, the target size); lssgen
   then prepares the same control image again at each low-resolution stage's size with the same arguments
   (`Adapter.stage_control_image`: the pipeline's method at that size, plus whatever encoding the pipeline does after
-  it), and a hook on each controlnet swaps the stage's condition in while that stage is denoised.
+  it), and a hook on the pipeline's controlnet module (a multi-controlnet as a whole) swaps each control image's
+  condition of the stage in while that stage is denoised.
 - Window: the window is read off the stock schedule at the target size with the call's step count: the noisiest and
   the least noisy step it keeps bound an interval of timesteps (open on a side where the window reaches the
   schedule's end). A controlnet call is kept when the loop's current timestep lies in that interval, in every stage,
@@ -83,9 +84,9 @@ def _is_number(value: Any) -> bool:
 
 
 def control_windows(call: dict[str, Any], defaults: dict[str, Any], count: int, timesteps: list[float]):
-    """Each controlnet's window, as the stock pipelines pair `control_guidance_start/end` with controlnets (a single
-    value repeats; a single controlnet reads the first pair); None for a controlnet whose window the arguments do not
-    give, where the stock call's own checks raise."""
+    """Each control image's window, as the stock pipelines pair `control_guidance_start/end` with control images (a
+    single value repeats; a single controlnet reads the first pair); None for an image whose window the arguments do
+    not give, where the stock call's own checks raise."""
     start = call.get("control_guidance_start", defaults.get("control_guidance_start", 0.0))
     end = call.get("control_guidance_end", defaults.get("control_guidance_end", 1.0))
     if not isinstance(start, (list, tuple)) and isinstance(end, (list, tuple)):
@@ -102,8 +103,8 @@ def control_windows(call: dict[str, Any], defaults: dict[str, Any], count: int, 
 
 
 def control_scales(call: dict[str, Any], defaults: dict[str, Any], count: int) -> list[Any]:
-    """Each controlnet's `controlnet_conditioning_scale`, as the stock pipelines read it (a single value for every
-    controlnet; a list per controlnet, its first entry for a single one)."""
+    """Each control image's `controlnet_conditioning_scale`, as the stock pipelines read it (a single value for
+    every one; a list, one per control image, its first entry for a single controlnet)."""
     scale = call.get("controlnet_conditioning_scale", defaults.get("controlnet_conditioning_scale", 1.0))
     if isinstance(scale, (list, tuple)):
         return [scale[index] if index < len(scale) else None for index in range(count)]
@@ -112,7 +113,7 @@ def control_scales(call: dict[str, Any], defaults: dict[str, Any], count: int) -
 
 @dataclass
 class StageControls:
-    """One call's control conditions: per controlnet, its condition at each low-resolution stage (by stage index,
+    """One call's control conditions: per control image, its condition at each low-resolution stage (by stage index,
     filled when the pipeline prepares its control images), its scale and its window."""
 
     scales: list[Any]
@@ -225,7 +226,7 @@ def remove_control_hooks(pipe: Any, modules: list[torch.nn.Module], adapter: Ada
 def stand_in_control_preparation(pipe: Any, adapter: Adapter, plan: StagePlan, controls: StageControls, run: Any):
     """A stand-in for the pipeline's control-image method: the stock result at the target size for the pipeline, and
     the same preparation at every low-resolution stage's size recorded in `controls` (one entry per call: the
-    pipelines prepare one control image per controlnet, in order)."""
+    pipelines prepare their control images one by one, in order)."""
     stock_method = getattr(pipe, adapter.control_image_method)
     signature = inspect.signature(stock_method)
 

@@ -321,8 +321,8 @@ class Adapter:
             release_hook(getattr(pipe, self.denoiser), self.stage_hook_name, pipe)
 
     # ControlNet (see lssgen.controlnets) --------------------------------------------------------------------------
-    # The pipeline's method that prepares one control image at a size (called once per controlnet, in order), and the
-    # call argument holding the control image(s); None: the family has no ControlNet class lssgen serves.
+    # The pipeline's method that prepares one control image at a size (called once per control image, in order), and
+    # the call argument holding the control image(s); None: the family has no ControlNet class lssgen serves.
     control_image_method: str | None = None
     control_image_argument: str = "image"
     # The controlnet's forward argument that takes the condition (by name, or at its position).
