@@ -31,6 +31,8 @@ class Run:
     progress_bar: Any = field(default=None, repr=False)
     # The packed latents the first stage starts from: noise, or an img2img image noised to the stage's start.
     first_latents: torch.Tensor | None = field(default=None, repr=False)
+    # A ControlNet call's per-stage conditions, scales and windows (`lssgen.controlnets.StageControls`); else None.
+    controls: Any = field(default=None, repr=False)
 
     @property
     def current_stage(self) -> Stage:

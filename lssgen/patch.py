@@ -16,6 +16,16 @@ from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
 from .conditions import first_stage_image_latents, image_to_image_size, takes_image_and_strength
 from .controller import Run, StageSwitchCallback, chain_callbacks
+from .controlnets import (
+    StageControls,
+    control_count,
+    control_scales,
+    control_windows,
+    install_control_hooks,
+    remove_control_hooks,
+    stand_in_control_preparation,
+    takes_control,
+)
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
@@ -53,6 +63,9 @@ class PatchState:
     run: Run | None = field(default=None, repr=False)
     # Where the upsampler came from, or why there is none: the plan's description says it.
     upsampler_note: str = ""
+    # The controlnet modules `patch` hooked (the pipeline's controlnet, then each controlnet of a multi-controlnet),
+    # so that `unpatch` unhooks exactly those.
+    controlnets: list = field(default_factory=list, repr=False)
 
     def low_resolution_stage(self) -> Stage | None:
         """The stage being denoised while it is a low-resolution one, else None: at the target size the
@@ -60,6 +73,13 @@ class PatchState:
         if self.run is None or self.run.current_stage is self.run.plan.stages[-1]:
             return None
         return self.run.current_stage
+
+    def controls(self) -> tuple[Stage | None, StageControls] | None:
+        """For the control hooks: the low-resolution stage in force (None at the target size) and the call's control
+        conditions, while an lssgen ControlNet call runs; else None (the stock call's own condition and scale)."""
+        if self.run is None or self.run.controls is None:
+            return None
+        return self.low_resolution_stage(), self.run.controls
 
 
 def _check_option_names(names, where: str) -> None:
@@ -155,6 +175,8 @@ def patch(
         adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class, upsampler_note=note
     )
     chosen.install_hooks(pipe, state.low_resolution_stage)
+    if takes_control(pipe, chosen):
+        state.controlnets = install_control_hooks(pipe, chosen, state.low_resolution_stage, state.controls)
     # A subclass per instance: Python looks `__call__` up on the class, and keeping the name keeps
     # `save_pretrained` writing the stock class name.
     patched_class = type(
@@ -221,6 +243,7 @@ def unpatch(pipe: Any) -> Any:
     if state is None:
         return pipe
     state.adapter.remove_hooks(pipe)
+    remove_control_hooks(pipe, state.controlnets, state.adapter)
     pipe.__class__ = state.original_class
     del pipe.__dict__[_STATE]
     return pipe
@@ -280,12 +303,18 @@ def _patched_call(self, *args, **kwargs):
     state.run = run
     if "latents" not in call:
         self.__dict__[_PREPARE_LATENTS] = lambda *args, **kwargs: run.first_latents
+    control_method = state.adapter.control_image_method if run.controls is not None else None
+    if control_method is not None:
+        # The pipeline prepares its control images (after its own checks); each is prepared at every stage's size too.
+        self.__dict__[control_method] = stand_in_control_preparation(self, state.adapter, run.plan, run.controls, run)
     try:
         run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
         return stock_call(self, **call)
     finally:
         if "latents" not in call:
             del self.__dict__[_PREPARE_LATENTS]
+        if control_method is not None:
+            del self.__dict__[control_method]
         self.__dict__["scheduler"] = stock_scheduler
         state.run = None
         run.caches.restore()
@@ -389,6 +418,8 @@ def _prepare_run(
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
     if image_to_image:
         height, width = image_to_image_size(pipe, adapter, stock_call, call)
+    elif takes_control(pipe, adapter):
+        height, width = adapter.control_size(pipe, call)
     else:
         height, width = call.get("height"), call.get("width")
     plan = _plan(pipe, state, options, height, width, steps, call, strength)
@@ -454,6 +485,15 @@ def _prepare_run(
         call.update(strength=1.0)
     else:
         run.first_latents = adapter.pack(pipe, noise)
+    if takes_control(pipe, adapter):
+        count = control_count(pipe, adapter, call)
+        # The control window is read off the stock schedule at the target size (see lssgen.controlnets).
+        target = stock_timesteps(template, adapter, steps, final.latent_height, final.latent_width)
+        run.controls = StageControls(
+            scales=control_scales(call, stock_defaults, count),
+            windows=control_windows(call, stock_defaults, count, target),
+            current_timestep=lambda: float(scheduler.timesteps[scheduler.position().step]),
+        )
     call.update(num_inference_steps=plan.total_steps)
     if "latents" in inspect.signature(stock_call).parameters:
         call.update(latents=run.first_latents)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
+from ..controlnets import control_image_size
 from ..latents import LatentNormalization, encoded_latents
 
 if TYPE_CHECKING:
@@ -318,6 +319,33 @@ class Adapter:
         """Undo `install_hooks`."""
         if self.stage_hook is not None:
             release_hook(getattr(pipe, self.denoiser), self.stage_hook_name, pipe)
+
+    # ControlNet (see lssgen.controlnets) --------------------------------------------------------------------------
+    # The pipeline's method that prepares one control image at a size (called once per control image, in order), and
+    # the call argument holding the control image(s); None: the family has no ControlNet class lssgen serves.
+    control_image_method: str | None = None
+    control_image_argument: str = "image"
+    # The controlnet's forward argument that takes the condition (by name, or at its position).
+    control_condition_argument: str = "controlnet_cond"
+
+    def control_size(self, pipe: Any, call: dict[str, Any]) -> tuple[int | None, int | None]:
+        """The size a ControlNet call generates at, as the stock pipeline decides it (None: the family default): the
+        call's `height`/`width`, else, where the pipeline has no default size (SD's, SDXL's), the control image's."""
+        return control_image_size(pipe, self, call)
+
+    def stage_control_image(
+        self, pipe: Any, prepare: Callable, arguments: dict[str, Any], stage: Stage, run: Any
+    ) -> torch.Tensor:
+        """The control condition a controlnet receives during `stage`: the pipeline's own preparation (`prepare`,
+        the stock `control_image_method`) with the stock call's `arguments` but the stage's size. A family whose
+        pipeline encodes the prepared image further (with the VAE, then packs it) adds that here."""
+        return prepare(**{**arguments, "height": stage.height, "width": stage.width})
+
+    def fit_control_condition(self, stock: Any, condition: Any) -> Any:
+        """The stage's `condition` as the controlnet takes it in the call that passes `stock` (the target-size
+        condition the pipeline hands it): as it is, unless the pipeline changes the condition per call (Z-Image's
+        doubles it for classifier-free guidance)."""
+        return condition
 
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:

@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
+from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
 from ..hookspecs import hookimpl
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
@@ -94,7 +95,7 @@ class FluxImageIdsHook(ModelHook):
 
 class FluxAdapter(Adapter):
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
     image_to_image_pipelines = {"FluxPipeline": "FluxImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True
@@ -134,6 +135,34 @@ class FluxAdapter(Adapter):
         tokens = (latent_height // 2) * (latent_width // 2)
         mu = linear_time_shift(scheduler.config, tokens, 1.15)
         return flow_stage_kwargs(scheduler, num_steps, mu, sigmas_for_flow_sigmas=self.sigmas_for_flow_sigmas)
+
+    # ControlNet: FluxControlNetPipeline's `prepare_image` preprocesses (a tensor is taken as it is) and repeats the
+    # control image; the pipeline then encodes it with the VAE and packs it, for controlnets without an input hint
+    # block (InstantX's; XLabs' take the pixels). Its controlnets take `img_ids` too: the ids hook goes on them.
+    control_image_method = "prepare_image"
+    control_image_argument = "control_image"
+
+    def control_size(self, pipe, call):
+        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
+
+    def prepare_call(self, pipe, call, plan):
+        if controlnets_of(pipe):
+            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+
+    def stage_control_image(self, pipe, prepare, arguments, stage, run):
+        image = arguments["image"]
+        if isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        if controlnets_of(pipe)[0].input_hint_block is not None:
+            return prepared
+        from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+
+        # Encoded as the pipeline encodes its control image: sampled with the call's generator, then normalised.
+        latents = retrieve_latents(pipe.vae.encode(prepared), generator=run.generator)
+        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        return pipe._pack_latents(latents, *latents.shape)
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
@@ -119,7 +120,7 @@ class QwenImageAdapter(FluxAdapter):
     """
 
     name = "qwenimage"
-    pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+    pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageControlNetPipeline")
     image_to_image_pipelines = {"QwenImagePipeline": "QwenImageImg2ImgPipeline"}
     # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
@@ -129,6 +130,10 @@ class QwenImageAdapter(FluxAdapter):
     base_size = 1328
     stage_hook = QwenImageShapesHook
     stage_hook_name = IMG_SHAPES_HOOK
+    # ControlNet (QwenImageControlNetPipeline) as FLUX.1's (`prepare_image`, a tensor taken at its own size, the
+    # `img_shapes` hook on the controlnet too), with the video VAE's encoding (see `stage_control_image`). Its
+    # multi-controlnet holds one (union) controlnet, run once per control image: the control hook on the multi-model
+    # gives each call its own image's condition. QwenImageControlNetInpaintPipeline is not served.
     # The pipeline passes its linspace sigmas to any scheduler, one with `use_flow_sigmas` included.
     sigmas_for_flow_sigmas = True
     # 128 text tokens: an assumed prompt length. The pipeline does not pad (the embedding is as long as the prompt,
@@ -184,6 +189,25 @@ class QwenImageAdapter(FluxAdapter):
         # No text mask: the pipeline passes none for a prompt without padding (a mask of all ones becomes None).
         kwargs["img_shapes"] = [[(1, latent_height // 2, latent_width // 2)]] * batch
         return kwargs
+
+    def stage_control_image(self, pipe, prepare, arguments, stage, run):
+        image = arguments["image"]
+        if isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet import retrieve_latents
+
+        # Encoded as the pipeline encodes its control image: one frame, sampled with the call's generator, normalised
+        # by the VAE's per-channel mean and std, frames before channels, packed 2x2.
+        frames = prepared.unsqueeze(2) if prepared.ndim == 4 else prepared
+        latents = retrieve_latents(pipe.vae.encode(frames), generator=run.generator)
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device)
+        latents = ((latents - mean) * inverse_std).permute(0, 2, 1, 3, 4)
+        batch, _, channels, height, width = latents.shape
+        return pipe._pack_latents(latents, batch, channels, height, width).to(self.latent_dtype(pipe))
 
 
 @hookimpl

@@ -85,7 +85,11 @@ class SDAdapter(Adapter):
     """
 
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionControlNetPipeline",
+    )
     image_to_image_pipelines = {"StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
@@ -94,6 +98,8 @@ class SDAdapter(Adapter):
     base_size = 512
     default_steps = 50
     default_guidance = 7.5
+    # StableDiffusionControlNetPipeline's `prepare_image` resizes, repeats and doubles (CFG) the control image.
+    control_image_method = "prepare_image"
     # 77 CLIP text tokens; CFG doubles the batch.
     architectures = (
         Architecture(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors, linear_time_shift
@@ -59,7 +61,11 @@ class SD3Adapter(Adapter):
     """
 
     name = "sd3"
-    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    pipeline_classes = (
+        "StableDiffusion3Pipeline",
+        "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3ControlNetPipeline",
+    )
     image_to_image_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline"}
     denoiser = "transformer"
     flow = True
@@ -87,6 +93,30 @@ class SD3Adapter(Adapter):
         if scheduler.config.get("use_dynamic_shifting", False):
             kwargs["mu"] = linear_time_shift(scheduler.config, (latent_height // 2) * (latent_width // 2), 1.16)
         return kwargs
+
+    # ControlNet: StableDiffusion3ControlNetPipeline's `prepare_image` preprocesses (a tensor is taken as it is),
+    # repeats and doubles (CFG) the control image; the pipeline then encodes it with the VAE (a sample from the global
+    # random state: it passes no generator) and normalises it, without the shift for controlnets that zero the pooled
+    # projection (InstantX's). The controlnets patchify the condition themselves: nothing to pack, nothing to hook.
+    control_image_method = "prepare_image"
+    control_image_argument = "control_image"
+
+    def control_size(self, pipe, call):
+        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
+
+    def prepare_call(self, pipe, call, plan):
+        if controlnets_of(pipe):
+            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+
+    def stage_control_image(self, pipe, prepare, arguments, stage, run):
+        image = arguments["image"]
+        if isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        config = pipe.vae.config
+        shift = 0.0 if controlnets_of(pipe)[0].config.force_zeros_for_pooled_projection else config.shift_factor
+        return (pipe.vae.encode(prepared).latent_dist.sample() - shift) * config.scaling_factor
 
     def install_hooks(self, pipe, current_stage):
         # Nothing to hook: the patch position embedding is cropped to the latent's shape.

@@ -111,7 +111,11 @@ class SDXLAdapter(Adapter):
     """
 
     name = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    pipeline_classes = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLControlNetPipeline",
+    )
     image_to_image_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
@@ -122,6 +126,9 @@ class SDXLAdapter(Adapter):
     default_guidance = 5.0
     stage_hook = SDXLTimeIdsHook
     stage_hook_name = TIME_IDS_HOOK
+    # StableDiffusionXLControlNetPipeline's `prepare_image` resizes, repeats and doubles (CFG) the control image; its
+    # controlnets take the UNet's time ids too, so the time-ids hook goes on them as well.
+    control_image_method = "prepare_image"
     # 77 CLIP text tokens; CFG doubles the batch.
     architectures = (
         Architecture(

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image_controlnet import ZImageControlNetPipeline, retrieve_latents
 
+from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
@@ -109,7 +111,7 @@ class ZImageAdapter(Adapter):
     """
 
     name = "zimage"
-    pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+    pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline")
     image_to_image_pipelines = {"ZImagePipeline": "ZImageImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True
@@ -178,12 +180,47 @@ class ZImageAdapter(Adapter):
         self.check_patch_size(pipe)
         super().install_hooks(pipe, current_stage)
         # ZImageImg2ImgPipeline's `prepare_latents` takes given latents as they are: it needs no stand-in.
-        if isinstance(pipe, ZImagePipeline):
+        if isinstance(pipe, (ZImagePipeline, ZImageControlNetPipeline)):
             pipe.__dict__[_PREPARE_LATENTS] = functools.partial(_prepare_latents_for_stages, pipe, current_stage)
 
     def remove_hooks(self, pipe):
         super().remove_hooks(pipe)
         pipe.__dict__.pop(_PREPARE_LATENTS, None)
+
+    # ControlNet: ZImageControlNetPipeline's `prepare_image` preprocesses (a tensor is taken as it is, and the call
+    # generates at its size) and repeats the control image; the pipeline then encodes it with the VAE (its mode),
+    # normalises it as its latents, adds the frame axis and pads the channels with zeros up to the controlnet's
+    # `control_in_dim`, and doubles it for classifier-free guidance call by call. It has no control window (no
+    # `control_guidance_start/end`) and one controlnet, which takes the condition by position (`control_context`) and
+    # makes its positions from the latents' shapes: nothing to hook but the condition.
+    control_image_method = "prepare_image"
+    control_image_argument = "control_image"
+    control_condition_argument = "control_context"
+
+    def control_size(self, pipe, call):
+        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
+
+    def prepare_call(self, pipe, call, plan):
+        if controlnets_of(pipe):
+            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+
+    def stage_control_image(self, pipe, prepare, arguments, stage, run):
+        image = arguments["image"]
+        if isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        config = pipe.vae.config
+        latents = retrieve_latents(pipe.vae.encode(prepared), sample_mode="argmax")
+        latents = ((latents - config.shift_factor) * config.scaling_factor)[:, :, None]
+        padding = pipe.controlnet.config.control_in_dim - latents.shape[1]
+        if padding > 0:  # a controlnet that takes more channels than the latents have (Z-Image's version 2.0)
+            latents = torch.cat([latents, latents.new_zeros(latents.shape[0], padding, *latents.shape[2:])], dim=1)
+        return latents
+
+    def fit_control_condition(self, stock, condition):
+        # The pipeline repeats its condition for the batch of a call with classifier-free guidance.
+        return condition.repeat(stock.shape[0] // condition.shape[0], 1, 1, 1, 1)
 
     # VAE normalisation ------------------------------------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxMultiControlNetModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 
 from ..adapters.flux import FLUX_SCHEDULER_CONFIG
 from .text import build_tiny_clip, build_tiny_t5, character_tokenizer, eval_mode
@@ -101,3 +109,41 @@ def build_tiny_flux_pipeline(
         tokenizer_2=character_tokenizer(512),
     )
     return eval_mode(pipe)
+
+
+def build_tiny_flux_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> FluxControlNetPipeline:
+    r"""
+    A stock `FluxControlNetPipeline`: the tiny FLUX.1 pipeline's components (`build_tiny_flux_pipeline`) and tiny
+    InstantX-style controlnets (`FluxControlNetModel.from_transformer`: one double and one single block, the control
+    image encoded by the VAE), their zero-initialised projections given small random weights so that the control
+    image shows in the result.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
+        controlnets (`int`, defaults to `1`): one `FluxControlNetModel`, or a `FluxMultiControlNetModel` of this many.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_flux_controlnet_pipeline()
+    >>> image = pipe("a cat", control_image=edges, height=256, width=256, max_sequence_length=32).images[0]
+    ```
+    """
+    base = build_tiny_flux_pipeline(seed=seed)
+    config = base.transformer.config
+    nets = []
+    for index in range(controlnets):
+        torch.manual_seed(seed + 1 + index)
+        net = FluxControlNetModel.from_transformer(
+            base.transformer,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads,
+        )
+        with torch.no_grad():
+            for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+                layer.weight.normal_(std=0.1)
+        nets.append(net.eval())
+    controlnet = nets[0] if controlnets == 1 else FluxMultiControlNetModel(nets)
+    return FluxControlNetPipeline(**base.components, controlnet=controlnet)

@@ -6,6 +6,9 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImageMultiControlNetModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -94,3 +97,40 @@ def tiny_qwenimage_prompt_embeds(pipe, prompts: str | list[str]) -> tuple[torch.
         embeds[row, :length] = tiny_flux2_prompt_embeds(pipe, text, length)[0]
         mask[row, :length] = 1
     return embeds, mask
+
+
+def build_tiny_qwenimage_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> QwenImageControlNetPipeline:
+    r"""
+    A stock `QwenImageControlNetPipeline`: the tiny Qwen-Image pipeline's components (`build_tiny_qwenimage_pipeline`:
+    no text encoder, call it with `tiny_qwenimage_prompt_embeds`) and a tiny controlnet of its transformer (one block,
+    `QwenImageControlNetModel.from_transformer`), its zero-initialised projections given small random weights so that
+    the control image shows in the result.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (the controlnet's is `seed + 1`).
+        controlnets (`int`, defaults to `1`): how many control images a call takes: one, to the controlnet itself;
+            more, to the controlnet wrapped in a `QwenImageMultiControlNetModel`, which runs its one controlnet once
+            per control image (a union controlnet: the pipeline runs no multi-controlnet of several nets).
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_qwenimage_controlnet_pipeline()
+    >>> embeds, mask = tiny_qwenimage_prompt_embeds(pipe, "a cat")
+    >>> image = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, control_image=edges, height=256, width=256)
+    ```
+    """
+    base = build_tiny_qwenimage_pipeline(seed=seed)
+    config = base.transformer.config
+    torch.manual_seed(seed + 1)
+    net = QwenImageControlNetModel.from_transformer(
+        base.transformer,
+        num_layers=1,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
+            layer.weight.normal_(std=0.1)
+    controlnet = net.eval() if controlnets == 1 else QwenImageMultiControlNetModel([net.eval()])
+    return QwenImageControlNetPipeline(**base.components, controlnet=controlnet)

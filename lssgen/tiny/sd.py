@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    PNDMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.controlnets import MultiControlNetModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..adapters.sd import SD_SCHEDULER_CONFIG
@@ -62,3 +69,41 @@ def build_tiny_sd_pipeline(
         requires_safety_checker=False,
     )
     return eval_mode(pipe)
+
+
+def build_tiny_unet_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A tiny `ControlNetModel` made from a tiny UNet (`ControlNetModel.from_unet`), its zero-initialised output
+    convolutions given small random weights so that the control image shows in the result."""
+    torch.manual_seed(seed)
+    # Three stride-2 convolutions bring the control image to the latent size (x8, as the real models).
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            block.weight.normal_(std=0.1)
+    return controlnet.eval()
+
+
+def build_tiny_sd_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> StableDiffusionControlNetPipeline:
+    r"""
+    A stock `StableDiffusionControlNetPipeline`: the tiny SD pipeline's components (`build_tiny_sd_pipeline`) and
+    tiny controlnets made from its UNet.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
+        controlnets (`int`, defaults to `1`): one `ControlNetModel`, or a `MultiControlNetModel` of this many.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_sd_controlnet_pipeline(controlnets=2)
+    >>> image = pipe("a cat", image=[edges, depth], num_inference_steps=8).images[0]
+    ```
+    """
+    base = build_tiny_sd_pipeline(seed=seed)
+    nets = [build_tiny_unet_controlnet(base.unet, seed + 1 + index) for index in range(controlnets)]
+    components = {name: value for name, value in base.components.items() if name != "image_encoder"}
+    return StableDiffusionControlNetPipeline(
+        **components,
+        controlnet=nets[0] if controlnets == 1 else MultiControlNetModel(nets),
+        requires_safety_checker=False,
+    )

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3ControlNetModel,
+    SD3MultiControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from ..adapters.sd3 import SD3_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
@@ -73,3 +80,34 @@ def build_tiny_sd3_pipeline(
         tokenizer_3=character_tokenizer(512),
     )
     return eval_mode(pipe)
+
+
+def build_tiny_sd3_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> StableDiffusion3ControlNetPipeline:
+    r"""
+    A stock `StableDiffusion3ControlNetPipeline`: the tiny SD3 pipeline's components (`build_tiny_sd3_pipeline`) and
+    tiny `SD3ControlNetModel`s of its transformer's configuration (one block; the control image encoded by the VAE),
+    their zero-initialised projections given small random weights so that the control image shows in the result.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
+        controlnets (`int`, defaults to `1`): one `SD3ControlNetModel`, or an `SD3MultiControlNetModel` of this many.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_sd3_controlnet_pipeline()
+    >>> image = pipe("a cat", control_image=edges, height=256, width=256, max_sequence_length=32).images[0]
+    ```
+    """
+    base = build_tiny_sd3_pipeline(seed=seed)
+    nets = []
+    for index in range(controlnets):
+        torch.manual_seed(seed + 1 + index)
+        config = {**dict(base.transformer.config), "num_layers": 1, "extra_conditioning_channels": 0}
+        net = SD3ControlNetModel.from_config(config)
+        with torch.no_grad():
+            for layer in [*net.controlnet_blocks, net.pos_embed_input.proj]:
+                layer.weight.normal_(std=0.1)
+        nets.append(net.eval())
+    controlnet = nets[0] if controlnets == 1 else SD3MultiControlNetModel(nets)
+    return StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)

@@ -6,12 +6,15 @@ import torch
 from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.controlnets import MultiControlNetModel
 
 from ..adapters.sdxl import SDXL_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
+from .sd import build_tiny_unet_controlnet
 from .text import build_tiny_clip, character_tokenizer, eval_mode
 
 # Playground v2.5's scheduler config and VAE normalisation (per-channel mean and std).
@@ -90,3 +93,26 @@ def build_tiny_sdxl_pipeline(seed: int = 0, playground: bool = False) -> StableD
         add_watermarker=False,
     )
     return eval_mode(pipe)
+
+
+def build_tiny_sdxl_controlnet_pipeline(seed: int = 0, controlnets: int = 1) -> StableDiffusionXLControlNetPipeline:
+    r"""
+    A stock `StableDiffusionXLControlNetPipeline`: the tiny SDXL pipeline's components (`build_tiny_sdxl_pipeline`)
+    and tiny controlnets made from its UNet (they take its size conditioning too).
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (controlnet `i` is seeded `seed + 1 + i`).
+        controlnets (`int`, defaults to `1`): one `ControlNetModel`, or a `MultiControlNetModel` of this many.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_sdxl_controlnet_pipeline()
+    >>> image = pipe("a cat", image=edges, num_inference_steps=8).images[0]
+    ```
+    """
+    base = build_tiny_sdxl_pipeline(seed=seed)
+    nets = [build_tiny_unet_controlnet(base.unet, seed + 1 + index) for index in range(controlnets)]
+    return StableDiffusionXLControlNetPipeline(
+        **base.components, controlnet=nets[0] if controlnets == 1 else MultiControlNetModel(nets), add_watermarker=False
+    )

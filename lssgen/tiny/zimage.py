@@ -5,7 +5,13 @@ from __future__ import annotations
 import zlib
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
 
 from ..adapters.zimage import ZIMAGE_SCHEDULER_CONFIG
 from .flux import build_tiny_vae
@@ -79,3 +85,48 @@ def tiny_zimage_prompt_embeds(pipe, prompts: str | list[str]) -> list[torch.Tens
         row = torch.randn(len(text.split()) + 2, transformer.config.cap_feat_dim, generator=generator)
         embeds.append(row.to(transformer.device, transformer.dtype))
     return embeds
+
+
+def build_tiny_zimage_controlnet_pipeline(
+    seed: int = 0, controlnets: int = 1, control_in_dim: int | None = None
+) -> ZImageControlNetPipeline:
+    r"""
+    A stock `ZImageControlNetPipeline`: the tiny Z-Image pipeline's components (`build_tiny_zimage_pipeline`: no text
+    encoder, call it with `tiny_zimage_prompt_embeds`) and a tiny controlnet (one control block before the
+    transformer's first layer, one noise refiner, the transformer's embedders shared as the pipeline shares them), its
+    zero-initialised projections given small random weights so that the control image shows in the result.
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the random weights (the controlnet's is `seed + 1`).
+        controlnets (`int`, defaults to `1`): must be 1: the pipeline takes one controlnet.
+        control_in_dim (`int`, *optional*): the controlnet's input channels; by default the latents' (16), as
+            Z-Image-Turbo-Fun-Controlnet-Union's; 33 as its version 2.0's, whose extra channels the pipeline zero-fills.
+
+    Example:
+
+    ```py
+    >>> pipe = build_tiny_zimage_controlnet_pipeline()
+    >>> embeds = tiny_zimage_prompt_embeds(pipe, "a cat")
+    >>> image = pipe(prompt_embeds=embeds, guidance_scale=0.0, control_image=edges, height=256, width=256)
+    ```
+    """
+    if controlnets != 1:
+        raise ValueError(f"ZImageControlNetPipeline takes one controlnet, not {controlnets}.")
+    base = build_tiny_zimage_pipeline(seed=seed)
+    config = base.transformer.config
+    torch.manual_seed(seed + 1)
+    controlnet = ZImageControlNetModel(
+        control_layers_places=[0],
+        control_in_dim=control_in_dim or config.in_channels,
+        all_patch_size=config.all_patch_size,
+        all_f_patch_size=config.all_f_patch_size,
+        dim=config.dim,
+        n_refiner_layers=1,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+    )
+    with torch.no_grad():
+        for layer in controlnet.control_layers:
+            for projection in (layer.before_proj, layer.after_proj):
+                projection.weight.normal_(std=0.1)
+    return eval_mode(ZImageControlNetPipeline(**base.components, controlnet=controlnet.eval()))
