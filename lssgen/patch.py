@@ -302,7 +302,8 @@ def plan_for(
 ) -> StagePlan:
     r"""
     The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs); `strength` is an
-    image-to-image call's.
+    image-to-image call's. Other keyword arguments of the pipeline's own `__call__` that decide its size are taken
+    as the call's (FLUX.1 Kontext's `max_area`, a Qwen-Image-Edit reference `image`); the rest are lssgen options.
 
     Example:
 
@@ -313,11 +314,13 @@ def plan_for(
     state = pipe.__dict__.get(_STATE)
     if state is None:
         raise ValueError("This pipeline is not patched; call `lssgen.patch(pipe)` first.")
+    stock_parameters = inspect.signature(state.original_class.__call__).parameters
+    call = {name: options.pop(name) for name in list(options) if name in stock_parameters and name not in OPTION_NAMES}
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
     space = _check_options(chosen, state.upsampler)
-    plan = _plan(pipe, state, chosen, height, width, steps, strength=strength)
+    plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
     return replace(plan, scaling=_describe_scaling(space, state))
 
 
@@ -343,7 +346,7 @@ def _plan(
 ):
     adapter = state.adapter
     if not (height and width):
-        default_height, default_width = adapter.default_size(pipe)
+        default_height, default_width = adapter.size_from_inputs(pipe, call or {}) or adapter.default_size(pipe)
         height, width = height or default_height, width or default_width
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
