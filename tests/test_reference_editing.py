@@ -367,3 +367,20 @@ def test_bad_input_gets_the_stock_error_before_denoising_with_the_pipe_usable(ca
     hook.remove()
     assert str(error.value) == str(stock_error.value)
     assert not calls and pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
+
+
+# --- Qwen-Image-Edit's size -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pipeline_class", "expected"),
+    # The stock rule: the reference's aspect ratio at 1024² pixels in multiples of 32, then whole 2x2 patches; Edit
+    # reads the first reference, Edit-Plus the last. 2:1 gives 1448 x 724 -> 1440 x 736; 1:2 the other way round.
+    [(QwenImageEditPipeline, (736, 1440)), (QwenImageEditPlusPipeline, (1440, 736))],
+)
+def test_qwen_edit_without_a_size_plans_on_the_size_its_reference_gives(pipeline_class, expected):
+    pipe = _qwen_edit_pipe(pipeline_class)
+    lssgen.patch(pipe, min_resolution=256)
+    tall = REFERENCE.transpose(Image.Transpose.ROTATE_90)
+    plan = lssgen.plan_for(pipe, None, None, 20, image=[REFERENCE, tall])
+    assert (plan.height, plan.width) == expected and len(plan.stages) == 2
+    given = lssgen.plan_for(pipe, 512, 1024, 20, image=[REFERENCE, tall])  # a size given is the size generated
+    assert (given.height, given.width) == (512, 1024)
