@@ -367,6 +367,9 @@ def test_bad_input_gets_the_stock_error_before_denoising_with_the_pipe_usable(ca
     hook.remove()
     assert str(error.value) == str(stock_error.value)
     assert not calls and pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
+    if case.startswith("kontext"):  # and a good call still runs (cheap here; a Qwen-Image-Edit call takes seconds)
+        call = EDITING["FluxKontextPipeline"].call(pipe)
+        assert pipe(**call).images.shape == (1, 3, 256, 256)
 
 
 # --- Qwen-Image-Edit's size -----------------------------------------------------------------------------------
