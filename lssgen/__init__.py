@@ -22,6 +22,8 @@ _LAZY_NAMES = {
     "register_adapter": "lssgen.adapters",
     "unregister_adapter": "lssgen.adapters",
     "hookimpl": "lssgen.hookspecs",
+    "hires_fix": "lssgen.hires",
+    "image_to_image_pipeline": "lssgen.hires",
     "ModelDefaults": "lssgen.loading",  # a model folder's lssgen.json
     "load_pipeline": "lssgen.loading",
     "model_defaults": "lssgen.loading",
@@ -39,6 +41,7 @@ _LAZY_NAMES = {
 
 if TYPE_CHECKING:
     from .adapters import Adapter, find_adapter, installed_adapters, register_adapter, unregister_adapter
+    from .hires import hires_fix, image_to_image_pipeline
     from .hookspecs import hookimpl
     from .loading import ModelDefaults, load_pipeline, model_defaults
     from .patch import Options, is_patched, patch, plan_for, unpatch
@@ -55,7 +58,9 @@ __all__ = [
     "Stage",
     "StagePlan",
     "find_adapter",
+    "hires_fix",
     "hookimpl",
+    "image_to_image_pipeline",
     "installed_adapters",
     "is_patched",
     "load_pipeline",

@@ -24,10 +24,16 @@ def takes_image_and_strength(stock_call: Any) -> bool:
     return "image" in parameters and "strength" in parameters
 
 
-def image_to_image_size(pipe: Any, stock_call: Any, call: dict[str, Any]) -> tuple[int | None, int | None]:
-    """The size an img2img call generates at, as the stock pipeline decides it: the call's `height`/`width` where
-    the pipeline takes them; else (no such argument, as SD's and SDXL's, or none given to a pipeline without a
-    default size, as Z-Image's) the input image's size as its image processor reads it. None: the family default."""
+def image_to_image_size(
+    pipe: Any, adapter: Adapter, stock_call: Any, call: dict[str, Any]
+) -> tuple[int | None, int | None]:
+    """The size an img2img call generates at, as the stock pipeline decides it: the adapter's rule where the family
+    has its own; else the call's `height`/`width` where the pipeline takes them; else (no such argument, as SD's and
+    SDXL's, or none given to a pipeline without a default size, as Z-Image's) the input image's size as its image
+    processor reads it. None: the family default."""
+    own = adapter.image_to_image_size(pipe, call)
+    if own is not None:
+        return own
     takes_size = "height" in inspect.signature(stock_call).parameters
     height, width = (call.get("height"), call.get("width")) if takes_size else (None, None)
     if (height is None or width is None) and not (takes_size and hasattr(pipe, "default_sample_size")):

@@ -391,7 +391,7 @@ def _prepare_run(
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
     if image_to_image:
-        height, width = image_to_image_size(pipe, stock_call, call)
+        height, width = image_to_image_size(pipe, adapter, stock_call, call)
     else:
         height, width = call.get("height"), call.get("width")
     plan = _plan(pipe, state, options, height, width, steps, call, strength)
@@ -402,6 +402,15 @@ def _prepare_run(
             "`min_resolution` to scale."
         )
         return None
+    if image_to_image and strength < 1.0 and plan.stages[0].begin_index == 0:
+        first = plan.stages[0]
+        logger.warning(
+            f"At strength={strength} the first stage's {first.num_steps}-step schedule ({first.width}x"
+            f"{first.height}) keeps every step, as the stock pipeline's would: it starts from pure noise and the "
+            "input image is lost. Raise `num_inference_steps` or `min_resolution` to give the first stage more "
+            "steps."
+        )
+    adapter.prepare_call(pipe, call, plan)
 
     per_prompt = adapter.per_prompt_argument
     num_images = call.get(per_prompt)
@@ -457,7 +466,6 @@ def _prepare_run(
     else:
         run.first_latents = adapter.pack(pipe, noise)
     call.update(num_inference_steps=plan.total_steps)
-    adapter.prepare_call(pipe, call, plan)
     if "latents" in inspect.signature(stock_call).parameters:
         call.update(latents=run.first_latents)
     # A binning pipeline keeps the requested size, to resize its image back to it exactly as without lssgen.

@@ -9,6 +9,7 @@ import inspect
 import pytest
 import test_chroma
 import test_flux
+import test_flux2
 import test_qwenimage
 import test_sd
 import test_sd3
@@ -17,6 +18,7 @@ import test_zimage
 import torch
 from diffusers import (
     ChromaImg2ImgPipeline,
+    Flux2KleinInpaintPipeline,
     FluxImg2ImgPipeline,
     QwenImageImg2ImgPipeline,
     StableDiffusion3Img2ImgPipeline,
@@ -99,6 +101,43 @@ def test_strength_one_is_text_to_image_with_the_image_ignored():
     assert not torch.equal(pipe(**_call(pipe)).images, pipe(**_call(pipe, image=OTHER_IMAGE)).images)
 
 
+def test_a_first_stage_that_would_start_from_pure_noise_is_warned_about(caplog):
+    """With few steps the first stage's schedule keeps every step at the strength (the stock rule), so the image is
+    lost: said, not silent."""
+    pipe = _img2img_pipe()
+    lssgen.patch(pipe, None, min_resolution=64, base_height=256, base_width=256)
+    assert lssgen.plan_for(pipe, 256, 256, 4, strength=0.6, min_resolution=64).stages[0].begin_index == 0
+    with caplog.at_level("WARNING", logger="lssgen.patch"):
+        pipe(**_call(pipe, num_inference_steps=4))
+    assert "input image is lost" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lssgen.patch"):
+        pipe(**_call(pipe, num_inference_steps=20))
+    assert "input image is lost" not in caplog.text
+
+
+def test_pipes_sharing_modules_are_patched_and_unpatched_each_on_its_own():
+    """An img2img pipe on a patched text-to-image pipe's very modules (`lssgen.image_to_image_pipeline`, or diffusers'
+    `from_pipe`) patches too, and each gives what it gives alone; unpatching one leaves the other patched."""
+    text_to_image = build_tiny_flux_pipeline(seed=0)
+    text_to_image.set_progress_bar_config(disable=True)
+    lssgen.patch(text_to_image, None, **PLAN)
+    alone = text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images
+    img2img = lssgen.image_to_image_pipeline(text_to_image)
+    assert type(img2img).__name__ == "FluxImg2ImgPipeline" and img2img.transformer is text_to_image.transformer
+    assert lssgen.is_patched(img2img) and img2img._lssgen.defaults == text_to_image._lssgen.defaults
+    separate = _img2img_pipe()
+    lssgen.patch(separate, None, **PLAN)
+    expected = separate(**_call(separate)).images
+    assert torch.equal(img2img(**_call(img2img)).images, expected)
+    assert torch.equal(text_to_image(**test_flux.flux_call_kwargs(text_to_image)).images, alone)
+    lssgen.unpatch(text_to_image)
+    assert torch.equal(img2img(**_call(img2img)).images, expected)
+    lssgen.unpatch(img2img)
+    registry = img2img.transformer._diffusers_hook
+    assert not [name for name in registry.hooks if name.startswith("lssgen")]
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
@@ -175,3 +214,41 @@ TestQwenImageImg2ImgPipeline = img2img_contract(test_qwenimage.TestQwenImage, Qw
 TestZImageImg2ImgPipeline = img2img_contract(test_zimage.TestZImage, ZImageImg2ImgPipeline)
 TestStableDiffusionXLImg2ImgPipeline = img2img_contract(test_sdxl.TestSDXL, StableDiffusionXLImg2ImgPipeline)
 TestStableDiffusionImg2ImgPipeline = img2img_contract(test_sd.TestSD, StableDiffusionImg2ImgPipeline)
+
+
+class TestFlux2KleinInpaintPipeline(img2img_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
+    """FLUX.2 klein's img2img: the inpainting pipeline with a mask that repaints every pixel. The input image also
+    rides along as reference tokens, at the target size in every stage."""
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
+        height, width = kwargs["image"].shape[-2:]
+        # Read by `expected`: the reference tokens of this call's image (one per 16 x 16 pixels).
+        self.reference_tokens = (height // 16) * (width // 16)
+        return {"mask_image": torch.ones(1, 1, height, width), **kwargs}
+
+    def expected(self, pipe, stage, timestep, references=0):
+        return super().expected(pipe, stage, timestep, references + self.reference_tokens)
+
+    @pytest.mark.parametrize(
+        ("overrides", "match"),
+        [
+            ({"mask_image": torch.ones(1, 1, 256, 256).index_fill_(3, torch.tensor([5]), 0.0)}, "`mask_image` keeps"),
+            ({"image": torch.zeros(1, 128, 16, 16)}, "`image` is given as latents"),
+            ({"padding_mask_crop": 8}, "`padding_mask_crop`"),
+        ],
+        ids=["partial-mask", "image-latents", "mask-crop"],
+    )
+    def test_what_is_not_image_to_image_is_refused_before_denoising(self, pipe, overrides, match):
+        lssgen.patch(pipe, None, **self.three_stages)
+        before = self.images(pipe, **self.call_kwargs(pipe))
+        calls = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        with pytest.raises(ValueError, match=match):
+            pipe(**{**self.call_kwargs(pipe), **overrides})
+        hook.remove()
+        assert not calls
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), before)
+        # The stock pipeline still inpaints with a partial mask.
+        partial = {key: value for key, value in overrides.items() if key == "mask_image"}
+        assert self.images(pipe, **{**self.call_kwargs(pipe), **partial}, start_sigma=1.0).shape == before.shape

@@ -93,6 +93,52 @@ class Architecture:
         return self.default_steps if self.default_steps is not None else self.adapter.default_steps
 
 
+class _StageOfSharingPipes:
+    """The `current_stage` a hook reads on a module that several patched pipes share (diffusers' `from_pipe` builds
+    an img2img pipe on a text-to-image pipe's very modules): the low-resolution stage of whichever of them is in a
+    call (one at a time: a call holds the module), else None."""
+
+    def __init__(self):
+        self.by_pipe: dict[int, Callable[[], Stage | None]] = {}
+
+    def __call__(self) -> Stage | None:
+        for current_stage in self.by_pipe.values():
+            stage = current_stage()
+            if stage is not None:
+                return stage
+        return None
+
+
+def share_hook(
+    module: torch.nn.Module,
+    name: str,
+    make_hook: Callable[[Callable[[], Stage | None]], Any],
+    pipe: Any,
+    current_stage: Callable[[], Stage | None],
+) -> None:
+    """Register `make_hook(current_stage)` on `module` as `name` for `pipe`; where another patched pipe sharing the
+    module registered it already, `pipe` joins that hook instead (diffusers allows one hook per name)."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hook = registry.get_hook(name)
+    if hook is None:
+        stages = _StageOfSharingPipes()
+        hook = make_hook(stages)
+        hook.lssgen_stages = stages
+        registry.register_hook(hook, name)
+    hook.lssgen_stages.by_pipe[id(pipe)] = current_stage
+
+
+def release_hook(module: torch.nn.Module, name: str, pipe: Any) -> None:
+    """Undo `share_hook` for `pipe`: the hook goes when no patched pipe uses it any more."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = None if registry is None else registry.get_hook(name)
+    if hook is None:
+        return
+    hook.lssgen_stages.by_pipe.pop(id(pipe), None)
+    if not hook.lssgen_stages.by_pipe:
+        registry.remove_hook(name, recurse=False)
+
+
 def dummy_tensors(model: torch.nn.Module, batch: int) -> tuple[Callable[..., torch.Tensor], torch.Tensor]:
     """For `Adapter.denoiser_dummy_inputs`: `zeros(*shape)` on `model`'s device, and a `(batch,)` timestep."""
     device = next(model.parameters()).device
@@ -108,6 +154,8 @@ class Adapter:
 
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()  # stock pipeline class names this adapter serves
+    # Text-to-image class name -> the stock image-to-image class on the same components (`lssgen.hires`).
+    image_to_image_pipelines: dict[str, str] = {}
     denoiser: str = "transformer"  # pipeline attribute holding the denoising model
     flow: bool = True  # flow matching, or a diffusion (noise prediction) model
     latent_multiple: int = 1  # latent sides must be multiples of this
@@ -244,9 +292,21 @@ class Adapter:
     def timestep_kwargs(self, scheduler: Any, num_steps: int, latent_height: int, latent_width: int) -> dict:
         return {"num_inference_steps": num_steps}
 
+    def image_to_image_size(self, pipe: Any, call: dict[str, Any]) -> tuple[int, int] | None:
+        """The size an image-to-image call generates at, where the family's pipeline decides it its own way (e.g.
+        from the input image whatever `height`/`width` say); None: the usual rule (`lssgen.conditions`)."""
+        return None
+
+    def image_to_image_arguments(self, pipe: Any, image: Any) -> dict[str, Any]:
+        """Call arguments an image-to-image call of `pipe` needs beside `image` and `strength` (FLUX.2 klein's, an
+        inpainting pipeline, its all-white mask); `image` is the PIL input image."""
+        return {}
+
     def prepare_call(self, pipe: Any, call: dict[str, Any], plan: StagePlan) -> None:
-        """Set call arguments in place that the stock pipeline would derive from target-size inputs which lssgen
-        gives at the first stage's size (e.g. SDXL img2img's size conditioning, read from the latents' shape)."""
+        """Check and set call arguments in place, before anything is encoded or denoised: refuse what the family's
+        adapter does not serve with a `ValueError` naming the argument, and set what the stock pipeline would
+        derive from target-size inputs which lssgen gives at the first stage's size (e.g. SDXL img2img's size
+        conditioning, read from the latents' shape)."""
 
     # Resolution conditioning ------------------------------------------------------------------------------------
     # A diffusers ModelHook class, built with the `current_stage` callable, for conditioning that must follow the
@@ -258,14 +318,12 @@ class Adapter:
         """Register hooks that give the model the conditioning of `current_stage()`, a low-resolution stage;
         None means leave the pipeline's own conditioning alone (no lssgen call, or the target-size stage)."""
         if self.stage_hook is not None:
-            registry = HookRegistry.check_if_exists_or_initialize(getattr(pipe, self.denoiser))
-            registry.register_hook(self.stage_hook(current_stage), self.stage_hook_name)
+            share_hook(getattr(pipe, self.denoiser), self.stage_hook_name, self.stage_hook, pipe, current_stage)
 
     def remove_hooks(self, pipe: Any) -> None:
         """Undo `install_hooks`."""
-        registry = getattr(getattr(pipe, self.denoiser), "_diffusers_hook", None)
-        if self.stage_hook is not None and registry is not None:
-            registry.remove_hook(self.stage_hook_name, recurse=False)
+        if self.stage_hook is not None:
+            release_hook(getattr(pipe, self.denoiser), self.stage_hook_name, pipe)
 
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:

@@ -90,6 +90,7 @@ class ChromaAdapter(FluxAdapter):
 
     name = "chroma"
     pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+    image_to_image_pipelines = {"ChromaPipeline": "ChromaImg2ImgPipeline"}
     default_steps = 40
     default_guidance = 3.0
     stage_hook = ChromaStageHook

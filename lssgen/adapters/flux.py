@@ -106,6 +106,7 @@ class FluxImageIdsHook(ModelHook):
 class FluxAdapter(Adapter):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
+    image_to_image_pipelines = {"FluxPipeline": "FluxImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # 2x2 packing

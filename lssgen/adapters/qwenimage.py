@@ -120,6 +120,7 @@ class QwenImageAdapter(FluxAdapter):
 
     name = "qwenimage"
     pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
+    image_to_image_pipelines = {"QwenImagePipeline": "QwenImageImg2ImgPipeline"}
     # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
     default_steps = 50

@@ -86,6 +86,7 @@ class SDAdapter(Adapter):
 
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    image_to_image_pipelines = {"StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
     latent_multiple = 1

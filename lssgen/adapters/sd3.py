@@ -60,6 +60,7 @@ class SD3Adapter(Adapter):
 
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    image_to_image_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer patchifies 2x2 (transformer.config.patch_size)

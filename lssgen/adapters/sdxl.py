@@ -112,6 +112,7 @@ class SDXLAdapter(Adapter):
 
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    image_to_image_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
     denoiser = "unet"
     flow = False
     latent_multiple = 1

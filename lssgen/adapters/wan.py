@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 from diffusers import UniPCMultistepScheduler
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, Architecture, dummy_tensors
+from .base import Adapter, Architecture, dummy_tensors, release_hook, share_hook
 
 # The stock call's defaults (pipeline_wan.py, `WanPipeline.__call__`): 480x832, 81 frames.
 _CALL_DEFAULTS = {
@@ -236,15 +236,12 @@ class WanAdapter(Adapter):
         super().install_hooks(pipe, current_stage)
         if pipe.config.get("expand_timesteps", False):
             for model in self.denoisers(pipe):
-                registry = HookRegistry.check_if_exists_or_initialize(model)
-                registry.register_hook(PerTokenTimestepsHook(), PER_TOKEN_TIMESTEPS_HOOK)
+                share_hook(model, PER_TOKEN_TIMESTEPS_HOOK, lambda _: PerTokenTimestepsHook(), pipe, current_stage)
 
     def remove_hooks(self, pipe):
         super().remove_hooks(pipe)
         for model in self.denoisers(pipe):
-            registry = getattr(model, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(PER_TOKEN_TIMESTEPS_HOOK) is not None:
-                registry.remove_hook(PER_TOKEN_TIMESTEPS_HOOK, recurse=False)
+            release_hook(model, PER_TOKEN_TIMESTEPS_HOOK, pipe)
 
     # VAE normalisation ------------------------------------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:

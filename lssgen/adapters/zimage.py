@@ -110,6 +110,7 @@ class ZImageAdapter(Adapter):
 
     name = "zimage"
     pipeline_classes = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+    image_to_image_pipelines = {"ZImagePipeline": "ZImageImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer's 2x2 patches (the pipeline's default `patch_size`)

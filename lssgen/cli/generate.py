@@ -17,6 +17,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
     add_method_options(parser)
     add_model_options(parser)
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="Hires fix: enlarge this image (by default to twice its size; --height/--width set the size) with an "
+        "image-to-image pass whose first stage is the image's own size",
+    )
+    parser.add_argument(
+        "--strength", type=strength, default=None, help="with --image: the share of noise it starts from (default 0.6)"
+    )
     parser.add_argument("--out", default="out.png", help="where to save the image")
     parser.add_argument(
         "--baseline",
@@ -29,6 +38,17 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.set_defaults(run=run, out_is_image=True)
     return parser
+
+
+def strength(text: str) -> float:
+    """An argparse `type`: an img2img strength, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1.0 ignores the image), got {value}")
+    return value
 
 
 def stock_path(out: str):
@@ -51,12 +71,20 @@ def run(args: argparse.Namespace) -> None:
 
     from .options import compare, device_and_dtype, method_options, model_call, patch, timed
 
+    if args.strength is not None and args.image is None:
+        raise ValueError("--strength needs --image (the image to enlarge)")
+    image = open_image(args.image) if args.image else None  # before loading: a wrong path fails fast
     device, dtype = device_and_dtype(args)
     pipe = load_pipeline(args.model, device, dtype)
     adapter = lssgen.find_adapter(pipe)
     call = model_call(args, pipe, adapter)
     patch(pipe, args.upsampler, **method_options(args))
-    print(lssgen.plan_for(pipe, call["height"], call["width"], call["num_inference_steps"]).describe())
+    size = call["height"], call["width"]
+    if image is not None:
+        size = args.height or 2 * image.height, args.width or 2 * image.width
+        pipe, call = hires_call(pipe, image, call, size, args)
+    options = {name: call[name] for name in ("strength", "min_resolution") if name in call}
+    print(lssgen.plan_for(pipe, *size, call["num_inference_steps"], **options).describe())
 
     if args.baseline:
         images, stock_times, lssgen_times = compare(pipe, [call], args.seed, device, args.repeats)
@@ -86,3 +114,28 @@ def run(args: argparse.Namespace) -> None:
     warning = busy_warning({"stock": stock, "lssgen": fast})
     if warning:
         print(f"lssgen generate: {warning}")
+
+
+def open_image(path: str):
+    """The `--image` to enlarge, read whole now (a missing or unreadable file is a one-line error)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"--image {path}: {error}") from None
+
+
+def hires_call(pipe, image, call: dict, size: tuple[int, int], args: argparse.Namespace) -> tuple:
+    """The image-to-image pipe and call of `--image`: `call`'s prompt, steps and guidance with the Hires fix's
+    image, strength and arguments for the target `size` (height, width)."""
+    from lssgen.hires import DEFAULT_STRENGTH, hires_fix_call
+
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    img2img, arguments = hires_fix_call(pipe, image, *size, strength)
+    if args.min_resolution is not None:
+        del arguments["min_resolution"]  # the user's, given to `patch`, instead of the image's size
+    # The size goes in only where the img2img pipeline takes it (`arguments`); others take it from the image.
+    kept = {name: value for name, value in call.items() if name not in ("height", "width")}
+    return img2img, {**kept, **arguments}
