@@ -303,7 +303,8 @@ def plan_for(
     r"""
     The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs); `strength` is an
     image-to-image call's. Other keyword arguments of the pipeline's own `__call__` that decide its size are taken
-    as the call's (FLUX.1 Kontext's `max_area`, a Qwen-Image-Edit reference `image`); the rest are lssgen options.
+    as the call's (FLUX.1 Kontext's `max_area`, a Qwen-Image-Edit reference `image`, the input `image` of an
+    image-to-image pipeline that generates at its image's size); the rest are lssgen options.
 
     Example:
 
@@ -320,6 +321,8 @@ def plan_for(
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
     space = _check_options(chosen, state.upsampler)
+    call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
+    height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
     return replace(plan, scaling=_describe_scaling(space, state))
 
@@ -332,6 +335,16 @@ def _describe_scaling(space: str, state: PatchState) -> str:
     if state.upsampler is not None:
         return "latent interpolation (bicubic x2; the upsampler is loaded but scaling_space='latent' is chosen)"
     return f"latent interpolation (bicubic x2; no upsampler: {state.upsampler_note})"
+
+
+def _call_size(pipe: Any, state: PatchState, call: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The size a call asks for, as the stock pipeline reads it: an image-to-image call's from its input image where
+    the pipeline takes it from there (`image_to_image_size`), else its `height`/`width`; None: from other inputs or
+    the family default (`_plan`)."""
+    stock_call = state.original_class.__call__
+    if takes_image_and_strength(stock_call) and call.get("image") is not None:
+        return image_to_image_size(pipe, state.adapter, stock_call, call)
+    return call.get("height"), call.get("width")
 
 
 def _plan(
@@ -390,10 +403,7 @@ def _prepare_run(
         or not 0.0 < strength <= 1.0
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
-    if image_to_image:
-        height, width = image_to_image_size(pipe, adapter, stock_call, call)
-    else:
-        height, width = call.get("height"), call.get("width")
+    height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, options, height, width, steps, call, strength)
     if not plan.is_multi_resolution:
         logger.warning(
