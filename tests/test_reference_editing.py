@@ -402,3 +402,13 @@ def test_qwen_edit_without_a_size_plans_on_the_size_its_reference_gives(pipeline
     assert (plan.height, plan.width) == expected and len(plan.stages) == 2
     given = lssgen.plan_for(pipe, 512, 1024, 20, image=[REFERENCE, tall])  # a size given is the size generated
     assert (given.height, given.width) == (512, 1024)
+
+
+# --- Hires fix ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["FluxKontextPipeline", "QwenImageEditPlusPipeline"])
+def test_hires_fix_refuses_an_editing_pipeline_it_has_no_image_to_image_class_for(name):
+    """The editing adapters map no image-to-image class (the family's text-to-image one is not theirs to map)."""
+    pipe = EDITING[name].pipe()
+    lssgen.patch(pipe)
+    with pytest.raises(ValueError, match=f"pipeline for {name} .* adapter maps none"):
+        lssgen.hires_fix(pipe, REFERENCE, height=256, width=512)

@@ -172,6 +172,8 @@ class FluxKontextAdapter(FluxAdapter):
 
     name = "flux-kontext"
     pipeline_classes = ("FluxKontextPipeline",)
+    # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
+    image_to_image_pipelines = {}
     # black-forest-labs/FLUX.1-Kontext-dev's model card example: `guidance_scale=2.5` (the pipeline's default steps,
     # 28, are the model's; the method's published 50 stay the adapter's default).
     default_guidance = 2.5

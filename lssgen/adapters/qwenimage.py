@@ -203,6 +203,8 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     name = "qwenimage-edit"
     pipeline_classes = ("QwenImageEditPipeline",)
+    # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
+    image_to_image_pipelines = {}
     architectures = ()  # the same transformer as Qwen-Image, counted there
     # Which of a list of reference images sets the default size: QwenImageEditPipeline reads the first.
     size_reference = 0
