@@ -387,6 +387,25 @@ def test_bad_input_gets_the_stock_error_before_denoising_with_the_pipe_usable(ca
         assert pipe(**call).images.shape == (1, 3, 256, 256)
 
 
+@pytest.mark.parametrize(
+    ("max_area", "match"),
+    [(0, "must be a positive number of pixels, got 0"), (True, "got True"), (100, "rescales 256x256 to 0x0")],
+)
+def test_kontext_area_the_stock_call_would_denoise_as_an_empty_image_is_a_clear_error(max_area, match):
+    """The stock call rescales to 0 x 0, denoises nothing and fails only when decoding; lssgen says why first."""
+    pipe = _kontext()
+    lssgen.patch(pipe, min_resolution=64)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match=match):
+        pipe(**test_flux.flux_call_kwargs(pipe, image=REFERENCE, max_area=max_area, _auto_resize=False))
+    with pytest.raises(ValueError, match=match):
+        lssgen.plan_for(pipe, 256, 256, 8, max_area=max_area)
+    hook.remove()
+    assert not calls and pipe._lssgen.run is None
+    assert pipe(**EDITING["FluxKontextPipeline"].call(pipe, num_inference_steps=4)).images.shape == (1, 3, 256, 256)
+
+
 # --- Qwen-Image-Edit's size -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("pipeline_class", "expected"),

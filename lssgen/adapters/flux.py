@@ -187,14 +187,27 @@ class FluxKontextAdapter(FluxAdapter):
         return inspect.signature(FluxKontextPipeline.__call__).parameters["max_area"].default
 
     def resolution_bin(self, pipe, height, width, call):
+        if not all(
+            isinstance(side, numbers.Integral) and not isinstance(side, bool) and side > 0 for side in (height, width)
+        ):
+            return None  # the plan's own error for such a size
         max_area = call.get("max_area", self._stock_max_area())
-        if isinstance(max_area, bool) or not isinstance(max_area, numbers.Real) or max_area <= 0:
-            return None  # the stock pipeline's own error, or its own outcome, for such an area
+        if isinstance(max_area, bool) or (isinstance(max_area, numbers.Real) and max_area <= 0):
+            raise ValueError(f"`max_area` must be a positive number of pixels, got {max_area!r}.")
+        if not isinstance(max_area, numbers.Real):
+            return None  # the stock pipeline's own error for such an area
         # The stock rule: the requested aspect ratio at `max_area`, rounded down to whole 2x2 patches.
         multiple = self.vae_scale_factor(pipe) * self.latent_multiple
         aspect_ratio = width / height
         rescaled_width = round((max_area * aspect_ratio) ** 0.5) // multiple * multiple
         rescaled_height = round((max_area / aspect_ratio) ** 0.5) // multiple * multiple
+        if not (rescaled_height and rescaled_width):
+            # The stock pipeline would denoise an empty image and fail only when decoding it.
+            raise ValueError(
+                f"`max_area`={max_area!r} rescales {width}x{height} to {rescaled_width}x{rescaled_height}: FLUX.1 "
+                f"Kontext needs at least {multiple} pixels a side. Pass a larger `max_area` (the default is "
+                f"{self._stock_max_area()}, 1024²)."
+            )
         return rescaled_height, rescaled_width
 
     def prepare_call(self, pipe, call, plan):
