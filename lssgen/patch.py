@@ -331,7 +331,9 @@ def plan_for(
 ) -> StagePlan:
     r"""
     The stage plan a patched `pipe` would follow for a call with these arguments (nothing runs); `strength` is an
-    image-to-image call's.
+    image-to-image call's. Other keyword arguments of the pipeline's own `__call__` that decide its size are taken
+    as the call's (FLUX.1 Kontext's `max_area`, a Qwen-Image-Edit reference `image`, the input `image` of an
+    image-to-image pipeline that generates at its image's size); the rest are lssgen options.
 
     Example:
 
@@ -342,11 +344,15 @@ def plan_for(
     state = pipe.__dict__.get(_STATE)
     if state is None:
         raise ValueError("This pipeline is not patched; call `lssgen.patch(pipe)` first.")
+    stock_parameters = inspect.signature(state.original_class.__call__).parameters
+    call = {name: options.pop(name) for name in list(options) if name in stock_parameters and name not in OPTION_NAMES}
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
     space = _check_options(chosen, state.upsampler)
-    plan = _plan(pipe, state, chosen, height, width, steps, strength=strength)
+    call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
+    height, width = _call_size(pipe, state, call)
+    plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
     return replace(plan, scaling=_describe_scaling(space, state))
 
 
@@ -358,6 +364,19 @@ def _describe_scaling(space: str, state: PatchState) -> str:
     if state.upsampler is not None:
         return "latent interpolation (bicubic x2; the upsampler is loaded but scaling_space='latent' is chosen)"
     return f"latent interpolation (bicubic x2; no upsampler: {state.upsampler_note})"
+
+
+def _call_size(pipe: Any, state: PatchState, call: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The size a call asks for, as the stock pipeline reads it: an image-to-image call's from its input image where
+    the pipeline takes it from there (`image_to_image_size`), a ControlNet call's as its pipeline reads it (some from
+    a tensor control image: `control_size`), else its `height`/`width`; None: from other inputs or the family
+    default (`_plan`)."""
+    stock_call = state.original_class.__call__
+    if takes_image_and_strength(stock_call) and call.get("image") is not None:
+        return image_to_image_size(pipe, state.adapter, stock_call, call)
+    if takes_control(pipe, state.adapter):
+        return state.adapter.control_size(pipe, call)
+    return call.get("height"), call.get("width")
 
 
 def _plan(
@@ -372,7 +391,7 @@ def _plan(
 ):
     adapter = state.adapter
     if not (height and width):
-        default_height, default_width = adapter.default_size(pipe)
+        default_height, default_width = adapter.size_from_inputs(pipe, call or {}) or adapter.default_size(pipe)
         height, width = height or default_height, width or default_width
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
@@ -416,12 +435,7 @@ def _prepare_run(
         or not 0.0 < strength <= 1.0
     ):
         return None  # the stock pipeline's own error for a missing image, or a strength that keeps no step
-    if image_to_image:
-        height, width = image_to_image_size(pipe, adapter, stock_call, call)
-    elif takes_control(pipe, adapter):
-        height, width = adapter.control_size(pipe, call)
-    else:
-        height, width = call.get("height"), call.get("width")
+    height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, options, height, width, steps, call, strength)
     if not plan.is_multi_resolution:
         logger.warning(

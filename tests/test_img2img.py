@@ -238,3 +238,24 @@ class TestFlux2KleinInpaintPipeline(img2img_contract(test_flux2.TestFlux2Klein, 
         # The stock pipeline still inpaints with a partial mask.
         partial = {key: value for key, value in overrides.items() if key == "mask_image"}
         assert self.images(pipe, **{**self.call_kwargs(pipe), **partial}, start_sigma=1.0).shape == before.shape
+
+    def test_plan_for_an_image_plans_on_the_size_the_call_takes_from_it(self, pipe):
+        """Given the input image, `lssgen.plan_for` plans on the image's size, whatever `height`/`width` say, as
+        the call does; the call's denoiser calls and image follow that plan."""
+        lssgen.patch(pipe, None, min_resolution=64, shorten_intermediate_steps=False)
+        wide = torch.nn.functional.interpolate(IMAGE, size=(128, 256), mode="bilinear", align_corners=False)
+        plan = lssgen.plan_for(pipe, 512, 512, 8, strength=0.6, image=wide)
+        assert (plan.height, plan.width) == (128, 256) and len(plan.stages) == 2
+        assert lssgen.plan_for(pipe, 512, 512, 8, strength=0.6).height == 512  # no image: the size given
+        call = self.call_kwargs(pipe, height=512, width=512, num_inference_steps=8)
+        call.update(image=wide, mask_image=torch.ones(1, 1, 128, 256))
+        tokens = []
+        hook = pipe.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: tokens.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+        )
+        images = self.images(pipe, **call)
+        hook.remove()
+        assert images.shape[-2:] == (128, 256)
+        references = (128 // 16) * (256 // 16)  # the image's target-size tokens, in every stage
+        stages = [s for s in plan.stages for _ in s.timesteps for _ in range(self.calls_per_step)]
+        assert tokens == [(s.latent_height // 2) * (s.latent_width // 2) + references for s in stages]

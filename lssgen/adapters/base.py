@@ -247,10 +247,16 @@ class Adapter:
         frames) adds them here; the core only ever changes the last two."""
         return (batch, self.latent_channels(pipe), latent_height, latent_width)
 
+    def size_from_inputs(self, pipe: Any, call: dict[str, Any]) -> tuple[int, int] | None:
+        """The size a call that leaves out `height`/`width` generates at, where the stock pipeline reads it from
+        another input (Qwen-Image-Edit: the reference image's aspect ratio); None: `default_size`."""
+        return None
+
     def resolution_bin(self, pipe: Any, height: int, width: int, call: dict[str, Any]) -> tuple[int, int] | None:
         """The size the stock call really denoises at when it snaps `height` x `width` to a bin and resizes the
-        image back itself (e.g. PixArt's `use_resolution_binning`); None when it denoises at the requested size.
-        The stages are planned on this size, and the call keeps the requested one."""
+        image back itself (e.g. PixArt's `use_resolution_binning`), or rescales it (FLUX.1 Kontext's `max_area`);
+        None when it denoises at the requested size. The stages are planned on this size, and the call keeps the
+        requested one (`prepare_call` may change that)."""
         return None
 
     def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:

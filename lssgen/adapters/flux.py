@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +70,9 @@ class FluxImageIdsHook(ModelHook):
     """Gives the transformer the position ids of the stage being denoised.
 
     FluxPipeline builds `img_ids` once, for the target size, before the loop; during a low-resolution stage
-    they must describe the smaller latent instead.
+    they must describe the smaller latent instead. With a reference image (FluxKontextPipeline's `image=`), its
+    tokens follow the latents in `hidden_states` and its ids follow the latent ids in `img_ids`; those are kept as
+    they are.
     """
 
     def __init__(self, current_stage: Callable):
@@ -85,11 +89,18 @@ class FluxImageIdsHook(ModelHook):
         img_ids = kwargs.get("img_ids")
         if stage is None or img_ids is None:
             return args, kwargs
+        rows, cols = stage.latent_height // 2, stage.latent_width // 2
         # Built afresh each call (a few small aranges) rather than cached: under torch.compile a cache would
         # become guarded state and cost extra recompilations; this way each stage size compiles once.
-        kwargs["img_ids"] = self.image_ids(
-            None, stage.latent_height // 2, stage.latent_width // 2, img_ids.device, img_ids.dtype
-        )
+        stage_ids = self.image_ids(None, rows, cols, img_ids.device, img_ids.dtype)
+        # Whatever `hidden_states` holds beyond this stage's tokens is reference-image tokens, whose ids are the
+        # same number of trailing ids.
+        hidden_states = kwargs.get("hidden_states")
+        references = 0 if hidden_states is None else hidden_states.shape[1] - rows * cols
+        if references > 0:
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # the transformer reads a batched one's first
+            stage_ids = torch.cat([stage_ids, ids[ids.shape[0] - references :]], dim=0)
+        kwargs["img_ids"] = stage_ids
         return args, kwargs
 
 
@@ -172,6 +183,73 @@ class FluxAdapter(Adapter):
         return kwargs
 
 
+class FluxKontextAdapter(FluxAdapter):
+    r"""
+    Adapter for [`~diffusers.FluxKontextPipeline`] (FLUX.1 Kontext: editing with a reference image).
+
+    FLUX.1's transformer, packing and schedule; what differs is the size and the reference:
+
+    - the pipeline rescales the requested `height` x `width` to the area `max_area` (1024² by default), keeping the
+      aspect ratio, and denoises at that size (`resolution_bin`): the stages are planned on it. Where the plan rounds
+      it down to a size that halves, the call is given the plan's size and area so that the pipeline keeps it
+      (`prepare_call`);
+    - the reference image (resized to a preset Kontext size when `_auto_resize`, else to its own size) is encoded
+      once and its packed latents follow the image tokens in every transformer call, with ids of its own (t = 1).
+      They do not depend on the stage: the ids hook rewrites only the generated image's ids and keeps the
+      reference's, and the loop's latents (which lssgen switches per stage) are the generated image's alone.
+    """
+
+    name = "flux-kontext"
+    pipeline_classes = ("FluxKontextPipeline",)
+    # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
+    image_to_image_pipelines = {}
+    # black-forest-labs/FLUX.1-Kontext-dev's model card example: `guidance_scale=2.5` (the pipeline's default steps,
+    # 28, are the model's; the method's published 50 stay the adapter's default).
+    default_guidance = 2.5
+    architectures = ()  # the same transformer as FLUX.1-dev, counted there
+
+    @staticmethod
+    def _stock_max_area() -> int:
+        # From diffusers' class itself: a patched pipe's `__call__` is lssgen's.
+        from diffusers import FluxKontextPipeline
+
+        return inspect.signature(FluxKontextPipeline.__call__).parameters["max_area"].default
+
+    def resolution_bin(self, pipe, height, width, call):
+        if not all(
+            isinstance(side, numbers.Integral) and not isinstance(side, bool) and side > 0 for side in (height, width)
+        ):
+            return None  # the plan's own error for such a size
+        max_area = call.get("max_area", self._stock_max_area())
+        if isinstance(max_area, bool) or (isinstance(max_area, numbers.Real) and max_area <= 0):
+            raise ValueError(f"`max_area` must be a positive number of pixels, got {max_area!r}.")
+        if not isinstance(max_area, numbers.Real):
+            return None  # the stock pipeline's own error for such an area
+        # The stock rule: the requested aspect ratio at `max_area`, rounded down to whole 2x2 patches.
+        multiple = self.vae_scale_factor(pipe) * self.latent_multiple
+        aspect_ratio = width / height
+        rescaled_width = round((max_area * aspect_ratio) ** 0.5) // multiple * multiple
+        rescaled_height = round((max_area / aspect_ratio) ** 0.5) // multiple * multiple
+        if not (rescaled_height and rescaled_width):
+            # The stock pipeline would denoise an empty image and fail only when decoding it.
+            raise ValueError(
+                f"`max_area`={max_area!r} rescales {width}x{height} to {rescaled_width}x{rescaled_height}: FLUX.1 "
+                f"Kontext needs at least {multiple} pixels a side. Pass a larger `max_area` (the default is "
+                f"{self._stock_max_area()}, 1024²)."
+            )
+        return rescaled_height, rescaled_width
+
+    def prepare_call(self, pipe, call, plan):
+        default_height, default_width = self.default_size(pipe)
+        requested = (call.get("height") or default_height, call.get("width") or default_width)
+        rescaled = self.resolution_bin(pipe, *requested, call)
+        if rescaled is not None and rescaled != (plan.height, plan.width):
+            # The plan rounded the size down to one that halves: ask for the plan's size at exactly its own area,
+            # which the pipeline's rescaling keeps as it is.
+            call.update(height=plan.height, width=plan.width, max_area=plan.height * plan.width)
+
+
 @hookimpl
 def register_adapters(register):
     register(FluxAdapter())
+    register(FluxKontextAdapter())

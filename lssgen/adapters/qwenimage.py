@@ -210,6 +210,58 @@ class QwenImageAdapter(FluxAdapter):
         return pipe._pack_latents(latents, batch, channels, height, width).to(self.latent_dtype(pipe))
 
 
+class QwenImageEditAdapter(QwenImageAdapter):
+    r"""
+    Adapter for [`~diffusers.QwenImageEditPipeline`] (Qwen-Image-Edit: editing with a reference image).
+
+    Qwen-Image's transformer, packing and schedule; what differs is the reference and the default size:
+
+    - the pipeline encodes the reference image once, resized to about 1024² pixels at its aspect ratio, and appends
+      its packed latents after the generated image's tokens in every transformer call; `img_shapes` lists the
+      generated image's token grid first, then the reference's. The shapes hook rewrites only the first per stage
+      (the reference's shape, its rotary embedding and its tokens are the same in every stage), and the loop's
+      latents (which lssgen switches per stage) are the generated image's alone;
+    - without `height`/`width` the pipeline generates at the reference's aspect ratio at about 1024² pixels
+      (`size_from_inputs`): the stages are planned on that size, and the call is given it.
+    """
+
+    name = "qwenimage-edit"
+    pipeline_classes = ("QwenImageEditPipeline",)
+    # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
+    image_to_image_pipelines = {}
+    architectures = ()  # the same transformer as Qwen-Image, counted there
+    # Which of a list of reference images sets the default size: QwenImageEditPipeline reads the first.
+    size_reference = 0
+
+    def size_from_inputs(self, pipe, call):
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        image = call.get("image")
+        if isinstance(image, list):
+            image = image[self.size_reference] if image else None
+        size = getattr(image, "size", None)  # a PIL image's (width, height); the pipeline reads nothing else
+        if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(n, int) and n > 0 for n in size)):
+            return None  # the stock call raises its own error for such an `image`
+        # The stock rule: the reference's aspect ratio at 1024² pixels, in whole multiples of 32.
+        width, height = calculate_dimensions(1024 * 1024, size[0] / size[1])[:2]
+        return height, width
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    r"""
+    Adapter for [`~diffusers.QwenImageEditPlusPipeline`] (Qwen-Image-Edit-2509 and later: several reference images).
+
+    As [`QwenImageEditAdapter`], with one entry of `img_shapes` (and one block of reference tokens) per reference
+    image, and the default size taken from the last reference.
+    """
+
+    name = "qwenimage-edit-plus"
+    pipeline_classes = ("QwenImageEditPlusPipeline",)
+    size_reference = -1
+
+
 @hookimpl
 def register_adapters(register):
     register(QwenImageAdapter())
+    register(QwenImageEditAdapter())
+    register(QwenImageEditPlusAdapter())
