@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import zlib
 from typing import Any
 
 import diffusers
@@ -17,7 +19,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks.hooks import CacheContext
 from diffusers.hooks.hooks import _set_cache_context as set_cache_context
-from hypothesis import event, example, given
+from hypothesis import event, example, given, seed, settings
 from packaging import version
 
 import lssgen
@@ -146,6 +148,14 @@ class AdapterContract:
     # An image-to-image family's `strength` (its `call_kwargs` pass it with an `image`); 1.0: text-to-image.
     strength = 1.0
     lora_prefix = ""  # e.g. "transformer.transformer_blocks.0.attn.to_q": the module a test LoRA adapts
+    # The share of the hypothesis profile's `max_examples` that this class's call-argument property draws
+    # (`test_any_call_arguments_give_an_image_or_a_clear_error`). The property runs lssgen's generic argument handling
+    # (option validation, the plan, the restore on error) through whichever family it runs on, and the family's own
+    # adapter code for the drawn sizes, batches and generators. The generic part runs in full once, on FLUX.1
+    # (`TestFlux` sets 1.0); every other family repeats it on a quarter of the examples, after the `FOUND` failure
+    # classes, which every family runs in full. Under the fixed CI sample each such family draws its own examples
+    # (a seed from its class name), so that together they try more distinct calls than one sample repeated.
+    call_argument_share = 0.25
 
     def build_pipe(self, seed: int = 0) -> Any:
         raise NotImplementedError
@@ -470,6 +480,11 @@ class AdapterContract:
             assert pipe.scheduler is stock_scheduler and pipe._lssgen.run is None
             assert torch.equal(reference(), before)
 
+        if self.call_argument_share < 1.0:
+            examples = max(1, math.ceil(settings.default.max_examples * self.call_argument_share))
+            check = settings(max_examples=examples)(check)
+            if settings.default.derandomize:  # else every run draws fresh examples anyway
+                check = seed(zlib.crc32(type(self).__name__.encode()))(check)
         check()
 
     def assert_clear_or_stock_error(self, error: Exception, drawn: Drawn, stock) -> None:
@@ -650,9 +665,9 @@ class AdapterContract:
         )
         for stage in plan.stages:
             seen.clear()
-            stock(
-                **self.call_kwargs(stock, height=stage.height, width=stage.width, num_inference_steps=stage.num_steps)
-            )
+            # Only the timesteps the denoiser sees are compared: the stock call stops at its latents (no decode).
+            size = {"height": stage.height, "width": stage.width}
+            stock(**{**self.call_kwargs(stock, **size, num_inference_steps=stage.num_steps), "output_type": "latent"})
             full = seen[:: self.calls_per_step]
             assert len(full) == stage.num_steps
             assert stage.timesteps == pytest.approx(full[stage.begin_index :], abs=1e-3)

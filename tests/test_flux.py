@@ -31,6 +31,7 @@ def flux_call_kwargs(pipe, prompts="a red fox in the snow", seed=0, **overrides)
 class TestFlux(AdapterContract):
     adapter_name = "flux"
     lora_prefix = "transformer.transformer_blocks.0.attn.to_q"
+    call_argument_share = 1.0  # the family whose call-argument property runs all the profile's examples
     trace_cases = [
         *AdapterContract.trace_cases,
         (512, 512, 8, {"min_resolution": 256}),  # default base 1024: every stage is shortened
