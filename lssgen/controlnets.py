@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import ModelHook
 
+from .shared_hooks import release_hook, share_hook
+
 if TYPE_CHECKING:
     from .adapters.base import Adapter
     from .plan import Stage, StagePlan
@@ -200,7 +202,6 @@ def install_control_hooks(
     pipeline hands the controlnet too) on each controlnet, and the control hook on the pipeline's controlnet module.
     A module another patched pipe shares keeps one hook, which each pipe joins (`share_hook`). Returns the hooked
     modules, for `remove_control_hooks`."""
-    from .adapters.base import share_hook
 
     nets = controlnets_of(pipe)
     if adapter.stage_hook is not None:
@@ -213,7 +214,6 @@ def install_control_hooks(
 
 
 def remove_control_hooks(pipe: Any, modules: list[torch.nn.Module], adapter: Adapter) -> None:
-    from .adapters.base import release_hook
 
     if not modules:
         return

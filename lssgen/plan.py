@@ -380,10 +380,13 @@ def _img2img_begin(num_steps: int, strength: float, order: int, flow: bool) -> i
 
 def _noise_to_signal(scheduler: Any, facts: ScheduleFacts, index: int) -> float:
     """The ratio of noise to image in a latent noised to the `index`-th step of the scheduler's schedule: sigma /
-    (1 - sigma) for flow models, sqrt((1 - alpha_bar) / alpha_bar) for diffusion models; infinite for pure noise."""
+    (1 - sigma) for flow models, sqrt((1 - alpha_bar) / alpha_bar) for diffusion models (the sigma of the schedulers
+    that noise as x0 + sigma noise); infinite for pure noise."""
     if facts.flow:
         sigma = float(scheduler.sigmas[index])
         return math.inf if sigma >= 1.0 else sigma / (1.0 - sigma)
+    if not hasattr(scheduler, "alphas_cumprod"):  # EDM schedulers: x0 + sigma noise, sigma is the ratio
+        return float(scheduler.sigmas[index])
     alpha_bar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[index])])
     return math.sqrt((1.0 - alpha_bar) / alpha_bar)
 
@@ -452,7 +455,7 @@ def _schedule_stage(
     def within_bound(begin: int) -> int:
         # The first step from `begin` on within the bound; a schedule too coarse to have one runs its last step.
         moved = begin
-        while moved < len(timesteps) and _noise_to_signal(scheduler, facts, moved) > bound:
+        while bound < math.inf and moved < len(timesteps) and _noise_to_signal(scheduler, facts, moved) > bound:
             moved += order
         return begin if moved == begin else min(moved, (len(timesteps) - 1) // order * order)
 

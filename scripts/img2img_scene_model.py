@@ -14,7 +14,7 @@ one after another in an order that alternates from case to case:
 Per setting: the scene scorer's accuracy on the outputs (GenEval's rules), PSNR to the stock output of the same
 case, and the mean seconds per image. Writes `img2img.json` and `img2img.md` (the tables) to `--out`.
 
-    python scripts/img2img_scene_model.py --cases 24 --out outputs/img2img
+    python -m scripts.img2img_scene_model --cases 12 --steps 20 --out outputs/img2img
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=24)
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="outputs/img2img")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     model = Flux2KleinPipeline.from_pretrained(lssgen.weights_path("scene-t2i"))

@@ -398,20 +398,29 @@ def test_adapters_lists_installed_adapters_with_their_package():
     assert lines[0].split() == ["adapter", "pipelines", "kind", "steps", "guidance", "shorten", "package"]
     # Columns are separated by two spaces or more; a pipelines cell lists its classes with ", ".
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[1:])}
-    assert rows["flux"] == ["FluxPipeline, FluxImg2ImgPipeline", "flow", "50", "3.5", "on", "lssgen"]
-    assert rows["sd3"] == [
-        "StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline", "flow", "40", "4.5", "on", "lssgen"
-    ]  # fmt: skip
-    assert rows["sdxl"] == [
-        "StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline", "diffusion", "50", "5.0", "off", "lssgen"
-    ]  # fmt: skip
-    assert rows["sd"] == [
-        "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline", "diffusion", "50", "7.5", "off", "lssgen"
-    ]  # fmt: skip
-    assert rows["cogview4"] == ["CogView4Pipeline", "flow", "50", "3.5", "on", "lssgen"]
-    # 4.0: true_cfg_scale
-    assert rows["qwenimage"] == ["QwenImagePipeline, QwenImageImg2ImgPipeline", "flow", "50", "4.0", "on", "lssgen"]
-    assert rows["zimage"] == ["ZImagePipeline, ZImageImg2ImgPipeline", "flow", "8", "0.0", "on", "lssgen"]
+    expected = {
+        "flux": (["FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline"], "flow", "50", "3.5", "on"),
+        "sd3": (
+            ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3ControlNetPipeline"],
+            "flow", "40", "4.5", "on",
+        ),
+        "sdxl": (
+            ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline"],
+            "diffusion", "50", "5.0", "off",
+        ),
+        "sd": (
+            ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetPipeline"],
+            "diffusion", "50", "7.5", "off",
+        ),
+        "cogview4": (["CogView4Pipeline"], "flow", "50", "3.5", "on"),
+        # 4.0: true_cfg_scale
+        "qwenimage": (
+            ["QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageControlNetPipeline"], "flow", "50", "4.0", "on"
+        ),
+        "zimage": (["ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"], "flow", "8", "0.0", "on"),
+    }  # fmt: skip
+    for name, (classes, *settings) in expected.items():
+        assert rows[name] == [", ".join(classes), *settings, "lssgen"], name
 
 
 # --- loose ends of the command line ------------------------------------------------------------------------------

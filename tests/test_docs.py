@@ -167,6 +167,16 @@ SNIPPETS = {
         ],
         check=a_pil_image("image"),
     ),
+    ("README.md", "lssgen.hires_fix(pipe, image, prompt"): Snippet(
+        given={
+            "lssgen": lambda s: importlib.import_module("lssgen"),
+            "pipe": lambda s: s.patched_tiny_flux(),
+            "image": lambda s: s.scene_image(0).resize((128, 128)),
+            "prompt": lambda s: s.scene_caption(0),
+        },
+        replace=[("height=2048, width=2048,", "height=256, width=256, num_inference_steps=4, max_sequence_length=32,")],
+        check=lambda ns, s: _enlarged_with_an_img2img_pipe(ns, (256, 256)),
+    ),
     ("docs/caches.md", "sea_cache_config(pipe, threshold=0.25)"): Snippet(
         given={"pipe": lambda s: s.tiny_flux(), "upsampler": lambda s: s.tiny_upsampler()},
         replace=[
@@ -249,6 +259,18 @@ SHOWN = {
 }
 
 
+def _enlarged_with_an_img2img_pipe(namespace: dict, size: tuple[int, int]) -> None:
+    from diffusers import FluxImg2ImgPipeline
+
+    import lssgen
+
+    a_pil_image("large")(namespace, None)
+    assert namespace["large"].size == size
+    img2img = namespace["img2img"]
+    assert isinstance(img2img, FluxImg2ImgPipeline) and lssgen.is_patched(img2img)
+    assert img2img.transformer is namespace["pipe"].transformer  # the same modules, nothing copied
+
+
 def _patched_with(pipe, upsampler) -> None:
     import lssgen
 
@@ -282,6 +304,13 @@ class Standins:
 
         pipe = build_tiny_flux_pipeline(seed=0)
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def patched_tiny_flux(self):
+        import lssgen
+
+        pipe = self.tiny_flux()
+        lssgen.patch(pipe, self.tiny_upsampler(), min_resolution=64)
         return pipe
 
     def tiny_upsampler(self):

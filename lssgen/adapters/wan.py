@@ -18,7 +18,8 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, Architecture, dummy_tensors, release_hook, share_hook
+from ..shared_hooks import release_hook, share_hook
+from .base import Adapter, Architecture, dummy_tensors
 
 # The stock call's defaults (pipeline_wan.py, `WanPipeline.__call__`): 480x832, 81 frames.
 _CALL_DEFAULTS = {
