@@ -35,7 +35,7 @@ class Stage:
     latent_width: int
     vae_scale_factor: int
     num_steps: int  # length of the stage's full schedule (n_k) before truncation
-    begin_index: int  # where in that schedule the stage starts (0 for the first stage)
+    begin_index: int  # where in that schedule the stage starts (0 for a text-to-image first stage)
     timesteps: tuple[float, ...]  # the timesteps the denoiser sees in this stage
     first_sigma: float | None  # noise level the stage starts from (flow models)
     scheduler_kwargs: dict = field(compare=False, repr=False)
