@@ -18,6 +18,7 @@ from .conditions import first_stage_image_latents, image_to_image_size, takes_im
 from .controller import Run, StageSwitchCallback, chain_callbacks
 from .controlnets import (
     StageControls,
+    check_tensor_control_size,
     control_count,
     control_scales,
     control_windows,
@@ -445,6 +446,8 @@ def _prepare_run(
         )
         return None
     adapter.prepare_call(pipe, call, plan)
+    if adapter.control_tensor_sets_size and takes_control(pipe, adapter):
+        check_tensor_control_size(pipe, call, adapter.control_image_argument, plan)
 
     per_prompt = adapter.per_prompt_argument
     num_images = call.get(per_prompt)

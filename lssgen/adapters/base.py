@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..controlnets import control_image_size
+from ..controlnets import control_image_size, tensor_control_size
 from ..latents import LatentNormalization, encoded_latents
 from ..shared_hooks import release_hook, share_hook
 
@@ -287,11 +287,17 @@ class Adapter:
     control_image_argument: str = "image"
     # The controlnet's forward argument that takes the condition (by name, or at its position).
     control_condition_argument: str = "controlnet_cond"
+    # The pipeline takes a tensor control image as it is (no resize) and generates at its size, whatever
+    # `height`/`width` say (FLUX.1's, SD3's, Qwen-Image's and Z-Image's ControlNet pipelines): such a tensor must
+    # have the planned size (`lssgen.controlnets.check_tensor_control_size`), and each stage gets it resized.
+    control_tensor_sets_size: bool = False
 
     def control_size(self, pipe: Any, call: dict[str, Any]) -> tuple[int | None, int | None]:
-        """The size a ControlNet call generates at, as the stock pipeline decides it (None: the family default): the
-        call's `height`/`width`, else, where the pipeline has no default size (SD's, SDXL's), the control image's."""
-        return control_image_size(pipe, self, call)
+        """The size a ControlNet call generates at, as the stock pipeline decides it (None: the family default): a
+        tensor control image's where it sets the size, else the call's `height`/`width`, else, where the pipeline
+        has no default size (SD's, SDXL's), the control image's."""
+        tensor_size = tensor_control_size(call, self.control_image_argument) if self.control_tensor_sets_size else None
+        return tensor_size or control_image_size(pipe, self, call)
 
     def stage_control_image(
         self, pipe: Any, prepare: Callable, arguments: dict[str, Any], stage: Stage, run: Any
@@ -299,7 +305,11 @@ class Adapter:
         """The control condition a controlnet receives during `stage`: the pipeline's own preparation (`prepare`,
         the stock `control_image_method`) with the stock call's `arguments` but the stage's size. A family whose
         pipeline encodes the prepared image further (with the VAE, then packs it) adds that here."""
-        return prepare(**{**arguments, "height": stage.height, "width": stage.width})
+        image = arguments["image"]
+        if self.control_tensor_sets_size and isinstance(image, torch.Tensor):
+            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
+            image = pipe.image_processor.resize(image, stage.height, stage.width)
+        return prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
 
     def fit_control_condition(self, stock: Any, condition: Any) -> Any:
         """The stage's `condition` as the controlnet takes it in the call that passes `stock` (the target-size

@@ -11,7 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
-from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
+from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
@@ -152,20 +152,10 @@ class FluxAdapter(Adapter):
     # block (InstantX's; XLabs' take the pixels). Its controlnets take `img_ids` too: the ids hook goes on them.
     control_image_method = "prepare_image"
     control_image_argument = "control_image"
-
-    def control_size(self, pipe, call):
-        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
-
-    def prepare_call(self, pipe, call, plan):
-        if controlnets_of(pipe):
-            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+    control_tensor_sets_size = True
 
     def stage_control_image(self, pipe, prepare, arguments, stage, run):
-        image = arguments["image"]
-        if isinstance(image, torch.Tensor):
-            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
-            image = pipe.image_processor.resize(image, stage.height, stage.width)
-        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        prepared = super().stage_control_image(pipe, prepare, arguments, stage, run)
         if controlnets_of(pipe)[0].input_hint_block is not None:
             return prepared
         from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents

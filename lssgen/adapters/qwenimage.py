@@ -13,7 +13,7 @@ from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Architecture, flow_stage_kwargs, linear_time_shift
+from .base import Adapter, Architecture, flow_stage_kwargs, linear_time_shift
 from .flux import FluxAdapter, packed_dummy_inputs
 
 IMG_SHAPES_HOOK = "lssgen_qwenimage_img_shapes"
@@ -191,11 +191,8 @@ class QwenImageAdapter(FluxAdapter):
         return kwargs
 
     def stage_control_image(self, pipe, prepare, arguments, stage, run):
-        image = arguments["image"]
-        if isinstance(image, torch.Tensor):
-            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
-            image = pipe.image_processor.resize(image, stage.height, stage.width)
-        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        # The generic preparation at the stage's size (not FLUX.1's, which encodes it FLUX.1's way).
+        prepared = Adapter.stage_control_image(self, pipe, prepare, arguments, stage, run)
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet import retrieve_latents
 
         # Encoded as the pipeline encodes its control image: one frame, sampled with the call's generator, normalised

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
+from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors, linear_time_shift
@@ -100,20 +99,10 @@ class SD3Adapter(Adapter):
     # projection (InstantX's). The controlnets patchify the condition themselves: nothing to pack, nothing to hook.
     control_image_method = "prepare_image"
     control_image_argument = "control_image"
-
-    def control_size(self, pipe, call):
-        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
-
-    def prepare_call(self, pipe, call, plan):
-        if controlnets_of(pipe):
-            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+    control_tensor_sets_size = True
 
     def stage_control_image(self, pipe, prepare, arguments, stage, run):
-        image = arguments["image"]
-        if isinstance(image, torch.Tensor):
-            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
-            image = pipe.image_processor.resize(image, stage.height, stage.width)
-        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        prepared = super().stage_control_image(pipe, prepare, arguments, stage, run)
         config = pipe.vae.config
         shift = 0.0 if controlnets_of(pipe)[0].config.force_zeros_for_pooled_projection else config.shift_factor
         return (pipe.vae.encode(prepared).latent_dist.sample() - shift) * config.scaling_factor

@@ -13,7 +13,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image_controlnet import ZImageControlNetPipeline, retrieve_latents
 
-from ..controlnets import check_tensor_control_size, controlnets_of, tensor_control_size
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
@@ -196,20 +195,10 @@ class ZImageAdapter(Adapter):
     control_image_method = "prepare_image"
     control_image_argument = "control_image"
     control_condition_argument = "control_context"
-
-    def control_size(self, pipe, call):
-        return tensor_control_size(call, self.control_image_argument) or super().control_size(pipe, call)
-
-    def prepare_call(self, pipe, call, plan):
-        if controlnets_of(pipe):
-            check_tensor_control_size(pipe, call, self.control_image_argument, plan)
+    control_tensor_sets_size = True
 
     def stage_control_image(self, pipe, prepare, arguments, stage, run):
-        image = arguments["image"]
-        if isinstance(image, torch.Tensor):
-            # Taken as it is at the target size: at a stage, resized as the pipeline's image processor resizes tensors.
-            image = pipe.image_processor.resize(image, stage.height, stage.width)
-        prepared = prepare(**{**arguments, "image": image, "height": stage.height, "width": stage.width})
+        prepared = super().stage_control_image(pipe, prepare, arguments, stage, run)
         config = pipe.vae.config
         latents = retrieve_latents(pipe.vae.encode(prepared), sample_mode="argmax")
         latents = ((latents - config.shift_factor) * config.scaling_factor)[:, :, None]
