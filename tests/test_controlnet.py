@@ -283,6 +283,17 @@ VAE_ENCODING_FAMILIES = {
 }
 
 
+def _stage_condition(pipe, image, stage, generator, finish, *, frames=False, doubled=False):
+    """The condition a VAE-encoding ControlNet pipeline makes of `image` at `stage`'s size, written out here: resized
+    and prepared by its `prepare_image`, encoded (as one frame for a video VAE), one sample drawn from `generator`
+    (None: the global random state), then `finish`ed (normalised and packed as the pipeline does)."""
+    resized = pipe.image_processor.resize(image, stage.height, stage.width)
+    pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype, doubled)
+    posterior = pipe.vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
+    sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
+    return finish(pipe, sample)
+
+
 @pytest.mark.parametrize("family", list(VAE_ENCODING_FAMILIES))
 def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_size(family):
     """FLUX.1, SD3, Qwen-Image: inside the controlnet, each stage's condition is the control image prepared at that
@@ -307,13 +318,11 @@ def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_s
         first = plan.stages[0]
         noise = lssgen.find_adapter(pipe).latent_shape(pipe, 1, first.latent_height, first.latent_width, {})
         randn_tensor(noise, generator=generator)
-    expected = {}
-    for stage in plan.stages[:-1]:
-        image = pipe.image_processor.resize(CONTROL, stage.height, stage.width)
-        pixels = pipe.prepare_image(image, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype, doubled)
-        posterior = pipe.vae.encode(pixels if family != "qwenimage" else pixels.unsqueeze(2)).latent_dist
-        sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
-        expected[stage.index] = finish(pipe, sample)
+    frames = family == "qwenimage"
+    expected = {
+        stage.index: _stage_condition(pipe, CONTROL, stage, generator, finish, frames=frames, doubled=doubled)
+        for stage in plan.stages[:-1]
+    }
     steps = _stage_of_each_step(plan)
     assert len(seen) == len(steps)
     for stage, condition in zip(steps, seen):
@@ -355,15 +364,11 @@ def test_qwenimage_union_controlnet_reads_each_image_its_stage_grid_and_its_own_
     generator = torch.Generator().manual_seed(0)
     first = plan.stages[0]
     randn_tensor((1, first.latent_height * first.latent_width // 4, 64), generator=generator)
-    expected = []
-    for image in images:
-        expected.append({})
-        for stage in plan.stages:
-            resized = pipe.image_processor.resize(image, stage.height, stage.width)
-            pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype)
-            posterior = pipe.vae.encode(pixels.unsqueeze(2)).latent_dist
-            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
-            expected[-1][stage.index] = _qwenimage_condition(pipe, sample)
+    expected = [
+        {stage.index: _stage_condition(pipe, image, stage, generator, _qwenimage_condition, frames=True)
+         for stage in plan.stages}
+        for image in images
+    ]  # fmt: skip
     for call_index, (condition, shape, (_, scale)) in enumerate(zip(conditions, shapes, scales)):
         stage, image = steps[call_index // 2], call_index % 2
         torch.testing.assert_close(condition, expected[image][stage.index], rtol=1e-5, atol=1e-5)
@@ -405,15 +410,10 @@ def test_flux_union_multi_controlnet_reads_each_image_encoded_at_each_stage_size
         lssgen.find_adapter(pipe).latent_shape(pipe, 1, first.latent_height, first.latent_width, {}),
         generator=generator,
     )
-    expected = []
-    for image in images:
-        expected.append({})
-        for stage in plan.stages:
-            resized = pipe.image_processor.resize(image, stage.height, stage.width)
-            pixels = pipe.prepare_image(resized, stage.width, stage.height, 1, 1, pipe.device, pipe.vae.dtype)
-            posterior = pipe.vae.encode(pixels).latent_dist
-            sample = posterior.mean + posterior.std * randn_tensor(posterior.mean.shape, generator=generator)
-            expected[-1][stage.index] = _flux_condition(pipe, sample)
+    expected = [
+        {stage.index: _stage_condition(pipe, image, stage, generator, _flux_condition) for stage in plan.stages}
+        for image in images
+    ]
     for index, condition in enumerate(seen):
         torch.testing.assert_close(condition, expected[index % 2][steps[index // 2].index], rtol=1e-5, atol=1e-5)
     # Scalar windows: the pipeline passes one scale, and its multi-controlnet runs the first image only, as stock.
