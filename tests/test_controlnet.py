@@ -176,6 +176,15 @@ TestZImageControlNetPipeline = controlnet_contract(
     "control_image",
     window=False,
 )
+TestStableDiffusion3ControlNetPipelineWith2ControlNets = controlnet_contract(
+    test_sd3.TestSD3,
+    StableDiffusion3ControlNetPipeline,
+    build_tiny_sd3_controlnet_pipeline,
+    "control_image",
+    controlnets=2,
+    tests=CONTROLNET_TESTS[:2],
+    global_random_state=True,
+)
 TestFluxControlNetPipelineWith2ControlNets = controlnet_contract(
     test_flux.TestFlux,
     FluxControlNetPipeline,
@@ -272,6 +281,15 @@ VAE_ENCODING_FAMILIES = {
         False,
         lambda pipe, latents: latents * pipe.vae.config.scaling_factor,
     ),
+    # Two controlnets, each with its own image: per stage, each prepared and sampled in the controlnets' order.
+    "sd3-two-controlnets": (
+        functools.partial(build_tiny_sd3_controlnet_pipeline, controlnets=2),
+        test_sd3.sd3_call_kwargs,
+        "pos_embed_input",
+        True,
+        False,
+        lambda pipe, latents: latents * pipe.vae.config.scaling_factor,
+    ),
     "qwenimage": (
         build_tiny_qwenimage_controlnet_pipeline,
         test_qwenimage.qwenimage_call_kwargs,
@@ -296,22 +314,27 @@ def _stage_condition(pipe, image, stage, generator, finish, *, frames=False, dou
 
 @pytest.mark.parametrize("family", list(VAE_ENCODING_FAMILIES))
 def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_size(family):
-    """FLUX.1, SD3, Qwen-Image: inside the controlnet, each stage's condition is the control image prepared at that
-    size by the pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE sample, from the call's generator
-    or the global random state), normalised and packed as the pipeline does."""
+    """FLUX.1, SD3 (one and two controlnets), Qwen-Image: inside each controlnet, each stage's condition is its
+    control image prepared at that size by the pipeline's `prepare_image`, encoded as the pipeline encodes it (a VAE
+    sample, from the call's generator or the global random state), normalised and packed as the pipeline does."""
     build, call, probe, doubled, from_generator, finish = VAE_ENCODING_FAMILIES[family]
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     options = {**THREE_STAGES, "shorten_intermediate_steps": False}
     lssgen.patch(pipe, **options)
-    seen = []
-    handle = _record_inputs(getattr(pipe.controlnet, probe), seen)
+    nets = controlnets_of(pipe)
+    images = control_images(len(nets))
+    seen = [[] for _ in nets]
+    handles = [_record_inputs(getattr(net, probe), net_seen) for net, net_seen in zip(nets, seen)]
     torch.manual_seed(1234)
-    pipe(**call(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=CONTROL)
-    handle.remove()
+    scales = {"controlnet_conditioning_scale": [1.0] * len(nets)} if len(nets) > 1 else {}  # stock needs a list
+    pipe(**call(pipe, height=SIZE, width=SIZE, num_inference_steps=2), control_image=images, **scales)
+    for handle in handles:
+        handle.remove()
     plan = lssgen.plan_for(pipe, SIZE, SIZE, 2, **options)
-    # The draws, in order: the first stage's noise (from the call's generator), one control sample per
-    # low-resolution stage (as the pipeline prepares its control image), then the stock call's target-size one.
+    # The draws, in order: the first stage's noise (from the call's generator), then per control image (in the
+    # controlnets' order, as the pipeline prepares them) one sample per low-resolution stage and the stock call's
+    # target-size one.
     generator = torch.Generator().manual_seed(0) if from_generator else None
     torch.manual_seed(1234)
     if from_generator:
@@ -319,17 +342,23 @@ def test_vae_encoding_controlnets_read_the_control_image_encoded_at_each_stage_s
         noise = lssgen.find_adapter(pipe).latent_shape(pipe, 1, first.latent_height, first.latent_width, {})
         randn_tensor(noise, generator=generator)
     frames = family == "qwenimage"
-    expected = {
-        stage.index: _stage_condition(pipe, CONTROL, stage, generator, finish, frames=frames, doubled=doubled)
-        for stage in plan.stages[:-1]
-    }
+    expected = {}
+    for index, image in enumerate(images if len(nets) > 1 else [images]):
+        for stage in plan.stages[:-1]:
+            expected[stage.index, index] = _stage_condition(
+                pipe, image, stage, generator, finish, frames=frames, doubled=doubled
+            )
+        _stage_condition(pipe, image, plan.stages[-1], generator, finish, frames=frames, doubled=doubled)
     steps = _stage_of_each_step(plan)
-    assert len(seen) == len(steps)
-    for stage, condition in zip(steps, seen):
-        if stage.index in expected:
-            torch.testing.assert_close(condition, expected[stage.index], rtol=1e-5, atol=1e-5)
-    # One condition size per stage, the target stage's being the stock call's own.
-    assert len({condition.shape for condition in seen}) == len(plan.stages)
+    for index, net_seen in enumerate(seen):
+        assert len(net_seen) == len(steps)
+        for stage, condition in zip(steps, net_seen):
+            if (stage.index, index) in expected:
+                torch.testing.assert_close(condition, expected[stage.index, index], rtol=1e-5, atol=1e-5)
+        # One condition size per stage, the target stage's being the stock call's own.
+        assert len({condition.shape for condition in net_seen}) == len(plan.stages)
+    if len(nets) > 1:  # each controlnet reads its own image
+        assert not torch.equal(seen[0][0], seen[1][0])
 
 
 def test_qwenimage_union_controlnet_reads_each_image_its_stage_grid_and_its_own_window():
