@@ -86,11 +86,13 @@ def test_demo_falls_back_to_random_weights_without_taef2(tmp_path, capsys, monke
     assert "no taef2 folder was found" in printed and "RANDOM weights" in printed
 
 
-def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatch):
-    # A tiny untrained scene model, saved as the shipped folder is, stands in (fast; the shipped model's pictures
-    # are tests/test_scene_pictures.py's).
+@pytest.fixture
+def tiny_shipped_scene_model(tmp_path, monkeypatch):
+    """A tiny untrained scene model, saved as the shipped folder is, stands in for it (fast; the shipped model's
+    pictures are tests/test_scene_pictures.py's). Its settings come from its lssgen.json, as the shipped model's
+    do: here the shipped model's file with two stages instead of three, so that nothing but the file can have set
+    them."""
     import lssgen.weights
-    from lssgen.cli import main
     from lssgen.scenes.model import build_pipeline
 
     folder = tmp_path / "scene-t2i"
@@ -102,12 +104,14 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     )
     # Its VAE is a random one saved whole, so no taef2 folder is needed; the demo still looks for one.
     monkeypatch.setattr("lssgen.autoencoders.flux2.find_taef2", lambda folder=None: tmp_path)
-
-    # Its settings come from its lssgen.json, as the shipped model's do: here the shipped model's file with two
-    # stages instead of three, so that nothing but the file can have set them.
     shipped_defaults = lssgen.model_defaults(weights_path("scene-t2i"))
     assert shipped_defaults.patch["min_resolution"] == 64
     replace(shipped_defaults, patch={**shipped_defaults.patch, "min_resolution": 128}).save(folder)
+    return folder
+
+
+def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, tiny_shipped_scene_model):
+    from lssgen.cli import main
 
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "4", "--repeats", "1", "--out-dir", str(out)]) == 0
@@ -120,6 +124,23 @@ def test_demo_runs_a_shipped_scene_model_by_default(tmp_path, capsys, monkeypatc
     sheet = Image.open(out / "demo.png")
     assert sheet.size == (2 * 256, 14 + 4 * (256 + 14))  # stock | lssgen, one row per held-out prompt
     assert Image.open(out / "baseline.png").size == Image.open(out / "lssgen.png").size == (256, 256)
+
+
+def test_demo_size_above_the_native_size_starts_at_the_native_size(tmp_path, capsys, tiny_shipped_scene_model):
+    """`--size 512` for a 256 px model: the first stage is 256 px (the folder's `min_resolution`, 128, would give
+    three stages), the side-by-side sheet is at 512 px; with --height too it is a one-line error."""
+    from lssgen.cli import main
+
+    out = tmp_path / "demo"
+    common = ["demo", "--prompt", "a red circle", "--steps", "4", "--repeats", "1", "--out-dir", str(out)]
+    assert main([*common, "--size", "512"]) == 0
+    printed = capsys.readouterr().out
+    assert "512 px is above the model's native 256 px: the first stage is 256 px" in printed
+    assert "1/2    256x256" in printed and "2/2    512x512" in printed
+    assert "baseline (stock pipeline, 4 steps at 512x512)" in printed
+    assert Image.open(out / "demo.png").size == (2 * 512, 14 + 512 + 14)
+    assert main([*common, "--size", "512", "--height", "512"]) == 2
+    assert "Give either --size or --height/--width" in capsys.readouterr().err
 
 
 def test_generate_with_a_local_checkpoint(tiny_flux_dir, tmp_path):

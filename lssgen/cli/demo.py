@@ -24,6 +24,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "--random-weights", action="store_true", help="a FLUX.1-architecture pipeline with random weights instead"
     )
     add_method_options(parser)
+    parser.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help="square image side, px, instead of --height/--width; above the model's native size the first stage is "
+        "the native size (unless --min-resolution says otherwise), as Hires fix starts",
+    )
     add_model_options(parser)
     parser.set_defaults(prompt=None)  # the model's own: held-out scene captions, or a lighthouse for the others
     parser.add_argument(
@@ -113,19 +120,35 @@ def _side_by_side(rows: list[tuple[str, Image.Image, Image.Image]], titles: tupl
     return sheet
 
 
+def _beyond_native(args: argparse.Namespace, native: tuple[int, int]) -> argparse.Namespace:
+    """`args` for a square `--size` image; above the native size, unless `--min-resolution` is given, the first stage
+    is the native size: the stock call composes the whole image at a size the model never saw (duplicated objects),
+    lssgen composes it where the model was trained and only refines it above."""
+    size, side = args.size, min(native)
+    changes = {"height": size, "width": size}
+    if size > side and args.min_resolution is None:
+        changes["min_resolution"] = side
+        print(f"lssgen demo: {size} px is above the model's native {side} px: the first stage is {side} px")
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
 def run(args: argparse.Namespace) -> None:
     import lssgen
     from lssgen.evaluation.bench import Timing, busy_warning
     from lssgen.outputs import write_folder
 
-    from .options import compare, device_and_dtype, method_options, model_call, patch, patched_defaults
+    from .options import compare, device_and_dtype, method_options, model_call, native_size, patch, patched_defaults
 
+    if args.size is not None and (args.height is not None or args.width is not None):
+        raise ValueError("Give either --size or --height/--width, not both: --size S means a square S x S image.")
     device, dtype = device_and_dtype(args)
     demo = _demo_setup(args, device, dtype)
     print(f"lssgen demo: {demo.what}")
     pipe = demo.pipe
     adapter = lssgen.find_adapter(pipe)
     pipe.set_progress_bar_config(disable=True)
+    if args.size is not None:
+        args = _beyond_native(args, native_size(pipe, adapter, demo.defaults or lssgen.model_defaults(pipe)))
     calls = [
         model_call(argparse.Namespace(**{**vars(args), "prompt": prompt}), pipe, adapter, demo.defaults)
         for prompt in demo.prompts

@@ -218,6 +218,12 @@ def folder_defaults(model: str) -> Any:
     return model_defaults(model) if Path(model).expanduser().is_dir() else ModelDefaults()
 
 
+def native_size(pipe: Any, adapter: Any, defaults: Any) -> tuple[int, int]:
+    """The (height, width) a model generates at by default: its folder's `lssgen.json` (`defaults`), else the
+    pipeline's default size."""
+    return (defaults.height, defaults.width) if defaults.height else adapter.default_size(pipe)
+
+
 def model_call(args: argparse.Namespace, pipe: Any, adapter: Any, defaults: Any = None) -> dict[str, Any]:
     r"""
     The pipeline call of `args`. Each of size, steps, guidance and prompt length is the user's, else the model
@@ -229,7 +235,7 @@ def model_call(args: argparse.Namespace, pipe: Any, adapter: Any, defaults: Any 
 
     if defaults is None:
         defaults = lssgen.model_defaults(pipe)
-    native = (defaults.height, defaults.width) if defaults.height else adapter.default_size(pipe)
+    native = native_size(pipe, adapter, defaults)
     steps = args.steps or defaults.num_inference_steps or adapter.default_steps
     call = call_arguments(
         args,
