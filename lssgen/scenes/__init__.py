@@ -11,6 +11,7 @@ from .world import (
     EVALUATION_SEED,
     SHAPES,
     Check,
+    InstanceTally,
     Scene,
     SceneObject,
     caption_for,
@@ -19,6 +20,7 @@ from .world import (
     render,
     sample_scene,
     satisfies,
+    tally_instances,
     wrong_check,
 )
 
@@ -29,6 +31,7 @@ __all__ = [
     "EVALUATION_SEED",
     "SHAPES",
     "Check",
+    "InstanceTally",
     "Scene",
     "SceneObject",
     "caption_for",
@@ -37,5 +40,6 @@ __all__ = [
     "render",
     "sample_scene",
     "satisfies",
+    "tally_instances",
     "wrong_check",
 ]

@@ -267,6 +267,61 @@ def satisfies(check: Check, objects: Sequence[SceneObject]) -> bool:
     return all(len(matching(item)) >= item.count for item in check.wanted)
 
 
+@dataclass(frozen=True)
+class InstanceTally:
+    r"""
+    How the objects of an image compare with the ones its caption names, instance by instance (see
+    [`tally_instances`]).
+
+    Args:
+        extra (`int`): objects beyond the caption's: more of a named object than its number, or an object the
+            caption does not name.
+        missing (`int`): named instances not there.
+    """
+
+    extra: int
+    missing: int
+
+    @property
+    def exact(self) -> bool:
+        """The objects are exactly the caption's: each named one in its number, nothing else."""
+        return self.extra == 0 and self.missing == 0
+
+
+def tally_instances(check: Check, objects: Sequence[SceneObject]) -> InstanceTally:
+    r"""
+    The duplication measure: how many of `objects` (drawn, or found by `lssgen.scenes.scorer`) are more than
+    `check` names, and how many it names are not there. Stricter than [`satisfies`], which lets extra instances
+    pass in every category but counting.
+
+    Each named object stands for `count` instances (1 when the caption gives no number) of its shape, of its
+    colour where the caption names one. Every object fills at most one instance: the instances with a colour
+    first (only an object of that shape and colour fills one), then those without (any object of the shape).
+    Objects left over are `extra`, instances left unfilled `missing`. Positions and relations play no part.
+
+    Example:
+
+    ```py
+    >>> scene = sample_scene(0, 0)                      # 'a photo of a square'
+    >>> tally_instances(scene.check, scene.objects)
+    InstanceTally(extra=0, missing=0)
+    >>> tally_instances(scene.check, scene.objects * 3)  # two more squares
+    InstanceTally(extra=2, missing=0)
+    ```
+    """
+    unused = list(objects)
+    wanted = sorted(check.wanted, key=lambda item: item.colour is None)  # stable: caption order within each
+    missing = 0
+    for item in wanted:
+        for _ in range(item.count):
+            match = next((o for o in unused if o.shape == item.shape and item.colour in (None, o.colour)), None)
+            if match is None:
+                missing += 1
+            else:
+                unused.remove(match)
+    return InstanceTally(extra=len(unused), missing=missing)
+
+
 def _rng(*key: object) -> np.random.Generator:
     # SHA-256 of the key: stable across processes and platforms, and unrelated streams for nearby keys.
     digest = hashlib.sha256(":".join(map(str, ("lssgen-scenes", *key))).encode()).digest()
