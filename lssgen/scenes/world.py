@@ -633,7 +633,8 @@ def _background(scene: Scene, side: int, photos: Sequence[Path] | None) -> np.nd
 def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Path] | None = None):
     r"""
     The render of `scene` and its label map: `(image, labels)`, where `labels` is an `(size, size)` int array
-    holding `i + 1` where object `i` covers at least half the pixel and 0 elsewhere.
+    holding `i + 1` where object `i` covers at least half the pixel (the topmost such object, the last drawn, where
+    objects overlap) and 0 elsewhere.
 
     See [`render`] for the arguments.
     """
@@ -641,7 +642,7 @@ def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Pat
         raise ValueError(f"size must be an integer of at least 8 pixels, got {size!r}.")
     supersample = SUPERSAMPLE if size <= 512 else 2
     image = _background(scene, size, [Path(p) for p in photos] if photos else None)
-    coverage = []
+    labels = np.zeros((size, size), dtype=np.int64)
     grid = (np.arange(size) + 0.5) / size
     for number, obj in enumerate(scene.objects):
         alpha = np.asarray(_draw_mask(obj, size * supersample).reduce(supersample), dtype=np.float32) / 255
@@ -653,11 +654,7 @@ def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Pat
         light = 1 + rng.uniform(0, 0.25) * np.clip(ramp / obj.size, -0.5, 0.5)
         colour = np.clip(rgb[:, None, None] * light[None], 0, 1)
         image = image * (1 - alpha[None]) + colour * alpha[None]
-        coverage.append(alpha)
-    labels = np.zeros((size, size), dtype=np.int64)
-    if coverage:
-        stacked = np.stack(coverage)
-        labels = np.where(stacked.max(0) >= 0.5, stacked.argmax(0) + 1, 0)
+        labels[alpha >= 0.5] = number + 1  # drawn over whatever was there
     pixels = (np.clip(image, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     return Image.fromarray(pixels, "RGB"), labels
 
