@@ -22,8 +22,8 @@ from lssgen.evaluation.generation import (
     evaluate_generation,
 )
 from lssgen.evaluation.upsampler import LABEL_HEIGHT
-from lssgen.scenes.scorer import SceneScorer
-from lssgen.scenes.world import CATEGORIES, evaluation_scenes
+from lssgen.scenes.scorer import CheckResult, SceneScorer
+from lssgen.scenes.world import ATTRIBUTES, CATEGORIES, evaluation_scenes, satisfies
 from lssgen.tiny import build_tiny_flux_pipeline
 
 SIZE, STEPS = 64, 4
@@ -128,6 +128,64 @@ def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(sc
     assert torch.equal(_first_grid_tile(again, column=1), _tile(alone[0]))
 
 
+class HandMadeDetections:
+    """A scorer whose detections are given: for each setting in turn (the order the report scores them), one tuple
+    of found objects per prompt. KID still reads the real scorer's features."""
+
+    def __init__(self, scorer, detections_by_setting):
+        self.scorer, self.detections = scorer, iter(detections_by_setting)
+
+    def feature_extractor(self):
+        return self.scorer.feature_extractor()
+
+    def score(self, images, scenes):
+        found = next(self.detections)
+        assert len(found) == len(images) == len(scenes)
+        return [
+            CheckResult(satisfies(s.check, f), s.caption, s.category, ATTRIBUTES[s.category], f)
+            for s, f in zip(scenes, found)
+        ]
+
+
+def test_the_report_carries_the_duplication_measure_per_setting(scorer):
+    pipe = build_tiny_flux_pipeline(seed=0)
+    scenes = evaluation_scenes()[:3]  # a single object, two objects, a number
+    duplicated = scenes[0].objects * 3  # two extra instances of the one named object
+    stock_found = [scene.objects for scene in scenes]
+    lssgen_found = [duplicated, scenes[1].objects, scenes[2].objects[1:]]  # the third misses one instance
+    report = evaluate_generation(
+        pipe,
+        HandMadeDetections(scorer, [stock_found, lssgen_found]),
+        scenes,
+        size=SIZE,
+        steps=STEPS,
+        settings=[GenerationSetting("stock", STEPS), GenerationSetting("lssgen", STEPS, {"min_resolution": SIZE // 2})],
+        equal_speed=False,
+        call={"max_sequence_length": 32},
+        progress=False,
+    )
+    stock, scaled = report.scores
+    assert (stock.exact, stock.extra, stock.extra_instances, stock.missing_instances) == (1.0, 0.0, [0] * 3, [0] * 3)
+    assert (scaled.exact, scaled.extra) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert (scaled.extra_instances, scaled.missing_instances) == ([2, 0, 0], [0, 0, 1])
+    assert scaled.passed[0]  # GenEval's rules accept the duplicates: the measure is what sees them
+    assert report.to_dict()["scores"][1]["extra_instances"] == [2, 0, 0]
+    header, rows = _markdown_table(report.markdown())
+    assert header[header.index("overall") + 1 : header.index("overall") + 3] == ["exact", "extra"]
+    assert {name: (row["exact"], row["extra"]) for name, row in rows.items()} == {
+        "stock": ("1.00", "0.00"),
+        "lssgen": ("0.33", "0.67"),
+    }
+
+
+def _markdown_table(markdown):
+    """The report's table: its header cells, and each row's cells by header, by setting name."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+    return header, {row["setting"]: row for row in rows}
+
+
 def _tile(image):
     tile = torch.nn.functional.interpolate(image[None], size=(TILE, TILE), mode="bilinear", antialias=True)[0]
     return tile.clamp(0, 1).mul(255).round().byte()
@@ -154,7 +212,19 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
     assert [score["name"] for score in report["scores"]] == [*plain, *(f"{name} + first-block cache" for name in plain)]
     assert report["settings"]["cache"] == "FirstBlockCacheConfig(threshold=0.2)"
     assert (out / "grid.png").stat().st_size > 0 and "| stock 2 steps |" in (out / "report.md").read_text()
-    assert "wrote" in capsys.readouterr().out
+    for score in report["scores"]:  # the duplication measure, and the per-prompt counts it summarises
+        assert len(score["extra_instances"]) == len(score["missing_instances"]) == 6
+        assert score["extra"] == pytest.approx(sum(score["extra_instances"]) / 6)
+        exact = [e == m == 0 for e, m in zip(score["extra_instances"], score["missing_instances"])]
+        assert score["exact"] == pytest.approx(sum(exact) / 6)
+    printed = capsys.readouterr().out
+    for markdown in (printed, (out / "report.md").read_text()):
+        header, rows = _markdown_table(markdown)
+        assert {"exact", "extra"} <= set(header) and set(rows) == {score["name"] for score in report["scores"]}
+        for score in report["scores"]:
+            row = rows[score["name"]]
+            assert (row["exact"], row["extra"]) == (f"{score['exact']:.2f}", f"{score['extra']:.2f}")
+    assert "wrote" in printed
 
 
 def test_cli_checks_the_cache_spec_before_loading_anything(tmp_path, capsys):

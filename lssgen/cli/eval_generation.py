@@ -13,11 +13,13 @@ EVALUATION_PER_CATEGORY = 16
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "eval-generation",
-        help="stock vs lssgen settings on a scene text-to-image model: accuracy, KID, fidelity and time, in one run",
+        help="stock vs lssgen settings on a scene text-to-image model: accuracy, duplicates, KID, fidelity and time, "
+        "in one run",
         description="Generate the held-out scene prompts (lssgen.scenes) with the stock pipeline, lssgen in every "
         "scaling space at start sigma 0.75 and 0.667 with 2 and 3 stages, and the stock pipeline at the step counts "
-        "that fit in each lssgen setting's time; score them with the scene scorer. Writes report.json, report.md "
-        "and grid.png.",
+        "that fit in each lssgen setting's time; score them with the scene scorer (GenEval's rules, and the share of "
+        "images with exactly the prompt's objects and the mean number of extra instances). Writes report.json, "
+        "report.md and grid.png.",
     )
     parser.add_argument("--model", help="pipeline folder taking string prompts (default: the shipped scene-t2i)")
     parser.add_argument("--scorer", help="SceneScorer folder (default: the shipped scene-scorer)")

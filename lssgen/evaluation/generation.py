@@ -6,9 +6,10 @@ and with the stock pipeline at fewer steps, as many as fit in each lssgen settin
 baseline). With a diffusers cache (`cache=`, `lssgen eval-generation --cache`), the stock N-step setting and every
 lssgen setting also run with the cache on the denoiser, enabled for those calls only. The settings take turns prompt
 by prompt, so all of them meet the same machine state. Each setting is scored by the scene scorer (GenEval's rules,
-per category), by KID between its images and real renders of the same scenes (on the scorer's features), by PSNR
-and SSIM against the stock image of the same seed, and by its wall time relative to the stock pipeline in the same
-run.
+per category), by the duplication measure (the share of images whose objects are exactly the prompt's, and the
+mean number of extra instances: `lssgen.scenes.world.tally_instances`), by KID between its images and real renders
+of the same scenes (on the scorer's features), by PSNR and SSIM against the stock image of the same seed, and by
+its wall time relative to the stock pipeline in the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lssgen.outputs import write_folder
-from lssgen.scenes.world import CATEGORIES, Scene, render
+from lssgen.scenes.world import CATEGORIES, Scene, render, tally_instances
 
 from .metrics import psnr, ssim
 from .upsampler import _json_safe, labelled_grid
@@ -112,6 +113,8 @@ class SettingScores:
     options: dict[str, Any]
     matches: str | None
     accuracy: dict[str, float]  # per category, and "overall" (GenEval's: the mean of the categories)
+    exact: float  # share of images whose detected objects are exactly the prompt's (`tally_instances`)
+    extra: float  # mean number of extra instances per image
     kid: float | None
     psnr: float | None  # against the stock image of the same seed; None for the stock setting itself
     ssim: float | None
@@ -119,6 +122,8 @@ class SettingScores:
     seconds: float  # per image, mean over the prompts
     time_ratio: float  # this setting's total time / the stock setting's, in the same run
     passed: list[bool] = field(default_factory=list)  # per prompt, in order (prompt i was generated with seed + i)
+    extra_instances: list[int] = field(default_factory=list)  # per prompt, in order
+    missing_instances: list[int] = field(default_factory=list)  # per prompt, in order
 
 
 @dataclass
@@ -137,11 +142,12 @@ class GenerationReport:
             f"{s['device']}, {s['dtype']}; model {s['model']}"
             + (f"; `+ cache` rows: {s['cache']} on the denoiser" if s.get("cache") else ""),
             "",
-            "| setting | steps | " + " | ".join(CATEGORIES) + " | overall | KID | PSNR | SSIM | time |",
-            "|---|---:|" + "---:|" * (len(CATEGORIES) + 5),
+            "| setting | steps | " + " | ".join(CATEGORIES) + " | overall | exact | extra | KID | PSNR | SSIM | time |",
+            "|---|---:|" + "---:|" * (len(CATEGORIES) + 7),
         ]
         for score in self.scores:
             cells = [f"{score.accuracy[c]:.2f}" for c in (*CATEGORIES, "overall")]
+            cells += [f"{score.exact:.2f}", f"{score.extra:.2f}"]
             kid = "-" if score.kid is None else f"{score.kid:.4f}"
             fidelity = ["-", "-"] if score.psnr is None else [f"{score.psnr:.2f}", f"{score.ssim:.3f}"]
             lines.append(
@@ -151,7 +157,10 @@ class GenerationReport:
             )
         lines += [
             "",
-            "Accuracy: the scene scorer's verdict, GenEval's rules (overall: the mean of the categories). KID: on the "
+            "Accuracy: the scene scorer's verdict, GenEval's rules (overall: the mean of the categories). Exact: the "
+            "share of images whose detected objects are exactly the prompt's (each named object in its number, one "
+            "where the prompt gives none, and nothing else); extra: the mean number of instances beyond the prompt's "
+            "per image (docs/scene-model.md). KID: on the "
             "scorer's features, against real renders of the same scenes (lower is closer). PSNR/SSIM: against the "
             "stock image of the same seed. Time: per image, relative to the stock setting, measured in the same run.",
         ]
@@ -308,6 +317,7 @@ def evaluate_generation(
             passed = [v.passed for v in verdicts if v.category == category]
             accuracy[category] = sum(passed) / len(passed) if passed else math.nan
         accuracy["overall"] = statistics.fmean(a for a in accuracy.values() if not math.isnan(a))
+        tallies = [tally_instances(scene.check, verdict.found) for scene, verdict in zip(scenes, verdicts, strict=True)]
         same = setting.name == stock.name
         scores.append(
             SettingScores(
@@ -316,6 +326,8 @@ def evaluate_generation(
                 options=setting.options,
                 matches=setting.matches,
                 accuracy=accuracy,
+                exact=statistics.fmean(tally.exact for tally in tallies),
+                extra=statistics.fmean(tally.extra for tally in tallies),
                 kid=_kid(scorer, real, generated),
                 psnr=None if same else float(psnr(generated, images[stock.name]).mean()),
                 ssim=None if same else float(ssim(generated, images[stock.name]).mean()),
@@ -323,6 +335,8 @@ def evaluate_generation(
                 seconds=seconds[setting.name] / len(scenes),
                 time_ratio=seconds[setting.name] / seconds[stock.name],
                 passed=[v.passed for v in verdicts],
+                extra_instances=[tally.extra for tally in tallies],
+                missing_instances=[tally.missing for tally in tallies],
             )
         )
     parameters = {

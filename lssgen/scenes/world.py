@@ -21,6 +21,10 @@ Scenes are deterministic in `(seed, index)` and unlimited. Seed ranges:
 - `EVALUATION_SEED = 10**9` is reserved for [`evaluation_scenes`], the fixed held-out prompt set: train on no seed
   at or above it.
 
+[`sample_hard_scene`] makes harder scenes than these, to check the scorer's counting: many objects, small ones,
+touching or partly hidden ones, most of them copies of the caption's objects (what a model generating above its
+native size draws).
+
 Renders are the same scene at any size (geometry in fractions of the side, the background a continuous pattern
 computed at twice the size and scaled down), antialiased by drawing the shapes at 4x and reducing.
 """
@@ -267,14 +271,69 @@ def satisfies(check: Check, objects: Sequence[SceneObject]) -> bool:
     return all(len(matching(item)) >= item.count for item in check.wanted)
 
 
+@dataclass(frozen=True)
+class InstanceTally:
+    r"""
+    How the objects of an image compare with the ones its caption names, instance by instance (see
+    [`tally_instances`]).
+
+    Args:
+        extra (`int`): objects beyond the caption's: more of a named object than its number, or an object the
+            caption does not name.
+        missing (`int`): named instances not there.
+    """
+
+    extra: int
+    missing: int
+
+    @property
+    def exact(self) -> bool:
+        """The objects are exactly the caption's: each named one in its number, nothing else."""
+        return self.extra == 0 and self.missing == 0
+
+
+def tally_instances(check: Check, objects: Sequence[SceneObject]) -> InstanceTally:
+    r"""
+    The duplication measure: how many of `objects` (drawn, or found by `lssgen.scenes.scorer`) are more than
+    `check` names, and how many it names are not there. Stricter than [`satisfies`], which lets extra instances
+    pass in every category but counting.
+
+    Each named object stands for `count` instances (1 when the caption gives no number) of its shape, of its
+    colour where the caption names one. Every object fills at most one instance: the instances with a colour
+    first (only an object of that shape and colour fills one), then those without (any object of the shape).
+    Objects left over are `extra`, instances left unfilled `missing`. Positions and relations play no part.
+
+    Example:
+
+    ```py
+    >>> scene = sample_scene(0, 0)                      # 'a photo of a square'
+    >>> tally_instances(scene.check, scene.objects)
+    InstanceTally(extra=0, missing=0)
+    >>> tally_instances(scene.check, scene.objects * 3)  # two more squares
+    InstanceTally(extra=2, missing=0)
+    ```
+    """
+    unused = list(objects)
+    wanted = sorted(check.wanted, key=lambda item: item.colour is None)  # stable: caption order within each
+    missing = 0
+    for item in wanted:
+        for _ in range(item.count):
+            match = next((o for o in unused if o.shape == item.shape and item.colour in (None, o.colour)), None)
+            if match is None:
+                missing += 1
+            else:
+                unused.remove(match)
+    return InstanceTally(extra=len(unused), missing=missing)
+
+
 def _rng(*key: object) -> np.random.Generator:
     # SHA-256 of the key: stable across processes and platforms, and unrelated streams for nearby keys.
     digest = hashlib.sha256(":".join(map(str, ("lssgen-scenes", *key))).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
-def _boxes_apart(a: SceneObject, b: SceneObject) -> bool:
-    reach = (a.size + b.size) / 2 + GAP
+def _boxes_apart(a: SceneObject, b: SceneObject, gap: float = GAP) -> bool:
+    reach = (a.size + b.size) / 2 + gap
     return abs(a.centre[0] - b.centre[0]) >= reach or abs(a.centre[1] - b.centre[1]) >= reach
 
 
@@ -414,6 +473,136 @@ def wrong_check(check: Check, rng: np.random.Generator | int = 0) -> Check:
         return Check("position", check.wanted, OPPOSITE[check.relation])
     a, b = wanted
     return Check("color_attr", (Wanted(a.shape, b.colour), Wanted(b.shape, a.colour)))
+
+
+# --- harder scenes, for checking the scorer ---------------------------------------------------------------------
+
+LAYOUTS = ("apart", "touching", "overlapping")
+USUAL_SIZES = (0.2, 0.3)  # an object's box side in the scenes above (0.2-0.35), fraction of the image side
+# Hard scenes are laid out on a raster of this side: touching objects end less than a quarter of its pixel (a
+# 2048th of the side) from overlapping, and hidden shares are measured on it.
+PLACEMENT_SIDE = 512
+HARD_GAP = 0.02  # free space between the boxes of objects laid out apart: half of GAP, so that 20 small ones fit
+# How much of the object below an overlapping object covers: at most 40%, so that both can still be counted.
+HIDDEN_SHARE = (0.15, 0.4)
+DUPLICATE_SHARE = 0.75  # objects of a hard scene that copy one of the caption's objects; the rest are any shape
+
+
+def sample_hard_scene(seed: int, index: int, count: int, *, scale: float = 1.0, layout: str = "apart") -> Scene:
+    r"""
+    A scene harder than those the scorer was trained on, to check its counting: `count` objects at `scale` times the
+    usual size, laid out apart, touching, or partly hidden by each other, as a generator that duplicates the
+    caption's objects draws them (render it at 512 px for the size the scorer is least used to).
+
+    The caption and check are those of `sample_scene(seed, index)`; three objects in four copy the shape and colour
+    of one of that scene's objects, the others are any shape and colour. The truth a scorer's detections are
+    compared with is in the scene: `scene.objects`, and `tally_instances(scene.check, scene.objects)` for the
+    duplication measure. Deterministic in all its arguments.
+
+    Args:
+        seed (`int`), index (`int`): the scene whose caption it takes, and the stream its layout is drawn from.
+        count (`int`): objects drawn, at least 1.
+        scale (`float`, defaults to `1.0`): object box sides are `scale` times a uniform draw from `USUAL_SIZES`
+            (0.2-0.3 of the image side); 0.25 is a quarter of the usual size.
+        layout (`str`, defaults to `"apart"`): one of `LAYOUTS`. `"apart"`: no two boxes closer than `HARD_GAP`.
+            `"touching"` and `"overlapping"`: in pairs (objects 0 and 1, 2 and 3, ...; with an odd count the last
+            one alone), the pairs' boxes `HARD_GAP` apart. In a pair the second object touches the first without
+            overlapping it (`"touching"`), or is drawn over part of it, at most 40% of its area (`"overlapping"`;
+            in another colour when it would have the same).
+
+    Raises a `ValueError` for arguments out of range, and when the objects do not fit (it never shrinks them).
+
+    Example:
+
+    ```py
+    >>> scene = sample_hard_scene(4, 0, count=12, scale=0.5, layout="touching")
+    >>> truth = tally_instances(scene.check, scene.objects)
+    >>> image, labels = render_with_labels(scene, 512)
+    ```
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}.")
+    # Below: objects under 8 px on the placement raster, where touching and hiding lose their meaning. Above: the
+    # largest objects would not fit in the frame.
+    smallest, largest = 8 / (USUAL_SIZES[0] * PLACEMENT_SIDE), (1 - 2 * MARGIN) / USUAL_SIZES[1]
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not smallest <= scale <= largest:
+        raise ValueError(f"scale must be a number from {smallest:.3f} to {largest:.2f}, got {scale!r}.")
+    base = sample_scene(seed, index)
+    rng = _rng("hard", seed, index, count, float(scale), layout)
+    for _ in range(20):  # a fresh draw of the whole layout when one gets stuck
+        objects = _lay_out(rng, base.objects, count, scale, layout)
+        if objects is not None:
+            return Scene(base.caption, base.category, tuple(objects), base.check, base.texture, base.seed)
+    raise ValueError(
+        f"{count} objects at scale {scale} do not fit {layout} in one image (20 layouts tried); draw fewer objects "
+        "or smaller ones."
+    )
+
+
+def _raster(obj: SceneObject) -> np.ndarray:
+    """The object's pixels on the placement raster."""
+    return np.asarray(_draw_mask(obj, PLACEMENT_SIDE)) > 127
+
+
+def _lay_out(rng, named: Sequence[SceneObject], count: int, scale: float, layout: str) -> list[SceneObject] | None:
+    """One attempt at a hard scene's objects, in drawing order; `None` when an object finds no place."""
+    placed: list[SceneObject] = []
+    for number in range(count):
+        if rng.random() < DUPLICATE_SHARE:
+            model = named[int(rng.integers(len(named)))]
+            shape, colour = model.shape, model.colour
+        else:
+            shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        size = float(rng.uniform(*USUAL_SIZES)) * scale
+        # In pairs, spread over the frame as a duplicating generator spreads them: a heap of all of them would
+        # test something else (which nobody could count either).
+        partner = placed[-1] if layout != "apart" and number % 2 == 1 else None
+        if partner is not None and layout == "overlapping" and colour == partner.colour:
+            # The edge where an object hides another of its own colour would not show: nobody could count the two.
+            colour = str(rng.choice([c for c in COLOURS if c != colour]))
+        for _ in range(200):
+            if partner is None:
+                centre = tuple(float(v) for v in rng.uniform(MARGIN + size / 2, 1 - MARGIN - size / 2, 2))
+                candidate = SceneObject(shape, colour, centre, size)
+            else:
+                candidate = _next_to(SceneObject(shape, colour, partner.centre, size), partner, rng, layout)
+                if not _inside(candidate):
+                    continue
+            if all(_boxes_apart(candidate, other, HARD_GAP) for other in placed if other is not partner):
+                placed.append(candidate)
+                break
+        else:
+            return None
+    return placed
+
+
+def _next_to(obj: SceneObject, partner: SceneObject, rng, layout: str) -> SceneObject:
+    """`obj` moved away from `partner`'s centre in a random direction until it just touches it (`touching`) or covers
+    a share of it drawn from `HIDDEN_SHARE` (`overlapping`): bisection on the distance, on the placement raster."""
+    angle = rng.uniform(0, 2 * np.pi)
+    direction = np.array([np.cos(angle), np.sin(angle)])
+    below = _raster(partner)
+    area = below.sum()
+    target = float(rng.uniform(*HIDDEN_SHARE)) if layout == "overlapping" else 0.0
+
+    def at(distance: float) -> SceneObject:
+        centre = np.array(partner.centre) + distance * direction
+        return SceneObject(obj.shape, obj.colour, (float(centre[0]), float(centre[1])), obj.size)
+
+    def covers(distance: float) -> float:
+        return (_raster(at(distance)) & below).sum() / area
+
+    # At distance 0 the two overlap; at `far` their boxes are apart, so their pixels are too.
+    near, far = 0.0, (obj.size + partner.size) / 2 * math.sqrt(2) + 2 / PLACEMENT_SIDE
+    while (far - near) * PLACEMENT_SIDE > 0.25:
+        middle = (near + far) / 2
+        if covers(middle) > target:
+            near = middle
+        else:
+            far = middle
+    return at(far)
 
 
 # --- drawing ---------------------------------------------------------------------------------------------------
@@ -578,7 +767,8 @@ def _background(scene: Scene, side: int, photos: Sequence[Path] | None) -> np.nd
 def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Path] | None = None):
     r"""
     The render of `scene` and its label map: `(image, labels)`, where `labels` is an `(size, size)` int array
-    holding `i + 1` where object `i` covers at least half the pixel and 0 elsewhere.
+    holding `i + 1` where object `i` covers at least half the pixel (the topmost such object, the last drawn, where
+    objects overlap) and 0 elsewhere.
 
     See [`render`] for the arguments.
     """
@@ -586,7 +776,7 @@ def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Pat
         raise ValueError(f"size must be an integer of at least 8 pixels, got {size!r}.")
     supersample = SUPERSAMPLE if size <= 512 else 2
     image = _background(scene, size, [Path(p) for p in photos] if photos else None)
-    coverage = []
+    labels = np.zeros((size, size), dtype=np.int64)
     grid = (np.arange(size) + 0.5) / size
     for number, obj in enumerate(scene.objects):
         alpha = np.asarray(_draw_mask(obj, size * supersample).reduce(supersample), dtype=np.float32) / 255
@@ -598,11 +788,7 @@ def render_with_labels(scene: Scene, size: int = 256, photos: Sequence[str | Pat
         light = 1 + rng.uniform(0, 0.25) * np.clip(ramp / obj.size, -0.5, 0.5)
         colour = np.clip(rgb[:, None, None] * light[None], 0, 1)
         image = image * (1 - alpha[None]) + colour * alpha[None]
-        coverage.append(alpha)
-    labels = np.zeros((size, size), dtype=np.int64)
-    if coverage:
-        stacked = np.stack(coverage)
-        labels = np.where(stacked.max(0) >= 0.5, stacked.argmax(0) + 1, 0)
+        labels[alpha >= 0.5] = number + 1  # drawn over whatever was there
     pixels = (np.clip(image, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     return Image.fromarray(pixels, "RGB"), labels
 
