@@ -128,6 +128,21 @@ def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(sc
     assert torch.equal(_first_grid_tile(again, column=1), _tile(alone[0]))
 
 
+def _stock_and_lssgen_report(pipe, scorer, scenes):
+    """The report of two settings, stock and two-stage lssgen, on `scenes`, without equal-speed baselines."""
+    return evaluate_generation(
+        pipe,
+        scorer,
+        scenes,
+        size=SIZE,
+        steps=STEPS,
+        settings=[GenerationSetting("stock", STEPS), GenerationSetting("lssgen", STEPS, {"min_resolution": SIZE // 2})],
+        equal_speed=False,
+        call={"max_sequence_length": 32},
+        progress=False,
+    )
+
+
 class HandMadeDetections:
     """A scorer whose detections are given: for each setting in turn (the order the report scores them), one tuple
     of found objects per prompt. KID still reads the real scorer's features."""
@@ -153,17 +168,7 @@ def test_the_report_carries_the_duplication_measure_per_setting(scorer):
     duplicated = scenes[0].objects * 3  # two extra instances of the one named object
     stock_found = [scene.objects for scene in scenes]
     lssgen_found = [duplicated, scenes[1].objects, scenes[2].objects[1:]]  # the third misses one instance
-    report = evaluate_generation(
-        pipe,
-        HandMadeDetections(scorer, [stock_found, lssgen_found]),
-        scenes,
-        size=SIZE,
-        steps=STEPS,
-        settings=[GenerationSetting("stock", STEPS), GenerationSetting("lssgen", STEPS, {"min_resolution": SIZE // 2})],
-        equal_speed=False,
-        call={"max_sequence_length": 32},
-        progress=False,
-    )
+    report = _stock_and_lssgen_report(pipe, HandMadeDetections(scorer, [stock_found, lssgen_found]), scenes)
     stock, scaled = report.scores
     assert (stock.exact, stock.extra, stock.extra_instances, stock.missing_instances) == (1.0, 0.0, [0] * 3, [0] * 3)
     assert (scaled.exact, scaled.extra) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
@@ -316,15 +321,5 @@ def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
     from lssgen.scenes.model import build_pipeline
 
     pipe = build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
-    report = evaluate_generation(
-        pipe,
-        scorer,
-        evaluation_scenes()[:2],
-        size=SIZE,
-        steps=STEPS,
-        settings=[GenerationSetting("stock", STEPS), GenerationSetting("lssgen", STEPS, {"min_resolution": SIZE // 2})],
-        equal_speed=False,
-        call={"max_sequence_length": 32},
-        progress=False,
-    )
+    report = _stock_and_lssgen_report(pipe, scorer, evaluation_scenes()[:2])
     assert [(score.name, len(score.passed)) for score in report.scores] == [("stock", 2), ("lssgen", 2)]
