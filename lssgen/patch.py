@@ -28,7 +28,8 @@ from .controlnets import (
     takes_control,
 )
 from .loading import ModelDefaults, check_upsampler, model_defaults
-from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
+from .methods import Method, PlanRequest, resolve_method
+from .plan import OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -89,8 +90,11 @@ def _check_option_names(names, where: str) -> None:
         raise TypeError(f"{where} got unknown lssgen option(s) {unknown}; known options are {list(OPTION_NAMES)}.")
 
 
-def _check_options(options: Options, upsampler: Any) -> str:
-    """Raise a clear error for any invalid option; the scaling space the options select."""
+def _check_options(
+    options: Options, upsampler: Any, adapter: Adapter, given=(), where: str = "the call"
+) -> tuple[str, Method]:
+    """Raise a clear error for any invalid option, or one `given` (by name, at `where`) that the method does not
+    read; the scaling space and the method the options select."""
     validate_options(
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
@@ -98,7 +102,10 @@ def _check_options(options: Options, upsampler: Any) -> str:
         base_width=options.base_width,
         shorten_intermediate_steps=options.shorten_intermediate_steps,
     )
-    return resolve_scaling_space(options.scaling_space, upsampler)
+    method = resolve_method(options.method)
+    method.check_options(set(given), options, where)
+    method.check_adapter(adapter)
+    return resolve_scaling_space(options.scaling_space, upsampler), method
 
 
 def _check_upsampler(upsampler: Any, adapter: Adapter, pipe: Any) -> None:
@@ -169,11 +176,15 @@ def patch(
     # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the model folder's
     # defaults, then the caller's.
     options = replace(Options(min_resolution=chosen.min_resolution), **{**folder.patch_options(), **defaults})
-    _check_options(options, upsampler)
+    _check_options(options, upsampler, chosen, given=defaults, where="lssgen.patch()")
 
     original_class = type(pipe)
     state = PatchState(
-        adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class, upsampler_note=note
+        adapter=chosen,
+        upsampler=upsampler,
+        defaults=options,
+        original_class=original_class,
+        upsampler_note=note,
     )
     chosen.install_hooks(pipe, state.low_resolution_stage)
     if takes_control(pipe, chosen):
@@ -288,8 +299,9 @@ def _patched_call(self, *args, **kwargs):
     stock_call = state.original_class.__call__
     overrides = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
     options = replace(state.defaults, **overrides)
-    # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake.
-    scaling_space = _check_options(options, state.upsampler)
+    # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake. Options given to
+    # `patch` were checked against patch's method there; a call that chooses another method leaves them alone.
+    scaling_space, _ = _check_options(options, state.upsampler, state.adapter, given=overrides)
     if options.start_sigma == 1.0:
         return stock_call(self, *args, **kwargs)
 
@@ -350,7 +362,7 @@ def plan_for(
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
-    space = _check_options(chosen, state.upsampler)
+    space, _ = _check_options(chosen, state.upsampler, state.adapter, given=options, where="lssgen.plan_for()")
     call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
     height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
@@ -397,20 +409,23 @@ def _plan(
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
     shorten = options.shorten_intermediate_steps
-    return plan_stages(
-        height,
-        width,
-        steps,
-        scheduler=pipe.scheduler,
-        facts=adapter,
-        vae_scale_factor=adapter.vae_scale_factor(pipe),
-        start_sigma=options.start_sigma,
-        min_resolution=options.min_resolution,
+    family_filled = replace(
+        options,
         shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
         base_height=options.base_height or adapter.base_height,
         base_width=options.base_width or adapter.base_width,
+    )
+    request = PlanRequest(
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        scheduler=pipe.scheduler,
+        facts=adapter,
+        vae_scale_factor=adapter.vae_scale_factor(pipe),
+        options=family_filled,
         strength=strength,
     )
+    return resolve_method(options.method).plan(request)
 
 
 def _prepare_run(
@@ -482,6 +497,7 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
+        transition=resolve_method(options.method).transition,
         caches=StageCacheSchedules(
             [
                 StageCacheSchedule(
