@@ -152,7 +152,7 @@ UNSHIFTED_SCHEDULE = {
 }
 
 
-def unshifted_schedule(template: Any, sigmas: list[float]) -> tuple[dict, dict, Any]:
+def unshifted_schedule(template: Any, sigmas: np.ndarray) -> tuple[dict, dict, Any]:
     """The scheduler config overrides and `set_timesteps` arguments that make a scheduler of `template`'s class step
     exactly through `sigmas`, then to 0; and that scheduler, set up. A `ValueError` names what the class lacks."""
     config = {key: value for key, value in UNSHIFTED_SCHEDULE.items() if key in template.config}
@@ -257,7 +257,7 @@ class Refine(Method):
                 f"{type(request.scheduler).__name__} with this config makes no finite "
                 f"{request.num_inference_steps}-step schedule (NaN timesteps); use more `num_inference_steps`."
             )
-        sigmas = np.linspace(self.sigma, 0.0, self.steps + 1)[:-1].tolist()
+        sigmas = np.linspace(self.sigma, 0.0, self.steps + 1)[:-1]  # an array, as the pipelines pass sigmas
         config, final_kwargs, final = unshifted_schedule(request.scheduler, sigmas)
         stages = (
             Stage(
