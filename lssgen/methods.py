@@ -4,7 +4,7 @@ stages (a transition).
 The controller and the stand-in scheduler run every method the same way: they follow the method's `StagePlan` and
 call its transition at each stage end. A method is chosen per call or as a `lssgen.patch` default with `method=`, as
 a name (`"refine"`), a name with parameters (`"refine:sigma=0.1,steps=2"`, the command line's spelling), or an
-instance (`lssgen.methods.Refine(sigma=0.1)`).
+instance (`Refine(sigma=0.1)`, from `lssgen.methods`).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class Refine(Method):
     Example:
 
     ```py
-    >>> lssgen.patch(pipe, method="refine")  # or method=lssgen.methods.Refine(sigma=0.1, steps=2)
+    >>> lssgen.patch(pipe, method="refine")  # or method=Refine(sigma=0.1, steps=2), from lssgen.methods
     >>> image = pipe("a lighthouse at dusk", height=1024, width=1024, num_inference_steps=12).images[0]
     ```
     """

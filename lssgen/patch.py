@@ -149,7 +149,8 @@ def patch(
             VAE latent (`weights/flux2-x2` for FLUX.2), else latent interpolation. `plan_for(pipe).describe()`
             says which.
         adapter (`Adapter` or `str`, *optional*): force an adapter instead of matching the pipeline.
-        **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`.
+        **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`, or
+            `method="refine"` for another method (`lssgen.methods`).
 
     Returns:
         The same `pipe`.
