@@ -28,7 +28,7 @@ from .controlnets import (
     takes_control,
 )
 from .loading import ModelDefaults, check_upsampler, model_defaults
-from .methods import Method, PlanRequest, resolve_method
+from .methods import PlanRequest, resolve_method
 from .plan import OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
@@ -90,11 +90,9 @@ def _check_option_names(names, where: str) -> None:
         raise TypeError(f"{where} got unknown lssgen option(s) {unknown}; known options are {list(OPTION_NAMES)}.")
 
 
-def _check_options(
-    options: Options, upsampler: Any, adapter: Adapter, given=(), where: str = "the call"
-) -> tuple[str, Method]:
+def _check_options(options: Options, upsampler: Any, adapter: Adapter, given=(), where: str = "the call") -> str:
     """Raise a clear error for any invalid option, or one `given` (by name, at `where`) that the method does not
-    read; the scaling space and the method the options select."""
+    read; the scaling space the options select."""
     validate_options(
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
@@ -105,7 +103,7 @@ def _check_options(
     method = resolve_method(options.method)
     method.check_options(set(given), options, where)
     method.check_adapter(adapter)
-    return resolve_scaling_space(options.scaling_space, upsampler), method
+    return resolve_scaling_space(options.scaling_space, upsampler)
 
 
 def _check_upsampler(upsampler: Any, adapter: Adapter, pipe: Any) -> None:
@@ -181,11 +179,7 @@ def patch(
 
     original_class = type(pipe)
     state = PatchState(
-        adapter=chosen,
-        upsampler=upsampler,
-        defaults=options,
-        original_class=original_class,
-        upsampler_note=note,
+        adapter=chosen, upsampler=upsampler, defaults=options, original_class=original_class, upsampler_note=note
     )
     chosen.install_hooks(pipe, state.low_resolution_stage)
     if takes_control(pipe, chosen):
@@ -302,7 +296,7 @@ def _patched_call(self, *args, **kwargs):
     options = replace(state.defaults, **overrides)
     # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake. Options given to
     # `patch` were checked against patch's method there; a call that chooses another method leaves them alone.
-    scaling_space, _ = _check_options(options, state.upsampler, state.adapter, given=overrides)
+    scaling_space = _check_options(options, state.upsampler, state.adapter, given=overrides)
     if options.start_sigma == 1.0:
         return stock_call(self, *args, **kwargs)
 
@@ -363,7 +357,7 @@ def plan_for(
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
-    space, _ = _check_options(chosen, state.upsampler, state.adapter, given=options, where="lssgen.plan_for()")
+    space = _check_options(chosen, state.upsampler, state.adapter, given=options, where="lssgen.plan_for()")
     call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
     height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
