@@ -47,6 +47,7 @@ class PlanRequest:
     vae_scale_factor: int
     options: Options
     strength: float = 1.0  # an image-to-image call's; 1.0 for text-to-image
+    control: bool = False  # a ControlNet pipeline's call
 
 
 class ScaleUpAndRenoise:
@@ -187,7 +188,7 @@ class Refine(Method):
         steps (`int`, defaults to `1`): steps at full size.
 
     Flow-matching families only: a diffusion model's schedule has no linear sigma path to 0 to start part-way down.
-    Text-to-image calls only, for now.
+    Text-to-image calls without ControlNet only, for now.
 
     Example:
 
@@ -233,6 +234,13 @@ class Refine(Method):
             raise ValueError(
                 f"method 'refine' runs text-to-image calls only, got `strength`={request.strength}; pass "
                 "strength=1.0, or use method='lssgen' for image-to-image."
+            )
+        if request.control:
+            # Not yet checked against the contract: the control window and the controlnet's per-stage condition
+            # across a refine plan.
+            raise ValueError(
+                "method 'refine' does not take ControlNet pipelines yet; use method='lssgen' for them (its plans "
+                "give each controlnet its condition per stage)."
             )
         for name in ("height", "width", "num_inference_steps"):
             value = getattr(request, name)

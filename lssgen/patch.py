@@ -419,6 +419,7 @@ def _plan(
         vae_scale_factor=adapter.vae_scale_factor(pipe),
         options=family_filled,
         strength=strength,
+        control=takes_control(pipe, adapter),
     )
     return resolve_method(options.method).plan(request)
 

@@ -25,6 +25,7 @@ import lssgen
 from lssgen.methods import METHODS, LSSGen, Refine, method_table, resolve_method
 from lssgen.scaling import scale_up
 from lssgen.tiny import build_tiny_flux_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from lssgen.tiny.flux import build_tiny_flux_controlnet_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only add synchronisation
 
@@ -117,12 +118,18 @@ def test_options_a_method_does_not_read_are_refused_where_they_are_given():
         lssgen.plan_for(pipe, 256, 256, 8, method="refine", min_resolution=64)
 
 
-def test_refine_refuses_image_to_image():
+def test_refine_refuses_image_to_image_and_controlnet_calls_for_now():
     pipe = FluxImg2ImgPipeline(**build_tiny_flux_pipeline(seed=0).components)
     lssgen.patch(pipe, None, method="refine")
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))
     with pytest.raises(ValueError, match="method 'refine' runs text-to-image calls only, got `strength`=0.6"):
         pipe(**test_flux.flux_call_kwargs(pipe), image=image, strength=0.6)
+    controlled = build_tiny_flux_controlnet_pipeline(seed=0)
+    lssgen.patch(controlled, None)
+    with pytest.raises(ValueError, match="method 'refine' does not take ControlNet pipelines yet"):
+        controlled(**test_flux.flux_call_kwargs(controlled), control_image=image, method="refine")
+    with pytest.raises(ValueError, match="method 'refine' does not take ControlNet pipelines yet"):
+        lssgen.plan_for(controlled, 256, 256, 8, method="refine")
 
 
 def test_describe_names_the_method():
