@@ -19,10 +19,10 @@ import test_sd3
 import test_wan
 import test_zimage
 import torch
-from diffusers import FluxImg2ImgPipeline
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, UniPCMultistepScheduler
 
 import lssgen
-from lssgen.methods import METHODS, LSSGen, Refine, method_table, resolve_method
+from lssgen.methods import METHODS, LSSGen, Refine, method_table, resolve_method, unshifted_schedule
 from lssgen.scaling import scale_up
 from lssgen.tiny import build_tiny_flux_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from lssgen.tiny.flux import build_tiny_flux_controlnet_pipeline
@@ -130,6 +130,23 @@ def test_refine_refuses_image_to_image_and_controlnet_calls_for_now():
         controlled(**test_flux.flux_call_kwargs(controlled), control_image=image, method="refine")
     with pytest.raises(ValueError, match="method 'refine' does not take ControlNet pipelines yet"):
         lssgen.plan_for(controlled, 256, 256, 8, method="refine")
+
+
+def test_the_unshifted_schedule_is_made_or_refused_by_what_the_scheduler_can_do():
+    """Every shifting config key is overridden, and a scheduler that would still not step through the sigmas as given
+    is refused with what it lacks."""
+    sigmas = np.linspace(0.3, 0.0, 4)[:-1]
+    shifting = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, shift_terminal=0.02)
+    config, kwargs, scheduler = unshifted_schedule(shifting, sigmas)
+    assert config["use_dynamic_shifting"] is False and config["shift"] == 1.0 and config["shift_terminal"] is None
+    assert [float(s) for s in scheduler.sigmas] == pytest.approx([0.3, 0.2, 0.1, 0.0], abs=1e-7)
+    assert shifting.config.shift == 3.0  # the pipeline's own scheduler is left alone
+    with pytest.raises(ValueError, match=r"turns the sigmas .* into .* steps through the sigmas it is given"):
+        unshifted_schedule(FlowMatchEulerDiscreteScheduler(invert_sigmas=True), sigmas)
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler cannot step through custom sigmas"):
+        unshifted_schedule(UniPCMultistepScheduler(), sigmas)  # not on flow sigmas
+    with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no `sigmas`"):
+        unshifted_schedule(DDIMScheduler(), sigmas)
 
 
 def test_describe_names_the_method():
