@@ -11,6 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters.base import Adapter
 from .caches import StageCacheSchedules
+from .methods import SCALE_UP_AND_RENOISE
 from .plan import Stage, StagePlan
 from .scaling import scale_up
 from .schedule import StagedScheduler
@@ -33,6 +34,8 @@ class Run:
     first_latents: torch.Tensor | None = field(default=None, repr=False)
     # A ControlNet call's per-stage conditions, scales and windows (`lssgen.controlnets.StageControls`); else None.
     controls: Any = field(default=None, repr=False)
+    # The method's transition: how the latent goes from one stage to the next (`lssgen.methods`).
+    transition: Any = field(default=SCALE_UP_AND_RENOISE, repr=False)
 
     @property
     def current_stage(self) -> Stage:
@@ -63,11 +66,11 @@ class Run:
 
     def next_stage_latents(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         following = self.plan.stages[stage.index + 1]
-        upsampled = self.scale_up(latents, stage)
+        unpacked = self.transition.next_stage_latents(self, latents, stage, following)
         self.show_stage(following)
         # Caches hold tensors of this stage's size: the next stage starts with none (see lssgen.caches).
         self.caches.start(following)
-        return self.adapter.pack(self.pipe, self.renoise(upsampled, following))
+        return self.adapter.pack(self.pipe, unpacked)
 
     def latents_at_target_size(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         """After an interrupt in a low-resolution stage: scale up as is, so the pipeline can still decode."""
@@ -78,9 +81,10 @@ class Run:
 
 class StageSwitchCallback(PipelineCallback):
     r"""
-    Switches to the next stage right after the last step of each low-resolution stage: unpack → scale up x2 →
-    re-noise with fresh noise to the next stage's first sigma → pack. Chain a user's callback before it with
-    [`~diffusers.callbacks.MultiPipelineCallbacks`] (see [`chain_callbacks`]).
+    Switches to the next stage right after the last step of each low-resolution stage: unpack → the method's
+    transition (LSSGen's and MrFlow's: scale up x2, re-noise with fresh noise to the next stage's first sigma) →
+    pack. Chain a user's callback before it with [`~diffusers.callbacks.MultiPipelineCallbacks`] (see
+    [`chain_callbacks`]).
     """
 
     tensor_inputs = ["latents"]

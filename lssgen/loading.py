@@ -366,6 +366,7 @@ class ModelDefaults:
 
 def _check_model_defaults(defaults: ModelDefaults, file: Path | str) -> None:
     """A `ValueError` naming `file` and the key for any value lssgen could not use."""
+    from .methods import resolve_method
     from .plan import OPTION_NAMES, Options, validate_options
     from .scaling import resolve_scaling_space
 
@@ -402,6 +403,7 @@ def _check_model_defaults(defaults: ModelDefaults, file: Path | str) -> None:
         )
         # Any stand-in upsampler: here only the name is checked; `patch` checks it against the upsampler it has.
         resolve_scaling_space(chosen.scaling_space, upsampler=True)
+        resolve_method(chosen.method)  # its spelling; `patch` checks it against the family
     except (TypeError, ValueError) as error:
         raise ValueError(f"{file}: in `patch`: {error}") from None
     path = defaults.upsampler_path()

@@ -28,7 +28,8 @@ from .controlnets import (
     takes_control,
 )
 from .loading import ModelDefaults, check_upsampler, model_defaults
-from .plan import OPTION_NAMES, Options, Stage, StagePlan, plan_stages, stock_timesteps, validate_options
+from .methods import PlanRequest, resolve_method
+from .plan import OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -89,8 +90,9 @@ def _check_option_names(names, where: str) -> None:
         raise TypeError(f"{where} got unknown lssgen option(s) {unknown}; known options are {list(OPTION_NAMES)}.")
 
 
-def _check_options(options: Options, upsampler: Any) -> str:
-    """Raise a clear error for any invalid option; the scaling space the options select."""
+def _check_options(options: Options, upsampler: Any, adapter: Adapter, given=(), where: str = "the call") -> str:
+    """Raise a clear error for any invalid option, or one `given` (by name, at `where`) that the method does not
+    read; the scaling space the options select."""
     validate_options(
         start_sigma=options.start_sigma,
         min_resolution=options.min_resolution,
@@ -98,6 +100,9 @@ def _check_options(options: Options, upsampler: Any) -> str:
         base_width=options.base_width,
         shorten_intermediate_steps=options.shorten_intermediate_steps,
     )
+    method = resolve_method(options.method)
+    method.check_options(set(given), options, where)
+    method.check_adapter(adapter)
     return resolve_scaling_space(options.scaling_space, upsampler)
 
 
@@ -142,7 +147,8 @@ def patch(
             VAE latent (`weights/flux2-x2` for FLUX.2), else latent interpolation. `plan_for(pipe).describe()`
             says which.
         adapter (`Adapter` or `str`, *optional*): force an adapter instead of matching the pipeline.
-        **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`.
+        **defaults: default values of the call options (see [`Options`]), e.g. `start_sigma=0.667`, or
+            `method="refine"` for another method (`lssgen.methods`).
 
     Returns:
         The same `pipe`.
@@ -169,7 +175,7 @@ def patch(
     # The family's own smallest stage first (Wan's 480P cannot halve above 240 px), then the model folder's
     # defaults, then the caller's.
     options = replace(Options(min_resolution=chosen.min_resolution), **{**folder.patch_options(), **defaults})
-    _check_options(options, upsampler)
+    _check_options(options, upsampler, chosen, given=defaults, where="lssgen.patch()")
 
     original_class = type(pipe)
     state = PatchState(
@@ -288,8 +294,9 @@ def _patched_call(self, *args, **kwargs):
     stock_call = state.original_class.__call__
     overrides = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
     options = replace(state.defaults, **overrides)
-    # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake.
-    scaling_space = _check_options(options, state.upsampler)
+    # Validated on every call: an option mistyped next to `start_sigma=1.0` is still a mistake. Options given to
+    # `patch` were checked against patch's method there; a call that chooses another method leaves them alone.
+    scaling_space = _check_options(options, state.upsampler, state.adapter, given=overrides)
     if options.start_sigma == 1.0:
         return stock_call(self, *args, **kwargs)
 
@@ -350,7 +357,7 @@ def plan_for(
     _check_option_names(options, "lssgen.plan_for()")
     steps = num_inference_steps or _defaults_of(state.original_class.__call__).get("num_inference_steps")
     chosen = replace(state.defaults, **options)
-    space = _check_options(chosen, state.upsampler)
+    space = _check_options(chosen, state.upsampler, state.adapter, given=options, where="lssgen.plan_for()")
     call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
     height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
@@ -397,20 +404,24 @@ def _plan(
     # A pipeline that snaps the size to a bin denoises at the bin (and resizes the image back): plan on the bin.
     height, width = adapter.resolution_bin(pipe, height, width, call or {}) or (height, width)
     shorten = options.shorten_intermediate_steps
-    return plan_stages(
-        height,
-        width,
-        steps,
-        scheduler=pipe.scheduler,
-        facts=adapter,
-        vae_scale_factor=adapter.vae_scale_factor(pipe),
-        start_sigma=options.start_sigma,
-        min_resolution=options.min_resolution,
+    family_filled = replace(
+        options,
         shorten_intermediate_steps=adapter.shorten_intermediate_steps if shorten is None else shorten,
         base_height=options.base_height or adapter.base_height,
         base_width=options.base_width or adapter.base_width,
-        strength=strength,
     )
+    request = PlanRequest(
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        scheduler=pipe.scheduler,
+        facts=adapter,
+        vae_scale_factor=adapter.vae_scale_factor(pipe),
+        options=family_filled,
+        strength=strength,
+        control=takes_control(pipe, adapter),
+    )
+    return resolve_method(options.method).plan(request)
 
 
 def _prepare_run(
@@ -482,6 +493,7 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
+        transition=resolve_method(options.method).transition,
         caches=StageCacheSchedules(
             [
                 StageCacheSchedule(

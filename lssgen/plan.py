@@ -38,7 +38,9 @@ class Stage:
     begin_index: int  # where in that schedule the stage starts (0 for a text-to-image first stage)
     timesteps: tuple[float, ...]  # the timesteps the denoiser sees in this stage
     first_sigma: float | None  # noise level the stage starts from (flow models)
-    scheduler_kwargs: dict = field(compare=False, repr=False)
+    scheduler_kwargs: dict = field(compare=False, repr=False)  # its scheduler's `set_timesteps` arguments
+    # Config overrides of the stage's own scheduler (e.g. an unshifted schedule); none: the pipeline's config.
+    scheduler_config: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def height(self) -> int:
@@ -62,6 +64,8 @@ class StagePlan:
     width: int
     # How each stage's result is scaled up for the next, in words (set by `lssgen.plan_for`; empty otherwise).
     scaling: str = field(default="", compare=False)
+    # The method that made the plan, as `--method` spells it, where it is not LSSGen's own (`lssgen.methods`).
+    method: str = field(default="", compare=False)
 
     @property
     def total_steps(self) -> int:
@@ -89,7 +93,8 @@ class StagePlan:
 
     def describe(self) -> str:
         """A small table of the plan, for logs and the command line."""
-        lines = [f"{'stage':<7}{'image':<12}{'latent':<10}{'steps':<14}{'timesteps':<20}start sigma"]
+        lines = [f"method: {self.method}"] if self.method else []
+        lines += [f"{'stage':<7}{'image':<12}{'latent':<10}{'steps':<14}{'timesteps':<20}start sigma"]
         count = len(self.stages)
         for stage in self.stages:
             steps = f"{stage.num_denoiser_steps}"
@@ -107,7 +112,7 @@ class StagePlan:
         return "\n".join(lines)
 
 
-def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
+def check_number(name: str, value: Any, *, integer: bool = False) -> None:
     kinds = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an int" if integer else "a number"
@@ -146,6 +151,9 @@ class Options:
         base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
         scaling_space (`str`): `"learned"` (alias `"resnet"`, default with an upsampler), `"latent"` (bicubic
             latent interpolation, default without one) or `"pixel"` (decode → bicubic → encode).
+        method (`str` or `lssgen.methods.Method`, defaults to `"lssgen"`): the multi-resolution method, by name
+            (`"refine"`), with parameters (`"refine:sigma=0.12,steps=1"`) or as an instance; the options above
+            that it does not read are refused when given (see `lssgen.methods`).
     """
 
     start_sigma: float = 0.75
@@ -154,6 +162,7 @@ class Options:
     base_height: int | None = None
     base_width: int | None = None
     scaling_space: str | None = None
+    method: Any = "lssgen"
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
@@ -169,19 +178,19 @@ def validate_options(
 ) -> None:
     """Raise a clear error for method options no image size could make valid (checked on every call, even one
     that `start_sigma=1.0` hands to the stock pipeline unchanged)."""
-    _check_number("start_sigma", start_sigma)
+    check_number("start_sigma", start_sigma)
     if not 0.0 < start_sigma <= 1.0:
         raise ValueError(
             f"`start_sigma` must be in (0, 1], got {start_sigma}. Use 0.75 (default) or 0.667 (faster); "
             "1.0 turns multi-resolution generation off."
         )
-    _check_number("min_resolution", min_resolution, integer=True)
+    check_number("min_resolution", min_resolution, integer=True)
     if min_resolution <= 0:
         raise ValueError(f"`min_resolution` must be a positive number of pixels (e.g. 512), got {min_resolution}.")
     for name, value in (("base_height", base_height), ("base_width", base_width)):
         if value is None:
             continue
-        _check_number(name, value, integer=True)
+        check_number(name, value, integer=True)
         if value < 1:
             raise ValueError(f"`{name}` must be a positive number of pixels (the model's native size), got {value}.")
     if shorten_intermediate_steps is not None and not isinstance(shorten_intermediate_steps, bool):
@@ -200,7 +209,7 @@ def validate_arguments(
 ) -> None:
     """Raise a clear error for arguments the method cannot use."""
     for name, value in (("height", height), ("width", width), ("num_inference_steps", num_inference_steps)):
-        _check_number(name, value, integer=True)
+        check_number(name, value, integer=True)
         if value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
     validate_options(
@@ -269,19 +278,13 @@ def plan_stages(
         base_height=base_height,
         base_width=base_width,
     )
-    _check_number("strength", strength)
+    check_number("strength", strength)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"`strength` must be in (0, 1] for a multi-resolution plan, got {strength}.")
     num_low = count_low_resolution_stages(height, width, min_resolution, start_sigma)
-    unit = vae_scale_factor * facts.latent_multiple * 2**num_low
-    target_height, target_width = height // unit * unit, width // unit * unit
+    target_height, target_width = rounded_target(height, width, num_low, vae_scale_factor, facts)
     _check_smallest_stage(height, width, target_height, target_width, num_low, min_resolution, vae_scale_factor, facts)
-    if (target_height, target_width) != (height, width):
-        logger.warning(
-            f"{width}x{height} does not halve cleanly into {num_low + 1} stages; generating "
-            f"{target_width}x{target_height} instead (both sides must be multiples of {unit} px). "
-            f"Pass a multiple of {unit} to avoid this."
-        )
+    warn_if_rounded(height, width, num_low, vae_scale_factor, facts)
 
     # Image-to-image: where the stock call would start its schedule at the target size. Every stage is bounded by
     # that start's noise, each at its own size (`_noise_to_signal`).
@@ -327,6 +330,25 @@ def plan_stages(
     return StagePlan(stages=tuple(stages), height=target_height, width=target_width)
 
 
+def rounded_target(
+    height: int, width: int, num_low: int, vae_scale_factor: int, facts: ScheduleFacts
+) -> tuple[int, int]:
+    """The target size rounded down so that it halves cleanly `num_low` times (whole packed patches at every stage)."""
+    unit = vae_scale_factor * facts.latent_multiple * 2**num_low
+    return height // unit * unit, width // unit * unit
+
+
+def warn_if_rounded(height: int, width: int, num_low: int, vae_scale_factor: int, facts: ScheduleFacts) -> None:
+    target_height, target_width = rounded_target(height, width, num_low, vae_scale_factor, facts)
+    if (target_height, target_width) != (height, width):
+        unit = vae_scale_factor * facts.latent_multiple * 2**num_low
+        logger.warning(
+            f"{width}x{height} does not halve cleanly into {num_low + 1} stages; generating "
+            f"{target_width}x{target_height} instead (both sides must be multiples of {unit} px). "
+            f"Pass a multiple of {unit} to avoid this."
+        )
+
+
 def _check_smallest_stage(
     height: int,
     width: int,
@@ -358,9 +380,9 @@ def _check_smallest_stage(
     )
 
 
-def fresh_scheduler(template: Any) -> Any:
-    """A new scheduler of the template's class and config, with no step state."""
-    return type(template).from_config(template.config)
+def fresh_scheduler(template: Any, config: dict | None = None) -> Any:
+    """A new scheduler of the template's class and config (with `config`'s overrides), with no step state."""
+    return type(template).from_config(template.config, **(config or {}))
 
 
 def stock_timesteps(template: Any, facts: ScheduleFacts, num_steps: int, latent_height: int, latent_width: int):

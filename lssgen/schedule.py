@@ -38,7 +38,7 @@ class StagedScheduler:
         self.template = template
         self.stage_schedulers = []
         for stage in plan.stages:
-            scheduler = fresh_scheduler(template)
+            scheduler = fresh_scheduler(template, stage.scheduler_config)
             scheduler.set_timesteps(device=device, **stage.scheduler_kwargs)
             # Index-based schedulers need the start; PNDM and DDIM have no begin index and step by timestep.
             if hasattr(scheduler, "set_begin_index"):

@@ -152,6 +152,52 @@ def test_generate_with_a_local_checkpoint(tiny_flux_dir, tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["fast.png"]  # no stock image without --baseline
 
 
+def test_generate_with_a_method_prints_its_plan(tiny_flux_dir, tmp_path, capsys):
+    argv = ["generate", "--model", tiny_flux_dir, "--height", 128, "--width", 192, "--steps", 3, "--device", "cpu"]
+    argv += ["--method", "refine:steps=2", "--scaling-space", "pixel", "--out", tmp_path / "refined.png"]
+    assert main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "method: refine:sigma=0.12,steps=2"
+    assert lines[2].split()[:4] == ["1/2", "96x64", "12x8", "3"] and lines[3].split()[:4] == [
+        "2/2",
+        "192x128",
+        "24x16",
+        "2",
+    ]
+    assert "scaling between stages: pixel round trip (decode, bicubic x2, encode)" in lines
+    assert Image.open(tmp_path / "refined.png").size == (192, 128)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--method", "refine:sigma=2"], "method 'refine': `sigma` must be in (0, 1), got 2.0"),
+        (["--method", "refine", "--min-resolution", "64"], "`min_resolution` (given to the command line) does not"),
+        (["--method", "refine", "--start-sigma", "1.0"], None),  # every method's off switch
+    ],
+    ids=["bad-parameter", "option-it-does-not-read", "off"],
+)
+def test_generate_refuses_a_bad_method_before_loading(tiny_flux_dir, tmp_path, capsys, extra, words):
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", str(tiny_flux_dir), "--height", "64", "--width", "64", "--steps", "2"]
+    status = main([*argv, "--device", "cpu", *extra, "--out", str(out)])
+    captured = capsys.readouterr()
+    if words is None:
+        assert status == 0 and out.exists(), captured.err
+        return
+    assert status == 2 and captured.out == "" and not out.exists()
+    assert captured.err.startswith("lssgen generate: error: ") and words in captured.err, captured.err
+
+
+def test_methods_lists_every_method_with_parameters_and_sources(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "lssgen (the default): " in out and "LSSGen, arXiv 2507.16154" in out
+    assert "refine: " in out and "MrFlow, arXiv 2607.01642" in out
+    assert re.search(r"sigma=0\.12 +noise level", out) and re.search(r"steps=1 +steps at full size", out)
+    assert "e.g. --method refine:sigma=0.12,steps=1" in out
+
+
 def test_generate_baseline_times_the_same_call_both_ways(tiny_flux_dir, tmp_path, capsys):
     from diffusers import FluxPipeline
 

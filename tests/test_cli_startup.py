@@ -14,6 +14,7 @@ HEAVY = ("torch", "diffusers", "transformers")
 ARGUMENT_ERRORS = {
     "generate": ["--model", "m", "--steps", "0"],
     "adapters": ["--verbose"],
+    "methods": ["--verbose"],
     "demo": ["--height", "-64"],
     "eval-upsampler": ["--vae", "v", "--images", "i", "--grid", "-1"],
     "train-upsampler": ["--vae", "v", "--images", "i", "--out", "o", "--batch-size", "0"],
@@ -52,9 +53,20 @@ def test_an_argument_error_imports_no_heavy_library(command):
     result, report = main_in_a_fresh_interpreter([command, *ARGUMENT_ERRORS[command]])
     assert report == {"status": 2, "imported": []}
     lines = result.stderr.splitlines()
-    # argparse reports an unknown option from the top-level parser (adapters has no options of its own).
-    prefix = "lssgen: error: unrecognized" if command == "adapters" else f"lssgen {command}: error: argument "
+    # argparse reports an unknown option from the top-level parser (adapters and methods have no options of their own).
+    options = command not in ("adapters", "methods")
+    prefix = f"lssgen {command}: error: argument " if options else "lssgen: error: unrecognized"
     assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
+
+
+def test_methods_and_a_bad_method_import_no_heavy_library():
+    """`lssgen methods` and `--method`'s checks are arithmetic: they answer without torch."""
+    result, report = main_in_a_fresh_interpreter(["methods"])
+    assert report == {"status": 0, "imported": []} and "refine" in result.stdout
+    for method in ("refine:sigma=2", "mrflow"):
+        result, report = main_in_a_fresh_interpreter(["generate", "--model", "m", "--method", method])
+        assert report == {"status": 2, "imported": []}
+        assert result.stderr.startswith("lssgen generate: error: ") and "method" in result.stderr, result.stderr
 
 
 def test_import_lssgen_loads_no_submodule_until_a_name_is_used():

@@ -105,8 +105,9 @@ ELIDED = {
     ("docs/flux2-upsampler.md", "lssgen train-upsampler ... --out flux2-x2 "): "as the command above",
 }
 
-# `lssgen` command lines that run for real (cheap, offline), keyed like the tables: (file, the line's start).
-RUN_FOR_REAL = {("README.md", "lssgen adapters")}
+# `lssgen` command lines that run for real (cheap, offline), keyed like the tables: (file, the line's start) -> a word
+# their output must hold.
+RUN_FOR_REAL = {("README.md", "lssgen adapters"): "flux2", ("README.md", "lssgen methods"): "refine"}
 
 
 # --- Python snippets: how each runs offline ----------------------------------------------------------------------
@@ -196,6 +197,11 @@ SNIPPETS = {
         ],
         check=lambda ns, s: _printed(s, "scaling between stages: learned upsampler") and a_pil_image("image")(ns, s),
         taef2=True,
+    ),
+    ("docs/how-it-works.md", 'lssgen.patch(pipe, method="refine")'): Snippet(
+        # The tiny FLUX.1 pipeline has FLUX.1-dev's scheduler config: the plan is the real model's.
+        given={"pipe": lambda s: s.tiny_flux()},
+        prints=("docs/how-it-works.md", "method: refine:sigma=0.12,steps=1"),
     ),
     ("docs/model-folders.md", "print(lssgen.plan_for(pipe).describe())"): Snippet(
         given={"lssgen": lambda s: importlib.import_module("lssgen"), "pipe": lambda s: s.tiny_flux2()},
@@ -386,7 +392,7 @@ def test_the_docs_have_blocks_of_every_kind():
 
 @pytest.mark.parametrize(
     "table",
-    [NOT_RUN, PLACEHOLDER_LINES, ELIDED, SNIPPETS, SHOWN, dict.fromkeys(RUN_FOR_REAL)],
+    [NOT_RUN, PLACEHOLDER_LINES, ELIDED, SNIPPETS, SHOWN, RUN_FOR_REAL],
     ids=["NOT_RUN", "PLACEHOLDER_LINES", "ELIDED", "SNIPPETS", "SHOWN", "RUN_FOR_REAL"],
 )
 def test_every_table_entry_still_names_a_block(table):
@@ -552,7 +558,7 @@ def test_shell_commands_parse(block, capsys):
     lines = command_lines(block.source)
     assert lines, f"{block}: no command in it"
     made: set[str] = set()  # the --out folders of the block's earlier commands
-    to_run = {key for file, key in RUN_FOR_REAL if file == block.file and key in block.source}
+    to_run = {key: word for (file, key), word in RUN_FOR_REAL.items() if file == block.file and key in block.source}
     for line in lines:
         where = f"{block} `{line[:60]}`"
         if any(file == block.file and line.startswith(key) for file, key in PLACEHOLDER_LINES):
@@ -566,9 +572,9 @@ def test_shell_commands_parse(block, capsys):
             if shlex.join(argv) in to_run:
                 from lssgen.cli import main
 
-                to_run.remove(shlex.join(argv))
+                word = to_run.pop(shlex.join(argv))
                 assert main(argv[1:]) == 0, f"{where}: failed"
-                assert "flux2" in capsys.readouterr().out
+                assert word in capsys.readouterr().out
         elif Path(command).name in ("python", "python3"):
             check_python_m(argv, where)
         elif argv[:2] == ["accelerate", "launch"]:

@@ -1,4 +1,5 @@
-"""The `lssgen` command: generate, demo, adapters, eval-upsampler, train-upsampler, bench, geneval and eval-generation.
+"""The `lssgen` command: generate, adapters, methods, demo, eval-upsampler, train-upsampler, bench, eval-generation
+and geneval.
 
 Each command is a module of this package that owns its arguments (`add_parser(commands)`) and its work
 (`run(args)`); this module only wires them together. Parsing imports the standard library alone, so `--help` and
@@ -10,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import adapters, bench, demo, eval_generation, eval_upsampler, generate, geneval, train_upsampler
+from . import adapters, bench, demo, eval_generation, eval_upsampler, generate, geneval, methods, train_upsampler
 from .options import Parser, check_inputs, set_threads
 
 # In the order `lssgen --help` lists them.
-COMMANDS = (generate, adapters, demo, eval_upsampler, train_upsampler, bench, eval_generation, geneval)
+COMMANDS = (generate, adapters, methods, demo, eval_upsampler, train_upsampler, bench, eval_generation, geneval)
 
 
 def build_parser() -> argparse.ArgumentParser:

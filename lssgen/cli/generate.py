@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_method_options, add_model_options, positive_int
+from .options import add_method_argument, add_method_options, add_model_options, positive_int
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
     add_method_options(parser)
+    add_method_argument(parser)
     add_model_options(parser)
     parser.add_argument(
         "--image",

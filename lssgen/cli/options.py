@@ -155,12 +155,37 @@ def add_method_options(parser: argparse.ArgumentParser, *, prompt: bool = True, 
     add_device_arguments(parser)
 
 
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    """`--method NAME[:key=value,...]`: the multi-resolution method (`lssgen methods` lists them)."""
+    parser.add_argument(
+        "--method",
+        default=None,
+        metavar="NAME[:key=value,...]",
+        help="the multi-resolution method and its parameters, e.g. refine:sigma=0.12,steps=1 (`lssgen methods` "
+        "lists them; default: lssgen, or the model folder's)",
+    )
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """`--method`'s name and parameters, and the lssgen options given with it that it does not read."""
+    if getattr(args, "method", None) is None:
+        return
+    from lssgen.methods import resolve_method
+    from lssgen.plan import Options
+
+    given = {name: value for name, value in method_options(args).items() if name != "method"}
+    resolve_method(args.method).check_options(set(given), Options(**given), "the command line")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """What every command is given, checked before anything slow is loaded or anything is written."""
+    check_method(args)
+    if not hasattr(args, "device"):
+        return  # a command that loads and writes nothing (adapters, methods): nothing more to check, no torch
     from lssgen.loading import check_device, check_pipeline, check_upsampler
     from lssgen.outputs import check_writable
 
-    check_device(getattr(args, "device", None))
+    check_device(args.device)
     if getattr(args, "model", None):
         check_pipeline(args.model)
     if getattr(args, "vae", None):
@@ -258,6 +283,7 @@ def method_options(args: argparse.Namespace, **overrides) -> dict[str, Any]:
         "min_resolution": args.min_resolution,
         "shorten_intermediate_steps": args.shorten_intermediate_steps,
         "scaling_space": args.scaling_space,
+        "method": getattr(args, "method", None),
     }
     base = getattr(args, "base_size", None)
     if base:
