@@ -8,7 +8,16 @@ import pytest
 from console_script import LSSGEN
 
 import lssgen
-from lssgen.evaluation.bench import BASELINE, UNPATCHED, Setting, Timing, busy_warning, default_settings, run_bench
+from lssgen.evaluation.bench import (
+    BASELINE,
+    UNPATCHED,
+    MethodSetting,
+    Setting,
+    Timing,
+    busy_warning,
+    default_settings,
+    run_bench,
+)
 from lssgen.tiny import build_tiny_flux_pipeline
 
 CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4, "max_sequence_length": 32}
@@ -16,7 +25,8 @@ CALL = {"prompt": "a cat", "height": 256, "width": 256, "num_inference_steps": 4
 
 def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
     pipe = build_tiny_flux_pipeline()
-    settings = default_settings(min_resolution=128)
+    # LSSGen's settings, and another method timed beside them (`--methods`).
+    settings = [*default_settings(min_resolution=128), MethodSetting("refine:steps=2")]
     report = run_bench(pipe, settings, repeats=1, call_kwargs=CALL, log=lambda line: None)
 
     names = [result.name for result in report.results]
@@ -32,6 +42,7 @@ def test_run_bench_reports_every_setting_with_counted_denoiser_calls(tmp_path):
         plan = lssgen.plan_for(pipe, 256, 256, 4, **setting.options())
         assert report.result(setting.name).denoiser_calls == [s.num_denoiser_steps for s in plan.stages]
         assert len(plan.stages) == 2
+    assert report.result("refine:sigma=0.12,steps=2").denoiser_calls == [4, 2]  # all steps at half size, then 2
     assert report.result(BASELINE).denoiser_calls == [4] and report.result(BASELINE).ratio == 1.0
     # Agreement with the unpatched image: the patched pipe at start_sigma=1.0 is the stock pipeline, bit for bit;
     # every lssgen setting changes the image, measurably.
@@ -111,6 +122,15 @@ def test_preset_refuses_cpu_without_opt_in(tmp_path):
     args = ["bench", "--preset", "flux-dev", "--device", "cpu", "--out", tmp_path]
     result = subprocess.run([*LSSGEN, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "run it on a GPU" in result.stderr
+
+
+def test_a_misspelt_method_is_an_error_before_anything_loads(tmp_path, capsys):
+    from lssgen.cli import main
+
+    assert (
+        main(["bench", "--methods", "refine", "mrflow", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    )
+    assert "Unknown `method` 'mrflow'" in capsys.readouterr().err
 
 
 def test_compile_flag_is_wired():

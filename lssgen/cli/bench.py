@@ -37,6 +37,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="smallest stage's short side, px (default: the model folder's, else the family's)",
     )
     parser.add_argument("--start-sigmas", type=float, nargs="+", default=[0.75, 0.667], help="settings to time")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="other methods to time beside LSSGen's settings, e.g. refine:sigma=0.12,steps=1 (`lssgen methods`)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (plus one warm-up per setting)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     parser.add_argument(
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     # None: the patch defaults' (the model folder's, else the family's) smallest stage.
     settings = [
         bench.Setting(sigma, shorten, args.min_resolution) for sigma in args.start_sigmas for shorten in (True, False)
-    ]
+    ] + [bench.MethodSetting(method) for method in args.methods]
     upsampler = chosen_upsampler(pipe, args.upsampler)
     print(f"lssgen bench: {what}; {device}, {str(dtype).removeprefix('torch.')}")
     print(f"{call['num_inference_steps']} steps at {width}x{height}, seed {args.seed}, {args.repeats} rounds")

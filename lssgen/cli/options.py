@@ -167,11 +167,18 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_method(args: argparse.Namespace) -> None:
-    """`--method`'s name and parameters, and the lssgen options given with it that it does not read."""
-    if getattr(args, "method", None) is None:
+    """`--method`'s name and parameters, and the lssgen options given with it that it does not read; each of
+    `--methods` (bench: methods timed beside LSSGen's settings, each on its own parameters)."""
+    methods = getattr(args, "methods", None) or []
+    if getattr(args, "method", None) is None and not methods:
         return
     from lssgen.methods import resolve_method
     from lssgen.plan import Options
+
+    for method in methods:
+        resolve_method(method)
+    if getattr(args, "method", None) is None:
+        return
 
     given = {name: value for name, value in method_options(args).items() if name != "method"}
     resolve_method(args.method).check_options(set(given), Options(**given), "the command line")

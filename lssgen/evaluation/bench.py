@@ -129,6 +129,23 @@ class Setting:
         return {key: value for key, value in options.items() if value is not None}
 
 
+@dataclass(frozen=True)
+class MethodSetting:
+    """Another multi-resolution method (`lssgen.methods`), as `--method` spells it, e.g. `refine:sigma=0.12`: the
+    call passes it as `method=`, with none of LSSGen's options (the method reads its own parameters)."""
+
+    method: str
+
+    @property
+    def name(self) -> str:
+        from ..methods import resolve_method
+
+        return resolve_method(self.method).spelling()
+
+    def options(self) -> dict[str, Any]:
+        return {"method": self.method}
+
+
 def default_settings(min_resolution: int | None = None) -> list[Setting]:
     return [Setting(sigma, shorten, min_resolution) for sigma in (0.75, 0.667) for shorten in (True, False)]
 
@@ -402,7 +419,8 @@ def run_bench(
 
     Args:
         pipe: a stock pipeline an lssgen adapter supports.
-        settings: LSSGen configurations (default: start_sigma 0.75 and 0.667, shortening on and off).
+        settings: LSSGen configurations (default: start_sigma 0.75 and 0.667, shortening on and off), and
+            [`MethodSetting`]s for other methods.
         repeats: timed rounds; every configuration also gets one untimed warm-up call first.
         call_kwargs: the call shared by every run (prompt or prompt_embeds, height, width, num_inference_steps).
         patch_defaults: lssgen call defaults, e.g. `base_height`/`base_width` of a scaled-down model.
