@@ -205,7 +205,7 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["eval-generation", "--model", str(tiny_flux_dir), "--size", str(SIZE), "--steps", "2"]
     args += ["--per-category", "1", "--stages", "2", "--no-equal-speed", "--out", str(out), "--device", "cpu"]
-    args += ["--max-sequence-length", "32", "--cache", "first-block:threshold=0.2"]
+    args += ["--max-sequence-length", "32", "--cache", "first-block:threshold=0.2", "--methods", "refine:steps=2"]
     assert main([*args, "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prompts"] == 6 and report["settings"]["model"] == str(tiny_flux_dir)
@@ -213,8 +213,10 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
     plain = [
         "stock 2 steps",
         *(f"lssgen {space} s={sigma} 2 stages" for sigma in (0.75, 0.667) for space in ("latent", "pixel")),
+        "refine:sigma=0.12,steps=2",  # another method, beside LSSGen's settings
     ]
     assert [score["name"] for score in report["scores"]] == [*plain, *(f"{name} + first-block cache" for name in plain)]
+    assert report["scores"][len(plain) - 1]["options"] == {"method": "refine:steps=2"}
     assert report["settings"]["cache"] == "FirstBlockCacheConfig(threshold=0.2)"
     assert (out / "grid.png").stat().st_size > 0 and "| stock 2 steps |" in (out / "report.md").read_text()
     for score in report["scores"]:  # the duplication measure, and the per-prompt counts it summarises

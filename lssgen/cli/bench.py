@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from .options import DEFAULT_PROMPT, add_device_arguments, device_and_dtype, positive_int
+from .options import DEFAULT_PROMPT, add_device_arguments, add_methods_argument, device_and_dtype, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -37,13 +37,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="smallest stage's short side, px (default: the model folder's, else the family's)",
     )
     parser.add_argument("--start-sigmas", type=float, nargs="+", default=[0.75, 0.667], help="settings to time")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=[],
-        metavar="NAME[:key=value,...]",
-        help="other methods to time beside LSSGen's settings, e.g. refine:sigma=0.12,steps=1 (`lssgen methods`)",
-    )
+    add_methods_argument(parser)
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (plus one warm-up per setting)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     parser.add_argument(

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_device_arguments, device_and_dtype, integer, path_or_shipped, positive_int
+from .options import (
+    add_device_arguments,
+    add_methods_argument,
+    device_and_dtype,
+    integer,
+    path_or_shipped,
+    positive_int,
+)
 
 # `lssgen.scenes.world.EVALUATION_PER_CATEGORY` (importing it loads torch); tests/test_cli_startup.py checks they agree.
 EVALUATION_PER_CATEGORY = 16
@@ -50,6 +57,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="held-out prompts per category",
     )
     parser.add_argument("--stages", type=int, nargs="+", choices=[2, 3], default=[2, 3], help="stage counts")
+    add_methods_argument(parser)
     parser.add_argument(
         "--equal-speed", action=argparse.BooleanOptionalAction, default=True, help="stock at equal-time step counts"
     )
@@ -71,8 +79,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     import lssgen
     from lssgen.caches import cache_config
-    from lssgen.evaluation.generation import default_settings, evaluate_generation, write_report
+    from lssgen.evaluation.generation import GenerationSetting, default_settings, evaluate_generation, write_report
     from lssgen.loading import load_pipeline
+    from lssgen.methods import resolve_method
     from lssgen.scenes.scorer import SceneScorer
     from lssgen.scenes.world import CATEGORIES, evaluation_scenes
 
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> None:
         if value is not None
     }
     settings = default_settings(size, steps, learned=upsampler is not None, stages=args.stages)
+    settings += [GenerationSetting(resolve_method(m).spelling(), steps, {"method": m}) for m in args.methods]
     report = evaluate_generation(
         pipe,
         scorer,

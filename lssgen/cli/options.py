@@ -166,6 +166,17 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_methods_argument(parser: argparse.ArgumentParser) -> None:
+    """`--methods NAME[:key=value,...] ...`: other methods run beside LSSGen's settings (`lssgen methods`)."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="other methods to run beside LSSGen's settings, e.g. refine:sigma=0.12,steps=1 (`lssgen methods`)",
+    )
+
+
 def check_method(args: argparse.Namespace) -> None:
     """`--method`'s name and parameters, and the lssgen options given with it that it does not read; each of
     `--methods` (bench: methods timed beside LSSGen's settings, each on its own parameters)."""
