@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +27,7 @@ from .plan import (
     fresh_scheduler,
     plan_stages,
     rounded_target,
+    stock_stage_schedule,
     warn_if_rounded,
 )
 
@@ -256,15 +256,15 @@ class Refine(Method):
                 f"for that (at least {minimum} px a side)."
             )
         warn_if_rounded(request.height, request.width, 1, factor, facts)
-        first_kwargs = facts.timestep_kwargs(request.scheduler, request.num_inference_steps, low_height, low_width)
-        first = fresh_scheduler(request.scheduler)
-        first.set_timesteps(**first_kwargs)
-        timesteps = [float(t) for t in first.timesteps]
-        if not all(math.isfinite(t) for t in timesteps):
-            raise ValueError(
-                f"{type(request.scheduler).__name__} with this config makes no finite "
-                f"{request.num_inference_steps}-step schedule (NaN timesteps); use more `num_inference_steps`."
-            )
+        first_kwargs, first, timesteps = stock_stage_schedule(
+            request.scheduler,
+            facts,
+            request.num_inference_steps,
+            low_height,
+            low_width,
+            where=f"the half-size generation ({low_width * factor}x{low_height * factor})",
+            fix="Use more `num_inference_steps`.",
+        )
         sigmas = np.linspace(self.sigma, 0.0, self.steps + 1)[:-1]  # an array, as the pipelines pass sigmas
         config, final_kwargs, final = unshifted_schedule(request.scheduler, sigmas)
         stages = (

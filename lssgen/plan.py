@@ -385,6 +385,25 @@ def fresh_scheduler(template: Any, config: dict | None = None) -> Any:
     return type(template).from_config(template.config, **(config or {}))
 
 
+def stock_stage_schedule(
+    template: Any, facts: ScheduleFacts, num_steps: int, latent_height: int, latent_width: int, *, where: str, fix: str
+) -> tuple[dict, Any, list[float]]:
+    """The stock `num_steps`-step schedule of a stage of this latent size: the `set_timesteps` arguments, a fresh
+    scheduler set with them, and its timesteps. A `ValueError` (naming `where` the schedule goes, and how to `fix`
+    it) where the schedule is not finite: e.g. a `shift_terminal` (Qwen-Image's scheduler) divides by zero for 1
+    step, so the stock pipeline gets NaN images for that step count, and a plan must not hand it to a stage."""
+    kwargs = facts.timestep_kwargs(template, num_steps, latent_height, latent_width)
+    scheduler = fresh_scheduler(template)
+    scheduler.set_timesteps(**kwargs)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    if not all(math.isfinite(t) for t in timesteps):
+        raise ValueError(
+            f"{type(template).__name__} with this config makes no finite {num_steps}-step schedule (NaN timesteps), "
+            f"which {where} would get. {fix}"
+        )
+    return kwargs, scheduler, timesteps
+
+
 def stock_timesteps(template: Any, facts: ScheduleFacts, num_steps: int, latent_height: int, latent_width: int):
     """The timesteps of the stock `num_steps`-step schedule of a latent of this size (no truncation)."""
     scheduler = fresh_scheduler(template)
@@ -453,19 +472,16 @@ def _schedule_stage(
     scale: int = 1,
     first: Stage | None = None,
 ) -> Stage:
-    kwargs = facts.timestep_kwargs(template, num_steps, latent_height, latent_width)
-    scheduler = fresh_scheduler(template)
-    scheduler.set_timesteps(**kwargs)
-    timesteps = [float(t) for t in scheduler.timesteps]
-    if not all(math.isfinite(t) for t in timesteps):
-        # E.g. a `shift_terminal` (Qwen-Image's scheduler) divides by zero for 1 step: the stock pipeline gets the
-        # same NaN schedule and NaN images for that step count; a plan must not hand it to a stage.
-        raise ValueError(
-            f"{type(template).__name__} with this config makes no finite {num_steps}-step schedule (NaN timesteps), "
-            f"which stage {index + 1} ({latent_width * vae_scale_factor}x{latent_height * vae_scale_factor}) would "
-            "get. Use more `num_inference_steps` (every stage needs at least 2 steps with this scheduler), or "
-            "`shorten_intermediate_steps=False`."
-        )
+    kwargs, scheduler, timesteps = stock_stage_schedule(
+        template,
+        facts,
+        num_steps,
+        latent_height,
+        latent_width,
+        where=f"stage {index + 1} ({latent_width * vae_scale_factor}x{latent_height * vae_scale_factor})",
+        fix="Use more `num_inference_steps` (every stage needs at least 2 steps with this scheduler), or "
+        "`shorten_intermediate_steps=False`.",
+    )
     order = scheduler.order
 
     # Image-to-image: no stage holds more noise than the stock call's start, compared at the stage's size. A latent
