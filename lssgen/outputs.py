@@ -96,6 +96,7 @@ def write_folder(out_dir: str | os.PathLike, files: dict[str, Callable[[Path], N
             write(staging / name)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in files:
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)  # names may hold folders: "images/00/000.png"
             (staging / name).replace(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

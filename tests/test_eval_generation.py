@@ -20,6 +20,8 @@ from lssgen.evaluation.generation import (
     default_settings,
     equal_speed_settings,
     evaluate_generation,
+    rescore_generation,
+    write_report,
 )
 from lssgen.evaluation.upsampler import LABEL_HEIGHT
 from lssgen.scenes.scorer import CheckResult, SceneScorer
@@ -183,6 +185,41 @@ def test_the_report_carries_the_duplication_measure_per_setting(scorer):
     }
 
 
+def test_a_run_saved_with_its_images_is_scored_again_by_another_scorer(scorer, tmp_path):
+    pipe = build_tiny_flux_pipeline(seed=0)
+    scenes = evaluation_scenes()[:3]
+    first = _stock_and_lssgen_report(pipe, scorer, scenes)
+    write_report(first, tmp_path / "run", save_images=True)
+    saved = sorted(str(path.relative_to(tmp_path / "run")) for path in (tmp_path / "run" / "images").rglob("*.png"))
+    assert saved == [f"images/{row:02d}/{index:03d}.png" for row in range(2) for index in range(3)]
+
+    # The other scorer finds two extra instances where the first setting's judge found what it found.
+    duplicated = [scenes[0].objects * 3, scenes[1].objects, scenes[2].objects]
+    again = rescore_generation(
+        tmp_path / "run", HandMadeDetections(scorer, [duplicated, duplicated]), scorer_name="hand-made", progress=False
+    )
+    assert [s.name for s in again.scores] == ["stock", "lssgen"]
+    for old, new in zip(first.scores, again.scores, strict=True):
+        assert (new.exact, new.extra_instances) == (pytest.approx(2 / 3), [2, 0, 0])
+        assert (new.seconds, new.time_ratio) == (pytest.approx(old.seconds), pytest.approx(old.time_ratio))
+        assert (new.steps, new.options) == (old.steps, old.options)
+    # The images are the saved ones (8 bits): fidelity to the stock images is measured again and barely moves.
+    for name, images in first.images.items():
+        assert (again.images[name] - images).abs().max() <= 0.5 / 255 + 1e-6
+    assert again.scores[1].psnr == pytest.approx(first.scores[1].psnr, abs=0.05)
+    assert again.settings["scorer"] == "hand-made" and "scored again" in again.markdown()
+
+    # A run without its images, or a report of other prompts, is refused, naming what is wrong.
+    write_report(first, tmp_path / "no-images")
+    with pytest.raises(FileNotFoundError, match="--save-images"):
+        rescore_generation(tmp_path / "no-images", scorer, progress=False)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    report["settings"]["captions"][0] = "a photo of a moon"
+    (tmp_path / "run" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="held-out set's first prompts"):
+        rescore_generation(tmp_path / "run", scorer, progress=False)
+
+
 def _markdown_table(markdown):
     """The report's table: its header cells, and each row's cells by header, by setting name."""
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
@@ -225,6 +262,7 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
         exact = [e == m == 0 for e, m in zip(score["extra_instances"], score["missing_instances"])]
         assert score["exact"] == pytest.approx(sum(exact) / 6)
     printed = capsys.readouterr().out
+    assert not (out / "images").exists()  # only with --save-images
     for markdown in (printed, (out / "report.md").read_text()):
         header, rows = _markdown_table(markdown)
         assert {"exact", "extra"} <= set(header) and set(rows) == {score["name"] for score in report["scores"]}
@@ -232,6 +270,27 @@ def test_cli_writes_the_report(tiny_flux_dir, tmp_path, capsys):
             row = rows[score["name"]]
             assert (row["exact"], row["extra"]) == (f"{score['exact']:.2f}", f"{score['extra']:.2f}")
     assert "wrote" in printed
+
+
+def test_cli_saves_the_images_and_scores_the_run_again(tiny_flux_dir, tmp_path, capsys):
+    run, again = tmp_path / "run", tmp_path / "again"
+    args = ["eval-generation", "--model", str(tiny_flux_dir), "--size", str(SIZE), "--steps", "2", "--stages", "2"]
+    args += ["--per-category", "1", "--no-equal-speed", "--device", "cpu", "--max-sequence-length", "32"]
+    assert main([*args, "--out", str(run), "--save-images", "--no-progress"]) == 0
+    first = json.loads((run / "report.json").read_text())
+    assert len(list((run / "images").rglob("*.png"))) == len(first["scores"]) * 6
+
+    # Generation options beside --rescore would be ignored: refused, named, nothing written.
+    capsys.readouterr()
+    assert main(["eval-generation", "--rescore", str(run), "--steps", "3", "--out", str(again)]) == 2
+    assert "--steps would be ignored" in capsys.readouterr().err and not again.exists()
+    assert main(["eval-generation", "--rescore", str(run), "--out", str(again), "--no-progress"]) == 0
+    second = json.loads((again / "report.json").read_text())
+    assert second["settings"]["rescored"] and second["settings"]["captions"] == first["settings"]["captions"]
+    for old, new in zip(first["scores"], second["scores"], strict=True):
+        # The same scorer on the saved (8-bit) images: the same verdicts on these noise images, the same times.
+        assert (new["name"], new["passed"], new["seconds"]) == (old["name"], old["passed"], old["seconds"])
+    assert (again / "grid.png").is_file() and "scored again" in (again / "report.md").read_text()
 
 
 def test_cli_checks_the_cache_spec_before_loading_anything(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .options import (
     add_device_arguments,
@@ -70,6 +71,17 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then one more per prompt)")
     parser.add_argument("--out", default="outputs/eval-generation", help="report folder")
+    parser.add_argument(
+        "--save-images",
+        action="store_true",
+        help="also write every image, images/<row>/<prompt>.png, so that --rescore can score the run again",
+    )
+    parser.add_argument(
+        "--rescore",
+        metavar="RUN_DIR",
+        help="generate nothing: score the images of a run written with --save-images again with --scorer (its "
+        "settings, prompts and times kept), into --out",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     add_device_arguments(parser)
     parser.set_defaults(run=run)
@@ -77,6 +89,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.rescore:
+        return rescore(args)
     import lssgen
     from lssgen.caches import cache_config
     from lssgen.evaluation.generation import GenerationSetting, default_settings, evaluate_generation, write_report
@@ -96,7 +110,8 @@ def run(args: argparse.Namespace) -> None:
     device, dtype = device_and_dtype(args)
     model = path_or_shipped(args.model, "scene-t2i", "--model")
     pipe = load_pipeline(model, device, dtype)
-    scorer = SceneScorer.from_pretrained(path_or_shipped(args.scorer, "scene-scorer", "--scorer")).to(device)
+    scorer_path = path_or_shipped(args.scorer, "scene-scorer", "--scorer")
+    scorer = SceneScorer.from_pretrained(scorer_path).to(device)
     upsampler = chosen_upsampler(pipe, args.upsampler)
     scenes = evaluation_scenes()[: args.per_category * len(CATEGORIES)]  # categories take turns in the set
     # Size, steps, guidance and prompt length: the user's, else the folder's lssgen.json; then the family's size
@@ -126,9 +141,34 @@ def run(args: argparse.Namespace) -> None:
         call=call,
         progress=args.progress,
         model_name=model,
+        scorer_name=scorer_path,
         cache=cache_config(args.cache, pipe) if args.cache else None,
         cache_label=args.cache.partition(":")[0] if args.cache else "cache",
     )
+    out = write_report(report, args.out, save_images=args.save_images)
+    print(report.markdown())
+    print(f"wrote {out / 'report.json'}, report.md, grid.png" + (" and images/" if args.save_images else ""))
+
+
+# What --rescore reads from the run instead: every generation option.
+RESCORE_KEEPS = ("rescore", "scorer", "out", "progress", "device", "threads", "run", "command")
+
+
+def rescore(args: argparse.Namespace) -> None:
+    from lssgen.evaluation.generation import rescore_generation, write_report
+    from lssgen.scenes.scorer import SceneScorer
+
+    defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args([]))
+    ignored = [name for name, value in vars(args).items() if name not in RESCORE_KEEPS and value != defaults[name]]
+    if ignored:
+        options = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise ValueError(f"--rescore generates nothing: {options} would be ignored (the run's are kept); drop them.")
+    if args.out == defaults["out"] or Path(args.out).resolve() == Path(args.rescore).resolve():
+        raise ValueError("--rescore: give --out a folder of its own (the run it scores stays as it was).")
+    device, _ = device_and_dtype(args)
+    scorer_path = path_or_shipped(args.scorer, "scene-scorer", "--scorer")
+    scorer = SceneScorer.from_pretrained(scorer_path).to(device)
+    report = rescore_generation(args.rescore, scorer, scorer_name=scorer_path, progress=args.progress)
     out = write_report(report, args.out)
     print(report.markdown())
     print(f"wrote {out / 'report.json'}, report.md and grid.png")

@@ -131,6 +131,9 @@ class GenerationReport:
     settings: dict[str, Any]
     scores: list[SettingScores]
     grid: Image.Image | None = field(default=None, repr=False)
+    # Per setting name, its images in prompt order, [N, 3, H, W] in [0, 1]: what `write_report(save_images=True)`
+    # writes and `rescore_generation` reads back.
+    images: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "scores": [asdict(score) for score in self.scores]}
@@ -140,7 +143,8 @@ class GenerationReport:
         lines = [
             f"{s['prompts']} held-out prompts ({s['per_category']} per category), {s['size']} px, seed {s['seed']}, "
             f"{s['device']}, {s['dtype']}; model {s['model']}"
-            + (f"; `+ cache` rows: {s['cache']} on the denoiser" if s.get("cache") else ""),
+            + (f"; `+ cache` rows: {s['cache']} on the denoiser" if s.get("cache") else "")
+            + (f"; scored again from the saved images by {s['scorer']}" if s.get("rescored") else ""),
             "",
             "| setting | steps | " + " | ".join(CATEGORIES) + " | overall | exact | extra | KID | PSNR | SSIM | time |",
             "|---|---:|" + "---:|" * (len(CATEGORIES) + 7),
@@ -248,6 +252,7 @@ def evaluate_generation(
     grid_rows: int = 6,
     progress: bool = True,
     model_name: str = "",
+    scorer_name: str = "",
     cache: Any = None,
     cache_label: str = "cache",
 ) -> GenerationReport:
@@ -305,8 +310,46 @@ def evaluate_generation(
     finally:
         lssgen.unpatch(pipe)
 
+    scores = score_settings(scorer, scenes, settings, images, seconds, size, progress)
+    parameters = {
+        "model": model_name,
+        "scorer": scorer_name,
+        "prompts": len(scenes),
+        "per_category": len(scenes) // len(CATEGORIES),
+        "size": size,
+        "steps": steps,
+        "seed": seed,
+        "call": call,
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "upsampler": None if upsampler is None else type(upsampler).__name__,
+        "cache": None if not caches else "; ".join(repr(c) for c in caches.values()),
+        "captions": [scene.caption for scene in scenes],
+    }
+    rows = min(grid_rows, len(scenes))
+    grid = _grid(_renders(scenes[:rows], size), images, rows) if rows else None
+    return GenerationReport(parameters, scores, grid, images)
+
+
+def _renders(scenes: Sequence[Scene], size: int) -> torch.Tensor:
+    """The real renders of `scenes` at `size` px, [N, 3, size, size] in [0, 1]."""
     real = torch.stack([torch.from_numpy(np.array(render(scene, size))) for scene in scenes])
-    real = real.permute(0, 3, 1, 2).float() / 255
+    return real.permute(0, 3, 1, 2).float() / 255
+
+
+def score_settings(
+    scorer: Any,
+    scenes: Sequence[Scene],
+    settings: Sequence[GenerationSetting],
+    images: dict[str, torch.Tensor],
+    seconds: dict[str, float],
+    size: int,
+    progress: bool = True,
+) -> list[SettingScores]:
+    """Each setting's images (`images[name]`, one per scene, in order) scored by `scorer`, by the duplication
+    measure, by KID against real renders, by PSNR/SSIM against the stock setting's, and its total time `seconds[name]`
+    relative to the stock setting's."""
+    real = _renders(scenes, size)
     stock = next(s for s in settings if s.is_stock)
     scores = []
     for setting in tqdm(settings, desc="scoring", disable=not progress):
@@ -331,7 +374,7 @@ def evaluate_generation(
                 kid=_kid(scorer, real, generated),
                 psnr=None if same else float(psnr(generated, images[stock.name]).mean()),
                 ssim=None if same else float(ssim(generated, images[stock.name]).mean()),
-                cache=None if setting.cache is None else repr(setting.cache),
+                cache=None if setting.cache is None else _cache_name(setting.cache),
                 seconds=seconds[setting.name] / len(scenes),
                 time_ratio=seconds[setting.name] / seconds[stock.name],
                 passed=[v.passed for v in verdicts],
@@ -339,25 +382,24 @@ def evaluate_generation(
                 missing_instances=[tally.missing for tally in tallies],
             )
         )
-    parameters = {
-        "model": model_name,
-        "prompts": len(scenes),
-        "per_category": len(scenes) // len(CATEGORIES),
-        "size": size,
-        "steps": steps,
-        "seed": seed,
-        "call": call,
-        "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "upsampler": None if upsampler is None else type(upsampler).__name__,
-        "cache": None if not caches else "; ".join(repr(c) for c in caches.values()),
-    }
-    rows = min(grid_rows, len(scenes))
-    return GenerationReport(parameters, scores, _grid(real, images, rows) if rows else None)
+    return scores
 
 
-def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
-    """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none."""
+def _cache_name(cache: Any) -> str:
+    # A rescored report's settings carry the name the first run wrote, not the config.
+    return cache if isinstance(cache, str) else repr(cache)
+
+
+def _image_path(setting_index: int, prompt_index: int) -> str:
+    """Where `write_report(save_images=True)` puts an image: by the setting's row and the prompt's index (setting
+    names hold spaces, `=` and `:`)."""
+    return f"images/{setting_index:02d}/{prompt_index:03d}.png"
+
+
+def write_report(report: GenerationReport, out_dir: str | Path, *, save_images: bool = False) -> Path:
+    """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none; with `save_images`, also every image as
+    `images/<row>/<prompt>.png` (row: the setting's place in `report.json`'s scores, from 00; prompt: from 000), which
+    `rescore_generation` reads back."""
     files = {
         "report.json": lambda path: path.write_text(
             json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
@@ -366,4 +408,71 @@ def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
     }
     if report.grid is not None:
         files["grid.png"] = lambda path: report.grid.save(path, format="PNG")
+    if save_images:
+        if report.images is None:
+            raise ValueError("save_images: this report holds no images (a report read back from report.json).")
+        for row, score in enumerate(report.scores):
+            for index, image in enumerate(report.images[score.name]):
+                files[_image_path(row, index)] = _png_writer(image)
     return write_folder(out_dir, files)
+
+
+def _png_writer(image: torch.Tensor):
+    def write(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(path, format="PNG")
+
+    return write
+
+
+def rescore_generation(
+    run_dir: str | Path, scorer: Any, *, scorer_name: str = "", grid_rows: int = 6, progress: bool = True
+) -> GenerationReport:
+    r"""
+    Score an earlier `evaluate_generation` run again, with another scorer, from the folder `write_report(...,
+    save_images=True)` wrote (`lssgen eval-generation --save-images`): the same images (as saved, 8 bits), settings,
+    prompts and times; accuracy, the duplication measure, KID and PSNR/SSIM computed anew.
+
+    The run's prompts must be the held-out set's first ones (`lssgen.scenes.evaluation_scenes`), as
+    `lssgen eval-generation` makes them; its report names them and they are checked.
+
+    Example:
+
+    ```py
+    >>> report = rescore_generation("outputs/eval-generation", SceneScorer.from_pretrained("runs/new-scorer"))
+    >>> write_report(report, "outputs/eval-generation-rescored")
+    ```
+    """
+    from lssgen.scenes.world import evaluation_scenes
+
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "report.json").read_text())
+    parameters, rows = saved["settings"], saved["scores"]
+    captions = parameters.get("captions")
+    scenes = evaluation_scenes()[: len(captions or [])]
+    if captions is None or [scene.caption for scene in scenes] != captions:
+        raise ValueError(
+            f"{run_dir}: its report.json does not name the held-out set's first prompts (settings.captions); only runs "
+            "of `lssgen eval-generation --save-images` can be scored again."
+        )
+    settings = [
+        GenerationSetting(row["name"], row["steps"], row["options"], row["matches"], row["cache"]) for row in rows
+    ]
+    images, seconds = {}, {}
+    for number, setting in enumerate(settings):
+        paths = [run_dir / _image_path(number, index) for index in range(len(scenes))]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{run_dir} lacks {len(missing)} image(s) of {setting.name!r} (first: {missing[0]}): rescoring needs a "
+                "run written with --save-images (write_report(save_images=True))."
+            )
+        stack = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in paths]
+        images[setting.name] = torch.stack(stack).permute(0, 3, 1, 2).float() / 255
+        seconds[setting.name] = rows[number]["seconds"] * len(scenes)
+    size = parameters["size"]
+    scores = score_settings(scorer, scenes, settings, images, seconds, size, progress)
+    rows_shown = min(grid_rows, len(scenes))
+    grid = _grid(_renders(scenes[:rows_shown], size), images, rows_shown) if rows_shown else None
+    return GenerationReport({**parameters, "scorer": scorer_name, "rescored": True}, scores, grid, images)
