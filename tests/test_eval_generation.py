@@ -27,6 +27,7 @@ from lssgen.evaluation.upsampler import LABEL_HEIGHT
 from lssgen.scenes.scorer import CheckResult, SceneScorer
 from lssgen.scenes.world import ATTRIBUTES, CATEGORIES, evaluation_scenes, satisfies
 from lssgen.tiny import build_tiny_flux_pipeline
+from scripts.run_grid import run_grid
 
 SIZE, STEPS = 64, 4
 
@@ -208,6 +209,12 @@ def test_a_run_saved_with_its_images_is_scored_again_by_another_scorer(scorer, t
         assert (again.images[name] - images).abs().max() <= 0.5 / 255 + 1e-6
     assert again.scores[1].psnr == pytest.approx(first.scores[1].psnr, abs=0.05)
     assert again.settings["scorer"] == "hand-made" and "scored again" in again.markdown()
+
+    # The README's side-by-side grid comes from such a folder: a row per prompt, a column per setting.
+    grid = run_grid(tmp_path / "run", [0, 2], ["lssgen", "stock"], tile=32)
+    assert grid.height == LABEL_HEIGHT + 2 * 32 and grid.width > 2 * 32
+    with pytest.raises(SystemExit, match="not settings of"):
+        run_grid(tmp_path / "run", [0], ["stock 20 steps"], tile=32)
 
     # A run without its images, or a report of other prompts, is refused, naming what is wrong.
     write_report(first, tmp_path / "no-images")

@@ -390,7 +390,7 @@ def _cache_name(cache: Any) -> str:
     return cache if isinstance(cache, str) else repr(cache)
 
 
-def _image_path(setting_index: int, prompt_index: int) -> str:
+def saved_image_path(setting_index: int, prompt_index: int) -> str:
     """Where `write_report(save_images=True)` puts an image: by the setting's row and the prompt's index (setting
     names hold spaces, `=` and `:`)."""
     return f"images/{setting_index:02d}/{prompt_index:03d}.png"
@@ -413,7 +413,7 @@ def write_report(report: GenerationReport, out_dir: str | Path, *, save_images: 
             raise ValueError("save_images: this report holds no images (a report read back from report.json).")
         for row, score in enumerate(report.scores):
             for index, image in enumerate(report.images[score.name]):
-                files[_image_path(row, index)] = _png_writer(image)
+                files[saved_image_path(row, index)] = _png_writer(image)
     return write_folder(out_dir, files)
 
 
@@ -461,7 +461,7 @@ def rescore_generation(
     ]
     images, seconds = {}, {}
     for number, setting in enumerate(settings):
-        paths = [run_dir / _image_path(number, index) for index in range(len(scenes))]
+        paths = [run_dir / saved_image_path(number, index) for index in range(len(scenes))]
         missing = [str(path) for path in paths if not path.is_file()]
         if missing:
             raise FileNotFoundError(
