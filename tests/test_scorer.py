@@ -206,6 +206,9 @@ def test_train_resume_and_evaluate_from_the_command_line(tmp_path, capsys):
     assert "not empty. Pass --resume" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--steps", "3", "--resume", *common]) == 0  # up to a larger step count
     assert "resuming from step 2" in capsys.readouterr().out
+    # The card says how every step was made: the first run's command, then the resumed one's.
+    card = (out / "README.md").read_text()
+    assert "--steps 2 --pool 6" in card and "# to step 2`; then `" in card and "--steps 3 --resume" in card
     assert main(["train", "--out", str(out / "odd"), "--steps", "1", *common[:4], "--crop", "63"]) == 2
     assert "--crop must be an even number" in capsys.readouterr().err
     # Tuning in place: the chosen pair lands in config.json, and the card's section is replaced, not added again.

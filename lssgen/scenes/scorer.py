@@ -591,6 +591,12 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         save_file({k: v.contiguous() for k, v in pool.items()}, str(cache_file))
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=settings.lr, weight_decay=1e-4)
     start = 0
+    # Every run's command, so that the card of a resumed run says how all of its steps were made.
+    history = checkpoint / "commands.txt"
+    commands = history.read_text().splitlines() if resume and history.is_file() else []
+    commands.append(f"{command or 'train_scorer (Python)'}  # to step {settings.steps}")
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    history.write_text("\n".join(commands) + "\n")
     if resume:
         state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -624,7 +630,7 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
     report = evaluate(scorer, report_scenes, vae=vae, round_trip_scenes=report_scenes * 2 // 5, progress=progress)
     log(format_report(report))
     save_pretrained_here(scorer, out_dir)
-    _write_model_card(out_dir / "README.md", settings, report, vae_name, seconds, command)
+    _write_model_card(out_dir / "README.md", settings, report, vae_name, seconds, commands)
     write_tuning(out_dir / "README.md", tuned, command)
     return scorer
 
@@ -751,10 +757,10 @@ def format_report(report: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str | None, seconds: float,
-                      command: str | None) -> None:  # fmt: skip
+                      commands: list[str]) -> None:  # fmt: skip
     trips = f", {settings.round_trip_share:.0%} also through the {vae_name} round trip" if vae_name else ""
     facts = {
-        "command": f"`{command}`" if command else "`lssgen.scenes.scorer.train_scorer` (Python)",
+        "command": "; then ".join(f"`{line}`" for line in commands),
         "data": f"{settings.pool} renders of `lssgen.scenes` stream {TRAIN_SEED} and {settings.hard_pool} harder ones "
         f"(`hard_training_scene`: up to 20 objects, 0.2-1.1 of the usual size, apart, touching or partly hidden) at "
         f"the scorer's resolution{trips}; augmented with blur, noise, colour shifts and low-resolution copies",
