@@ -1,17 +1,18 @@
 """The scene scorer's counting on renders harder than those it was trained on (issue #24, item 2).
 
 The duplication measure (`lssgen.scenes.tally_instances`) is only as good as the scorer's counting, and images made
-above a model's native size are not like the scorer's training renders (1-4 objects of 0.2-0.35 of the side, apart,
-read at 128 px). Here the scorer reads renders of `lssgen.scenes.world.sample_hard_scene` at 512 px, in cells of
-one kind of difficulty each: 2-4 or 8-20 objects, at the usual size, half of it or a quarter of it, laid out apart,
-touching in pairs or partly hiding each other in pairs; and for reference ordinary scenes (`sample_scene`) at 256
-and at 512 px. Every cell uses the same base scenes, `sample_scene(SEED, i)` for i < --per-cell, and the object
-counts of a range in turn.
+above a model's native size hold many, small, touching objects. Here the scorer reads renders of
+`lssgen.scenes.world.sample_hard_scene` at 512 px, in cells of one kind of difficulty each: 2-4 or 8-20 objects, at
+the usual size, half of it or a quarter of it, laid out apart, touching in pairs or partly hiding each other in
+pairs; and for reference ordinary scenes (`sample_scene`) at 256 and at 512 px. Every cell uses the same base
+scenes, `sample_scene(SEED, i)` for i < --per-cell, and the object counts of a range in turn. No training run sees
+these scenes: the scorer trains on streams 0 (ordinary scenes and `lssgen.scenes.scorer.hard_training_scene`), and
+1-3 are its validation and reports.
 
 Per image: `counts right` when the scorer finds, for every shape, as many objects as were drawn (partly hidden ones
 included); `tally right` when the duplication measure on what it found equals the measure on what was drawn. Per
-drawn object: `found` when a detection lies within half its size (plus a 64th of the side, the scorer's pixel) of
-its centre, one detection per object, nearest first; `shape right` when that detection has its shape.
+drawn object: `found` when a detection lies within half its size (plus a pixel of the scorer's map, a 128th of the
+side) of its centre, one detection per object, nearest first; `shape right` when that detection has its shape.
 
     python -m scripts.scorer_hard_renders --per-cell 48 --threads 1
 """
@@ -46,7 +47,7 @@ from lssgen.scenes.world import (
 # A stream no scorer training, validation or report uses (those are 0-3; see lssgen.scenes.scorer).
 SEED = 5
 HARD_SIDE = 512
-SCORER_PIXEL = 1 / 64  # the scorer's per-pixel classes are at 64 px
+SCORER_PIXEL = 1 / 128  # the scorer marks centres at 128 px
 COUNT_RANGES = ((2, 4), (8, 20))
 # (object counts, scale) of the hard cells, each in every layout; 8-20 objects of the usual size do not fit apart.
 HARD_KINDS = (((2, 4), 1.0), ((2, 4), 0.5), ((2, 4), 0.25), ((8, 20), 0.5), ((8, 20), 0.25))

@@ -1,9 +1,10 @@
-"""Renders harder than the scorer's training ones: the scorer counts the extra instances of a few fixed ones right,
+"""Renders harder than the scorer's ordinary ones: the scorer counts the extra instances of a few fixed ones right,
 and `sample_hard_scene` lays its objects out as asked.
 
-What the scorer cannot count yet (small, touching and overlapping objects) is measured by
-`python -m scripts.scorer_hard_renders`; the fixed renders here are of the kinds it counts right: objects at the
-usual size and, one of them, at half of it, apart, in 512 px images.
+How often it counts such renders right, kind by kind (many, small, touching, partly hidden objects), is measured by
+`python -m scripts.scorer_hard_renders`; the fixed renders here are one or two of each kind, at 512 px: duplicates
+in a row, touching in pairs; six at a quarter of the usual size; one object hiding part of another; objects of
+three sizes side by side.
 """
 
 import math
@@ -78,11 +79,48 @@ FIXED = [
         ),
         InstanceTally(extra=3, missing=0),
     ),
-    (  # side by side, their edges 10 px apart at 512 px (1.3 px where the scorer finds regions): two, not one
+    (  # side by side, their edges 10 px apart at 512 px: two, not one
         hand_made(
             "a photo of a square",
             [("square", "blue", (0.4, 0.5), 0.22), ("square", "red", (0.6, 0.5), 0.22)],
             "grain",
+        ),
+        InstanceTally(extra=1, missing=0),
+    ),
+    (  # eight small stars, touching in pairs, for "two stars"
+        hand_made(
+            "a photo of two stars",
+            [("star", "yellow", (x + dx, y), 0.1) for x in (0.15, 0.55) for y in (0.3, 0.7) for dx in (0, 0.1)],
+            "wood",
+        ),
+        InstanceTally(extra=6, missing=0),
+    ),
+    (  # six hearts at a quarter of the usual size (31 px of 512)
+        hand_made(
+            "a photo of a heart",
+            [("heart", "red", (0.15 + 0.14 * i, 0.2 + 0.12 * (i % 3)), 0.06) for i in range(6)],
+            "clouds",
+        ),
+        InstanceTally(extra=5, missing=0),
+    ),
+    (  # the square hides part of the circle: both counted
+        hand_made(
+            "a photo of a red circle and a blue square",
+            [("circle", "red", (0.4, 0.5), 0.28), ("square", "blue", (0.56, 0.52), 0.2)],
+            "grain",
+        ),
+        InstanceTally(extra=0, missing=0),
+    ),
+    (  # two small triangles touching, a tiny one and a large one
+        hand_made(
+            "a photo of three triangles",
+            [
+                ("triangle", "green", (0.3, 0.3), 0.12),
+                ("triangle", "green", (0.42, 0.3), 0.12),
+                ("triangle", "white", (0.7, 0.7), 0.08),
+                ("triangle", "green", (0.2, 0.75), 0.25),
+            ],
+            "weave",
         ),
         InstanceTally(extra=1, missing=0),
     ),

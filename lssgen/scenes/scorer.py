@@ -1,17 +1,16 @@
 r"""
 An automatic GenEval-style judge for the scene vocabulary of `lssgen.scenes`, trained on its renders.
 
-[`SceneScorer`] is two small networks. A U-Net reads the image at 128 px and gives, per pixel at 64 px, a shape
-class (one of the 8 shapes, or background) and a colour class. Connected regions of object pixels become
-objects; a classifier reads each one's shape from a crop around it, its pixels vote for its colour, and its
-centroid is its position. GenEval's rules (`lssgen.scenes.satisfies`) then decide whether the image shows what
-its caption asks: the objects named, the count, the colours, the relative position, which colour goes with which
-object.
+[`SceneScorer`] is a small U-Net that reads the image at 256 px and marks, at 128 px, the centre of every object
+with a heatmap peak for its shape, reading its colour and size there (CenterNet's way of finding objects). Each
+peak is an object, so objects that touch or partly hide each other are counted apart; its centre is its position.
+GenEval's rules (`lssgen.scenes.satisfies`) then decide whether the image shows what its caption asks: the objects
+named, the count, the colours, the relative position, which colour goes with which object.
 
-Train (about 20 minutes on 2 CPU cores: the U-Net, then the shape classifier), then measure on fresh renders:
+Train (about 25 minutes on one CPU core), then measure on fresh renders:
 
 ```bash
-python -m lssgen.scenes.scorer train --out weights/scene-scorer --taef2 /work/shared/data/taef2
+python -m lssgen.scenes.scorer train --out weights/scene-scorer --taef2 /work/shared/data/taef2 --steps 4000
 python -m lssgen.scenes.scorer evaluate --scorer weights/scene-scorer --taef2 /work/shared/data/taef2
 ```
 """
@@ -43,12 +42,14 @@ from .world import (
     ATTRIBUTES,
     CATEGORIES,
     COLOURS,
+    LAYOUTS,
     SHAPES,
     Check,
     Scene,
     SceneObject,
     parse_caption,
-    render_with_labels,
+    render,
+    sample_hard_scene,
     sample_scene,
     satisfies,
     wrong_check,
@@ -94,16 +95,22 @@ class CheckResult:
 
 class SceneScorer(ModelMixin, ConfigMixin):
     r"""
-    Per-pixel shape and colour classes of a scene image, and the GenEval-style verdicts built on them.
+    The objects of a scene image, found by their centres, and the GenEval-style verdicts built on them.
+
+    A U-Net reads the image at `resolution` px and gives at half that side, per shape, a heatmap that peaks at the
+    centre of each object of that shape (the centre of its box, also where part of it is hidden), and at each centre
+    the object's colour and size. Each peak above `threshold` that is the highest in its 3 x 3 neighbourhood and not
+    within `merge_distance` sizes of a higher one is an object: counting needs no region of pixels of its own, so
+    objects that touch or partly hide each other are still counted apart.
 
     Args:
-        resolution (`int`, defaults to `128`): images are resized to this square before the network sees them.
+        resolution (`int`, defaults to `256`): images are resized to this square before the network sees them
+            (a quarter of the usual object size in a 512 px image is 13-19 px here).
         block_out_channels (`tuple[int, ...]`, defaults to `(16, 32, 48, 64)`): widths at 1/2, 1/4, 1/8, 1/16.
-        min_area (`float`, defaults to `0.005`): smallest object, a fraction of the image's area; smaller
-            regions are ignored as specks.
-        crop_size (`int`, defaults to `32`), classifier_channels (`tuple[int, ...]`, defaults to
-            `(32, 48, 64, 96)`): the shape classifier's input (a square crop around each object, its pixels and
-            its mask) and widths.
+        head_channels (`int`, defaults to `32`): width of the 3 x 3 convolution before each head.
+        threshold (`float`, defaults to `0.3`): smallest heatmap peak that is an object.
+        merge_distance (`float`, defaults to `0.3`): peaks closer than this many sizes (of the higher one) are one
+            object.
 
     Example:
 
@@ -120,11 +127,11 @@ class SceneScorer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        resolution: int = 128,
+        resolution: int = 256,
         block_out_channels: tuple[int, ...] = (16, 32, 48, 64),
-        min_area: float = 0.005,
-        crop_size: int = 32,
-        classifier_channels: tuple[int, ...] = (32, 48, 64, 96),
+        head_channels: int = 32,
+        threshold: float = 0.3,
+        merge_distance: float = 0.3,
     ):
         super().__init__()
         widths = list(block_out_channels)
@@ -134,22 +141,20 @@ class SceneScorer(ModelMixin, ConfigMixin):
         # Shapes are told apart by their whole outline: two more convolutions at the coarsest level widen the
         # receptive field past the largest object.
         self.middle = _block(widths[-1], widths[-1])
-        # One convolution per level on the way up: the outline is known by then, only its edges are placed.
         self.up = nn.ModuleList(
             _block(widths[i + 1] + widths[i], widths[i], convolutions=1) for i in reversed(range(len(widths) - 1))
         )
-        self.shape_head = nn.Conv2d(widths[0], len(SHAPES) + 1, 1)
-        self.colour_head = nn.Conv2d(widths[0], len(COLOURS), 1)
-        # The shape is read again from a crop around each object, at a size that does not depend on the object's:
-        # the per-pixel classes are good at where objects are and their colour, less so at telling a small
-        # triangle from a crescent (measured: 4 of 12 test scenes wrong with the per-pixel vote alone).
-        stages = list(classifier_channels)
-        layers: list[nn.Module] = [nn.Conv2d(4, stages[0], 3, padding=1), nn.GroupNorm(8, stages[0]), nn.SiLU()]
-        for c_in, c_out in zip(stages[:-1], stages[1:]):
-            layers.append(_block(c_in, c_out, stride=2, convolutions=1))
-        self.classifier = nn.Sequential(
-            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(stages[-1], len(SHAPES))
-        )
+
+        def head(outputs: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(widths[0], head_channels, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(head_channels, outputs, 1))  # fmt: skip
+
+        self.centre_head = head(len(SHAPES))
+        self.colour_head = head(len(COLOURS))
+        self.size_head = head(1)
+        # Objects are a few pixels of the map: starting every pixel at a 10% chance keeps the first steps' loss
+        # about them, not about the background.
+        nn.init.constant_(self.centre_head[-1].bias, -math.log(9))
 
     def _encode(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = (pixels - 0.5) / 0.25
@@ -159,14 +164,15 @@ class SceneScorer(ModelMixin, ConfigMixin):
             skips.append(x)
         return skips, self.middle(x)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""`(B, 3, R, R)` images in [0, 1] → shape logits `(B, 9, R/2, R/2)` (class 0: background) and colour
-        logits `(B, 8, R/2, R/2)`."""
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""`(B, 3, R, R)` images in [0, 1] → per shape centre logits `(B, 8, R/2, R/2)`, colour logits
+        `(B, 8, R/2, R/2)` and log sizes `(B, 1, R/2, R/2)` (the box side in pixels of the map), the last two read
+        at objects' centres."""
         skips, x = self._encode(pixels)
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
             x = block(torch.cat([x, skip], dim=1))
-        return self.shape_head(x), self.colour_head(x)
+        return self.centre_head(x), self.colour_head(x), self.size_head(x)
 
     def prepare(self, images: Any) -> torch.Tensor:
         r"""PIL images (any sizes), or a `(B, 3, H, W)` tensor in [0, 1], as the network's input: `(B, 3, R, R)`
@@ -188,45 +194,18 @@ class SceneScorer(ModelMixin, ConfigMixin):
             pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=reduce, align_corners=False)
         return pixels.clamp(0, 1)
 
-    def regions(self, pixels: torch.Tensor) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-        r"""The object regions of prepared images: per image a list of `(R/2, R/2)` bool masks (specks below
-        `min_area` dropped), and the colour logits."""
-        shape_logits, colour_logits = self(pixels)
-        regions = _connected_regions(shape_logits.argmax(1) != 0)
-        min_pixels = self.config.min_area * regions.shape[-1] ** 2
-        masks = []
-        for labels in regions:
-            numbers = [n for n in labels.unique().tolist() if n != 0]
-            masks.append([m for m in (labels == n for n in numbers) if m.sum() >= min_pixels])
-        return masks, colour_logits
-
-    def classify(self, pixels: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-        r"""Shape logits `(N, 8)` of `N` objects: `masks` `(N, R/2, R/2)`, each in image `owners[n]` of `pixels`."""
-        return self.classifier(_crops(pixels, masks, owners, self.config.crop_size))
-
     @torch.no_grad()
-    def detect(self, images: Any) -> list[tuple[SceneObject, ...]]:
-        r"""The objects in each image: connected regions of object pixels, with the shape the classifier reads
-        from a crop around each, the colour its pixels vote for, its centroid and (as `size`) the side of a square
-        of the same area, in fractions of the image side."""
+    def detect(self, images: Any, batch_size: int = 16) -> list[tuple[SceneObject, ...]]:
+        r"""The objects in each image, `batch_size` images at a time: shape, colour, centre and size (the side of
+        its box), in fractions of the image side, sorted top to bottom."""
         pixels = self.prepare(images)
-        masks, colour_logits = self.regions(pixels)
-        colour_probs = colour_logits.softmax(1)
-        flat = [mask for per_image in masks for mask in per_image]
-        owners = torch.tensor([b for b, per_image in enumerate(masks) for _ in per_image], dtype=torch.long)
-        shapes = self.classify(pixels, torch.stack(flat), owners).argmax(1).tolist() if flat else []
-        side = colour_logits.shape[-1]
-        grid = (torch.arange(side, device=self.device) + 0.5) / side
-        ys, xs = torch.meshgrid(grid, grid, indexing="ij")
-        found, shapes = [], iter(shapes)
-        for b, per_image in enumerate(masks):
-            objects = []
-            for mask in per_image:
-                colour = int(colour_probs[b, :, mask].sum(1).argmax())
-                centre = (float(xs[mask].mean()), float(ys[mask].mean()))
-                size = math.sqrt(int(mask.sum())) / side
-                objects.append(SceneObject(SHAPES[next(shapes)], list(COLOURS)[colour], centre, size))
-            found.append(tuple(sorted(objects, key=lambda o: (o.centre[1], o.centre[0]))))
+        found: list[tuple[SceneObject, ...]] = []
+        for start in range(0, len(pixels), batch_size):
+            centres, colours, sizes = self(pixels[start : start + batch_size])
+            found += [
+                _objects(*maps, self.config.threshold, self.config.merge_distance)
+                for maps in zip(centres.sigmoid(), colours, sizes)
+            ]
         return found
 
     def score(self, images: Any, scenes: Sequence[Scene | Check | str]) -> list[CheckResult]:
@@ -275,6 +254,29 @@ class SceneScorer(ModelMixin, ConfigMixin):
         return _FeatureExtractor(self)
 
 
+def _objects(centres: torch.Tensor, colours: torch.Tensor, sizes: torch.Tensor, threshold: float,
+             merge_distance: float) -> tuple[SceneObject, ...]:  # fmt: skip
+    """One image's objects from its maps: `centres` `(8, S, S)` probabilities, `colours` `(8, S, S)` logits,
+    `sizes` `(1, S, S)` log box sides in map pixels."""
+    side = centres.shape[-1]
+    best, shape = centres.max(0)  # one object per place: its likeliest shape
+    peaks = (best == F.max_pool2d(best[None], 3, stride=1, padding=1)[0]) & (best > threshold)
+    ys, xs = peaks.nonzero(as_tuple=True)
+    order = best[ys, xs].argsort(descending=True).tolist()
+    kept: list[tuple[float, float, float]] = []  # x, y, size in map pixels
+    objects = []
+    for i in order:
+        y, x = int(ys[i]), int(xs[i])
+        size = float(sizes[0, y, x].exp())
+        if any(math.hypot(x - kx, y - ky) < merge_distance * ksize for kx, ky, ksize in kept):
+            continue  # a second peak of an object already found
+        kept.append((x, y, size))
+        centre = ((x + 0.5) / side, (y + 0.5) / side)
+        colour = list(COLOURS)[int(colours[:, y, x].argmax())]
+        objects.append(SceneObject(SHAPES[int(shape[y, x])], colour, centre, size / side))
+    return tuple(sorted(objects, key=lambda o: (o.centre[1], o.centre[0])))
+
+
 class _FeatureExtractor(nn.Module):
     def __init__(self, scorer: SceneScorer):
         super().__init__()
@@ -297,57 +299,7 @@ def _as_check(item: Scene | Check | str) -> tuple[Check, str]:
     raise ValueError(f"score: expected a Scene, a Check or a caption string, got {type(item).__name__}.")
 
 
-def _crops(pixels: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, size: int) -> torch.Tensor:
-    """`(N, 4, size, size)`: a square around each mask's box (with a margin), of its image's pixels and of the mask."""
-    side = masks.shape[-1]
-    present_y, present_x = masks.any(2), masks.any(1)
-    index = torch.arange(side, device=masks.device)
-    big = side + 1
-
-    def span(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = torch.where(present, index, big).min(1).values
-        high = torch.where(present, index, -1).max(1).values + 1
-        return low.float() / side, high.float() / side
-
-    (y0, y1), (x0, x1) = span(present_y), span(present_x)
-    half = torch.maximum(x1 - x0, y1 - y0) * 0.6 + 1 / side  # in [0, 1] units: half the side plus a margin
-    theta = torch.zeros(len(masks), 2, 3, device=masks.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 2 * half
-    theta[:, 0, 2], theta[:, 1, 2] = x0 + x1 - 1, y0 + y1 - 1
-    grid = F.affine_grid(theta, (len(masks), 1, size, size), align_corners=False)
-    image = F.grid_sample(pixels[owners], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    mask = F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return torch.cat([(image - 0.5) / 0.25, mask * 2 - 1], dim=1)
-
-
-def _connected_regions(mask: torch.Tensor) -> torch.Tensor:
-    """`(B, H, W)` bool → int labels, equal within each 8-connected region of True pixels, 0 elsewhere.
-
-    Every pixel starts with its own number and takes its neighbours' largest until nothing changes: plain torch,
-    batched, and as many passes as the widest region is long (a few dozen at 64 px).
-    """
-    height, width = mask.shape[-2:]
-    numbers = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float32).reshape(1, height, width)
-    labels = numbers * mask
-    while True:
-        spread = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
-        if torch.equal(spread, labels):
-            return labels.long()
-        labels = spread
-
-
 # --- data and training -----------------------------------------------------------------------------------------
-
-
-def _targets(scene: Scene, labels: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel shape class (0: background) and colour class (-1: none) at `side`, from a label map at 2x."""
-    labels = labels[1::2, 1::2] if labels.shape[0] == 2 * side else labels
-    shapes = np.zeros(labels.shape, dtype=np.int64)
-    colours = np.full(labels.shape, -1, dtype=np.int64)
-    for number, obj in enumerate(scene.objects, start=1):
-        shapes[labels == number] = SHAPES.index(obj.shape) + 1
-        colours[labels == number] = list(COLOURS).index(obj.colour)
-    return shapes, colours
 
 
 def _round_trip(vae: Any, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -364,30 +316,73 @@ def _round_trip(vae: Any, pixels: torch.Tensor, batch: int = 16) -> torch.Tensor
     return torch.cat(out)
 
 
-def render_pool(seed: int, count: int, side: int, vae: Any = None, round_trip_share: float = 0.0,
-                progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+MAX_OBJECTS = 20  # the most a training scene holds (`hard_training_scene`)
+
+
+def hard_training_scene(seed: int, index: int) -> Scene:
     r"""
-    `count` scenes of stream `seed` rendered at `side`: `images` uint8 `(N, 3, side, side)`, per-pixel targets at
-    half the side (`shapes`, `colours`), and with a `vae` the first `round_trip_share` of the images also
-    passed through it (`round_trip`, for the same scenes).
+    A harder scene to train on: `sample_hard_scene(seed, index, ...)` with its layout (apart, touching, overlapping
+    in turn), scale (log-uniform from 0.2 to 1.1 of the usual size) and count (up to 4 objects at about the usual
+    size, 12 at half of it, 20 below) drawn from `index`; fewer objects when they do not fit.
     """
-    images, shapes, colours = [], [], []
-    for index in tqdm(range(count), desc=f"rendering seed {seed}", leave=False, disable=not progress):
-        scene = sample_scene(seed, index)
-        image, labels = render_with_labels(scene, side)
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-        shape, colour = _targets(scene, labels, side // 2)
-        shapes.append(torch.from_numpy(shape.astype(np.uint8)))
-        colours.append(torch.from_numpy((colour + 1).astype(np.uint8)))  # uint8: -1 stored as 0
-    pool = {"images": torch.stack(images), "shapes": torch.stack(shapes), "colours": torch.stack(colours)}
-    trips = int(round(count * round_trip_share)) if vae is not None else 0
+    rng = np.random.default_rng([seed, index, 24])
+    layout = LAYOUTS[index % len(LAYOUTS)]
+    scale = float(np.exp(rng.uniform(math.log(0.2), math.log(1.1))))
+    most = 4 if scale > 0.7 else 12 if scale > 0.4 else MAX_OBJECTS
+    count = int(rng.integers(2, most + 1))
+    while True:
+        try:
+            return sample_hard_scene(seed, index, count, scale=scale, layout=layout)
+        except ValueError:
+            if count <= 2:
+                raise
+            count = max(2, count * 2 // 3)
+
+
+def _object_rows(scene: Scene) -> torch.Tensor:
+    """`(MAX_OBJECTS, 5)`: shape index, colour index, centre x, centre y, size per object, in drawing order; rows
+    past the scene's objects have shape -1."""
+    rows = torch.full((MAX_OBJECTS, 5), -1.0)
+    for row, obj in zip(rows, scene.objects, strict=False):
+        row[:] = torch.tensor([SHAPES.index(obj.shape), list(COLOURS).index(obj.colour), *obj.centre, obj.size])
+    return rows
+
+
+def render_pool(seed: int, count: int, side: int, vae: Any = None, round_trip_share: float = 0.0,
+                progress: bool = True, hard: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    r"""
+    `count` scenes of stream `seed` and `hard` harder ones ([`hard_training_scene`]) rendered at `side`: `images`
+    uint8 `(N, 3, side, side)` and their `objects` (`(N, MAX_OBJECTS, 5)`, see `_object_rows`); with a `vae`, the
+    first `round_trip_share` of each kind also as it comes back from the autoencoder's round trip (`round_trip`,
+    `trips` the indices of those images). Ordinary scenes make the round trip at 128 px (a 16 x 16 latent, as the
+    held-out round trips), harder ones at `side` (their small objects would not survive 128).
+    """
+    scenes = [sample_scene(seed, index) for index in range(count)]
+    scenes += [hard_training_scene(seed, index) for index in range(hard)]
+    images = []
+    for scene in tqdm(scenes, desc=f"rendering seed {seed}", leave=False, disable=not progress):
+        images.append(torch.from_numpy(np.array(render(scene, side))).permute(2, 0, 1))
+    pool = {"images": torch.stack(images), "objects": torch.stack([_object_rows(scene) for scene in scenes])}
+    if vae is None or round_trip_share <= 0:
+        return pool
+    trips, done = [], []
+    for first, number, trip_side in ((0, count, min(side, 128)), (count, hard, side)):
+        chosen = list(range(first, first + int(round(number * round_trip_share))))
+        for start in tqdm(range(0, len(chosen), 8), desc="taef2 round trips", leave=False, disable=not progress):
+            batch = chosen[start : start + 8]
+            pixels = torch.stack([_as_float(render(scenes[i], trip_side)) for i in batch])
+            back = _round_trip(vae, pixels)
+            if trip_side != side:
+                back = F.interpolate(back, size=(side, side), mode="bilinear", align_corners=False)
+            done.append((back.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+        trips += chosen
     if trips:
-        pixels = pool["images"][:trips].float() / 255
-        done = []
-        for start in tqdm(range(0, trips, 16), desc="taef2 round trips", leave=False, disable=not progress):
-            done.append(_round_trip(vae, pixels[start : start + 16]))
-        pool["round_trip"] = (torch.cat(done) * 255 + 0.5).to(torch.uint8)
+        pool["round_trip"], pool["trips"] = torch.cat(done), torch.tensor(trips)
     return pool
+
+
+def _as_float(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -427,47 +422,76 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def _batch(pool: dict[str, torch.Tensor], size: int, generator: torch.Generator):
-    picks = torch.randint(0, len(pool["images"]), (size,), generator=generator)
+def _batch(pool: dict[str, torch.Tensor], size: int, crop: int, generator: torch.Generator):
+    """`size` augmented training crops of `crop` px (at even offsets, so map pixels line up), their round trip
+    half the time they have one, and their targets (`_targets`)."""
+    count, side = len(pool["images"]), pool["images"].shape[-1]
+    picks = torch.randint(0, count, (size,), generator=generator)
     images = pool["images"][picks].float() / 255
     if "round_trip" in pool:
-        trips = len(pool["round_trip"])
-        # Half the time an image that has a round trip is shown as it came back from it.
-        swap = (picks < trips) & (torch.rand(size, generator=generator) < 0.5)
+        slot = torch.full((count,), -1, dtype=torch.long)
+        slot[pool["trips"]] = torch.arange(len(pool["trips"]))
+        swap = (slot[picks] >= 0) & (torch.rand(size, generator=generator) < 0.5)
         if swap.any():
-            images[swap] = pool["round_trip"][picks[swap]].float() / 255
-    return _augment(images, generator), pool["shapes"][picks].long(), pool["colours"][picks].long() - 1
+            images[swap] = pool["round_trip"][slot[picks[swap]]].float() / 255
+    offsets = torch.randint(0, (side - crop) // 2 + 1, (size, 2), generator=generator) * 2
+    images = torch.stack([image[:, y : y + crop, x : x + crop] for image, (x, y) in zip(images, offsets.tolist())])
+    return _augment(images, generator), *_targets(pool["objects"][picks], side // 2, offsets // 2, crop // 2)
 
 
-# Object pixels are a few percent of an image; weighting them up keeps the loss on what the checks read.
-_SHAPE_WEIGHTS = torch.tensor([1.0] + [4.0] * len(SHAPES))
+def _targets(objects: torch.Tensor, side: int, offsets: torch.Tensor, crop: int):
+    r"""
+    Training targets on a `crop` x `crop` window at `offsets` (x, y) of each image's `side` x `side` map, from its
+    `objects` rows (`_object_rows`):
+
+    - `centres` `(B, 8, crop, crop)`: per shape, a Gaussian of standard deviation a sixth of the object's size
+      around the map pixel that holds its centre, 1 there (CenterNet's targets);
+    - `colours` `(B, crop, crop)` (-1: none) and `sizes` `(B, crop, crop)` (log of the box side in map pixels;
+      NaN: none), on the 3 x 3 pixels around each centre, so a peak one pixel off still reads them.
+    """
+    batch = len(objects)
+    grid = torch.arange(crop, dtype=torch.float32)
+    xs = offsets[:, 0, None].float() + grid + 0.5  # (B, crop), map coordinates of the window's pixels
+    ys = offsets[:, 1, None].float() + grid + 0.5
+    centres = torch.zeros(batch, len(SHAPES), crop, crop)
+    colours = torch.full((batch, crop, crop), -1, dtype=torch.long)
+    sizes = torch.full((batch, crop, crop), math.nan)
+    rows = torch.arange(batch)
+    for k in range(objects.shape[1]):  # in drawing order
+        shape, colour, cx, cy, size = objects[:, k].unbind(-1)
+        present = shape >= 0
+        px, py = (cx * side).floor() + 0.5, (cy * side).floor() + 0.5
+        sigma = (size * side / 6).clamp(min=0.7)
+        dx, dy = (xs - px[:, None]) ** 2, (ys - py[:, None]) ** 2
+        bump = torch.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma[:, None, None] ** 2))
+        bump = bump * present[:, None, None]
+        index = shape.clamp(min=0).long()
+        centres[rows, index] = torch.maximum(centres[rows, index], bump)
+        near = (dx[:, None, :] <= 1) & (dy[:, :, None] <= 1) & present[:, None, None]
+        colours = torch.where(near, colour.long()[:, None, None], colours)
+        sizes = torch.where(near, (size * side).clamp(min=1e-3).log()[:, None, None], sizes)
+    return centres, colours, sizes
 
 
-def _loss(scorer: SceneScorer, images, shapes, colours) -> torch.Tensor:
-    shape_logits, colour_logits = scorer(images)
-    shape_loss = F.cross_entropy(shape_logits, shapes, weight=_SHAPE_WEIGHTS.to(shape_logits))
-    return shape_loss + F.cross_entropy(colour_logits, colours, ignore_index=-1)
+def _focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss: pixels where `target` is 1 are centres; the rest count less the
+    nearer they are to one."""
+    positive = target == 1
+    log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = log_p.exp()
+    loss_positive = -(log_p * (1 - p) ** 2)[positive].sum()
+    loss_negative = -(log_not_p * p**2 * (1 - target) ** 4)[~positive].sum()
+    return (loss_positive + loss_negative) / positive.sum().clamp(min=1)
 
 
-def _classifier_loss(scorer: SceneScorer, pool, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of the shape classifier on the regions the (frozen) U-Net finds in a batch: the crops it
-    will see when judging, each labelled with the shape drawn under most of it (made-up regions are skipped)."""
-    images, shapes, _ = _batch(pool, batch_size, generator)
-    with torch.no_grad():
-        masks, _ = scorer.regions(images)
-    flat, owners, labels = [], [], []
-    for b, per_image in enumerate(masks):
-        for mask in per_image:
-            drawn = shapes[b][mask]
-            drawn = drawn[drawn > 0]
-            if len(drawn) * 2 < int(mask.sum()):
-                continue
-            flat.append(mask)
-            owners.append(b)
-            labels.append(int(drawn.mode().values) - 1)
-    if not flat:
-        return scorer.classifier[-1].bias.sum() * 0  # nothing found: a zero loss keeps the step count
-    return F.cross_entropy(scorer.classify(images, torch.stack(flat), torch.tensor(owners)), torch.tensor(labels))
+def _loss(scorer: SceneScorer, images, centres, colours, sizes) -> torch.Tensor:
+    centre_logits, colour_logits, size_logs = scorer(images)
+    loss = _focal_loss(centre_logits, centres)
+    if (colours >= 0).any():
+        loss = loss + F.cross_entropy(colour_logits, colours, ignore_index=-1)
+        known = ~sizes.isnan()
+        loss = loss + F.smooth_l1_loss(size_logs[:, 0][known], sizes[known])
+    return loss
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -482,28 +506,33 @@ class TrainSettings:
     Knobs of [`train_scorer`].
 
     Args:
-        steps (`int`, defaults to `900`), batch_size (`int`, defaults to `16`), lr (`float`, defaults to `3e-3`):
+        steps (`int`, defaults to `3000`), batch_size (`int`, defaults to `12`), lr (`float`, defaults to `3e-3`):
             AdamW with a cosine decay to lr / 20.
-        pool (`int`, defaults to `2000`): training scenes (stream `TRAIN_SEED`), rendered once and augmented.
-        round_trip_share (`float`, defaults to `0.2`): share of them also passed through the autoencoder.
+        pool (`int`, defaults to `1200`): ordinary training scenes (stream `TRAIN_SEED`), rendered once at the
+            scorer's resolution and augmented.
+        hard_pool (`int`, defaults to `1500`): harder ones ([`hard_training_scene`]): many, small, touching and
+            partly hidden objects.
+        round_trip_share (`float`, defaults to `0.1`): share of each also passed through the autoencoder.
+        crop (`int`, defaults to `128`): the network trains on random square crops of this side (it is
+            convolutional: it reads whole images when judging).
         seed (`int`, defaults to `0`): seeds the weights, batches and augmentations.
         save_every (`int`, defaults to `200`): checkpoint interval in steps.
-        classifier_steps (`int`, defaults to `400`): then, with the U-Net frozen, steps of the shape classifier
-            on crops around the regions the U-Net finds (each labelled with the shape drawn under it).
     """
 
-    steps: int = 900
-    batch_size: int = 16
+    steps: int = 3000
+    batch_size: int = 12
     lr: float = 3e-3
-    pool: int = 2000
-    round_trip_share: float = 0.2
+    pool: int = 1200
+    hard_pool: int = 1500
+    round_trip_share: float = 0.1
+    crop: int = 128
     seed: int = 0
     save_every: int = 200
-    classifier_steps: int = 400
 
 
 def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(), *, vae: Any = None,
                  vae_name: str | None = None, resume: bool = False, report_scenes: int = 600,
+                 tune_scenes: tuple[int, int] = (240, 120),
                  command: str | None = None, progress: bool = True,
                  log: Callable[[str], Any] = print) -> SceneScorer:  # fmt: skip
     r"""
@@ -520,6 +549,8 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
         report_scenes (`int`, defaults to `600`): fresh renders the model card's accuracy is measured on
             ([`evaluate`]; with a `vae`, 2/5 as many more through its round trip).
+        tune_scenes (`tuple[int, int]`, defaults to `(240, 120)`): harder and ordinary validation renders on which
+            [`tune_decoding`] chooses how peaks become objects, before the report.
 
     Example:
 
@@ -545,60 +576,129 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
     torch.manual_seed(settings.seed)
     scorer = SceneScorer.from_pretrained(checkpoint) if resume else SceneScorer()
     side = scorer.config.resolution
+    if not 8 <= settings.crop <= side or settings.crop % 2:
+        raise ValueError(
+            f"--crop must be an even number of pixels from 8 to the resolution {side}, got {settings.crop}."
+        )
     share = settings.round_trip_share if vae is not None else 0.0
-    cache_file = out_dir / CACHE / f"pool-seed{TRAIN_SEED}-{settings.pool}-{side}px-rt{share:g}.safetensors"
+    name = f"pool-seed{TRAIN_SEED}-{settings.pool}-hard{settings.hard_pool}-{side}px-rt{share:g}.safetensors"
+    cache_file = out_dir / CACHE / name
     if cache_file.is_file():
         pool = load_file(str(cache_file))
     else:
-        pool = render_pool(TRAIN_SEED, settings.pool, side, vae, share, progress)
+        pool = render_pool(TRAIN_SEED, settings.pool, side, vae, share, progress, hard=settings.hard_pool)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in pool.items()}, str(cache_file))
-    # Two stages, one step counter: the U-Net (segmentation, colour) for `steps`, then with it frozen the shape
-    # classifier on crops around the regions it finds, for `classifier_steps`.
-    total = settings.steps + settings.classifier_steps
-    start, state = 0, None
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=settings.lr, weight_decay=1e-4)
+    start = 0
+    # Every run's command, so that the card of a resumed run says how all of its steps were made.
+    history = checkpoint / "commands.txt"
+    commands = history.read_text().splitlines() if resume and history.is_file() else []
+    commands.append(f"{command or 'train_scorer (Python)'}  # to step {settings.steps}")
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    history.write_text("\n".join(commands) + "\n")
     if resume:
         state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         log(f"resuming from step {start}")
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + start)
     scorer.train()
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train scorer", disable=not progress)
-    average, optimizer, optimizer_stage = None, None, None
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train scorer",
+               disable=not progress)  # fmt: skip
+    average = None
     for step in bar:
-        stage = 1 if step < settings.steps else 2
-        if stage != optimizer_stage:
-            parameters = [p for n, p in scorer.named_parameters() if n.startswith("classifier.") == (stage == 2)]
-            optimizer, optimizer_stage = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-4), stage
-            if state is not None and state.get("stage", 1) == stage:
-                optimizer.load_state_dict(state["optimizer"])
-            average = None
-        first, steps = (0, settings.steps) if stage == 1 else (settings.steps, settings.classifier_steps)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step - first, steps, settings.lr)
-        if stage == 1:
-            loss = _loss(scorer, *_batch(pool, settings.batch_size, generator))
-        else:
-            loss = _classifier_loss(scorer, pool, settings.batch_size, generator)
+            group["lr"] = _lr_at(step, settings.steps, settings.lr)
+        loss = _loss(scorer, *_batch(pool, settings.batch_size, settings.crop, generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         average = loss.item() if average is None else 0.95 * average + 0.05 * loss.item()
-        bar.set_postfix(stage=stage, loss=f"{average:.4f}")
+        bar.set_postfix(loss=f"{average:.4f}")
         done = step + 1
-        if done % settings.save_every == 0 or done in (settings.steps, total):
+        if done % settings.save_every == 0 or done == settings.steps:
             save_pretrained_here(scorer, checkpoint)
-            state = {"optimizer": optimizer.state_dict(), "step": done, "stage": stage}
-            torch.save(state, checkpoint / "optimizer.pt")
+            torch.save({"optimizer": optimizer.state_dict(), "step": done}, checkpoint / "optimizer.pt")
     bar.close()
     scorer.eval()
     seconds = time.perf_counter() - started
-    log(f"trained to step {total} in {seconds:.0f} s (this run); measuring on fresh renders")
+    log(f"trained to step {settings.steps} in {seconds:.0f} s (this run); choosing how peaks become objects")
+    tuned = tune_decoding(scorer, *tune_scenes, progress=progress)
+    log(format_tuning(tuned))
+    log("measuring on fresh renders")
     report = evaluate(scorer, report_scenes, vae=vae, round_trip_scenes=report_scenes * 2 // 5, progress=progress)
     log(format_report(report))
     save_pretrained_here(scorer, out_dir)
-    _write_model_card(out_dir / "README.md", settings, report, vae_name, seconds, command)
+    _write_model_card(out_dir / "README.md", settings, report, vae_name, seconds, commands)
+    write_tuning(out_dir / "README.md", tuned, command)
     return scorer
+
+
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+MERGE_DISTANCES = (0.2, 0.3, 0.4, 0.5)
+
+
+@torch.no_grad()
+def tune_decoding(scorer: SceneScorer, hard: int = 240, ordinary: int = 120, progress: bool = True) -> dict:
+    r"""
+    Choose the scorer's `threshold` and `merge_distance` (how peaks become objects) on the validation stream
+    `VALIDATION_SEED`, which training and every report leave alone: `hard` scenes of [`hard_training_scene`] rendered
+    at 512 px and `ordinary` ones at 256 px. The network runs once per image; each pair of `THRESHOLDS` x
+    `MERGE_DISTANCES` decodes its maps, and the pair with the most images whose objects (shape and colour, with
+    their numbers) are exactly the drawn ones is set in the scorer's config.
+
+    Returns:
+        `{"threshold": float, "merge_distance": float, "right": {(threshold, merge_distance): share}, "images": int}`.
+    """
+    renders = [(hard_training_scene(VALIDATION_SEED, i), 512) for i in range(hard)]
+    renders += [(sample_scene(VALIDATION_SEED, i), 256) for i in range(ordinary)]
+    maps = []
+    for start in tqdm(range(0, len(renders), 16), desc="tuning", leave=False, disable=not progress):
+        batch = renders[start : start + 16]
+        pixels = torch.cat([scorer.prepare([render(scene, side)]) for scene, side in batch])
+        centres, colours, sizes = scorer(pixels)
+        maps += list(zip(centres.sigmoid(), colours, sizes))
+    truths = [sorted((o.shape, o.colour) for o in scene.objects) for scene, _ in renders]
+    right = {}
+    for threshold in THRESHOLDS:
+        for merge in MERGE_DISTANCES:
+            found = [sorted((o.shape, o.colour) for o in _objects(*m, threshold, merge)) for m in maps]
+            right[threshold, merge] = sum(f == t for f, t in zip(found, truths)) / len(renders)
+    threshold, merge = max(right, key=right.get)
+    scorer.register_to_config(threshold=threshold, merge_distance=merge)
+    return {"threshold": threshold, "merge_distance": merge, "right": right, "images": len(renders)}
+
+
+def format_tuning(tuned: dict) -> str:
+    r"""The table of [`tune_decoding`]: the share of validation images exactly right per threshold and merge
+    distance, the chosen pair in bold."""
+    lines = ["| threshold | " + " | ".join(f"merge {m:g}" for m in MERGE_DISTANCES) + " |"]
+    lines.append("|---:|" + "---:|" * len(MERGE_DISTANCES))
+    for threshold in THRESHOLDS:
+        cells = []
+        for merge in MERGE_DISTANCES:
+            cell = f"{tuned['right'][threshold, merge]:.1%}"
+            chosen = (threshold, merge) == (tuned["threshold"], tuned["merge_distance"])
+            cells.append(f"**{cell}**" if chosen else cell)
+        lines.append(f"| {threshold:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TUNING_HEADING = "## How peaks become objects"
+
+
+def write_tuning(card: Path, tuned: dict, command: str | None) -> None:
+    """The model card's section on [`tune_decoding`] (replacing an earlier one)."""
+    text = card.read_text() if card.is_file() else "# SceneScorer\n"
+    text = text.split("\n" + TUNING_HEADING)[0].rstrip("\n")
+    how = f"`{command}`" if command else "`lssgen.scenes.scorer.tune_decoding` (Python)"
+    card.write_text(
+        f"{text}\n\n{TUNING_HEADING}\n\nthreshold {tuned['threshold']:g}, merge distance {tuned['merge_distance']:g}: "
+        f"chosen on {tuned['images']} validation renders (stream {VALIDATION_SEED}: harder scenes at 512 px, "
+        f"ordinary ones at 256 px) by {how}. Share of images whose objects (shape, colour, number) are exactly the "
+        f"drawn ones:\n\n{format_tuning(tuned)}\n"
+    )
 
 
 def evaluate(scorer: SceneScorer, scenes: int = 600, seed: int = REPORT_SEED, vae: Any = None,
@@ -629,9 +729,7 @@ def _accuracy(scorer, seed, count, side, vae, progress) -> dict[str, dict[str, f
     tallies = {category: {"true": 0, "wrong": 0, "n": 0} for category in CATEGORIES}
     for start in tqdm(range(0, count, 24), desc=f"evaluating seed {seed}", leave=False, disable=not progress):
         scenes = [sample_scene(seed, i) for i in range(start, min(start + 24, count))]
-        pixels = torch.stack(
-            [torch.from_numpy(np.asarray(render_with_labels(s, side)[0], dtype=np.float32) / 255) for s in scenes]
-        ).permute(0, 3, 1, 2)
+        pixels = torch.stack([_as_float(render(s, side)) for s in scenes])
         if vae is not None:
             pixels = _round_trip(vae, pixels)
         right = scorer.score(pixels, scenes)
@@ -659,20 +757,21 @@ def format_report(report: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def _write_model_card(path: Path, settings: TrainSettings, report, vae_name: str | None, seconds: float,
-                      command: str | None) -> None:  # fmt: skip
+                      commands: list[str]) -> None:  # fmt: skip
     trips = f", {settings.round_trip_share:.0%} also through the {vae_name} round trip" if vae_name else ""
     facts = {
-        "command": f"`{command}`" if command else "`lssgen.scenes.scorer.train_scorer` (Python)",
-        "data": f"{settings.pool} renders of `lssgen.scenes` stream {TRAIN_SEED} at 128 px{trips}; augmented with "
-        "blur, noise, colour shifts and low-resolution copies",
-        "training": f"U-Net {settings.steps} steps, then shape classifier {settings.classifier_steps} steps; batch "
-        f"{settings.batch_size} images, AdamW lr {settings.lr:g} cosine to {settings.lr / 20:g}, seed {settings.seed}",
+        "command": "; then ".join(f"`{line}`" for line in commands),
+        "data": f"{settings.pool} renders of `lssgen.scenes` stream {TRAIN_SEED} and {settings.hard_pool} harder ones "
+        f"(`hard_training_scene`: up to 20 objects, 0.2-1.1 of the usual size, apart, touching or partly hidden) at "
+        f"the scorer's resolution{trips}; augmented with blur, noise, colour shifts and low-resolution copies",
+        "training": f"{settings.steps} steps on random {settings.crop} px crops, batch {settings.batch_size}, AdamW lr "
+        f"{settings.lr:g} cosine to {settings.lr / 20:g}, seed {settings.seed}",
         "time": f"{seconds:.0f} s for the last run (torch {torch.__version__}, {torch.get_num_threads()} threads)",
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     path.write_text(
-        "# SceneScorer\n\nA GenEval-style judge for the scenes of `lssgen.scenes`: per-pixel shape and colour classes "
-        "from a small U-Net, connected regions as objects, GenEval's rules on top. Load it with "
+        "# SceneScorer\n\nA GenEval-style judge for the scenes of `lssgen.scenes`: a small U-Net finds each object "
+        "by its centre (a heatmap per shape), with its colour and size; GenEval's rules on top. Load it with "
         "`lssgen.scenes.scorer.SceneScorer.from_pretrained(this_folder)`.\n\n"
         f"| | |\n|---|---|\n{rows}\n\n## Accuracy on fresh renders\n\n"
         f"Streams {REPORT_SEED} (renders at 256 px) and {ROUND_TRIP_REPORT_SEED} (renders at 128 px through the round "
@@ -690,14 +789,27 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a SceneScorer on renders")
     train.add_argument("--out", required=True, help="folder for the scorer, its model card, cache and checkpoint")
     defaults = TrainSettings()
-    for name in ("steps", "batch_size", "pool", "seed", "save_every", "classifier_steps"):
+    for name in ("steps", "batch_size", "pool", "hard_pool", "crop", "seed", "save_every"):
         train.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "round_trip_share"):
         train.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     train.add_argument("--taef2", help="autoencoder folder (taef2) for round-trip augmentation and its report")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train.add_argument("--report-scenes", type=int, default=600, help="fresh renders for the model card's table")
+    train.add_argument(
+        "--tune-scenes",
+        type=int,
+        nargs=2,
+        default=(240, 120),
+        metavar=("HARD", "ORDINARY"),
+        help="validation renders for choosing the threshold and merge distance (see the tune command)",
+    )
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tune = commands.add_parser("tune", help="choose threshold and merge distance on validation renders, in place")
+    tune.add_argument("--scorer", required=True, help="a SceneScorer folder: its config.json and README.md change")
+    tune.add_argument("--hard", type=int, default=240, help="harder validation scenes, at 512 px")
+    tune.add_argument("--ordinary", type=int, default=120, help="ordinary validation scenes, at 256 px")
+    tune.add_argument("--threads", type=int)
     evaluation = commands.add_parser("evaluate", help="accuracy per category on fresh renders")
     evaluation.add_argument("--scorer", required=True, help="a SceneScorer folder")
     evaluation.add_argument("--scenes", type=int, default=600)
@@ -709,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        vae = _load_taef2(args.taef2) if args.taef2 else None
+        vae = _load_taef2(args.taef2) if getattr(args, "taef2", None) else None
         if args.command == "train":
             settings = TrainSettings(**{name: getattr(args, name) for name in TrainSettings.__dataclass_fields__})
             train_scorer(
@@ -719,8 +831,15 @@ def main(argv: list[str] | None = None) -> int:
                 vae_name="taef2" if vae else None,
                 resume=args.resume,
                 report_scenes=args.report_scenes,
-                command=" ".join(["python -m lssgen.scenes.scorer", *(sys.argv[1:] if argv is None else argv)]),
+                tune_scenes=tuple(args.tune_scenes),
+                command=_command(argv),
             )
+        elif args.command == "tune":
+            scorer = _load_scorer(args.scorer)
+            tuned = tune_decoding(scorer, args.hard, args.ordinary)
+            print(format_tuning(tuned))
+            save_pretrained_here(scorer, args.scorer)
+            write_tuning(Path(args.scorer) / "README.md", tuned, _command(argv))
         else:
             scorer = _load_scorer(args.scorer)
             report = evaluate(scorer, args.scenes, args.seed, vae, round_trip_scenes=args.round_trip_scenes)
@@ -729,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["python -m lssgen.scenes.scorer", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _load_taef2(folder: str) -> Any:
