@@ -74,7 +74,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-images",
         action="store_true",
-        help="also write every image, images/<row>/<prompt>.png, so that --rescore can score the run again",
+        help="also write every image as it is made, images/<row>/<prompt>.png, so that --rescore can score the run "
+        "again",
     )
     parser.add_argument(
         "--rescore",
@@ -144,8 +145,9 @@ def run(args: argparse.Namespace) -> None:
         scorer_name=scorer_path,
         cache=cache_config(args.cache, pipe) if args.cache else None,
         cache_label=args.cache.partition(":")[0] if args.cache else "cache",
+        save_images_to=args.out if args.save_images else None,
     )
-    out = write_report(report, args.out, save_images=args.save_images)
+    out = write_report(report, args.out)
     print(report.markdown())
     print(f"wrote {out / 'report.json'}, report.md, grid.png" + (" and images/" if args.save_images else ""))
 

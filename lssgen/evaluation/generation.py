@@ -195,9 +195,10 @@ def _generate(pipe: Any, setting: GenerationSetting, scene: Scene, size: int, se
     return images[0].float().cpu().clamp(0, 1), seconds
 
 
-def _run(pipe, settings, scenes, size, seed, call, progress, description) -> tuple[dict, dict]:
+def _run(pipe, settings, scenes, size, seed, call, progress, description, save_to=None) -> tuple[dict, dict]:
     images = {s.name: [] for s in settings}
     seconds = {s.name: 0.0 for s in settings}
+    rows = {s.name: row for row, s in enumerate(settings)}
     for index, scene in enumerate(tqdm(scenes, desc=description, disable=not progress)):
         # Turns rotate prompt by prompt, so no setting always runs first (or right after the slowest one).
         shift = index % len(settings)
@@ -205,6 +206,8 @@ def _run(pipe, settings, scenes, size, seed, call, progress, description) -> tup
             image, elapsed = _generate(pipe, setting, scene, size, seed + index, call)
             images[setting.name].append(image)
             seconds[setting.name] += elapsed
+            if save_to is not None:  # as it is made: a run that stops keeps what it generated
+                _png_writer(image)(Path(save_to) / saved_image_path(rows[setting.name], index))
     return {name: torch.stack(stack) for name, stack in images.items()}, seconds
 
 
@@ -255,6 +258,7 @@ def evaluate_generation(
     scorer_name: str = "",
     cache: Any = None,
     cache_label: str = "cache",
+    save_images_to: str | Path | None = None,
 ) -> GenerationReport:
     r"""
     Generate every scene with every setting and score the settings side by side (see the module docstring).
@@ -274,6 +278,9 @@ def evaluate_generation(
         cache (*optional*): a diffusers cache config (`lssgen.caches.cache_config`, e.g. `FirstBlockCacheConfig`):
             the stock N-step setting and every lssgen setting also run with it on the denoiser (`enable_cache` for
             those calls only), in the same rotation; their rows are named `<setting> + <cache_label> cache`.
+        save_images_to (`str` or `Path`, *optional*): a run folder: each image is written there as it is made,
+            `images/<row>/<prompt>.png` (as `write_report(save_images=True)` writes them), so that
+            [`rescore_generation`] can read them, also after a run that stopped.
 
     Example:
 
@@ -306,7 +313,7 @@ def evaluate_generation(
         _, warm = _run(pipe, settings, scenes[:1], size, seed, call, progress, "warm-up")
         if equal_speed:
             settings += equal_speed_settings(settings, warm)
-        images, seconds = _run(pipe, settings, scenes, size, seed, call, progress, "generating")
+        images, seconds = _run(pipe, settings, scenes, size, seed, call, progress, "generating", save_images_to)
     finally:
         lssgen.unpatch(pipe)
 
