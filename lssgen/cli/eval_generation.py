@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'report.json'}, report.md, grid.png" + (" and images/" if args.save_images else ""))
 
 
-# What --rescore reads from the run instead: every generation option.
+# The options --rescore uses; every other one is a generation option, which the run it scores already fixed.
 RESCORE_KEEPS = ("rescore", "scorer", "out", "progress", "device", "threads", "run", "command")
 
 
@@ -165,7 +165,7 @@ def rescore(args: argparse.Namespace) -> None:
     if ignored:
         options = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise ValueError(f"--rescore generates nothing: {options} would be ignored (the run's are kept); drop them.")
-    if args.out == defaults["out"] or Path(args.out).resolve() == Path(args.rescore).resolve():
+    if Path(args.out).resolve() == Path(args.rescore).resolve():
         raise ValueError("--rescore: give --out a folder of its own (the run it scores stays as it was).")
     device, _ = device_and_dtype(args)
     scorer_path = path_or_shipped(args.scorer, "scene-scorer", "--scorer")
