@@ -131,7 +131,7 @@ def test_every_setting_is_generated_scored_and_compared_with_the_stock_images(sc
     assert torch.equal(_first_grid_tile(again, column=1), _tile(alone[0]))
 
 
-def _stock_and_lssgen_report(pipe, scorer, scenes):
+def _stock_and_lssgen_report(pipe, scorer, scenes, **kwargs):
     """The report of two settings, stock and two-stage lssgen, on `scenes`, without equal-speed baselines."""
     return evaluate_generation(
         pipe,
@@ -143,6 +143,7 @@ def _stock_and_lssgen_report(pipe, scorer, scenes):
         equal_speed=False,
         call={"max_sequence_length": 32},
         progress=False,
+        **kwargs,
     )
 
 
@@ -189,8 +190,8 @@ def test_the_report_carries_the_duplication_measure_per_setting(scorer):
 def test_a_run_saved_with_its_images_is_scored_again_by_another_scorer(scorer, tmp_path):
     pipe = build_tiny_flux_pipeline(seed=0)
     scenes = evaluation_scenes()[:3]
-    first = _stock_and_lssgen_report(pipe, scorer, scenes)
-    write_report(first, tmp_path / "run", save_images=True)
+    first = _stock_and_lssgen_report(pipe, scorer, scenes, save_images_to=tmp_path / "run")
+    write_report(first, tmp_path / "run")
     saved = sorted(str(path.relative_to(tmp_path / "run")) for path in (tmp_path / "run" / "images").rglob("*.png"))
     assert saved == [f"images/{row:02d}/{index:03d}.png" for row in range(2) for index in range(3)]
 

@@ -131,8 +131,7 @@ class GenerationReport:
     settings: dict[str, Any]
     scores: list[SettingScores]
     grid: Image.Image | None = field(default=None, repr=False)
-    # Per setting name, its images in prompt order, [N, 3, H, W] in [0, 1]: what `write_report(save_images=True)`
-    # writes and `rescore_generation` reads back.
+    # Per setting name, its images in prompt order, [N, 3, H, W] in [0, 1].
     images: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,8 +221,12 @@ def _kid(scorer: Any, real: torch.Tensor, generated: torch.Tensor) -> float | No
     return float(kid.compute()[0])
 
 
-def _grid(real: torch.Tensor, images: dict[str, torch.Tensor], rows: int) -> Image.Image:
-    """The real render, then one column per setting, for the first `rows` scenes, at `TILE` px."""
+def _grid(scenes: Sequence[Scene], size: int, images: dict[str, torch.Tensor], rows: int) -> Image.Image | None:
+    """The real render, then one column per setting, for the first `rows` scenes (at most all), at `TILE` px."""
+    rows = min(rows, len(scenes))
+    if not rows:
+        return None
+    real = _renders(scenes[:rows], size)
     columns = [("real render", real), *images.items()]
 
     def tile(stack: torch.Tensor, row: int) -> Image.Image:
@@ -279,8 +282,8 @@ def evaluate_generation(
             the stock N-step setting and every lssgen setting also run with it on the denoiser (`enable_cache` for
             those calls only), in the same rotation; their rows are named `<setting> + <cache_label> cache`.
         save_images_to (`str` or `Path`, *optional*): a run folder: each image is written there as it is made,
-            `images/<row>/<prompt>.png` (as `write_report(save_images=True)` writes them), so that
-            [`rescore_generation`] can read them, also after a run that stopped.
+            `images/<row>/<prompt>.png` (row: the setting's place in the report's scores, from 00; prompt: from
+            000), so that [`rescore_generation`] can read them, also after a run that stopped.
 
     Example:
 
@@ -333,9 +336,7 @@ def evaluate_generation(
         "cache": None if not caches else "; ".join(repr(c) for c in caches.values()),
         "captions": [scene.caption for scene in scenes],
     }
-    rows = min(grid_rows, len(scenes))
-    grid = _grid(_renders(scenes[:rows], size), images, rows) if rows else None
-    return GenerationReport(parameters, scores, grid, images)
+    return GenerationReport(parameters, scores, _grid(scenes, size, images, grid_rows), images)
 
 
 def _renders(scenes: Sequence[Scene], size: int) -> torch.Tensor:
@@ -398,15 +399,14 @@ def _cache_name(cache: Any) -> str:
 
 
 def saved_image_path(setting_index: int, prompt_index: int) -> str:
-    """Where `write_report(save_images=True)` puts an image: by the setting's row and the prompt's index (setting
-    names hold spaces, `=` and `:`)."""
+    """Where `evaluate_generation(save_images_to=...)` puts an image: by the setting's row and the prompt's index
+    (setting names hold spaces, `=` and `:`)."""
     return f"images/{setting_index:02d}/{prompt_index:03d}.png"
 
 
-def write_report(report: GenerationReport, out_dir: str | Path, *, save_images: bool = False) -> Path:
-    """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none; with `save_images`, also every image as
-    `images/<row>/<prompt>.png` (row: the setting's place in `report.json`'s scores, from 00; prompt: from 000), which
-    `rescore_generation` reads back."""
+def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
+    """`report.json`, `report.md` and `grid.png` in `out_dir`, all or none (the images, when asked for, were written
+    there as they were made: `evaluate_generation(save_images_to=...)`)."""
     files = {
         "report.json": lambda path: path.write_text(
             json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n"
@@ -415,12 +415,6 @@ def write_report(report: GenerationReport, out_dir: str | Path, *, save_images: 
     }
     if report.grid is not None:
         files["grid.png"] = lambda path: report.grid.save(path, format="PNG")
-    if save_images:
-        if report.images is None:
-            raise ValueError("save_images: this report holds no images (a report read back from report.json).")
-        for row, score in enumerate(report.scores):
-            for index, image in enumerate(report.images[score.name]):
-                files[saved_image_path(row, index)] = _png_writer(image)
     return write_folder(out_dir, files)
 
 
@@ -437,8 +431,9 @@ def rescore_generation(
     run_dir: str | Path, scorer: Any, *, scorer_name: str = "", grid_rows: int = 6, progress: bool = True
 ) -> GenerationReport:
     r"""
-    Score an earlier `evaluate_generation` run again, with another scorer, from the folder `write_report(...,
-    save_images=True)` wrote (`lssgen eval-generation --save-images`): the same images (as saved, 8 bits), settings,
+    Score an earlier `evaluate_generation` run again, with another scorer, from its folder: the images
+    `save_images_to` wrote there and the report `write_report` wrote (`lssgen eval-generation --save-images`): the same
+    images (as saved, 8 bits), settings,
     prompts and times; accuracy, the duplication measure, KID and PSNR/SSIM computed anew.
 
     The run's prompts must be the held-out set's first ones (`lssgen.scenes.evaluation_scenes`), as
@@ -473,13 +468,12 @@ def rescore_generation(
         if missing:
             raise FileNotFoundError(
                 f"{run_dir} lacks {len(missing)} image(s) of {setting.name!r} (first: {missing[0]}): rescoring needs a "
-                "run written with --save-images (write_report(save_images=True))."
+                "run written with --save-images (evaluate_generation(save_images_to=...))."
             )
         stack = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in paths]
         images[setting.name] = torch.stack(stack).permute(0, 3, 1, 2).float() / 255
         seconds[setting.name] = rows[number]["seconds"] * len(scenes)
     size = parameters["size"]
     scores = score_settings(scorer, scenes, settings, images, seconds, size, progress)
-    rows_shown = min(grid_rows, len(scenes))
-    grid = _grid(_renders(scenes[:rows_shown], size), images, rows_shown) if rows_shown else None
-    return GenerationReport({**parameters, "scorer": scorer_name, "rescored": True}, scores, grid, images)
+    parameters = {**parameters, "scorer": scorer_name, "rescored": True}
+    return GenerationReport(parameters, scores, _grid(scenes, size, images, grid_rows), images)

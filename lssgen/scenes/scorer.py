@@ -185,8 +185,7 @@ class SceneScorer(ModelMixin, ConfigMixin):
         images = list(images)
         if not all(isinstance(image, Image.Image) for image in images):
             raise ValueError("images: pass PIL images or a (B, 3, H, W) tensor in [0, 1].")
-        tensors = [torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255) for image in images]
-        return torch.cat([self._resize(t.permute(2, 0, 1)[None].to(self.device)) for t in tensors])
+        return torch.cat([self._resize(_as_float(image.convert("RGB"))[None].to(self.device)) for image in images])
 
     def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
         side = self.config.resolution
@@ -657,7 +656,7 @@ def tune_decoding(scorer: SceneScorer, hard: int = 240, ordinary: int = 120, pro
     maps = []
     for start in tqdm(range(0, len(renders), 16), desc="tuning", leave=False, disable=not progress):
         batch = renders[start : start + 16]
-        pixels = torch.cat([scorer.prepare([render(scene, side)]) for scene, side in batch])
+        pixels = scorer.prepare([render(scene, side) for scene, side in batch])
         centres, colours, sizes = scorer(pixels)
         maps += list(zip(centres.sigmoid(), colours, sizes))
     truths = [sorted((o.shape, o.colour) for o in scene.objects) for scene, _ in renders]
