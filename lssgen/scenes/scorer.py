@@ -531,7 +531,8 @@ class TrainSettings:
 
 
 def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(), *, vae: Any = None,
-                 vae_name: str | None = None, resume: bool = False, report_scenes: int = 600,
+                 vae_name: str | None = None, resume: bool = False, init: str | Path | None = None,
+                 report_scenes: int = 600,
                  tune_scenes: tuple[int, int] = (240, 120),
                  command: str | None = None, progress: bool = True,
                  log: Callable[[str], Any] = print) -> SceneScorer:  # fmt: skip
@@ -547,6 +548,8 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         vae (*optional*): an autoencoder (e.g. taef2 from `lssgen.training.data.load_vae`) whose round trip the scorer
             must read through, as it must read generated images.
         resume (`bool`, defaults to `False`): continue from `out_dir/checkpoint`.
+        init (`str` or `Path`, *optional*): start a new run from this scorer's weights (a fine-tune: a fresh
+            optimizer and learning-rate curve), e.g. to go on training the shipped one on a changed renderer.
         report_scenes (`int`, defaults to `600`): fresh renders the model card's accuracy is measured on
             ([`evaluate`]; with a `vae`, 2/5 as many more through its round trip).
         tune_scenes (`tuple[int, int]`, defaults to `(240, 120)`): harder and ordinary validation renders on which
@@ -566,6 +569,8 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         raise ValueError("--steps, --batch-size and --pool must be positive.")
     if not 0 <= settings.round_trip_share <= 1:
         raise ValueError(f"--round-trip-share must be in [0, 1], got {settings.round_trip_share}.")
+    if resume and init is not None:
+        raise ValueError("--init starts a new run from a scorer, --resume continues this one: pass one of them.")
     if resume and not (checkpoint / "optimizer.pt").is_file():
         raise ValueError(f"--resume: no checkpoint in {checkpoint}. Drop --resume to start a new run.")
     if not resume and out_dir.is_dir() and any(p.name != CACHE for p in out_dir.iterdir()):
@@ -574,7 +579,12 @@ def train_scorer(out_dir: str | Path, settings: TrainSettings = TrainSettings(),
         raise ValueError(f"--out {out_dir}: is a file. Choose a folder path.")
 
     torch.manual_seed(settings.seed)
-    scorer = SceneScorer.from_pretrained(checkpoint) if resume else SceneScorer()
+    if resume:
+        scorer = SceneScorer.from_pretrained(checkpoint)
+    elif init is not None:
+        scorer = _load_scorer(init, "--init").train()
+    else:
+        scorer = SceneScorer()
     side = scorer.config.resolution
     if not 8 <= settings.crop <= side or settings.crop % 2:
         raise ValueError(
@@ -795,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         train.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     train.add_argument("--taef2", help="autoencoder folder (taef2) for round-trip augmentation and its report")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--init", help="start from this SceneScorer folder's weights (a fine-tune), not from random")
     train.add_argument("--report-scenes", type=int, default=600, help="fresh renders for the model card's table")
     train.add_argument(
         "--tune-scenes",
@@ -830,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae=vae,
                 vae_name="taef2" if vae else None,
                 resume=args.resume,
+                init=args.init,
                 report_scenes=args.report_scenes,
                 tune_scenes=tuple(args.tune_scenes),
                 command=_command(argv),
@@ -860,11 +872,11 @@ def _load_taef2(folder: str) -> Any:
     return load_vae(folder)
 
 
-def _load_scorer(folder: str | Path) -> SceneScorer:
+def _load_scorer(folder: str | Path, option: str = "--scorer") -> SceneScorer:
     try:
         return SceneScorer.from_pretrained(folder).eval()
     except OSError as error:
-        raise ValueError(f"--scorer {folder}: {error}") from None
+        raise ValueError(f"{option} {folder}: {error}") from None
 
 
 if __name__ == "__main__":

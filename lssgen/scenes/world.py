@@ -485,6 +485,7 @@ PLACEMENT_SIDE = 512
 HARD_GAP = 0.02  # free space between the boxes of objects laid out apart: half of GAP, so that 20 small ones fit
 # How much of the object below an overlapping object covers: at most 40%, so that both can still be counted.
 HIDDEN_SHARE = (0.15, 0.4)
+WALK_STEPS = 40  # steps of the walk inward in `_next_to`, from apart to the centre
 DUPLICATE_SHARE = 0.75  # objects of a hard scene that copy one of the caption's objects; the rest are any shape
 
 
@@ -568,7 +569,7 @@ def _lay_out(rng, named: Sequence[SceneObject], count: int, scale: float, layout
                 candidate = SceneObject(shape, colour, centre, size)
             else:
                 candidate = _next_to(SceneObject(shape, colour, partner.centre, size), partner, rng, layout)
-                if not _inside(candidate):
+                if candidate is None or not _inside(candidate):
                     continue
             if all(_boxes_apart(candidate, other, HARD_GAP) for other in placed if other is not partner):
                 placed.append(candidate)
@@ -578,9 +579,15 @@ def _lay_out(rng, named: Sequence[SceneObject], count: int, scale: float, layout
     return placed
 
 
-def _next_to(obj: SceneObject, partner: SceneObject, rng, layout: str) -> SceneObject:
+def _next_to(obj: SceneObject, partner: SceneObject, rng, layout: str) -> SceneObject | None:
     """`obj` moved away from `partner`'s centre in a random direction until it just touches it (`touching`) or covers
-    a share of it drawn from `HIDDEN_SHARE` (`overlapping`): bisection on the distance, on the placement raster."""
+    a share of it drawn from `HIDDEN_SHARE` (`overlapping`), on the placement raster; `None` when it cannot cover
+    that much of it from this direction.
+
+    The share covered does not grow steadily as the two come closer (a crescent, a cross or a star laid over the
+    middle of a larger object covers less of it than laid over its edge), so the search walks in from where the two
+    are apart to the first step that covers more than the share, then bisects that step: the share is met at the
+    outermost distance that meets it, never by stacking the two on one centre."""
     angle = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(angle), np.sin(angle)])
     below = _raster(partner)
@@ -594,8 +601,14 @@ def _next_to(obj: SceneObject, partner: SceneObject, rng, layout: str) -> SceneO
     def covers(distance: float) -> float:
         return (_raster(at(distance)) & below).sum() / area
 
-    # At distance 0 the two overlap; at `far` their boxes are apart, so their pixels are too.
-    near, far = 0.0, (obj.size + partner.size) / 2 * math.sqrt(2) + 2 / PLACEMENT_SIDE
+    # At `far` their boxes are apart, so their pixels are too.
+    far = (obj.size + partner.size) / 2 * math.sqrt(2) + 2 / PLACEMENT_SIDE
+    step = far / WALK_STEPS
+    near = far - step
+    while covers(near) <= target:
+        far, near = near, near - step
+        if near < 0:
+            return None
     while (far - near) * PLACEMENT_SIDE > 0.25:
         middle = (near + far) / 2
         if covers(middle) > target:
