@@ -14,7 +14,7 @@ from PIL import Image
 
 from lssgen import LatentUpsampler
 from lssgen.cli import main
-from lssgen.evaluation.metrics import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, psnr, ssim
+from lssgen.evaluation.metrics import MS_SSIM_WEIGHTS, SSIM_BATCH, ms_ssim, ms_ssim_scales, psnr, ssim
 from lssgen.evaluation.upsampler import (
     BICUBIC,
     CEILING,
@@ -58,6 +58,17 @@ def test_ssim_identity_noise_and_symmetry():
     slightly, very = ssim(x, noisy(x, 0.05)), ssim(x, noisy(x, 0.3))
     assert (very < slightly).all() and (slightly < 1).all()
     torch.testing.assert_close(ssim(x, very_noisy := noisy(x, 0.3)), ssim(very_noisy, x))
+
+
+def test_ssim_and_ms_ssim_of_a_batch_are_each_images_own_in_batches_of_eight():
+    # A batch larger than SSIM_BATCH goes to torchmetrics in parts: each image's value is the one it has alone.
+    x = torch.rand(SSIM_BATCH + 3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    y = noisy(x, 0.1)
+    for metric in (ssim, ms_ssim):
+        whole = metric(x, y)
+        assert whole.shape == (len(x),)
+        alone = torch.cat([metric(x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
+        torch.testing.assert_close(whole, alone, rtol=0, atol=1e-6)
 
 
 def test_ssim_of_constant_images_is_the_luminance_term():

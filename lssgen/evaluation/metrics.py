@@ -53,10 +53,19 @@ def _inside_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return full[..., border:-border, border:-border].flatten(1).mean(1)
 
 
+# Images per torchmetrics SSIM call: it keeps a score of full-size maps per image at once (96 images of 512 px took
+# over 20 GB), and each image's value does not depend on the others in its batch.
+SSIM_BATCH = 8
+
+
+def _in_batches(metric, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cat([metric(x[i : i + SSIM_BATCH], y[i : i + SSIM_BATCH]) for i in range(0, len(x), SSIM_BATCH)])
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5) for images in [0, 1]."""
     _check(x, y)
-    return _inside_mean(x, y)
+    return _in_batches(_inside_mean, x, y)
 
 
 def ms_ssim_scales(height: int, width: int) -> int:
@@ -70,6 +79,10 @@ def ms_ssim_scales(height: int, width: int) -> int:
 def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Multi-scale SSIM with the standard weights; fewer scales, renormalised weights, for small images."""
     _check(x, y)
+    return _in_batches(_ms_ssim, x, y)
+
+
+def _ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     scales = ms_ssim_scales(*x.shape[-2:])
     weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
     factors = []
