@@ -221,11 +221,29 @@ def test_a_run_saved_with_its_images_is_scored_again_by_another_scorer(scorer, t
     write_report(first, tmp_path / "no-images")
     with pytest.raises(FileNotFoundError, match="--save-images"):
         rescore_generation(tmp_path / "no-images", scorer, progress=False)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    report["settings"]["captions"][0] = "a photo of a moon"
-    (tmp_path / "run" / "report.json").write_text(json.dumps(report))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run["settings"]["captions"][0] = "a photo of a moon"
+    (tmp_path / "run" / "run.json").write_text(json.dumps(run))
     with pytest.raises(ValueError, match="held-out set's first prompts"):
         rescore_generation(tmp_path / "run", scorer, progress=False)
+
+
+def test_a_run_whose_scoring_failed_is_scored_from_its_folder(scorer, tmp_path):
+    # The images and the run's settings and times are on disk before scoring starts: a run killed while scoring
+    # (a 96-prompt run at 512 px once ran out of memory there) loses none of its hour of generation.
+    class KilledWhileScoring:
+        def score(self, images, scenes):
+            raise MemoryError("killed while scoring")
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    scenes = evaluation_scenes()[:2]
+    with pytest.raises(MemoryError):
+        _stock_and_lssgen_report(pipe, KilledWhileScoring(), scenes, save_images_to=tmp_path / "run")
+    assert not (tmp_path / "run" / "report.json").exists()
+    report = rescore_generation(tmp_path / "run", scorer, progress=False)
+    assert [s.name for s in report.scores] == ["stock", "lssgen"]
+    assert all(s.seconds > 0 for s in report.scores) and report.scores[0].time_ratio == 1.0
+    assert report.settings["captions"] == [scene.caption for scene in scenes]
 
 
 def _markdown_table(markdown):

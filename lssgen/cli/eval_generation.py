@@ -74,8 +74,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-images",
         action="store_true",
-        help="also write every image as it is made, images/<row>/<prompt>.png, so that --rescore can score the run "
-        "again",
+        help="also write every image as it is made, images/<row>/<prompt>.png, and the settings and times before "
+        "scoring, run.json, so that --rescore can score the run again (also when its own scoring failed)",
     )
     parser.add_argument(
         "--rescore",

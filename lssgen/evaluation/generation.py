@@ -320,7 +320,6 @@ def evaluate_generation(
     finally:
         lssgen.unpatch(pipe)
 
-    scores = score_settings(scorer, scenes, settings, images, seconds, size, progress)
     parameters = {
         "model": model_name,
         "scorer": scorer_name,
@@ -336,7 +335,26 @@ def evaluate_generation(
         "cache": None if not caches else "; ".join(repr(c) for c in caches.values()),
         "captions": [scene.caption for scene in scenes],
     }
+    if save_images_to is not None:
+        _write_run(save_images_to, parameters, settings, seconds, len(scenes))
+    scores = score_settings(scorer, scenes, settings, images, seconds, size, progress)
     return GenerationReport(parameters, scores, _grid(scenes, size, images, grid_rows), images)
+
+
+# Beside the saved images: the run's parameters, settings and times, written before scoring, so that a run whose
+# scoring fails can still be scored (`rescore_generation`).
+RUN_FILE = "run.json"
+
+
+def _write_run(folder: str | Path, parameters: dict, settings: Sequence[GenerationSetting], seconds: dict[str, float],
+               prompts: int) -> None:  # fmt: skip
+    rows = [
+        {"name": s.name, "steps": s.steps, "options": s.options, "matches": s.matches,
+         "cache": None if s.cache is None else _cache_name(s.cache), "seconds": seconds[s.name] / prompts}
+        for s in settings
+    ]  # fmt: skip
+    data = _json_safe({"settings": parameters, "rows": rows})
+    (Path(folder) / RUN_FILE).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _renders(scenes: Sequence[Scene], size: int) -> torch.Tensor:
@@ -431,10 +449,10 @@ def rescore_generation(
     run_dir: str | Path, scorer: Any, *, scorer_name: str = "", grid_rows: int = 6, progress: bool = True
 ) -> GenerationReport:
     r"""
-    Score an earlier `evaluate_generation` run again, with another scorer, from its folder: the images
-    `save_images_to` wrote there and the report `write_report` wrote (`lssgen eval-generation --save-images`): the same
-    images (as saved, 8 bits), settings,
-    prompts and times; accuracy, the duplication measure, KID and PSNR/SSIM computed anew.
+    Score an earlier `evaluate_generation` run again, with another scorer, from its folder: the images and
+    `run.json` that `save_images_to` wrote there (`lssgen eval-generation --save-images`; also a run whose own scoring
+    failed): the same images (as saved, 8 bits), settings, prompts and times; accuracy, the duplication measure, KID
+    and PSNR/SSIM computed anew.
 
     The run's prompts must be the held-out set's first ones (`lssgen.scenes.evaluation_scenes`), as
     `lssgen eval-generation` makes them; its report names them and they are checked.
@@ -449,13 +467,18 @@ def rescore_generation(
     from lssgen.scenes.world import evaluation_scenes
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "report.json").read_text())
-    parameters, rows = saved["settings"], saved["scores"]
+    if not (run_dir / RUN_FILE).is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {RUN_FILE}: rescoring needs a run written with --save-images "
+            "(evaluate_generation(save_images_to=...))."
+        )
+    saved = json.loads((run_dir / RUN_FILE).read_text())
+    parameters, rows = saved["settings"], saved["rows"]
     captions = parameters.get("captions")
     scenes = evaluation_scenes()[: len(captions or [])]
     if captions is None or [scene.caption for scene in scenes] != captions:
         raise ValueError(
-            f"{run_dir}: its report.json does not name the held-out set's first prompts (settings.captions); only runs "
+            f"{run_dir}: its {RUN_FILE} does not name the held-out set's first prompts (settings.captions); only runs "
             "of `lssgen eval-generation --save-images` can be scored again."
         )
     settings = [
