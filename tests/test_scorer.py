@@ -217,6 +217,15 @@ def test_train_resume_and_evaluate_from_the_command_line(tmp_path, capsys):
     assert (config["threshold"], config["merge_distance"]) in {(t, m) for t in THRESHOLDS for m in MERGE_DISTANCES}
     card = (out / "README.md").read_text()
     assert card.count(TUNING_HEADING) == 1 and "on 4 validation renders" in card and "| single_object" in card
+    # A fine-tune starts from another scorer's weights: at learning rate 0 it keeps them.
+    assert main(["train", "--out", str(tmp_path / "tuned"), "--init", str(out), "--steps", "1", "--lr", "0",
+                 *common]) == 0  # fmt: skip
+    before, after = SceneScorer.from_pretrained(out), SceneScorer.from_pretrained(tmp_path / "tuned")
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert main(["train", "--out", str(tmp_path / "both"), "--init", str(out), "--resume", *common]) == 2
+    assert "--init starts a new run from a scorer, --resume continues this one" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--init", str(tmp_path / "missing"), *common]) == 2
+    assert f"--init {tmp_path / 'missing'}" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["evaluate", "--scorer", str(out), "--scenes", "6"]) == 0
     assert "| color_attr (attribution) |" in capsys.readouterr().out
