@@ -455,7 +455,7 @@ def rescore_generation(
     and PSNR/SSIM computed anew.
 
     The run's prompts must be the held-out set's first ones (`lssgen.scenes.evaluation_scenes`), as
-    `lssgen eval-generation` makes them; its report names them and they are checked.
+    `lssgen eval-generation` makes them; its run.json names them and they are checked.
 
     Example:
 
