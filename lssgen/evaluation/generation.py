@@ -206,7 +206,7 @@ def _run(pipe, settings, scenes, size, seed, call, progress, description, save_t
             images[setting.name].append(image)
             seconds[setting.name] += elapsed
             if save_to is not None:  # as it is made: a run that stops keeps what it generated
-                _png_writer(image)(Path(save_to) / saved_image_path(rows[setting.name], index))
+                _write_png(image, Path(save_to) / saved_image_path(rows[setting.name], index))
     return {name: torch.stack(stack) for name, stack in images.items()}, seconds
 
 
@@ -436,13 +436,10 @@ def write_report(report: GenerationReport, out_dir: str | Path) -> Path:
     return write_folder(out_dir, files)
 
 
-def _png_writer(image: torch.Tensor):
-    def write(path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(path, format="PNG")
-
-    return write
+def _write_png(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path, format="PNG")
 
 
 def rescore_generation(

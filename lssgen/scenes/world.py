@@ -587,7 +587,7 @@ def _next_to(obj: SceneObject, partner: SceneObject, rng, layout: str) -> SceneO
     The share covered does not grow steadily as the two come closer (a crescent, a cross or a star laid over the
     middle of a larger object covers less of it than laid over its edge), so the search walks in from where the two
     are apart to the first step that covers more than the share, then bisects that step: the share is met at the
-    outermost distance that meets it, never by stacking the two on one centre."""
+    outermost distance that meets it, not at an inner one nearer a common centre."""
     angle = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(angle), np.sin(angle)])
     below = _raster(partner)
