@@ -64,6 +64,11 @@ class Run:
         timestep = scheduler.timesteps[stage.begin_index : stage.begin_index + 1].to(clean.device)
         return scheduler.add_noise(clean, noise, timestep.repeat(clean.shape[0]))
 
+    def stage_end_sigma(self, stage: Stage) -> float:
+        """The noise level `stage`'s last step reached (flow models)."""
+        scheduler = self.scheduler.stage_schedulers[stage.index]
+        return float(scheduler.sigmas[stage.begin_index + stage.num_denoiser_steps])
+
     def next_stage_latents(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         following = self.plan.stages[stage.index + 1]
         unpacked = self.transition.next_stage_latents(self, latents, stage, following)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+from diffusers.utils.torch_utils import randn_tensor
 
 from .plan import (
     OPTION_NAMES,
@@ -30,6 +31,7 @@ from .plan import (
     stock_stage_schedule,
     warn_if_rounded,
 )
+from .spectrum import dct_upsample, spectral_stage_end_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class PlanRequest:
     options: Options
     strength: float = 1.0  # an image-to-image call's; 1.0 for text-to-image
     control: bool = False  # a ControlNet pipeline's call
+    # (a, beta) of the power law of the family's latent spectrum (`Adapter.latent_spectrum`); None: none measured.
+    latent_spectrum: tuple[float, float] | None = None
 
 
 class ScaleUpAndRenoise:
@@ -91,7 +95,10 @@ class Method:
 
     def spelling(self) -> str:
         """The `--method` spelling of this method with its parameters, e.g. `refine:sigma=0.12,steps=1`."""
-        values = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        # A parameter left None takes a default that depends on the pipeline (spectral's `a`, `beta`).
+        values = ",".join(
+            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) is not None
+        )
         return f"{self.name}:{values}" if values else self.name
 
     def check_options(self, given: set[str], options: Options, where: str) -> None:
@@ -153,27 +160,62 @@ UNSHIFTED_SCHEDULE = {
 }
 
 
-def unshifted_schedule(template: Any, sigmas: np.ndarray) -> tuple[dict, dict, Any]:
+def unshifted_schedule(
+    template: Any, sigmas: np.ndarray, method: str = "refine", timesteps: list[float] | None = None
+) -> tuple[dict, dict, Any]:
     """The scheduler config overrides and `set_timesteps` arguments that make a scheduler of `template`'s class step
-    exactly through `sigmas`, then to 0; and that scheduler, set up. A `ValueError` names what the class lacks."""
+    exactly through `sigmas`, then to 0, passing the denoiser `timesteps` (by default sigma x num_train_timesteps);
+    and that scheduler, set up. A `ValueError` names what the class lacks (and the `method` that needs it)."""
     config = {key: value for key, value in UNSHIFTED_SCHEDULE.items() if key in template.config}
     kind = type(template).__name__
     if "sigmas" not in inspect.signature(template.set_timesteps).parameters:
-        raise ValueError(f"{kind}.set_timesteps takes no `sigmas`: method 'refine' needs a scheduler that does.")
+        raise ValueError(f"{kind}.set_timesteps takes no `sigmas`: method {method!r} needs a scheduler that does.")
     scheduler = fresh_scheduler(template, config)
-    kwargs = {"sigmas": sigmas}
+    kwargs = {"sigmas": sigmas} if timesteps is None else {"sigmas": sigmas, "timesteps": timesteps}
     try:
         scheduler.set_timesteps(**kwargs)
     except ValueError as error:  # e.g. UniPC without `use_flow_sigmas`
-        raise ValueError(f"{kind} cannot step through custom sigmas for method 'refine': {error}") from None
+        raise ValueError(f"{kind} cannot step through custom sigmas for method {method!r}: {error}") from None
     got = [float(s) for s in scheduler.sigmas]
     want = [*sigmas, 0.0]
     if len(got) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(got, want)):
         raise ValueError(
-            f"{kind} with this config turns the sigmas {want} into {[round(s, 6) for s in got]}; method 'refine' "
+            f"{kind} with this config turns the sigmas {want} into {[round(s, 6) for s in got]}; method {method!r} "
             "needs a scheduler that steps through the sigmas it is given (no shift, no terminal stretch)."
         )
     return config, kwargs, scheduler
+
+
+def require_flow(method: str, adapter: Any) -> None:
+    """Refuse a diffusion family for a method that walks a flow-matching path (sigma from 1 to 0)."""
+    if not adapter.flow:
+        raise ValueError(
+            f"method {method!r} needs a flow-matching pipeline (a sigma schedule from 1 to 0, re-noised as "
+            f"(1 - sigma) x + sigma noise); the {adapter.name} adapter's pipelines are diffusion models. Use "
+            "method='lssgen' for them."
+        )
+
+
+def check_text_to_image_call(method: str, request: PlanRequest) -> None:
+    """Refuse what a method does not take yet (image-to-image, ControlNet), and a size or step count that is not a
+    positive integer."""
+    if request.strength != 1.0:
+        raise ValueError(
+            f"method {method!r} runs text-to-image calls only, got `strength`={request.strength}; pass "
+            "strength=1.0, or use method='lssgen' for image-to-image."
+        )
+    if request.control:
+        # Not yet checked against the contract: the control window and the controlnet's per-stage condition
+        # across the method's plan.
+        raise ValueError(
+            f"method {method!r} does not take ControlNet pipelines yet; use method='lssgen' for them (its plans "
+            "give each controlnet its condition per stage)."
+        )
+    for name in ("height", "width", "num_inference_steps"):
+        value = getattr(request, name)
+        check_number(name, value, integer=True)
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -220,33 +262,12 @@ class Refine(Method):
             raise ValueError(f"method 'refine': `steps` must be a positive integer (1 is MrFlow's), got {self.steps}.")
 
     def check_adapter(self, adapter: Any) -> None:
-        if not adapter.flow:
-            raise ValueError(
-                f"method 'refine' needs a flow-matching pipeline (a sigma schedule from 1 to 0, re-noised as "
-                f"(1 - sigma) x + sigma noise); the {adapter.name} adapter's pipelines are diffusion models. Use "
-                "method='lssgen' for them."
-            )
+        require_flow(self.name, adapter)
 
     def plan(self, request: PlanRequest) -> StagePlan:
         facts, factor = request.facts, request.vae_scale_factor
         self.check_adapter(facts)
-        if request.strength != 1.0:
-            raise ValueError(
-                f"method 'refine' runs text-to-image calls only, got `strength`={request.strength}; pass "
-                "strength=1.0, or use method='lssgen' for image-to-image."
-            )
-        if request.control:
-            # Not yet checked against the contract: the control window and the controlnet's per-stage condition
-            # across a refine plan.
-            raise ValueError(
-                "method 'refine' does not take ControlNet pipelines yet; use method='lssgen' for them (its plans "
-                "give each controlnet its condition per stage)."
-            )
-        for name in ("height", "width", "num_inference_steps"):
-            value = getattr(request, name)
-            check_number(name, value, integer=True)
-            if value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        check_text_to_image_call(self.name, request)
         height, width = rounded_target(request.height, request.width, 1, factor, facts)
         low_height, low_width = height // factor // 2, width // factor // 2
         if min(low_height, low_width) < facts.min_stage_latent_side:
@@ -266,7 +287,8 @@ class Refine(Method):
             fix="Use more `num_inference_steps`.",
         )
         sigmas = np.linspace(self.sigma, 0.0, self.steps + 1)[:-1]  # an array, as the pipelines pass sigmas
-        config, final_kwargs, final = unshifted_schedule(request.scheduler, sigmas)
+        conditioned = facts.timesteps_for_sigmas(request.scheduler, sigmas, height // factor, width // factor)
+        config, final_kwargs, final = unshifted_schedule(request.scheduler, sigmas, self.name, conditioned)
         stages = (
             Stage(
                 index=0,
@@ -295,12 +317,158 @@ class Refine(Method):
         return StagePlan(stages=stages, height=height, width=width, method=self.spelling())
 
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (LSSGen, Refine)}
+class SpectralUpsampleAndRewind:
+    """The transition of SPEED (method 'spectral'): the finished stage's latent, at the noise level sigma it reached,
+    is upsampled x2 by zero-padding its DCT, the new high band filled with fresh noise of that level; its signal
+    halves, so the latent is scaled by 2 / (1 + sigma), which puts it exactly on the flow path at
+    t_eff = 2 sigma / (1 + sigma), where the next stage starts."""
+
+    scaling = "DCT zero-padded x2, the new high band filled with noise of the level reached, rewound to t_eff"
+
+    def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
+        unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
+        sigma = run.stage_end_sigma(stage)
+        shape = (*unpacked.shape[:-2], following.latent_height, following.latent_width)
+        noise = randn_tensor(shape, generator=run.generator, device=unpacked.device, dtype=unpacked.dtype)
+        upsampled = dct_upsample(unpacked.float(), sigma * noise.float())
+        return (upsampled * (2.0 / (1.0 + sigma))).to(unpacked.dtype)
+
+
+def rewound_sigma(sigma: float) -> float:
+    """t_eff: where a latent at `sigma`, DCT-upsampled x2 and scaled by 2 / (1 + sigma), lies on the flow path."""
+    return 2.0 * sigma / (1.0 + sigma)
+
+
+@dataclass(frozen=True)
+class Spectral(Method):
+    r"""
+    Spectral progressive diffusion (SPEED, DESIGN.md §1b): every stage walks one schedule, the stock one of the full
+    size. The smallest stage is `halvings` times half the size; a stage ends at the first step whose sigma is at most
+    $1 / (1 + \sqrt{\delta / (P (1 + P - \delta))})$, $P = a \cdot w^{-\beta}$ the power of the VAE's latent spectrum
+    at the stage grid's Nyquist index $w$ (half its short side): the noise level where the frequencies the grid
+    cannot hold start to matter. Then the DCT of its latent is zero-padded to twice the size, the new high band
+    filled with fresh noise of the level reached, and the latent rewound onto the flow path
+    ([`SpectralUpsampleAndRewind`]): the next stage starts from t_eff = 2 sigma / (1 + sigma) and goes on with the
+    schedule's following sigmas.
+
+    Args:
+        delta (`float`, defaults to `0.1`): how much of the next band may be resolved before the switch, in (0, 1);
+            larger ends stages later, so more steps run small (SPEED: 0.01 -> 1.32x, 0.1 -> 1.83x, 0.5 -> 2.36x on
+            FLUX.1-dev at 1024 px, 50 steps).
+        halvings (`int`, defaults to `1`): how many times the smallest stage halves the size (stages: halvings + 1).
+        a (`float`, *optional*), beta (`float`, *optional*): the power law of the latent spectrum; by default the
+            family's measured one (`Adapter.latent_spectrum`: FLUX.1's VAE, Wan 2.1's). Families with none need both
+            (`lssgen.spectrum.fit_latent_spectrum` fits them from clean latents).
+
+    Flow-matching families only, text-to-image calls without ControlNet.
+    """
+
+    delta: float = field(default=0.1, metadata={"help": "share of the next band resolved before a switch, in (0, 1)"})
+    halvings: int = field(default=1, metadata={"help": "halvings of the size in the smallest stage (stages - 1)"})
+    a: float | None = field(default=None, metadata={"help": "latent spectrum power law P(w) = a w^-beta (family's)"})
+    beta: float | None = field(default=None, metadata={"help": "its exponent (family's by default)"})
+
+    name: ClassVar[str] = "spectral"
+    summary: ClassVar[str] = (
+        "one full-size schedule; each stage ends by the frequency rule, DCT zero-pad x2 with high-band noise, rewind"
+    )
+    sources: ClassVar[tuple[str, ...]] = ("SPEED, arXiv 2605.18736 (SGLang Diffusion --progressive-mode dct_rewind)",)
+    transition: ClassVar[Any] = SpectralUpsampleAndRewind()
+
+    def __post_init__(self):
+        check_number("delta", self.delta)
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"method 'spectral': `delta` must be in (0, 1) (SPEED uses 0.01-0.5), got {self.delta}.")
+        check_number("halvings", self.halvings, integer=True)
+        if self.halvings < 1:
+            raise ValueError(f"method 'spectral': `halvings` must be a positive integer, got {self.halvings}.")
+        if (self.a is None) != (self.beta is None):
+            raise ValueError(
+                "method 'spectral': give both `a` and `beta` (the power law P(w) = a w^-beta), or neither."
+            )
+        for name in ("a", "beta"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name))
+                if not getattr(self, name) > 0:
+                    raise ValueError(f"method 'spectral': `{name}` must be positive, got {getattr(self, name)}.")
+
+    def check_adapter(self, adapter: Any) -> None:
+        require_flow(self.name, adapter)
+
+    def spectrum(self, request: PlanRequest) -> tuple[float, float]:
+        if self.a is not None:
+            return self.a, self.beta
+        if request.latent_spectrum is None:
+            raise ValueError(
+                f"method 'spectral' ends its stages by the power law of the VAE's latent spectrum, and none is "
+                f"measured for this {request.facts.name} pipeline's VAE (lssgen has FLUX.1's and Wan 2.1's). Pass it: "
+                "'spectral:a=...,beta=...' (lssgen.spectrum.fit_latent_spectrum fits them from clean latents)."
+            )
+        return request.latent_spectrum
+
+    def plan(self, request: PlanRequest) -> StagePlan:
+        facts, factor, halvings = request.facts, request.vae_scale_factor, self.halvings
+        self.check_adapter(facts)
+        check_text_to_image_call(self.name, request)
+        a, beta = self.spectrum(request)
+        height, width = rounded_target(request.height, request.width, halvings, factor, facts)
+        full = (height // factor, width // factor)
+        sizes = [(full[0] >> (halvings - s), full[1] >> (halvings - s)) for s in range(halvings + 1)]
+        if min(sizes[0]) < max(facts.min_stage_latent_side, 1) or min(height, width) == 0:
+            minimum = facts.min_stage_latent_side * factor * facts.latent_multiple * 2**halvings
+            raise ValueError(
+                f"method 'spectral' halves the size {halvings} time(s) first: {request.width}x{request.height} is "
+                f"too small for that (at least {minimum} px a side), or use fewer `halvings`."
+            )
+        warn_if_rounded(request.height, request.width, halvings, factor, facts)
+        steps = request.num_inference_steps
+        kwargs, stock, timesteps = stock_stage_schedule(
+            request.scheduler, facts, steps, *full,
+            where=f"the full-size schedule ({width}x{height})", fix="Use more `num_inference_steps`.",
+        )  # fmt: skip
+        sigmas = [float(s) for s in stock.sigmas]
+        ends, start = [], 0
+        for size in sizes[:-1]:
+            limit = spectral_stage_end_sigma(a, beta, self.delta, min(size) // 2)
+            end = next((i for i in range(start + 1, steps) if sigmas[i] <= limit), None)
+            if end is None:
+                raise ValueError(
+                    f"method 'spectral': at {size[1] * factor}x{size[0] * factor} the stage would run until sigma <= "
+                    f"{limit:.3f}, which the {steps}-step schedule reaches only at its end: no step would be left at "
+                    "full size. Use more `num_inference_steps` or a smaller `delta`."
+                )
+            ends.append(end)
+            start = end
+        stages = [
+            Stage(
+                index=0, latent_height=sizes[0][0], latent_width=sizes[0][1], vae_scale_factor=factor,
+                num_steps=steps, begin_index=0, timesteps=tuple(timesteps[: ends[0]]), first_sigma=sigmas[0],
+                scheduler_kwargs=kwargs,
+            )
+        ]  # fmt: skip
+        for index in range(1, halvings + 1):
+            start = ends[index - 1]
+            rest = np.array([rewound_sigma(sigmas[start]), *sigmas[start + 1 : steps]])
+            conditioned = facts.timesteps_for_sigmas(request.scheduler, rest, *full)
+            config, stage_kwargs, scheduler = unshifted_schedule(request.scheduler, rest, self.name, conditioned)
+            stop = ends[index] - start if index < halvings else None
+            stages.append(
+                Stage(
+                    index=index, latent_height=sizes[index][0], latent_width=sizes[index][1],
+                    vae_scale_factor=factor, num_steps=len(rest), begin_index=0,
+                    timesteps=tuple(float(t) for t in scheduler.timesteps[:stop]), first_sigma=float(rest[0]),
+                    scheduler_kwargs=stage_kwargs, scheduler_config=config,
+                )
+            )  # fmt: skip
+        return StagePlan(stages=tuple(stages), height=height, width=width, method=self.spelling())
+
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (LSSGen, Refine, Spectral)}
 DEFAULT_METHOD = LSSGen.name
 
 
 def _parse_value(method: type[Method], parameter: dataclasses.Field, text: str) -> Any:
-    kind = {"float": float, "int": int}.get(str(parameter.type), str)
+    kind = {"float": float, "int": int}.get(str(parameter.type).removesuffix(" | None"), str)
     try:
         return kind(text)
     except ValueError:
@@ -343,6 +511,8 @@ def resolve_method(method: str | Method | None) -> Method:
                 f"method {chosen.name!r}: unknown parameter {item!r}; its parameters are {listed} "
                 f"(spelled {chosen.name}:name=value,...)."
             )
+        if key in values:
+            raise ValueError(f"method {chosen.name!r}: `{key}` is given twice in {method!r}.")
         values[key] = _parse_value(chosen, parameters[key], value)
     return chosen(**values)
 

@@ -361,7 +361,8 @@ def plan_for(
     call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
     height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
-    return replace(plan, scaling=_describe_scaling(space, state))
+    own_scaling = getattr(resolve_method(chosen.method).transition, "scaling", "")  # a method's own, e.g. the DCT
+    return replace(plan, scaling=own_scaling or _describe_scaling(space, state))
 
 
 def _describe_scaling(space: str, state: PatchState) -> str:
@@ -420,6 +421,7 @@ def _plan(
         options=family_filled,
         strength=strength,
         control=takes_control(pipe, adapter),
+        latent_spectrum=adapter.latent_spectrum(pipe),
     )
     return resolve_method(options.method).plan(request)
 

@@ -44,8 +44,12 @@ class StagedScheduler:
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(stage.begin_index)
             self.stage_schedulers.append(scheduler)
+        # A stage may stop before its schedule ends (method 'spectral' walks one schedule through every stage).
         self.timesteps = torch.cat(
-            [s.timesteps[stage.begin_index :] for s, stage in zip(self.stage_schedulers, plan.stages)]
+            [
+                s.timesteps[stage.begin_index : stage.begin_index + stage.num_denoiser_steps]
+                for s, stage in zip(self.stage_schedulers, plan.stages)
+            ]
         )
         self._sigmas = _concatenated_sigmas(self.stage_schedulers, plan)
         # As numbers, copied to the host once: `position` is read on every denoiser call.

@@ -191,6 +191,11 @@ class AdapterContract:
     def images(self, pipe, **kwargs):
         return pipe(**kwargs).images
 
+    def noise_level(self, pipe, timestep: float, height: int, width: int) -> float:
+        """The sigma the family's denoiser is told by `timestep` in a call of this size (flow families): by the stock
+        pipeline's rule, independently of lssgen's adapter."""
+        return timestep / pipe.scheduler.config.num_train_timesteps
+
     def output_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """The shape of `images(...)` for `batch` outputs of `height` x `width` (a video family adds frames)."""
         return (batch, 3, height, width)

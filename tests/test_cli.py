@@ -196,6 +196,8 @@ def test_methods_lists_every_method_with_parameters_and_sources(capsys):
     assert "refine: " in out and "MrFlow, arXiv 2607.01642" in out
     assert re.search(r"sigma=0\.12 +noise level", out) and re.search(r"steps=1 +steps at full size", out)
     assert "e.g. --method refine:sigma=0.12,steps=1" in out
+    # A parameter whose default depends on the pipeline (spectral's `a`, `beta`) is listed but left out of the example.
+    assert re.search(r"a=None +latent spectrum", out) and "e.g. --method spectral:delta=0.1,halvings=1\n" in out
 
 
 def test_generate_baseline_times_the_same_call_both_ways(tiny_flux_dir, tmp_path, capsys):

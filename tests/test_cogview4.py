@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from adapter_contract import AdapterContract
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 import lssgen
 from lssgen.adapters.cogview4 import SIZE_CONDITIONING_HOOK
@@ -46,6 +48,19 @@ class TestCogView4(AdapterContract):
 
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         return cogview4_call_kwargs(pipe, prompts, seed, **overrides)
+
+    def noise_level(self, pipe, timestep, height, width):
+        # CogView4Pipeline gives the transformer the unshifted time and steps on its shift at the call's `mu`.
+        patches = (
+            (height // pipe.vae_scale_factor)
+            * (width // pipe.vae_scale_factor)
+            // pipe.transformer.config.patch_size**2
+        )
+        config = pipe.scheduler.config
+        mu = calculate_shift(patches, config.base_image_seq_len, config.base_shift, config.max_shift)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler.set_timesteps(timesteps=[timestep], sigmas=[timestep / config.num_train_timesteps], mu=mu)
+        return float(scheduler.sigmas[0])
 
     def conditioning_hooks(self, pipe, records):
         # The size hook runs inside the transformer's forward, so the sizes are read where they are embedded.

@@ -203,6 +203,10 @@ SNIPPETS = {
         given={"pipe": lambda s: s.tiny_flux()},
         prints=("docs/how-it-works.md", "method: refine:sigma=0.12,steps=1"),
     ),
+    ("docs/how-it-works.md", 'lssgen.patch(pipe, method="spectral:delta=0.05")'): Snippet(
+        given={"lssgen": lambda s: importlib.import_module("lssgen"), "pipe": lambda s: s.tiny_flux()},
+        prints=("docs/how-it-works.md", "method: spectral:delta=0.05,halvings=1"),
+    ),
     ("docs/model-folders.md", "print(lssgen.plan_for(pipe).describe())"): Snippet(
         given={"lssgen": lambda s: importlib.import_module("lssgen"), "pipe": lambda s: s.tiny_flux2()},
         prints=("docs/model-folders.md", "denoiser steps in all:"),

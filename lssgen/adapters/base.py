@@ -317,6 +317,19 @@ class Adapter:
         doubles it for classifier-free guidance)."""
         return condition
 
+    def timesteps_for_sigmas(
+        self, scheduler: Any, sigmas: Any, latent_height: int, latent_width: int
+    ) -> list[float] | None:
+        """The timesteps the denoiser is conditioned on at these noise levels in a stage of this latent size, where
+        they are not sigma x `num_train_timesteps` (what a flow scheduler given only sigmas passes it); None where
+        they are. Methods that set a stage's sigmas themselves (`lssgen.methods`) ask."""
+        return None
+
+    def latent_spectrum(self, pipe: Any) -> tuple[float, float] | None:
+        """`(a, beta)`: the power law P(w) = a w^-beta of the spectrum of this pipeline's VAE latents, which method
+        'spectral' ends its stages by (`lssgen.spectrum`); None where none is measured for the family's VAE."""
+        return None
+
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------
     def latent_normalization(self, pipe: Any) -> LatentNormalization:
         """How the pipeline maps VAE latents to the latents it denoises."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -150,6 +151,13 @@ class CogView4Adapter(Adapter):
             "sigmas": (timesteps / train_steps).tolist(),
             "mu": cogview4_time_shift(scheduler.config, patches),
         }
+
+    def timesteps_for_sigmas(self, scheduler, sigmas, latent_height, latent_width):
+        # The transformer is conditioned on the unshifted time: invert the scheduler's shift at this size's `mu`.
+        mu = cogview4_time_shift(scheduler.config, (latent_height * latent_width) // self.latent_multiple**2)
+        scale = math.exp(mu) if scheduler.config.get("time_shift_type", "exponential") == "exponential" else mu
+        unshifted = 1.0 / (1.0 + scale * (1.0 / np.asarray(sigmas, dtype=np.float64) - 1.0))
+        return (unshifted * scheduler.config.num_train_timesteps).tolist()
 
     def install_hooks(self, pipe, current_stage):
         self.check_patch_size(pipe)

@@ -44,6 +44,10 @@ FLUX_SCHEDULER_CONFIG = {
 }
 
 
+# The power law of FLUX.1's VAE latent spectrum, as SPEED measured it (DESIGN.md §1b); Chroma and Kontext share it.
+FLUX1_LATENT_SPECTRUM = (203.615097, 1.915461)
+
+
 def flux_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler with FLUX.1-dev's config."""
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
@@ -130,6 +134,9 @@ class FluxAdapter(Adapter):
             scheduler=flux_dev_scheduler,
         ),
     )
+
+    def latent_spectrum(self, pipe: Any) -> tuple[float, float]:
+        return FLUX1_LATENT_SPECTRUM
 
     def latent_channels(self, pipe: Any) -> int:
         return pipe.transformer.config.in_channels // 4

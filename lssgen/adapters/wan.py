@@ -59,6 +59,10 @@ WAN_SCHEDULER_CONFIG = {
 }
 
 
+# The power law of Wan 2.1's VAE latent spectrum, as SPEED measured it (DESIGN.md §1b).
+WAN21_LATENT_SPECTRUM = (219.484718, 2.422687)
+
+
 def wan21_scheduler() -> UniPCMultistepScheduler:
     """Wan2.1-T2V-14B's sampling scheduler at 720P: diffusers' WanPipeline example sets `flow_shift=5.0` for
     720P (3.0 for 480P), and Wan2.1's own `generate.py` samples text-to-video with shift 5.0."""
@@ -202,6 +206,10 @@ class WanAdapter(Adapter):
 
     def denoisers(self, pipe: Any) -> list[Any]:
         return [model for model in (pipe.transformer, pipe.transformer_2) if model is not None]
+
+    def latent_spectrum(self, pipe: Any) -> tuple[float, float] | None:
+        # Measured for Wan 2.1's VAE (16 channels; Wan 2.2 A14B uses it too), not for Wan 2.2 TI2V's (48).
+        return WAN21_LATENT_SPECTRUM if pipe.vae.config.z_dim == 16 else None
 
     def latent_channels(self, pipe: Any) -> int:
         return self._transformer(pipe).config.in_channels

@@ -16,7 +16,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lssgen.methods import DEFAULT_METHOD, method_table
+    from lssgen.methods import DEFAULT_METHOD, method_table, resolve_method
 
     for row in method_table():
         default = " (the default)" if row["name"] == DEFAULT_METHOD else ""
@@ -30,5 +30,4 @@ def run(args: argparse.Namespace) -> None:
         width = max(len(f"{name}={default}") for name, default, _ in row["parameters"])
         for name, default, help_text in row["parameters"]:
             print(f"    {f'{name}={default}':<{width}}  {help_text}")
-        spelling = ",".join(f"{name}={default}" for name, default, _ in row["parameters"])
-        print(f"  e.g. --method {row['name']}:{spelling}")
+        print(f"  e.g. --method {resolve_method(row['name']).spelling()}")
