@@ -78,9 +78,12 @@ class Run:
         return self.adapter.pack(self.pipe, unpacked)
 
     def latents_at_target_size(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
-        """After an interrupt in a low-resolution stage: scale up as is, so the pipeline can still decode."""
-        for smaller in self.plan.stages[stage.index : -1]:
-            latents = self.adapter.pack(self.pipe, self.scale_up(latents, smaller))
+        """After an interrupt in a low-resolution stage: scale up as is, x2 at a time, so the pipeline can still
+        decode (a stage at the target size, as a bottleneck plan's first, is left as it is)."""
+        for following in self.plan.stages[stage.index + 1 :]:
+            if following.latent_height > stage.latent_height:
+                latents = self.adapter.pack(self.pipe, self.scale_up(latents, stage))
+                stage = following
         return latents
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .plan import (
@@ -31,6 +32,7 @@ from .plan import (
     stock_stage_schedule,
     warn_if_rounded,
 )
+from .scaling import frame_by_frame
 from .spectrum import dct_upsample, spectral_stage_end_sigma
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ class ScaleUpAndRenoise:
     def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
         """Packed latents at the end of `stage` → unpacked latents `following` starts from."""
         return run.renoise(run.scale_up(latents, stage), following)
+
+    def describe(self, scaling: str) -> str:
+        """How this transition scales, for a plan's description (`scaling`: how the call's scaling space does)."""
+        return scaling
 
 
 SCALE_UP_AND_RENOISE = ScaleUpAndRenoise()
@@ -97,7 +103,9 @@ class Method:
         """The `--method` spelling of this method with its parameters, e.g. `refine:sigma=0.12,steps=1`."""
         # A parameter left None takes a default that depends on the pipeline (spectral's `a`, `beta`).
         values = ",".join(
-            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) is not None
+            f"{f.name}={_spell(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
         )
         return f"{self.name}:{values}" if values else self.name
 
@@ -178,7 +186,8 @@ def unshifted_schedule(
         raise ValueError(f"{kind} cannot step through custom sigmas for method {method!r}: {error}") from None
     got = [float(s) for s in scheduler.sigmas]
     want = [*sigmas, 0.0]
-    if len(got) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(got, want)):
+    # UniPC keeps sigma just under 1 (0.999999): a difference below 1e-5 is not a reshaped schedule.
+    if len(got) != len(want) or any(abs(a - b) > 1e-5 for a, b in zip(got, want)):
         raise ValueError(
             f"{kind} with this config turns the sigmas {want} into {[round(s, 6) for s in got]}; method {method!r} "
             "needs a scheduler that steps through the sigmas it is given (no shift, no terminal stretch)."
@@ -323,7 +332,9 @@ class SpectralUpsampleAndRewind:
     halves, so the latent is scaled by 2 / (1 + sigma), which puts it exactly on the flow path at
     t_eff = 2 sigma / (1 + sigma), where the next stage starts."""
 
-    scaling = "DCT zero-padded x2, the new high band filled with noise of the level reached, rewound to t_eff"
+    def describe(self, scaling: str) -> str:
+        """How this transition scales, for a plan's description (`scaling`: how the call's scaling space would)."""
+        return "DCT zero-padded x2, the new high band filled with noise of the level reached, rewound to t_eff"
 
     def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
         unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
@@ -463,18 +474,160 @@ class Spectral(Method):
         return StagePlan(stages=tuple(stages), height=height, width=width, method=self.spelling())
 
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (LSSGen, Refine, Spectral)}
+class ResizeAndRenoise:
+    """The transition of Bottleneck Sampling: the finished stage's latent resized to the next stage's size (down:
+    antialiased bicubic in latent space; up: x2 in the call's scaling space), then fresh noise mixed in to the noise
+    level the next stage starts from."""
+
+    def describe(self, scaling: str) -> str:
+        return f"down: antialiased bicubic in latent space; up: {scaling}"
+
+    def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
+        if following.latent_height >= stage.latent_height:
+            return run.renoise(run.scale_up(latents, stage), following)
+        unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
+        return run.renoise(scale_down(unpacked, following.latent_height, following.latent_width), following)
+
+
+def scale_down(latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    """Unpacked latents (images or videos, frame by frame) resized down to `latent_height` x `latent_width`:
+    bicubic with antialiasing, in float32."""
+
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        size = (latent_height, latent_width)
+        return torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
+
+    return frame_by_frame(resize, latents).to(latents.dtype)
+
+
+def static_shift(shift: float, t: np.ndarray) -> np.ndarray:
+    """A flow schedule's static time shift: sigma = shift t / (1 + (shift - 1) t)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+# Bottleneck Sampling's published FLUX.1-dev settings: steps per stage out of the baseline's 50, each stage's
+# strength (where on its own schedule it starts) and static shift.
+BOTTLENECK_STEPS_OF_50 = (6, 20, 8)
+
+
+@dataclass(frozen=True)
+class Bottleneck(Method):
+    r"""
+    Bottleneck Sampling (DESIGN.md §1b): high -> low -> high. Three stages at the full size, half of it, and the full
+    size again; stage i runs `steps[i]` steps of its own schedule, the linear times from `strengths[i]` to 0 under the
+    static shift `shifts[i]` (sigma = shift t / (1 + (shift - 1) t)). Between stages the finished latent is resized
+    (down: antialiased bicubic in latent space; up: x2 in the call's scaling space) and re-noised with fresh noise to
+    the next stage's first sigma ([`ResizeAndRenoise`]).
+
+    Args:
+        steps (`tuple[int, int, int]`, *optional*): steps per stage; by default the published 6/20/8 out of 50 scaled
+            to the call's `num_inference_steps` (rounded, at least 1 each): 6/20/8 at 50 steps.
+        strengths (`tuple[float, float, float]`, defaults to `(1.0, 0.8, 0.6)`): where each stage starts on its own
+            schedule (the first must be 1: it starts from noise).
+        shifts (`tuple[float, float, float]`, defaults to `(9.0, 6.0, 9.0)`): each stage's static shift.
+
+    The defaults are the published FLUX.1-dev settings (1.95x-2.34x there). Flow-matching families, text-to-image
+    without ControlNet.
+    """
+
+    steps: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "steps per stage, e.g. 6/20/8 (default: 6/20/8 of 50, scaled to the call's)"}
+    )
+    strengths: tuple[float, ...] = field(
+        default=(1.0, 0.8, 0.6), metadata={"help": "where each stage starts on its own schedule, in (0, 1]"}
+    )
+    shifts: tuple[float, ...] = field(default=(9.0, 6.0, 9.0), metadata={"help": "static time shift per stage"})
+
+    name: ClassVar[str] = "bottleneck"
+    summary: ClassVar[str] = (
+        "full size, then half, then full again; each stage on its own shifted schedule from its strength, re-noised"
+    )
+    sources: ClassVar[tuple[str, ...]] = ("Bottleneck Sampling, arXiv 2503.18940",)
+    options: ClassVar[frozenset[str]] = frozenset({"scaling_space"})
+    transition: ClassVar[Any] = ResizeAndRenoise()
+
+    def __post_init__(self):
+        for name, integer in (("steps", True), ("strengths", False), ("shifts", False)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not isinstance(values, tuple) or len(values) != 3:
+                raise ValueError(
+                    f"method 'bottleneck': `{name}` must be 3 values, one per stage (full, half, full size), got "
+                    f"{values!r}."
+                )
+            for value in values:
+                check_number(name, value, integer=integer)
+        if self.steps is not None and min(self.steps) < 1:
+            raise ValueError(f"method 'bottleneck': `steps` must be positive integers, got {_spell(self.steps)}.")
+        if not all(0.0 < s <= 1.0 for s in self.strengths) or self.strengths[0] != 1.0:
+            raise ValueError(
+                "method 'bottleneck': `strengths` must be in (0, 1], the first 1 (the first stage starts from noise), "
+                f"got {_spell(self.strengths)}."
+            )
+        if min(self.shifts) <= 0:
+            raise ValueError(f"method 'bottleneck': `shifts` must be positive, got {_spell(self.shifts)}.")
+
+    def check_adapter(self, adapter: Any) -> None:
+        require_flow(self.name, adapter)
+
+    def stage_steps(self, num_inference_steps: int) -> tuple[int, ...]:
+        if self.steps is not None:
+            return self.steps
+        return tuple(max(1, round(num_inference_steps * n / 50)) for n in BOTTLENECK_STEPS_OF_50)
+
+    def plan(self, request: PlanRequest) -> StagePlan:
+        facts, factor = request.facts, request.vae_scale_factor
+        self.check_adapter(facts)
+        check_text_to_image_call(self.name, request)
+        height, width = rounded_target(request.height, request.width, 1, factor, facts)
+        full = (height // factor, width // factor)
+        half = (full[0] // 2, full[1] // 2)
+        if min(half) < facts.min_stage_latent_side or min(height, width) == 0:
+            minimum = 2 * facts.min_stage_latent_side * factor * facts.latent_multiple
+            raise ValueError(
+                f"method 'bottleneck' runs a stage at half the size: {request.width}x{request.height} is too small "
+                f"for that (at least {minimum} px a side)."
+            )
+        warn_if_rounded(request.height, request.width, 1, factor, facts)
+        stages = []
+        for index, (size, steps, strength, shift) in enumerate(
+            zip((full, half, full), self.stage_steps(request.num_inference_steps), self.strengths, self.shifts)
+        ):
+            sigmas = static_shift(shift, np.linspace(strength, 0.0, steps + 1)[:-1])
+            conditioned = facts.timesteps_for_sigmas(request.scheduler, sigmas, *size)
+            config, kwargs, scheduler = unshifted_schedule(request.scheduler, sigmas, self.name, conditioned)
+            stages.append(
+                Stage(
+                    index=index, latent_height=size[0], latent_width=size[1], vae_scale_factor=factor,
+                    num_steps=steps, begin_index=0, timesteps=tuple(float(t) for t in scheduler.timesteps),
+                    first_sigma=float(sigmas[0]), scheduler_kwargs=kwargs, scheduler_config=config,
+                )
+            )  # fmt: skip
+        return StagePlan(stages=tuple(stages), height=height, width=width, method=self.spelling())
+
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (LSSGen, Refine, Spectral, Bottleneck)}
 DEFAULT_METHOD = LSSGen.name
 
 
+def _spell(value: Any) -> str:
+    """A parameter's value as `--method` spells it: a tuple (one value per stage) with `/` between its items."""
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _parse_value(method: type[Method], parameter: dataclasses.Field, text: str) -> Any:
-    kind = {"float": float, "int": int}.get(str(parameter.type).removesuffix(" | None"), str)
+    annotation = str(parameter.type).removesuffix(" | None")
+    per_stage = annotation.startswith("tuple[")  # `tuple[int, ...]`: one value per stage, spelled 6/20/8
+    kind = {"float": float, "int": int}.get(annotation.removeprefix("tuple[").split(",")[0].rstrip("]"), str)
     try:
-        return kind(text)
+        return tuple(kind(item) for item in text.split("/")) if per_stage else kind(text)
     except ValueError:
+        what = "an int" if kind is int else "a number"
         raise ValueError(
-            f"method {method.name!r}: `{parameter.name}` must be {'an int' if kind is int else 'a number'}, got "
-            f"{text!r}."
+            f"method {method.name!r}: `{parameter.name}` must be "
+            + (f"{what} per stage, separated by `/` (e.g. 6/20/8)" if per_stage else what)
+            + f", got {text!r}."
         ) from None
 
 

@@ -361,8 +361,8 @@ def plan_for(
     call.update((name, side) for name, side in (("height", height), ("width", width)) if side is not None)
     height, width = _call_size(pipe, state, call)
     plan = _plan(pipe, state, chosen, height, width, steps, call, strength=strength)
-    own_scaling = getattr(resolve_method(chosen.method).transition, "scaling", "")  # a method's own, e.g. the DCT
-    return replace(plan, scaling=own_scaling or _describe_scaling(space, state))
+    transition = resolve_method(chosen.method).transition
+    return replace(plan, scaling=transition.describe(_describe_scaling(space, state)))
 
 
 def _describe_scaling(space: str, state: PatchState) -> str:

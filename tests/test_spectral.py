@@ -216,7 +216,7 @@ class SpectralContract:
         assert timesteps[:k] == pytest.approx(stock_timesteps[:k], abs=0.5)
         assert timesteps[k + 1 :] == pytest.approx(stock_timesteps[k + 1 :], abs=0.5)
         told = self.noise_level(pipe, timesteps[k], self.height, self.width)  # the rewind's step
-        assert told == pytest.approx(full.first_sigma, abs=6e-4)  # Wan's scheduler rounds timesteps to integers
+        assert told == pytest.approx(full.first_sigma, abs=1.1e-3)  # Wan's scheduler casts timesteps to integers
 
         adapter = lssgen.find_adapter(pipe)
         low = adapter.unpack(pipe, ends[k - 1], small.latent_height, small.latent_width).double().numpy()
