@@ -36,6 +36,8 @@ class Run:
     controls: Any = field(default=None, repr=False)
     # The method's transition: how the latent goes from one stage to the next (`lssgen.methods`).
     transition: Any = field(default=SCALE_UP_AND_RENOISE, repr=False)
+    # noise="shared": the call's one noise field, unpacked at the target size, that every stage reads (else None).
+    noise_field: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def current_stage(self) -> Stage:
@@ -52,9 +54,18 @@ class Run:
         unpacked = self.adapter.unpack(self.pipe, latents, stage.latent_height, stage.latent_width)
         return scale_up(unpacked, self.scaling_space, pipe=self.pipe, adapter=self.adapter, upsampler=self.upsampler)
 
+    def stage_noise(self, stage: Stage, like: torch.Tensor) -> torch.Tensor:
+        """Standard Gaussian noise for `stage`, shaped, placed and typed like `like` (unpacked): drawn now from the
+        call's generators, or with noise="shared" the call's noise field read at the stage's cells
+        ([`noise_at_cells`])."""
+        if self.noise_field is None:
+            return randn_tensor(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        cells = noise_at_cells(self.noise_field, stage.latent_height, stage.latent_width)
+        return cells.to(device=like.device, dtype=like.dtype)
+
     def renoise(self, clean: torch.Tensor, stage: Stage) -> torch.Tensor:
-        """Fresh noise of the new shape, mixed in to the noise level `stage` really starts from."""
-        noise = randn_tensor(clean.shape, generator=self.generator, device=clean.device, dtype=clean.dtype)
+        """Noise of the new shape (`stage_noise`), mixed in to the noise level `stage` really starts from."""
+        noise = self.stage_noise(stage, clean)
         if self.adapter.flow:
             sigma = stage.first_sigma
             return ((1.0 - sigma) * clean.float() + sigma * noise.float()).to(clean.dtype)
@@ -85,6 +96,21 @@ class Run:
                 latents = self.adapter.pack(self.pipe, self.scale_up(latents, stage))
                 stage = following
         return latents
+
+
+def noise_at_cells(field: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    r"""
+    A noise field `(..., H, W)` read at a grid of `latent_height` x `latent_width` cells: each cell takes the value at
+    its top-left corner in the field's grid, so cell `(i, j)` of a grid `s` times coarser reads `field[..., i s, j s]`.
+    Doubling a grid keeps every cell's noise in its top-left child; the other three children read their own
+    coordinates. Leading axes (batch, channels, frames) are kept.
+    """
+    height, width = field.shape[-2:]
+    if height % latent_height or width % latent_width:
+        raise ValueError(
+            f"A {latent_width}x{latent_height} latent grid does not divide the {width}x{height} noise field evenly."
+        )
+    return field[..., :: height // latent_height, :: width // latent_width]
 
 
 class StageSwitchCallback(PipelineCallback):

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from .plan import (
     OPTION_NAMES,
@@ -33,7 +32,7 @@ from .plan import (
     warn_if_rounded,
 )
 from .scaling import frame_by_frame
-from .spectrum import dct_upsample, spectral_stage_end_sigma
+from .spectrum import dct_2d, dct_upsample, spectral_stage_end_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +256,7 @@ class Refine(Method):
         "a full stock generation at half size, scaled up x2, re-noised to sigma, finished at full size in a few steps"
     )
     sources: ClassVar[tuple[str, ...]] = ("MrFlow, arXiv 2607.01642",)
-    options: ClassVar[frozenset[str]] = frozenset({"scaling_space"})
+    options: ClassVar[frozenset[str]] = frozenset({"scaling_space", "noise"})
 
     def __post_init__(self):
         check_number("sigma", self.sigma)
@@ -340,8 +339,10 @@ class SpectralUpsampleAndRewind:
         unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
         sigma = run.stage_end_sigma(stage)
         shape = (*unpacked.shape[:-2], following.latent_height, following.latent_width)
-        noise = randn_tensor(shape, generator=run.generator, device=unpacked.device, dtype=unpacked.dtype)
-        upsampled = dct_upsample(unpacked.float(), sigma * noise.float())
+        noise = run.stage_noise(following, unpacked.new_empty(shape))
+        # The new band takes the noise's own DCT coefficients: fresh noise's are Gaussian as well, and a shared
+        # field's are those of the field at this grid.
+        upsampled = dct_upsample(unpacked.float(), sigma * dct_2d(noise.float()))
         return (upsampled * (2.0 / (1.0 + sigma))).to(unpacked.dtype)
 
 
@@ -384,6 +385,7 @@ class Spectral(Method):
         "one full-size schedule; each stage ends by the frequency rule, DCT zero-pad x2 with high-band noise, rewind"
     )
     sources: ClassVar[tuple[str, ...]] = ("SPEED, arXiv 2605.18736 (SGLang Diffusion --progressive-mode dct_rewind)",)
+    options: ClassVar[frozenset[str]] = frozenset({"noise"})
     transition: ClassVar[Any] = SpectralUpsampleAndRewind()
 
     def __post_init__(self):
@@ -543,7 +545,7 @@ class Bottleneck(Method):
         "full size, then half, then full again; each stage on its own shifted schedule from its strength, re-noised"
     )
     sources: ClassVar[tuple[str, ...]] = ("Bottleneck Sampling, arXiv 2503.18940",)
-    options: ClassVar[frozenset[str]] = frozenset({"scaling_space"})
+    options: ClassVar[frozenset[str]] = frozenset({"scaling_space", "noise"})
     transition: ClassVar[Any] = ResizeAndRenoise()
 
     def __post_init__(self):

@@ -29,7 +29,7 @@ from .controlnets import (
 )
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .methods import PlanRequest, resolve_method
-from .plan import OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
+from .plan import NOISE_MODES, OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
 from .scaling import resolve_scaling_space
 from .schedule import StagedScheduler
 
@@ -100,6 +100,11 @@ def _check_options(options: Options, upsampler: Any, adapter: Adapter, given=(),
         base_width=options.base_width,
         shorten_intermediate_steps=options.shorten_intermediate_steps,
     )
+    if options.noise not in NOISE_MODES:
+        raise ValueError(
+            f"`noise` must be one of {', '.join(map(repr, NOISE_MODES))}, got {options.noise!r}: 'fresh' draws new "
+            "noise at each stage switch, 'shared' reads one field drawn once per call."
+        )
     method = resolve_method(options.method)
     method.check_options(set(given), options, where)
     method.check_adapter(adapter)
@@ -475,17 +480,21 @@ def _prepare_run(
             f"(prompts x {per_prompt}); pass one generator or one per image."
         )
     device = pipe._execution_device
-    first = plan.stages[0]
+    first, final = plan.stages[0], plan.stages[-1]
     if image_to_image:
         image = first_stage_image_latents(pipe, adapter, call["image"], first, batch, adapter.latent_dtype(pipe))
-    else:
+    # Text-to-image starts from noise of the first stage's size; noise="shared" draws one field of the target size
+    # instead, which every stage reads cell by cell (`Run.stage_noise`).
+    drawn = final if options.noise == "shared" else first
+    noise = None
+    if options.noise == "shared" or not image_to_image:
         noise = randn_tensor(
-            adapter.latent_shape(pipe, batch, first.latent_height, first.latent_width, {**stock_defaults, **call}),
+            adapter.latent_shape(pipe, batch, drawn.latent_height, drawn.latent_width, {**stock_defaults, **call}),
             generator=generator,
             device=device,
             dtype=adapter.latent_dtype(pipe),
         )
-    final, template = plan.stages[-1], pipe.scheduler  # the stock scheduler (the staged one stands in during the call)
+    template = pipe.scheduler  # the stock scheduler (the staged one stands in during the call)
     scheduler = StagedScheduler(plan, template, device=device)
     run = Run(
         pipe=pipe,
@@ -496,6 +505,7 @@ def _prepare_run(
         upsampler=state.upsampler,
         generator=generator,
         transition=resolve_method(options.method).transition,
+        noise_field=noise if options.noise == "shared" else None,
         caches=StageCacheSchedules(
             [
                 StageCacheSchedule(
@@ -515,7 +525,7 @@ def _prepare_run(
         run.first_latents = adapter.pack(pipe, run.renoise(image.to(device), first))
         call.update(strength=1.0)
     else:
-        run.first_latents = adapter.pack(pipe, noise)
+        run.first_latents = adapter.pack(pipe, noise if run.noise_field is None else run.stage_noise(first, noise))
     if takes_control(pipe, adapter):
         count = control_count(pipe, adapter, call)
         # The control window is read off the stock schedule at the target size (see lssgen.controlnets).

@@ -151,6 +151,9 @@ class Options:
         base_height (`int`), base_width (`int`): the model's native size, the reference for shortening.
         scaling_space (`str`): `"learned"` (alias `"resnet"`, default with an upsampler), `"latent"` (bicubic
             latent interpolation, default without one) or `"pixel"` (decode → bicubic → encode).
+        noise (`str`, defaults to `"fresh"`): how a stage switch re-noises: `"fresh"` draws new noise at every
+            switch; `"shared"` reads one noise field drawn at the target size once per call, cell by cell (a cell of
+            a smaller stage reads the field at its top-left corner), so a cell keeps its noise across stages.
         method (`str` or `lssgen.methods.Method`, defaults to `"lssgen"`): the multi-resolution method, by name
             (`"refine"`), with parameters (`"refine:sigma=0.12,steps=1"`) or as an instance; the options above
             that it does not read are refused when given (see `lssgen.methods`).
@@ -162,7 +165,11 @@ class Options:
     base_height: int | None = None
     base_width: int | None = None
     scaling_space: str | None = None
+    noise: str = "fresh"
     method: Any = "lssgen"
+
+
+NOISE_MODES = ("fresh", "shared")
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))

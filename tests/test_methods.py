@@ -86,14 +86,14 @@ def test_the_method_table_lists_every_method_with_parameters_defaults_and_source
     assert table["refine"]["parameters"][1][:2] == ("steps", 1)
     assert table["refine"]["sources"] == ("MrFlow, arXiv 2607.01642",)
     assert table["lssgen"]["sources"] == ("LSSGen, arXiv 2507.16154",)
-    assert table["refine"]["options"] == ["scaling_space"]
+    assert table["refine"]["options"] == ["noise", "scaling_space"]
     assert [p[:2] for p in table["spectral"]["parameters"]] == [
         ("delta", 0.1),
         ("halvings", 1),
         ("a", None),
         ("beta", None),
     ]
-    assert table["spectral"]["options"] == [] and "SPEED" in table["spectral"]["sources"][0]
+    assert table["spectral"]["options"] == ["noise"] and "SPEED" in table["spectral"]["sources"][0]
     assert "min_resolution" in table["lssgen"]["options"] and "method" not in table["lssgen"]["options"]
 
 

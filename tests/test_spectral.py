@@ -225,8 +225,9 @@ class SpectralContract:
             generator = torch.Generator().manual_seed(seed)
             torch.randn((1, *low.shape[1:]), generator=generator)  # the image's first-stage noise
             shape = (1, *low.shape[1:-2], full.latent_height, full.latent_width)
-            coefficients.append(torch.randn(shape, generator=generator))
-        high = reached * torch.cat(coefficients).double().numpy()
+            coefficients.append(torch.randn(shape, generator=generator))  # its noise at the switch
+        # The new band takes the fresh noise's own DCT coefficients.
+        high = reached * scipy.fft.dctn(torch.cat(coefficients).double().numpy(), norm="ortho", axes=(-2, -1))
         expected = torch.from_numpy(scipy_dct_upsample(low, high) * 2 / (1 + reached)).float()
         started = adapter.denoiser_latents(pipe, inputs[k * self.calls_per_step], full)
         torch.testing.assert_close(started[:2], expected, rtol=1e-4, atol=1e-4)

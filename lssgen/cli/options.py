@@ -146,6 +146,12 @@ def add_method_options(parser: argparse.ArgumentParser, *, prompt: bool = True, 
         )
     parser.add_argument("--scaling-space", choices=["learned", "resnet", "latent", "pixel"], default=None)
     parser.add_argument(
+        "--noise",
+        choices=["fresh", "shared"],
+        default=None,
+        help="how stage switches re-noise: fresh noise each time (default) or one field shared by all stages",
+    )
+    parser.add_argument(
         *names("--upsampler"),
         dest="upsampler",
         help="folder of a LatentUpsampler (config.json + safetensors); default: the model folder's, else the one "
@@ -301,6 +307,7 @@ def method_options(args: argparse.Namespace, **overrides) -> dict[str, Any]:
         "min_resolution": args.min_resolution,
         "shorten_intermediate_steps": args.shorten_intermediate_steps,
         "scaling_space": args.scaling_space,
+        "noise": getattr(args, "noise", None),
         "method": getattr(args, "method", None),
     }
     base = getattr(args, "base_size", None)
