@@ -13,7 +13,9 @@ import lssgen
 from lssgen.adapters.base import Adapter, Architecture
 from lssgen.adapters.flux import FluxAdapter
 from lssgen.evaluation.flops import (
+    PUBLISHED_SPEEDUPS,
     VIDEO_SETTINGS,
+    PublishedSpeedup,
     adapter_for_denoiser,
     bound_speedup,
     call_flops,
@@ -21,6 +23,8 @@ from lssgen.evaluation.flops import (
     denoiser_flops,
     flop_bound_table,
     make_plan,
+    method_bound_speedup,
+    method_flop_table,
     plan_flops,
     published_architectures,
 )
@@ -184,3 +188,25 @@ def test_an_adapter_adds_its_architectures_without_touching_flops():
     finally:
         lssgen.unregister_adapter("tiny-family")
     assert "tiny-flux" not in published_architectures()
+
+
+def test_method_bounds_are_each_plans_flops_against_plain_generation():
+    """The methods' published settings on FLUX.1-dev: refine's 12 half-size steps and 1 full one, against 50 full
+    steps, by hand from the per-step counts; spectral's plan splits 50 steps as SPEED did (28 + 22 at delta 0.05)."""
+    refine = PublishedSpeedup("FLUX.1-dev", 1024, "refine", "8.25x", steps=12)
+    bound, plan = method_bound_speedup(refine)
+    full, half = call_flops("FLUX.1-dev", 128, 128), call_flops("FLUX.1-dev", 64, 64)
+    assert bound == pytest.approx(50 * full / (12 * half + full))
+    spectral = PublishedSpeedup("FLUX.1-dev", 1024, "spectral:delta=0.05", "1.63x")
+    bound, plan = method_bound_speedup(spectral)
+    assert [s.num_denoiser_steps for s in plan.stages] == [28, 22]
+    assert bound == pytest.approx(50 * full / (28 * half + 22 * full))
+    table = method_flop_table([refine, spectral]).splitlines()
+    assert table[2].startswith("| FLUX.1-dev | 1024² | `refine` | 512x512: 12, 1024x1024: 1 | ")
+    assert table[3].split(" | ")[4:6] == [f"{bound:.2f}x", "1.63x"]
+    assert {claim.method.partition(":")[0] for claim in PUBLISHED_SPEEDUPS} == {
+        "lssgen",
+        "refine",
+        "spectral",
+        "bottleneck",
+    }

@@ -327,7 +327,8 @@ class Adapter:
 
     def latent_spectrum(self, pipe: Any) -> tuple[float, float] | None:
         """`(a, beta)`: the power law P(w) = a w^-beta of the spectrum of this pipeline's VAE latents, which method
-        'spectral' ends its stages by (`lssgen.spectrum`); None where none is measured for the family's VAE."""
+        'spectral' ends its stages by (`lssgen.spectrum`); None where none is measured for the family's VAE. `pipe`
+        None: the family's published models (`architectures`)."""
         return None
 
     # VAE normalisation (for the pixel round trip) ---------------------------------------------------------------

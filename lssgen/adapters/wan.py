@@ -208,8 +208,9 @@ class WanAdapter(Adapter):
         return [model for model in (pipe.transformer, pipe.transformer_2) if model is not None]
 
     def latent_spectrum(self, pipe: Any) -> tuple[float, float] | None:
-        # Measured for Wan 2.1's VAE (16 channels; Wan 2.2 A14B uses it too), not for Wan 2.2 TI2V's (48).
-        return WAN21_LATENT_SPECTRUM if pipe.vae.config.z_dim == 16 else None
+        # Measured for Wan 2.1's VAE (16 channels; Wan 2.2 A14B uses it too), not for Wan 2.2 TI2V's (48). No pipe:
+        # the published 14B models' (the FLOP tables).
+        return WAN21_LATENT_SPECTRUM if pipe is None or pipe.vae.config.z_dim == 16 else None
 
     def latent_channels(self, pipe: Any) -> int:
         return self._transformer(pipe).config.in_channels

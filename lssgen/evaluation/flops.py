@@ -272,6 +272,100 @@ def per_call_table(resolutions: Iterable[Size] = (512, 1024, 2048), architecture
     return "\n".join(lines)
 
 
+def method_plan(name: str, resolution: Size, method: str, steps: int | None = None) -> StagePlan:
+    """The plan of `method` (as `--method` spells it) for architecture `name` at `resolution`, with `steps` as the
+    call's `num_inference_steps` (default: the model's published count) and the family's default options."""
+    from lssgen.methods import PlanRequest, resolve_method
+    from lssgen.plan import Options
+
+    arch = published_architectures()[name]
+    adapter = arch.adapter
+    height, width = _height_width(resolution)
+    options = Options(
+        min_resolution=adapter.min_resolution,
+        shorten_intermediate_steps=adapter.shorten_intermediate_steps,
+        base_height=adapter.base_height,
+        base_width=adapter.base_width,
+        method=method,
+    )
+    request = PlanRequest(
+        height=height,
+        width=width,
+        num_inference_steps=steps or arch.steps,
+        scheduler=arch.scheduler(),
+        facts=adapter,
+        vae_scale_factor=VAE_SCALE_FACTOR,
+        options=options,
+        latent_spectrum=adapter.latent_spectrum(None),
+    )
+    return resolve_method(method).plan(request)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedSpeedup:
+    """A speed-up a method's authors report for a model and setting (DESIGN.md §1b), for the FLOP table."""
+
+    model: str  # an architecture's name (`published_architectures`)
+    resolution: Size
+    method: str  # as `--method` spells it; `lssgen:start_sigma=...` for LSSGen's own settings
+    reported: str  # the speed-up as reported, with what it measures
+    steps: int | None = None  # the method call's `num_inference_steps` where it is not the baseline's
+    note: str = ""
+
+
+PUBLISHED_SPEEDUPS = (
+    # LSSGen's own settings, for comparison: DESIGN.md gives no measured speed-up of the paper's.
+    PublishedSpeedup("FLUX.1-dev", 1024, "lssgen:start_sigma=0.75", "-"),
+    PublishedSpeedup("FLUX.1-dev", 1024, "lssgen:start_sigma=0.667", "-"),
+    *(
+        PublishedSpeedup("FLUX.1-dev", 1024, f"spectral:delta={delta}", f"{reported} (denoising loop, RTX A6000)")
+        for delta, reported in ((0.01, "1.32x"), (0.05, "1.63x"), (0.1, "1.83x"), (0.2, "2.02x"), (0.5, "2.36x"))
+    ),
+    PublishedSpeedup("FLUX.1-dev", 1024, "bottleneck", "2.34x (latency)", note="steps 6/20/8 of 50"),
+    PublishedSpeedup("FLUX.1-dev", 1024, "refine", "8.25x (end to end)", steps=12, note="12 steps at 512², 1 at 1024²"),
+    PublishedSpeedup(
+        "Qwen-Image", 1328, "refine", "10.3x (end to end)", steps=12, note="12 steps at half size, 1 full"
+    ),
+    PublishedSpeedup(
+        "Wan2.1-T2V-14B", (720, 1280), "spectral:delta=0.1", "2.78x", note="720P, 81 frames; size not in the summary"
+    ),
+)
+
+
+def method_bound_speedup(claim: PublishedSpeedup) -> tuple[float, StagePlan]:
+    """FLOPs of the model's plain generation (its published step count, at the plan's size) over FLOPs of the
+    method's plan, and the plan."""
+    name = claim.model
+    method, _, settings = claim.method.partition(":")
+    if method == "lssgen":
+        sigma = float(settings.removeprefix("start_sigma="))
+        plan = make_plan(
+            name,
+            claim.resolution,
+            start_sigma=sigma,
+            min_resolution=published_architectures()[name].adapter.min_resolution,
+        )
+    else:
+        plan = method_plan(name, claim.resolution, claim.method, claim.steps)
+    full = plan_flops(name, make_plan(name, (plan.height, plan.width), start_sigma=1.0))
+    return full / plan_flops(name, plan), plan
+
+
+def method_flop_table(claims: Iterable[PublishedSpeedup] = PUBLISHED_SPEEDUPS) -> str:
+    """A markdown table: each published setting's plan (stage sizes and steps), the FLOP bound of its speed-up over
+    the model's plain generation, and the speed-up its authors report."""
+    header = ["model", "size", "method", "stages (px: steps)", "FLOP bound", "reported", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    with _planner_notes():
+        for claim in claims:
+            bound, plan = method_bound_speedup(claim)
+            stages = ", ".join(f"{s.width}x{s.height}: {s.num_denoiser_steps}" for s in plan.stages)
+            size = _size_label((plan.height, plan.width))
+            row = [claim.model, size, f"`{claim.method}`", stages, f"{bound:.2f}x", claim.reported, claim.note]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     start = time.perf_counter()
     known = published_architectures()
@@ -289,6 +383,8 @@ def main() -> None:
         print(per_call_table(sizes, architectures=names))
         print()
         print(flop_bound_table(sizes, VIDEO_SETTINGS, architectures=names))
+    print()
+    print(method_flop_table())
     print(f"\n(counted in {time.perf_counter() - start:.1f} s)")
 
 
