@@ -14,6 +14,7 @@ import torch
 from console_script import LSSGEN
 from PIL import Image
 
+import lssgen
 from lssgen.cli import build_parser, main
 from lssgen.evaluation.geneval import GenEvalSettings, image_seed, parse_pipeline_type, read_prompts, run_geneval
 from lssgen.tiny import build_tiny_flux_pipeline
@@ -331,3 +332,50 @@ def test_shorten_intermediate_steps_takes_a_value_in_the_published_spelling():
     assert parser.parse_args([*base, "--no-shorten-intermediate-steps"]).shorten_intermediate_steps is False
     assert parser.parse_args([*base, "--shorten-intermediate-steps"]).shorten_intermediate_steps is True
     assert parser.parse_args(base).shorten_intermediate_steps is None  # the family's default
+
+
+def test_a_method_is_chosen_recorded_and_its_images_are_the_patched_pipelines(tiny_flux_dir, tmp_path, capsys):
+    """`--method refine`: run.json records it and no start_sigma (refine reads none), and the images are those of
+    the patched pipeline called with that method and the documented seed; a start_sigma given with it is refused."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(PROMPTS[0]) + "\n")
+    size = ["--height", 128, "--width", 128, "--steps", 4, "--images-per-prompt", 1, "--device", "cpu"]
+    args = [one, "--model", tiny_flux_dir, "--out", tmp_path / "refine", *size, "--method", "refine:sigma=0.2"]
+    assert main(["geneval", *map(str, args)]) == 0
+    run = json.loads((tmp_path / "refine/run.json").read_text())
+    assert run["settings"]["method"] == "refine:sigma=0.2" and run["settings"]["start_sigma"] is None
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    lssgen.patch(pipe)
+    expected = pipe(
+        PROMPTS[0]["prompt"],
+        height=128,
+        width=128,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        method="refine:sigma=0.2",
+        generator=torch.Generator("cpu").manual_seed(image_seed(0, 0, 0)),
+    ).images[0]
+    assert_same_image(pixels(tmp_path / "refine/00000/samples/0000.png"), np.asarray(expected))
+
+    refused = [
+        one,
+        "--model",
+        tiny_flux_dir,
+        "--out",
+        tmp_path / "no",
+        *size,
+        "--method",
+        "refine",
+        "--start-sigma",
+        0.5,
+    ]
+    capsys.readouterr()
+    assert main(["geneval", *map(str, refused)]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "`start_sigma` (given to the command line) does not apply to method 'refine'" in error
+    assert "Loading" not in error and not (tmp_path / "no").exists()  # refused before the pipeline loads
+    library = GenEvalSettings(model=str(tmp_path / "no-model"), out=str(tmp_path / "no"), method="refine")
+    with pytest.raises(ValueError, match=r"`start_sigma` \(given to lssgen geneval\) does not apply"):
+        run_geneval(one, replace(library, start_sigma=0.5))

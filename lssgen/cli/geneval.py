@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import PUBLISHED_SPELLINGS, add_method_options, positive_int
+from .options import PUBLISHED_SPELLINGS, add_method_argument, add_method_options, positive_int
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "flux)",
     )
     add_method_options(parser, prompt=False, published=True)
+    add_method_argument(parser)
     parser.add_argument(
         "--max-sequence-length",
         type=positive_int,
@@ -70,6 +71,7 @@ def _mode_and_pipeline(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def run(args: argparse.Namespace) -> None:
     from lssgen.evaluation.geneval import GenEvalSettings, run_geneval
+    from lssgen.methods import resolve_method
     from lssgen.plan import Options
 
     from .options import folder_defaults
@@ -79,7 +81,10 @@ def run(args: argparse.Namespace) -> None:
     # that); its lssgen options other than start_sigma reach `lssgen.patch` from the folder itself. start_sigma is
     # passed with every call, so it is resolved here: the user's, the folder's, else the method's default.
     folder = folder_defaults(args.model)
-    start_sigma = folder.patch.get("start_sigma", Options.start_sigma) if args.start_sigma is None else args.start_sigma
+    method = args.method or folder.patch.get("method")
+    start_sigma = args.start_sigma
+    if start_sigma is None and resolve_method(method).name == "lssgen":  # other methods read no start_sigma
+        start_sigma = folder.patch.get("start_sigma", Options.start_sigma)
     settings = GenEvalSettings(
         model=args.model,
         out=args.out,
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> None:
         min_resolution=args.min_resolution,
         shorten_intermediate_steps=args.shorten_intermediate_steps,
         scaling_space=args.scaling_space,
+        noise=args.noise,
+        method=method,
         max_sequence_length=args.max_sequence_length or folder.max_sequence_length,
         images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size,

@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 
 from lssgen.adapters import find_adapter
 from lssgen.loading import DTYPES, check_device, default_dtype, load_pipeline, load_upsampler
+from lssgen.methods import resolve_method
 from lssgen.outputs import atomic_write, check_writable
 from lssgen.patch import patch, plan_for
+from lssgen.plan import Options
 
 MODES = ("lssgen", "baseline")
 RUN_FILE = "run.json"
@@ -64,6 +66,8 @@ _IMAGE_SETTINGS = (
     "min_resolution",
     "shorten_intermediate_steps",
     "scaling_space",
+    "noise",
+    "method",
     "max_sequence_length",
     "seed",
     "dtype",
@@ -84,7 +88,10 @@ class GenEvalSettings:
         steps (`int`), guidance (`float`): denoising steps and guidance scale.
         height (`int`), width (`int`): image size in pixels (default: the pipeline's native size).
         start_sigma (`float`, defaults to `0.75`), min_resolution (`int`), shorten_intermediate_steps (`bool`),
-            scaling_space (`str`): lssgen's options (ignored in baseline mode).
+            scaling_space (`str`), noise (`str`): lssgen's options (ignored in baseline mode); `start_sigma` None:
+            not passed (a method other than LSSGen's that does not read it).
+        method (`str`, *optional*): the multi-resolution method as `--method` spells it (`lssgen methods`);
+            default: LSSGen's.
         max_sequence_length (`int`, *optional*): prompt tokens, passed to the pipeline only when given (the shipped
             scene model was trained on 32).
         images_per_prompt (`int`, defaults to `4`): samples per prompt (GenEval uses 4).
@@ -104,10 +111,12 @@ class GenEvalSettings:
     guidance: float | None = None
     height: int | None = None
     width: int | None = None
-    start_sigma: float = 0.75
+    start_sigma: float | None = 0.75
     min_resolution: int | None = None
     shorten_intermediate_steps: bool | None = None
     scaling_space: str | None = None
+    noise: str | None = None
+    method: str | None = None
     max_sequence_length: int | None = None
     images_per_prompt: int = 4
     batch_size: int | None = None
@@ -209,6 +218,10 @@ def _clear_prompt_folder(folder: Path) -> None:
                 path.unlink()
 
 
+# The lssgen options a run may set besides the method.
+_LSSGEN_OPTIONS = ("start_sigma", "min_resolution", "shorten_intermediate_steps", "scaling_space", "noise")
+
+
 def _check_settings(settings: GenEvalSettings) -> None:
     if settings.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {settings.mode!r}.")
@@ -224,8 +237,12 @@ def _check_settings(settings: GenEvalSettings) -> None:
         value = getattr(settings, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
-    if not 0 < settings.start_sigma <= 1:
+    if settings.start_sigma is not None and not 0 < settings.start_sigma <= 1:
         raise ValueError(f"--start-sigma must be in (0, 1], got {settings.start_sigma} (0.75 is the default).")
+    if settings.mode == "lssgen":  # the method, and the options it does not read, refused before anything loads
+        method = resolve_method(settings.method)
+        given = {name for name in _LSSGEN_OPTIONS if getattr(settings, name) is not None}
+        method.check_options(given, Options(start_sigma=settings.start_sigma or Options.start_sigma), "lssgen geneval")
     if settings.dtype is not None and settings.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
     check_device(settings.device)
@@ -329,6 +346,8 @@ def _resolved_settings(settings: GenEvalSettings, pipe: Any, adapter: Any, dtype
             min_resolution=None,
             shorten_intermediate_steps=None,
             scaling_space=None,
+            noise=None,
+            method=None,
         )
     return resolved
 
@@ -354,6 +373,8 @@ def _method_options(resolved: GenEvalSettings) -> dict[str, Any]:
         "min_resolution": resolved.min_resolution,
         "shorten_intermediate_steps": resolved.shorten_intermediate_steps,
         "scaling_space": resolved.scaling_space,
+        "noise": resolved.noise,
+        "method": resolved.method,
     }
     return {name: value for name, value in options.items() if value is not None}
 
