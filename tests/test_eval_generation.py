@@ -27,6 +27,7 @@ from lssgen.evaluation.upsampler import LABEL_HEIGHT
 from lssgen.scenes.scorer import CheckResult, SceneScorer
 from lssgen.scenes.world import ATTRIBUTES, CATEGORIES, evaluation_scenes, satisfies
 from lssgen.tiny import build_tiny_flux_pipeline
+from scripts.pareto_plot import pareto_front, pareto_plot
 from scripts.run_grid import run_grid
 
 SIZE, STEPS = 64, 4
@@ -216,6 +217,9 @@ def test_a_run_saved_with_its_images_is_scored_again_by_another_scorer(scorer, t
     assert grid.height == LABEL_HEIGHT + 2 * 32 and grid.width > 2 * 32
     with pytest.raises(SystemExit, match="not settings of"):
         run_grid(tmp_path / "run", [0], ["stock 20 steps"], tile=32)
+    # And the methods' quality-against-time plot: a point per setting, the front marked.
+    plot = pareto_plot(json.loads((tmp_path / "run" / "report.json").read_text()), "exact", size=(400, 300))
+    assert plot.size == (400, 300) and len(set(plot.getdata())) > 3
 
     # A run without its images, or a report of other prompts, is refused, naming what is wrong.
     write_report(first, tmp_path / "no-images")
@@ -410,3 +414,10 @@ def test_a_flux2_klein_scene_model_takes_its_prompts_by_name(scorer):
     pipe = build_pipeline(TinyFlux2Autoencoder(), seed=0, channels=(8, 16))
     report = _stock_and_lssgen_report(pipe, scorer, evaluation_scenes()[:2])
     assert [(score.name, len(score.passed)) for score in report.scores] == [("stock", 2), ("lssgen", 2)]
+
+
+def test_the_pareto_front_keeps_settings_no_other_beats_on_time_and_quality():
+    # (time ratio, quality): the 4th is beaten by the 3rd (faster and better), the 1st by the 2nd (faster, as good).
+    points = [(1.0, 0.5), (0.5, 0.5), (0.6, 0.7), (0.7, 0.6), (0.4, 0.3)]
+    assert pareto_front(points) == [4, 1, 2]
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points dominate neither
