@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from .plan import (
     OPTION_NAMES,
@@ -31,8 +30,6 @@ from .plan import (
     stock_stage_schedule,
     warn_if_rounded,
 )
-from .scaling import frame_by_frame
-from .spectrum import dct_2d, dct_upsample, spectral_stage_end_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +333,8 @@ class SpectralUpsampleAndRewind:
         return "DCT zero-padded x2, the new high band filled with noise of the level reached, rewound to t_eff"
 
     def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
+        from .spectrum import dct_2d, dct_upsample  # torch: imported when a run needs it (this module answers without)
+
         unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
         sigma = run.stage_end_sigma(stage)
         shape = (*unpacked.shape[:-2], following.latent_height, following.latent_width)
@@ -420,6 +419,8 @@ class Spectral(Method):
         return request.latent_spectrum
 
     def plan(self, request: PlanRequest) -> StagePlan:
+        from .spectrum import spectral_stage_end_sigma
+
         facts, factor, halvings = request.facts, request.vae_scale_factor, self.halvings
         self.check_adapter(facts)
         check_text_to_image_call(self.name, request)
@@ -485,21 +486,12 @@ class ResizeAndRenoise:
         return f"down: antialiased bicubic in latent space; up: {scaling}"
 
     def next_stage_latents(self, run: Any, latents: Any, stage: Stage, following: Stage) -> Any:
+        from .scaling import scale_down  # torch: imported when a run needs it (this module answers without)
+
         if following.latent_height >= stage.latent_height:
             return run.renoise(run.scale_up(latents, stage), following)
         unpacked = run.adapter.unpack(run.pipe, latents, stage.latent_height, stage.latent_width)
         return run.renoise(scale_down(unpacked, following.latent_height, following.latent_width), following)
-
-
-def scale_down(latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
-    """Unpacked latents (images or videos, frame by frame) resized down to `latent_height` x `latent_width`:
-    bicubic with antialiasing, in float32."""
-
-    def resize(images: torch.Tensor) -> torch.Tensor:
-        size = (latent_height, latent_width)
-        return torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
-
-    return frame_by_frame(resize, latents).to(latents.dtype)
 
 
 def static_shift(shift: float, t: np.ndarray) -> np.ndarray:

@@ -88,3 +88,14 @@ def scale_up(latents: torch.Tensor, space: str, *, pipe: Any, adapter: Adapter, 
     if adapter.scale_in_vae_space:
         up = adapter.vae_to_latents(pipe, up).to(latents.device, latents.dtype)
     return up
+
+
+def scale_down(latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    """Unpacked latents (images or videos, frame by frame) resized down to `latent_height` x `latent_width`:
+    bicubic with antialiasing, in float32 (method 'bottleneck' goes down between stages)."""
+
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        size = (latent_height, latent_width)
+        return F.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
+
+    return frame_by_frame(resize, latents).to(latents.dtype)
