@@ -22,14 +22,14 @@ from lssgen.scenes.world import evaluation_scenes, render
 from lssgen.spectrum import fit_latent_spectrum
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(lssgen.weights_path("scene-t2i")), help="a model folder")
     parser.add_argument("--scenes", type=int, default=96, help="held-out scenes to encode (there are 96)")
     parser.add_argument("--size", type=int, help="render size in px (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=20, help="steps of the plans printed")
     parser.add_argument("--threads", type=int)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

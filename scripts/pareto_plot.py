@@ -8,10 +8,13 @@ and its points named.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from lssgen.methods import resolve_method
 
 # Colours by the method a setting's name starts with (eval-generation names rows "stock ...", "lssgen ...", or by
 # a method's spelling).
@@ -45,6 +48,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+def label(name: str) -> str:
+    """A setting's name for the plot: a method's spelling with only the parameters that differ from its defaults (a
+    latent spectrum left out), e.g. `bottleneck:steps=4/12/6`."""
+    try:
+        method = resolve_method(name)
+    except (ValueError, TypeError):
+        return name  # "stock ...", "lssgen ..."
+    default = type(method)()
+    changed = [
+        f"{f.name}={'/'.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for f in dataclasses.fields(method)
+        if (value := getattr(method, f.name)) != getattr(default, f.name) and f.name not in ("a", "beta")
+    ]
+    return method.name + (":" + ",".join(changed) if changed else " (defaults)")
+
+
 def method_of(name: str) -> str:
     return next((method for method in COLOURS if name.startswith(method)), "stock")
 
@@ -54,7 +73,7 @@ def pareto_plot(report: dict, quality: str = "overall", size: tuple[int, int] = 
     points = [(score["time_ratio"], quality_of(score, quality)) for score in scores]
     front = pareto_front(points)
     width, height = size
-    left, right, top, bottom = 70, 220, 30, 60
+    left, right, top, bottom = 70, 250, 30, 60
     times = [t for t, _ in points]
     values = [q for _, q in points]
     t_low, t_high = 0.0, max(1.05, max(times) * 1.05)
@@ -91,7 +110,7 @@ def pareto_plot(report: dict, quality: str = "overall", size: tuple[int, int] = 
     # The front's settings, named in the margin in the order of the line.
     draw.text((width - right + 10, top), "Pareto front:", fill=(200, 120, 0))
     for rank, index in enumerate(front):
-        draw.text((width - right + 10, top + 16 * (rank + 1)), scores[index]["name"][:34], fill="black")
+        draw.text((width - right + 10, top + 16 * (rank + 1)), label(scores[index]["name"]), fill="black")
     legend = top + 16 * (len(front) + 2)
     for rank, (method, colour) in enumerate(COLOURS.items()):
         y = legend + 16 * rank
@@ -100,15 +119,15 @@ def pareto_plot(report: dict, quality: str = "overall", size: tuple[int, int] = 
     return image
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="an eval-generation output folder (its report.json)")
     parser.add_argument("--quality", choices=sorted(QUALITIES), default="overall")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report = json.loads((args.run_dir / "report.json").read_text())
     pareto_plot(report, args.quality).save(args.out)
-    names = [report["scores"][i]["name"] for i in pareto_front(
+    names = [label(report["scores"][i]["name"]) for i in pareto_front(
         [(s["time_ratio"], quality_of(s, args.quality)) for s in report["scores"]]
     )]  # fmt: skip
     print(f"wrote {args.out}; Pareto front: {names}")

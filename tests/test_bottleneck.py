@@ -18,7 +18,7 @@ import test_wan
 import test_zimage
 import torch
 import torch.nn.functional as F
-from test_methods import method_contract
+from test_methods import PROMISE_TESTS, method_contract
 
 import lssgen
 from lssgen.adapters.flux import flux_dev_scheduler
@@ -201,7 +201,7 @@ def bottleneck_contract(family: type, **attributes) -> type:
     return method_contract(family, BottleneckContract, BottleneckContract.method, trace_cases=trace_cases, **attributes)
 
 
-TestBottleneckFlux = bottleneck_contract(test_flux.TestFlux)
+TestBottleneckFlux = bottleneck_contract(test_flux.TestFlux, keep=PROMISE_TESTS)
 TestBottleneckFlux2 = bottleneck_contract(test_flux2.TestFlux2)
 TestBottleneckSD3 = bottleneck_contract(test_sd3.TestSD3)
 TestBottleneckChroma = bottleneck_contract(test_chroma.TestChroma)

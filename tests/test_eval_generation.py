@@ -27,7 +27,7 @@ from lssgen.evaluation.upsampler import LABEL_HEIGHT
 from lssgen.scenes.scorer import CheckResult, SceneScorer
 from lssgen.scenes.world import ATTRIBUTES, CATEGORIES, evaluation_scenes, satisfies
 from lssgen.tiny import build_tiny_flux_pipeline
-from scripts.pareto_plot import pareto_front, pareto_plot
+from scripts.pareto_plot import label, pareto_front, pareto_plot
 from scripts.run_grid import run_grid
 
 SIZE, STEPS = 64, 4
@@ -421,3 +421,10 @@ def test_the_pareto_front_keeps_settings_no_other_beats_on_time_and_quality():
     points = [(1.0, 0.5), (0.5, 0.5), (0.6, 0.7), (0.7, 0.6), (0.4, 0.3)]
     assert pareto_front(points) == [4, 1, 2]
     assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points dominate neither
+
+
+def test_the_plot_names_a_method_by_the_parameters_it_changes():
+    assert label("spectral:delta=0.1,halvings=1,a=14.0772,beta=1.36409") == "spectral (defaults)"
+    assert label("bottleneck:steps=4/12/6,strengths=1.0/0.8/0.6,shifts=9.0/6.0/9.0") == "bottleneck:steps=4/12/6"
+    assert label("refine:sigma=0.3,steps=2") == "refine:sigma=0.3,steps=2"
+    assert label("stock 12 steps (equal time)") == "stock 12 steps (equal time)"

@@ -307,12 +307,24 @@ class RefineContract:
         assert torch.equal(self.images(pipe, **self.refine_call(pipe), method="refine"), before)
 
 
-def method_contract(family: type, contract: type, method: str, **attributes) -> type:
-    """`contract` (a method's tests, e.g. `RefineContract`) and the adapter contract's `CONTRACT_TESTS` for `family`
-    (a family's contract test class), with `method` as the method of the contract's multi-stage calls and plans;
-    `attributes` set the class's."""
+# The contract's tests of the promises every plan keeps besides those: the user's callback, an interrupt, stateful
+# hooks (a cache's state) reset at every stage, LoRA in every stage. Each method runs them on FLUX.1 (generic code:
+# one family shows a method keeps them; the families' own classes run them for LSSGen's plans). The contract's
+# cache matrix calls with LSSGen's start_sigma values, which the other methods refuse.
+PROMISE_TESTS = (
+    "test_user_callback_sees_every_step_once",
+    "test_interrupt_in_a_low_resolution_stage_still_returns_a_full_size_image",
+    "test_stateful_hooks_are_reset_at_every_stage_and_around_every_call",
+    "test_lora_applies_in_every_stage",
+)
+
+
+def method_contract(family: type, contract: type, method: str, keep: tuple[str, ...] = (), **attributes) -> type:
+    """`contract` (a method's tests, e.g. `RefineContract`) and the adapter contract's `CONTRACT_TESTS` (and `keep`)
+    for `family` (a family's contract test class), with `method` as the method of the contract's multi-stage calls
+    and plans; `attributes` set the class's."""
     contract_tests = {name for cls in family.__mro__ for name in vars(cls) if name.startswith("test_")}
-    dropped = dict.fromkeys(contract_tests - set(CONTRACT_TESTS))
+    dropped = dict.fromkeys(contract_tests - set(CONTRACT_TESTS) - set(keep))
 
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         # The contract's calls at the method classes' smaller size and step count, unless a test asks for others.
@@ -338,7 +350,7 @@ def refine_contract(family: type, **attributes) -> type:
     return method_contract(family, RefineContract, "refine", trace_cases=trace_cases, **attributes)
 
 
-TestRefineFlux = refine_contract(test_flux.TestFlux)
+TestRefineFlux = refine_contract(test_flux.TestFlux, keep=PROMISE_TESTS)
 # Flux2Pipeline draws its noise packed, (B, 128, h/2, w/2): the same distribution as lssgen's (B, 32, h, w), other
 # samples for a seed. Its first stage still runs the stock schedule and inputs at half size (checked).
 TestRefineFlux2 = refine_contract(test_flux2.TestFlux2, first_noise_as_stock=False)

@@ -21,7 +21,7 @@ import test_sd3
 import test_wan
 import test_zimage
 import torch
-from test_methods import method_contract
+from test_methods import PROMISE_TESTS, method_contract
 
 import lssgen
 from lssgen.adapters.flux import FLUX1_LATENT_SPECTRUM, flux_dev_scheduler
@@ -266,6 +266,7 @@ def spectral_contract(family: type, spectrum: str = "", **attributes) -> type:
 OTHER_VAE = "a=203.615097,beta=1.915461"
 TestSpectralFlux = spectral_contract(
     test_flux.TestFlux,
+    keep=PROMISE_TESTS,
     trace_cases=[
         (128, 128, 6, {"method": "spectral"}),
         (64, 128, 6, {"method": "spectral:delta=0.5"}),
