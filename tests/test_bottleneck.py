@@ -5,8 +5,6 @@ transitions with each image's own noise, bad input refused before anything is de
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import test_chroma
 import test_cogview4
@@ -18,7 +16,7 @@ import test_wan
 import test_zimage
 import torch
 import torch.nn.functional as F
-from test_methods import PROMISE_TESTS, method_contract
+from test_methods import PROMISE_TESTS, method_contract, record_latent_inputs
 
 import lssgen
 from lssgen.adapters.flux import flux_dev_scheduler
@@ -123,13 +121,7 @@ class BottleneckContract:
                 ends[stage_ends[step]] = callback_kwargs["latents"].clone()
             return {}
 
-        inputs = []
-        name = list(inspect.signature(type(self.denoiser(pipe)).forward).parameters)[1]
-        signature = inspect.signature(type(self.denoiser(pipe)).forward)
-        hook = self.denoiser(pipe).register_forward_pre_hook(
-            lambda module, args, kwargs: inputs.append(signature.bind(module, *args, **kwargs).arguments[name]),
-            with_kwargs=True,
-        )
+        inputs, hook = record_latent_inputs(self.denoiser(pipe))
         records, handle = self.trace(pipe)
         seeds = (41, 42)
         call = self.bottleneck_call(

@@ -7,6 +7,7 @@ itself is the adapter contract's subject everywhere else."""
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,6 +190,19 @@ BAD_REFINE_CALLS = [
 ]
 
 
+def record_latent_inputs(denoiser) -> tuple[list, Any]:
+    """The latent argument (the forward's first, by name, however it is passed) of every call of `denoiser`, in a
+    list that fills as the calls happen; and the hook's handle, to remove."""
+    signature = inspect.signature(type(denoiser).forward)
+    name = list(signature.parameters)[1]
+    inputs = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(signature.bind(module, *args, **kwargs).arguments[name]),
+        with_kwargs=True,
+    )
+    return inputs, handle
+
+
 class RefineContract:
     """`refine` on a family's tiny pipeline (mixed into a subclass of the family's contract class)."""
 
@@ -199,10 +213,6 @@ class RefineContract:
     def refine_call(self, pipe, **overrides):
         # The final latents, not decoded images: what refine changes is the latent (and decoding costs time).
         return self.call_kwargs(pipe, **{"output_type": "latent", **overrides})
-
-    def first_input(self, pipe):
-        """The name of the denoiser's latent argument (its first)."""
-        return list(inspect.signature(type(self.denoiser(pipe)).forward).parameters)[1]
 
     def test_refine_off_is_the_stock_pipeline(self, pipe):
         """`start_sigma=1.0` turns every method off: with refine as the patch's method, the stock images exactly."""
@@ -262,19 +272,14 @@ class RefineContract:
         lssgen.patch(pipe, None, method="refine")
         plan = self.plan(pipe)
         first, final = plan.stages
-        ends, inputs = [], []
+        ends = []
 
         def on_step(pipeline, step, timestep, callback_kwargs):
             if step == first.num_denoiser_steps - 1:
                 ends.append(callback_kwargs["latents"].clone())
             return {}
 
-        name = self.first_input(pipe)
-        signature = inspect.signature(type(self.denoiser(pipe)).forward)
-        hook = self.denoiser(pipe).register_forward_pre_hook(
-            lambda module, args, kwargs: inputs.append(signature.bind(module, *args, **kwargs).arguments[name]),
-            with_kwargs=True,
-        )
+        inputs, hook = record_latent_inputs(self.denoiser(pipe))
         seeds = (21, 22)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         call = self.refine_call(pipe, prompts=["a fox", "a boat"], generator=generators)

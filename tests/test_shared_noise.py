@@ -4,14 +4,13 @@ and Wan (videos, the frame axis kept) pipelines against a field drawn independen
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import scipy.fft
 import test_flux
 import test_wan
 import torch
 import torch.nn.functional as F
+from test_methods import record_latent_inputs
 
 import lssgen
 from lssgen.controller import noise_at_cells
@@ -28,14 +27,8 @@ def run_and_capture(family, pipe, options: dict):
     first denoiser call received and those its last step ended on."""
     plan = lssgen.plan_for(pipe, 256, 256, 8, **options)
     adapter = lssgen.find_adapter(pipe)
-    denoiser = family.denoiser(pipe)
-    signature = inspect.signature(type(denoiser).forward)
-    name = list(signature.parameters)[1]
-    inputs, ends = [], {}
-    hook = denoiser.register_forward_pre_hook(
-        lambda module, args, kwargs: inputs.append(signature.bind(module, *args, **kwargs).arguments[name]),
-        with_kwargs=True,
-    )
+    inputs, hook = record_latent_inputs(family.denoiser(pipe))
+    ends = {}
 
     def on_step(pipeline, step, timestep, callback_kwargs):
         ends[step] = callback_kwargs["latents"].clone()

@@ -6,7 +6,6 @@ anything is denoised)."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ import test_sd3
 import test_wan
 import test_zimage
 import torch
-from test_methods import PROMISE_TESTS, method_contract
+from test_methods import PROMISE_TESTS, method_contract, record_latent_inputs
 
 import lssgen
 from lssgen.adapters.flux import FLUX1_LATENT_SPECTRUM, flux_dev_scheduler
@@ -183,13 +182,8 @@ class SpectralContract:
         plan = lssgen.plan_for(pipe, self.height, self.width, 6, method=method)
         small, full = plan.stages
         k = small.num_denoiser_steps
-        ends, inputs = [], []
-        name = list(inspect.signature(type(self.denoiser(pipe)).forward).parameters)[1]
-        signature = inspect.signature(type(self.denoiser(pipe)).forward)
-        hook = self.denoiser(pipe).register_forward_pre_hook(
-            lambda module, args, kwargs: inputs.append(signature.bind(module, *args, **kwargs).arguments[name]),
-            with_kwargs=True,
-        )
+        ends = []
+        inputs, hook = record_latent_inputs(self.denoiser(pipe))
         records, handle = self.trace(pipe)
         seeds = (31, 32)
         call = self.spectral_call(
