@@ -173,9 +173,12 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_methods_argument(parser: argparse.ArgumentParser) -> None:
-    """`--methods NAME[:key=value,...] ...`: other methods run beside LSSGen's settings (`lssgen methods`)."""
+    """`--methods NAME[:key=value,...] ...` (also spelled `--method`, as `generate` and `geneval` take it): other
+    methods run beside LSSGen's settings (`lssgen methods`)."""
     parser.add_argument(
         "--methods",
+        "--method",
+        dest="methods",
         nargs="+",
         default=[],
         metavar="NAME[:key=value,...]",
