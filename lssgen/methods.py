@@ -81,6 +81,7 @@ class Method:
             is refused, naming the option. `start_sigma=1.0` turns every method off (the stock pipeline runs).
         transition: the object whose `next_stage_latents(run, latents, stage, following)` the controller calls at
             every stage end.
+        flow_only (`bool`): the method needs a flow-matching family; `check_adapter` refuses the others.
     """
 
     name: ClassVar[str] = ""
@@ -88,9 +89,13 @@ class Method:
     sources: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[frozenset[str]] = frozenset()
     transition: ClassVar[Any] = SCALE_UP_AND_RENOISE
+    flow_only: ClassVar[bool] = False  # the method walks a sigma path from 1 to 0 (refused for diffusion families)
 
     def check_adapter(self, adapter: Any) -> None:
-        """Raise a `ValueError` naming what the family lacks for this method; every family by default."""
+        """Raise a `ValueError` naming what the family lacks for this method: a flow-matching path for a
+        `flow_only` method; every family otherwise."""
+        if self.flow_only:
+            require_flow(self.name, adapter)
 
     def plan(self, request: PlanRequest) -> StagePlan:
         raise NotImplementedError
@@ -249,6 +254,7 @@ class Refine(Method):
     steps: int = field(default=1, metadata={"help": "steps at full size, on the linear unshifted schedule sigma -> 0"})
 
     name: ClassVar[str] = "refine"
+    flow_only: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "a full stock generation at half size, scaled up x2, re-noised to sigma, finished at full size in a few steps"
     )
@@ -265,9 +271,6 @@ class Refine(Method):
         check_number("steps", self.steps, integer=True)
         if self.steps < 1:
             raise ValueError(f"method 'refine': `steps` must be a positive integer (1 is MrFlow's), got {self.steps}.")
-
-    def check_adapter(self, adapter: Any) -> None:
-        require_flow(self.name, adapter)
 
     def plan(self, request: PlanRequest) -> StagePlan:
         facts, factor = request.facts, request.vae_scale_factor
@@ -380,6 +383,7 @@ class Spectral(Method):
     beta: float | None = field(default=None, metadata={"help": "its exponent (family's by default)"})
 
     name: ClassVar[str] = "spectral"
+    flow_only: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "one full-size schedule; each stage ends by the frequency rule, DCT zero-pad x2 with high-band noise, rewind"
     )
@@ -403,9 +407,6 @@ class Spectral(Method):
                 check_number(name, getattr(self, name))
                 if not getattr(self, name) > 0:
                     raise ValueError(f"method 'spectral': `{name}` must be positive, got {getattr(self, name)}.")
-
-    def check_adapter(self, adapter: Any) -> None:
-        require_flow(self.name, adapter)
 
     def spectrum(self, request: PlanRequest) -> tuple[float, float]:
         if self.a is not None:
@@ -533,6 +534,7 @@ class Bottleneck(Method):
     shifts: tuple[float, ...] = field(default=(9.0, 6.0, 9.0), metadata={"help": "static time shift per stage"})
 
     name: ClassVar[str] = "bottleneck"
+    flow_only: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "full size, then half, then full again; each stage on its own shifted schedule from its strength, re-noised"
     )
@@ -561,9 +563,6 @@ class Bottleneck(Method):
             )
         if min(self.shifts) <= 0:
             raise ValueError(f"method 'bottleneck': `shifts` must be positive, got {_spell(self.shifts)}.")
-
-    def check_adapter(self, adapter: Any) -> None:
-        require_flow(self.name, adapter)
 
     def stage_steps(self, num_inference_steps: int) -> tuple[int, ...]:
         if self.steps is not None:
