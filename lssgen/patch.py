@@ -70,11 +70,9 @@ class PatchState:
     controlnets: list = field(default_factory=list, repr=False)
 
     def low_resolution_stage(self) -> Stage | None:
-        """The stage being denoised while it is a low-resolution one, else None: at the target size the
+        """The stage being denoised while it is smaller than the target, else None: at the target size the
         pipeline's own conditioning (a user's `original_size`, say) is already right."""
-        if self.run is None or self.run.current_stage is self.run.plan.stages[-1]:
-            return None
-        return self.run.current_stage
+        return None if self.run is None else self.run.scheduler.low_resolution_stage
 
     def controls(self) -> tuple[Stage | None, StageControls] | None:
         """For the control hooks: the low-resolution stage in force (None at the target size) and the call's control

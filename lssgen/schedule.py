@@ -56,14 +56,23 @@ class StagedScheduler:
         self._sigma_values = None if self._sigmas is None else self._sigmas.tolist()
         self.steps_taken = 0
         # Kept alongside `steps_taken` (not derived on read) so hooks that read the stage under torch.compile
-        # guard on the stage, not on the step counter: one graph per stage size.
+        # guard on the stage, not on the step counter.
         self.stage_index = 0
+        # What the conditioning hooks read: the stage in force while it is smaller than the target, else None (at
+        # the target size the pipeline's own conditioning is right). Two stages at the target size (a method that
+        # starts at full size) read the same None: one compiled graph per stage size, not per stage.
+        self.low_resolution_stage = self._low_resolution_stage()
 
         # Pipelines inspect `step`'s signature to decide whether to pass `eta` and `generator`.
         def step(*args, **kwargs):
             return self._step(*args, **kwargs)
 
         self.step = functools.wraps(template.step)(step)
+
+    def _low_resolution_stage(self) -> Stage | None:
+        stage, target = self.plan.stages[self.stage_index], self.plan.stages[-1]
+        at_target = (stage.latent_height, stage.latent_width) == (target.latent_height, target.latent_width)
+        return None if at_target else stage
 
     @property
     def current(self) -> Any:
@@ -126,6 +135,7 @@ class StagedScheduler:
         output = self.current.step(*args, **kwargs)
         self.steps_taken += 1
         self.stage_index = self.plan.stage_at(self.steps_taken).index
+        self.low_resolution_stage = self._low_resolution_stage()
         if (
             self.on_stage_end is not None
             and stage is not self.plan.stages[-1]
@@ -152,6 +162,7 @@ class StagedScheduler:
             "stage_schedulers",
             "steps_taken",
             "stage_index",
+            "low_resolution_stage",
             "step",
         }:
             raise AttributeError(name)

@@ -144,6 +144,9 @@ class AdapterContract:
         (256, 128, 8, {"min_resolution": 64, "start_sigma": 0.667}),
         (192, 384, 20, {"min_resolution": 48, "base_height": 256, "base_width": 512}),
     ]
+    # The call options (over `call_kwargs`) the cache matrix runs each cache through, after patching with
+    # `three_stages`.
+    cache_calls: tuple[dict[str, Any], ...] = ({"start_sigma": 0.75}, {"start_sigma": 0.667})
     calls_per_step = 1  # denoiser calls per step (2 where the pipeline runs CFG as two calls)
     # An image-to-image family's `strength` (its `call_kwargs` pass it with an `image`); 1.0: text-to-image.
     strength = 1.0
@@ -629,17 +632,18 @@ class AdapterContract:
         lssgen.patch(pipe, **self.three_stages)
         no_reuse = CACHES_WITHOUT_REUSE.get((type(pipe).__name__, cache))
         reused = {}
-        for start_sigma in (0.75, 0.667):
+        for index, options in enumerate(self.cache_calls):
             work, handles = record_work(self.denoiser(pipe))
             try:
-                images = self.images(pipe, **self.call_kwargs(pipe), start_sigma=start_sigma)
+                images = self.images(pipe, **{**self.call_kwargs(pipe), **options})
             finally:
                 for handle in handles:
                     handle.remove()
             assert images.shape == self.output_shape(1, self.height, self.width) and torch.isfinite(images).all()
-            plan = self.plan(pipe, **self.three_stages, start_sigma=start_sigma)
+            plan_options = {key: value for key, value in options.items() if key != "num_inference_steps"}
+            plan = self.plan(pipe, steps=options.get("num_inference_steps"), **{**self.three_stages, **plan_options})
             assert len(work) == plan.total_steps * self.calls_per_step
-            reused[start_sigma] = min(work) < max(work)
+            reused[index] = min(work) < max(work)
         # Every stage's first call computes in full (its cache was just cleared): a call that ran fewer of the
         # denoiser's modules reused a cached result. (FasterCache on Flux2Pipeline reuses at 0.667 only: with
         # stages this short, whether a step falls in its skip pattern depends on the plan.)

@@ -190,6 +190,9 @@ def bottleneck_contract(family: type, **attributes) -> type:
         (128, 128, 4, {"method": "bottleneck:steps=2/3/2"}),
         (64, 128, 10, {"method": "bottleneck"}),  # the default steps: 1/4/2 of 10
     ]
+    # The cache matrix with a longer middle stage: in the contract's 3-step one, TaylorSeer's and FasterCache's skip
+    # patterns find no step to reuse on.
+    attributes.setdefault("cache_calls", ({"method": "bottleneck:steps=2/8/3", "num_inference_steps": 13},))
     return method_contract(family, BottleneckContract, BottleneckContract.method, trace_cases=trace_cases, **attributes)
 
 

@@ -172,6 +172,46 @@ def test_describe_names_the_method():
     assert "method" not in lssgen.plan_for(pipe, 256, 256, 8, min_resolution=128).describe()  # LSSGen's own
 
 
+# --- torch.compile: one graph per stage size, whatever the method -------------------------------------------------
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"min_resolution": 64, "base_height": 256, "base_width": 256},  # lssgen: 64, 128 and 256 px
+        {"method": "refine:steps=2"},
+        {"method": "spectral:delta=0.5"},
+        {"method": "bottleneck:steps=2/2/2"},  # 256, 128, 256 px: two sizes, three stages
+    ],
+    ids=["lssgen", "refine", "spectral", "bottleneck"],
+)
+def test_torch_compile_compiles_once_per_stage_size(options):
+    """The compiled transformer gives the eager images, traces one graph per distinct stage size and, on a second
+    call, none more. The hooks read the stage from the staged scheduler; anything else they touched (a step counter,
+    a cache) would become guarded state and recompile the transformer mid-stage."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe, eager = build_tiny_flux_pipeline(), build_tiny_flux_pipeline()
+    for each in (pipe, eager):
+        each.set_progress_bar_config(disable=True)
+        lssgen.patch(each, None, **options)
+    # aot_eager: Dynamo traces and guards exactly as with the default backend (graph count and recompilations are
+    # decided before any backend runs) but skips inductor's C++ code generation, minutes on a 2-core CPU.
+    pipe.transformer.compile(backend="aot_eager")
+    compiled = pipe(**test_flux.flux_call_kwargs(pipe)).images
+    graphs = counters["stats"]["unique_graphs"]
+    again = pipe(**test_flux.flux_call_kwargs(pipe)).images
+    try:
+        sizes = {(s.latent_height, s.latent_width) for s in lssgen.plan_for(pipe, 256, 256, 8).stages}
+        assert len(sizes) >= 2
+        assert graphs == counters["stats"]["unique_graphs"] == len(sizes)
+        torch.testing.assert_close(again, compiled)
+        expected = eager(**test_flux.flux_call_kwargs(eager)).images
+        torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        torch._dynamo.reset()
+
+
 # --- refine on every flow family: a subset of the adapter contract, and its own checks ---------------------------
 # The contract's tests that say what a method must keep: the denoiser sees its plan, and every image of a batch has
 # its own noise. Its "stock equality when off" is `test_refine_off_is_the_stock_pipeline` below (the contract's
@@ -313,13 +353,14 @@ class RefineContract:
 
 
 # The contract's tests of the promises every plan keeps besides those: the user's callback, an interrupt, stateful
-# hooks (a cache's state) reset at every stage, LoRA in every stage. Each method runs them on FLUX.1 (generic code:
-# one family shows a method keeps them; the families' own classes run them for LSSGen's plans). The contract's
-# cache matrix calls with LSSGen's start_sigma values, which the other methods refuse.
+# hooks (a cache's state) reset at every stage, every diffusers cache composing, LoRA in every stage. Each method runs
+# them on FLUX.1 (generic code: one family shows a method keeps them; the families' own classes run them for LSSGen's
+# plans).
 PROMISE_TESTS = (
     "test_user_callback_sees_every_step_once",
     "test_interrupt_in_a_low_resolution_stage_still_returns_a_full_size_image",
     "test_stateful_hooks_are_reset_at_every_stage_and_around_every_call",
+    "test_diffusers_caches_compose",
     "test_lora_applies_in_every_stage",
 )
 
@@ -344,6 +385,9 @@ def method_contract(family: type, contract: type, method: str, keep: tuple[str, 
         "steps": 4,
         "call_kwargs": call_kwargs,
         "three_stages": {"method": method},  # what the kept contract tests patch and call with
+        # The cache matrix's call: the method's own plan (start_sigma is LSSGen's), with stages long enough for a
+        # cache's warm-up (TaylorSeer's is 3 steps) to leave steps to reuse on.
+        "cache_calls": ({"num_inference_steps": 12},),
         **attributes,
     }
     name = f"Test{contract.__name__.removesuffix('Contract')}{family.__name__.removeprefix('Test')}"

@@ -89,7 +89,7 @@ class Flux2ImageIdsHook(ModelHook):
         return args, kwargs
 
 
-def _prepare_latents_for_stages(pipe, current_stage, *args, **kwargs):
+def _prepare_latents_for_stages(pipe, *args, **kwargs):
     """`prepare_latents` of a patched FLUX.2 pipe.
 
     The stock method takes `latents` as a 4-D `(B, 128, h, w)` grid and derives the latent ids from its shape; the
@@ -101,7 +101,9 @@ def _prepare_latents_for_stages(pipe, current_stage, *args, **kwargs):
     stock = functools.partial(type(pipe).prepare_latents, pipe)
     bound = _PREPARE_SIGNATURE.bind(*args, **kwargs).arguments
     latents = bound.get("latents")
-    if current_stage() is None or latents is None or latents.ndim != 3:
+    # Packed (3-D) latents are lssgen's first stage, of whatever size (the stock method refuses them); a first
+    # stage at the target size (a bottleneck plan) reads no low-resolution stage, so that cannot tell.
+    if latents is None or latents.ndim != 3:
         return stock(*args, **kwargs)
     batch, device = bound["batch_size"], bound["device"]
     if latents.shape[0] != batch:
@@ -256,13 +258,13 @@ class Flux2Adapter(Adapter):
         # closures) so that deep copies of the pipe get copies bound to themselves.
         if isinstance(pipe, Flux2KleinInpaintPipeline):
             shadows = {
-                _PREPARE_LATENTS: _inpaint_prepare_latents_for_stages,
-                _PREPARE_MASK_LATENTS: _inpaint_prepare_mask_latents_for_stages,
+                _PREPARE_LATENTS: functools.partial(_inpaint_prepare_latents_for_stages, pipe, current_stage),
+                _PREPARE_MASK_LATENTS: functools.partial(_inpaint_prepare_mask_latents_for_stages, pipe, current_stage),
             }
         else:
-            shadows = {_PREPARE_LATENTS: _prepare_latents_for_stages}
+            shadows = {_PREPARE_LATENTS: functools.partial(_prepare_latents_for_stages, pipe)}
         for name, method in shadows.items():
-            pipe.__dict__[name] = functools.partial(method, pipe, current_stage)
+            pipe.__dict__[name] = method
 
     def remove_hooks(self, pipe):
         super().remove_hooks(pipe)
