@@ -38,6 +38,10 @@ class Run:
     transition: Any = field(default=SCALE_UP_AND_RENOISE, repr=False)
     # noise="shared": the call's one noise field, unpacked at the target size, that every stage reads (else None).
     noise_field: torch.Tensor | None = field(default=None, repr=False)
+    # The noise each stage started from, by stage index (unpacked): what an inpainting loop noises its image with.
+    noises: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # An inpainting call's kept region (`lssgen.inpainting.KeptRegion`); else None.
+    kept: Any = field(default=None, repr=False)
 
     @property
     def current_stage(self) -> Stage:
@@ -59,9 +63,12 @@ class Run:
         call's generators, or with noise="shared" the call's noise field read at the stage's cells
         ([`noise_at_cells`])."""
         if self.noise_field is None:
-            return randn_tensor(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
-        cells = noise_at_cells(self.noise_field, stage.latent_height, stage.latent_width)
-        return cells.to(device=like.device, dtype=like.dtype)
+            noise = randn_tensor(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        else:
+            noise = noise_at_cells(self.noise_field, stage.latent_height, stage.latent_width)
+            noise = noise.to(device=like.device, dtype=like.dtype)
+        self.noises[stage.index] = noise
+        return noise
 
     def renoise(self, clean: torch.Tensor, stage: Stage) -> torch.Tensor:
         """Noise of the new shape (`stage_noise`), mixed in to the noise level `stage` really starts from."""
@@ -83,6 +90,12 @@ class Run:
     def next_stage_latents(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
         following = self.plan.stages[stage.index + 1]
         unpacked = self.transition.next_stage_latents(self, latents, stage, following)
+        if self.kept is not None:
+            # Inpainting: the loop's mask, image and noise follow the stage, and the kept region starts as the
+            # stage's own image noised with the stage's noise (not the scaled-up one).
+            noise = self.noises[following.index]
+            self.kept.enter(following, noise)
+            unpacked = self.kept.keep(unpacked, following, following.first_sigma, noise)
         self.show_stage(following)
         # Caches hold tensors of this stage's size: the next stage starts with none (see lssgen.caches).
         self.caches.start(following)

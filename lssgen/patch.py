@@ -27,6 +27,7 @@ from .controlnets import (
     stand_in_control_preparation,
     takes_control,
 )
+from .inpainting import KeptRegion, check_mask, stand_in_preparation
 from .loading import ModelDefaults, check_upsampler, model_defaults
 from .methods import PlanRequest, resolve_method
 from .plan import NOISE_MODES, OPTION_NAMES, Options, Stage, StagePlan, stock_timesteps, validate_options
@@ -52,6 +53,7 @@ _CONFLICTING_ARGUMENTS = ("latents", "sigmas", "timesteps", "mu", "denoising_sta
 # Where a pipeline's `__call__` takes no `latents` (StableDiffusionImg2ImgPipeline), its `prepare_latents` is shadowed
 # by an instance attribute for the call and returns the first stage's.
 _PREPARE_LATENTS = "prepare_latents"
+_MISSING = object()
 
 
 @dataclass
@@ -318,10 +320,21 @@ def _patched_call(self, *args, **kwargs):
     if control_method is not None:
         # The pipeline prepares its control images (after its own checks); each is prepared at every stage's size too.
         self.__dict__[control_method] = stand_in_control_preparation(self, state.adapter, run.plan, run.controls, run)
+    inpaint = state.adapter.inpaint_layout(self)
+    # Instance attributes standing in for the pipeline's methods during the call; what was there before (an
+    # adapter's own stand-in, or nothing) comes back after it.
+    stand_ins = stand_in_preparation(self, run, inpaint) if inpaint is not None else {}
+    replaced = {name: self.__dict__.get(name, _MISSING) for name in stand_ins}
+    self.__dict__.update(stand_ins)
     try:
         run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
         return stock_call(self, **call)
     finally:
+        for name, before in replaced.items():
+            if before is _MISSING:
+                del self.__dict__[name]
+            else:
+                self.__dict__[name] = before
         if "latents" not in call:
             del self.__dict__[_PREPARE_LATENTS]
         if control_method is not None:
@@ -479,7 +492,10 @@ def _prepare_run(
         )
     device = pipe._execution_device
     first, final = plan.stages[0], plan.stages[-1]
-    if image_to_image:
+    inpaint = adapter.inpaint_layout(pipe)
+    if inpaint is not None:
+        check_mask(pipe, call)
+    elif image_to_image:
         image = first_stage_image_latents(pipe, adapter, call["image"], first, batch, adapter.latent_dtype(pipe))
     # Text-to-image starts from noise of the first stage's size; noise="shared" draws one field of the target size
     # instead, which every stage reads cell by cell (`Run.stage_noise`).
@@ -517,7 +533,14 @@ def _prepare_run(
             ]
         ),
     )
-    if image_to_image:
+    if inpaint is not None:
+        # The pipeline's own preparation encodes the image (cropped as `padding_mask_crop` says) and the mask at the
+        # target size; the stand-ins (`lssgen.inpainting`) start the first stage from that image at its size.
+        run.kept = KeptRegion(
+            adapter, pipe, final, source=call["image"], cropped=call.get("padding_mask_crop") is not None
+        )
+        call.update(strength=1.0)
+    elif image_to_image:
         # The first stage starts from the image noised to its own start; the stock loop then runs the plan's
         # timesteps whole (strength 1.0 keeps `get_timesteps` from cutting them again).
         run.first_latents = adapter.pack(pipe, run.renoise(image.to(device), first))

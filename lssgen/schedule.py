@@ -130,6 +130,13 @@ class StagedScheduler:
         scale = getattr(self.current, "scale_model_input", None)
         return sample if scale is None else scale(sample, *args, **kwargs)
 
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow schedulers' noising: before any step (img2img's start) by the first stage's scheduler; after a step
+        (an inpainting loop noises its image to the level the step reached) by the scheduler of the stage that
+        made it, which at a stage's last step is the stage's end, not the next stage's start."""
+        stage = self.plan.stage_at(self.steps_taken - 1) if self.steps_taken else self.plan.stages[self.stage_index]
+        return self.stage_schedulers[stage.index].scale_noise(sample, timestep, noise)
+
     def _step(self, *args, **kwargs):
         stage = self.plan.stage_at(self.steps_taken)
         output = self.current.step(*args, **kwargs)

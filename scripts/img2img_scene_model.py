@@ -41,8 +41,8 @@ from lssgen.scenes import world
 from lssgen.scenes.scorer import SceneScorer
 
 NATIVE, LARGE = 256, 512
-# The module, not the function `lssgen.patch` that the package's attribute of that name is.
-PATCH_MODULE = importlib.import_module("lssgen.patch")
+# Where Flux2KleinInpaintPipeline's stage images are encoded (its preparation is stood in for: lssgen.inpainting).
+INPAINTING_MODULE = importlib.import_module("lssgen.inpainting")
 
 
 def shrunk_latent_image(pipe, adapter, image, stage, batch, dtype):
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     scenes = world.evaluation_scenes()[: args.cases]
     call = {"num_inference_steps": args.steps, "max_sequence_length": defaults.max_sequence_length}
 
-    stock_first_latents = PATCH_MODULE.first_stage_image_latents
+    stock_first_latents = INPAINTING_MODULE.first_stage_image_latents
 
     def run(pipe, arguments, case, options):
         generator = torch.Generator().manual_seed(world.EVALUATION_SEED + case)
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             for name in order:
                 options = dict(names[name])
                 if options.pop("shrink", False):
-                    PATCH_MODULE.first_stage_image_latents = shrunk_latent_image
+                    INPAINTING_MODULE.first_stage_image_latents = shrunk_latent_image
                 try:
                     image, spent = run(pipe, arguments, case, options)
                 finally:
-                    PATCH_MODULE.first_stage_image_latents = stock_first_latents
+                    INPAINTING_MODULE.first_stage_image_latents = stock_first_latents
                 outputs[part][name].append(image)
                 seconds[part][name].append(spent)
             lssgen.unpatch(pipe)

@@ -468,7 +468,10 @@ def test_adapters_lists_installed_adapters_with_their_package():
     # Columns are separated by two spaces or more; a pipelines cell lists its classes with ", ".
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[1:])}
     expected = {
-        "flux": (["FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline"], "flow", "50", "3.5", "on"),
+        "flux": (
+            ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"],
+            "flow", "50", "3.5", "on",
+        ),
         "sd3": (
             ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3ControlNetPipeline"],
             "flow", "40", "4.5", "on",

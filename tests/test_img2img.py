@@ -202,9 +202,9 @@ TestStableDiffusionXLImg2ImgPipeline = img2img_contract(test_sdxl.TestSDXL, Stab
 TestStableDiffusionImg2ImgPipeline = img2img_contract(test_sd.TestSD, StableDiffusionImg2ImgPipeline)
 
 
-class TestFlux2KleinInpaintPipeline(img2img_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
-    """FLUX.2 klein's img2img: the inpainting pipeline with a mask that repaints every pixel. The input image also
-    rides along as reference tokens, at the target size in every stage."""
+class TestFlux2KleinInpaintPipelineAsImg2Img(img2img_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
+    """FLUX.2 klein's img2img: the inpainting pipeline with a mask that repaints every pixel (its inpainting:
+    test_inpainting.py). The input image also rides along as reference tokens, at the target size in every stage."""
 
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
@@ -215,29 +215,6 @@ class TestFlux2KleinInpaintPipeline(img2img_contract(test_flux2.TestFlux2Klein, 
 
     def expected(self, pipe, stage, timestep, references=0):
         return super().expected(pipe, stage, timestep, references + self.reference_tokens)
-
-    @pytest.mark.parametrize(
-        ("overrides", "match"),
-        [
-            ({"mask_image": torch.ones(1, 1, 256, 256).index_fill_(3, torch.tensor([5]), 0.0)}, "`mask_image` keeps"),
-            ({"image": torch.zeros(1, 128, 16, 16)}, "`image` is given as latents"),
-            ({"padding_mask_crop": 8}, "`padding_mask_crop`"),
-        ],
-        ids=["partial-mask", "image-latents", "mask-crop"],
-    )
-    def test_what_is_not_image_to_image_is_refused_before_denoising(self, pipe, overrides, match):
-        lssgen.patch(pipe, None, **self.three_stages)
-        before = self.images(pipe, **self.call_kwargs(pipe))
-        calls = []
-        hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-        with pytest.raises(ValueError, match=match):
-            pipe(**{**self.call_kwargs(pipe), **overrides})
-        hook.remove()
-        assert not calls
-        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), before)
-        # The stock pipeline still inpaints with a partial mask.
-        partial = {key: value for key, value in overrides.items() if key == "mask_image"}
-        assert self.images(pipe, **{**self.call_kwargs(pipe), **partial}, start_sigma=1.0).shape == before.shape
 
     def test_plan_for_an_image_plans_on_the_size_the_call_takes_from_it(self, pipe):
         """Given the input image, `lssgen.plan_for` plans on the image's size, whatever `height`/`width` say, as

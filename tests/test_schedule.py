@@ -513,22 +513,33 @@ def test_scale_model_input_without_one_returns_the_sample():
 
 
 def test_other_attributes_come_from_the_stage_in_force():
-    """Anything else (`scale_noise`, `shift`, ...) is the stage in force's: right after a switch, `scale_noise`
-    noises to the new stage's first sigma, `(1 - s) * x + s * noise`."""
+    """Anything else (`shift`, ...) is the stage in force's."""
+    template, plan = template_and_plan("flux-flow-euler")
+    staged = StagedScheduler(plan, template)
+    assert staged.shift == template.shift
+    assert staged.num_inference_steps == plan.total_steps  # its own, not the stage's
+    with pytest.raises(AttributeError):
+        _ = staged.no_such_attribute
+
+
+def test_scale_noise_noises_to_the_level_the_last_step_reached():
+    """`scale_noise`, `(1 - s) * x + s * noise`: before any step at the first stage's start (img2img); after a step
+    at the level that step reached, by the stage that made it: at a stage's end the stage's last sigma, not the next
+    stage's first (an inpainting loop blends its image in there before the latent is scaled up)."""
     template, plan = template_and_plan("flux-flow-euler")
     staged = StagedScheduler(plan, template)
     sample, noise = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     t = staged.timesteps[:1]
     torch.testing.assert_close(staged.scale_noise(sample, t, noise), noise)  # stage 1 starts from pure noise
-    assert staged.shift == template.shift
     for _ in range(plan.stage_ends[0]):
         staged.step(torch.zeros_like(sample), staged.timesteps[staged.steps_taken], sample)
-    sigma = plan.stages[1].first_sigma
-    assert 0 < sigma < 1
-    torch.testing.assert_close(staged.scale_noise(sample, t, noise), (1 - sigma) * sample)
-    assert staged.num_inference_steps == plan.total_steps  # its own, not the stage's
-    with pytest.raises(AttributeError):
-        _ = staged.no_such_attribute
+    first, second = plan.stages[:2]
+    end = float(staged.stage_schedulers[0].sigmas[first.begin_index + first.num_denoiser_steps])
+    torch.testing.assert_close(staged.scale_noise(sample, t, noise), (1 - end) * sample)
+    staged.step(torch.zeros_like(sample), staged.timesteps[staged.steps_taken], sample)
+    reached = float(staged.stage_schedulers[1].sigmas[second.begin_index + 1])
+    assert 0 < reached < second.first_sigma < 1
+    torch.testing.assert_close(staged.scale_noise(sample, t, noise), (1 - reached) * sample)
 
 
 def test_set_begin_index_refuses_part_way_starts():

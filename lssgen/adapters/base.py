@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..controlnets import control_image_size, tensor_control_size
 from ..latents import LatentNormalization, encoded_latents
@@ -17,6 +18,20 @@ from ..shared_hooks import release_hook, share_hook
 
 if TYPE_CHECKING:
     from ..plan import Stage, StagePlan
+
+
+@dataclass(frozen=True)
+class InpaintLayout:
+    """Where an inpainting pipeline's preparation returns what its loop blends with: the positions of the starting
+    latents, the noise and the image latents in `prepare_latents`' tuple, and of the mask in
+    `prepare_mask_latents`' (a tensor alone: None). `latents_patch`: the `latents` argument `prepare_latents`
+    takes is the unpacked latent with each `latents_patch` x `latents_patch` cells folded into channels."""
+
+    latents: int = 0
+    noise: int = 1
+    image: int = 2
+    mask: int | None = 0
+    latents_patch: int = 1
 
 
 def linear_time_shift(
@@ -279,6 +294,37 @@ class Adapter:
         """Undo `install_hooks`."""
         if self.stage_hook is not None:
             release_hook(getattr(pipe, self.denoiser), self.stage_hook_name, pipe)
+
+    # Inpainting (see lssgen.inpainting) ----------------------------------------------------------------------------
+    # Per inpainting pipeline class served: where its `prepare_latents` and `prepare_mask_latents` return what the
+    # loop blends with.
+    inpaint_layouts: dict[str, InpaintLayout] = {}
+
+    def inpaint_layout(self, pipe: Any) -> InpaintLayout | None:
+        """The layout of `pipe`'s inpainting preparation; None: `pipe` does not inpaint."""
+        return self.inpaint_layouts.get(type(pipe).__name__)
+
+    def unpack_mask(self, pipe: Any, mask: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+        """An inpainting mask as the loop holds it → `(B, C, h, w)` on the latent grid: unpacked latents' layout as
+        it is, packed like the latents (FLUX.1's 2x2 patches of every channel) unpacked like them, or one value per
+        token `(B, tokens, 1)` (FLUX.2's) spread over each token's cells."""
+        if mask.ndim != 3:
+            return mask
+        if mask.shape[-1] != 1:
+            return self.unpack(pipe, mask, latent_height, latent_width)
+        rows, cols = latent_height // self.latent_multiple, latent_width // self.latent_multiple
+        grid = mask.transpose(1, 2).reshape(mask.shape[0], 1, rows, cols)
+        return grid.repeat_interleave(self.latent_multiple, -2).repeat_interleave(self.latent_multiple, -1)
+
+    def pack_mask(self, pipe: Any, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Undo `unpack_mask` for a mask of another size, in the layout of `like` (the mask as the loop holds it):
+        one value per token is the mean of the token's cells."""
+        if like.ndim != 3:
+            return mask
+        if like.shape[-1] != 1:
+            return self.pack(pipe, mask)
+        tokens = F.avg_pool2d(mask.float(), self.latent_multiple).to(mask.dtype)
+        return tokens.flatten(2).transpose(1, 2)
 
     # ControlNet (see lssgen.controlnets) --------------------------------------------------------------------------
     # The pipeline's method that prepares one control image at a size (called once per control image, in order), and

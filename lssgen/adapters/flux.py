@@ -13,7 +13,7 @@ from diffusers.hooks import ModelHook
 
 from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
-from .base import Adapter, Architecture, dummy_tensors, flow_stage_kwargs, linear_time_shift
+from .base import Adapter, Architecture, InpaintLayout, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
 
@@ -110,7 +110,10 @@ class FluxImageIdsHook(ModelHook):
 
 class FluxAdapter(Adapter):
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxControlNetPipeline")
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline")
+    # FluxInpaintPipeline's `prepare_latents` gives (latents, noise, image latents, ids), `prepare_mask_latents`
+    # (mask, masked image latents); its loop blends FLUX.1's packed latents with them.
+    inpaint_layouts = {"FluxInpaintPipeline": InpaintLayout()}
     image_to_image_pipelines = {"FluxPipeline": "FluxImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True

@@ -1,4 +1,4 @@
-"""FLUX.2 (`Flux2Pipeline`, `Flux2KleinPipeline`, and `Flux2KleinInpaintPipeline` as image-to-image): 2x2-patchified,
+"""FLUX.2 (`Flux2Pipeline`, `Flux2KleinPipeline`, and `Flux2KleinInpaintPipeline`): 2x2-patchified,
 BatchNorm-normalised, token-packed latents, 4-D position ids (t, h, w, l), and a time shift from the token count
 *and* the step count.
 
@@ -9,11 +9,9 @@ so stage sizes follow the image exactly as for FLUX.1; packing and unpacking are
 re-noising in the unpacked layout is i.i.d. in the packed one too.
 
 diffusers 0.42.1 has no FLUX.2 img2img class: `Flux2KleinInpaintPipeline` with a mask that repaints every pixel is
-one, and that is the use served here (`Flux2Adapter.prepare_call` refuses partial masks). It appends the input
-image's target-size latents as reference tokens (kept in every stage, like `image=` references), and after every
-step blends `(1 - mask) * noised image + mask * latents` with full-size locals; with a mask of ones that blend is
-the identity, so during an lssgen call the mask and the blended image are given as one-token tensors of ones and of
-the image's first token, which broadcast against any stage's latents and leave the identity exact.
+one. It appends the input image's target-size latents as reference tokens (kept in every stage, like `image=`
+references), and after every step blends `(1 - mask) * noised image + mask * latents`, with a mask of one value per
+token; `lssgen.inpainting` keeps that blend at every stage's size.
 """
 
 from __future__ import annotations
@@ -31,12 +29,11 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInp
 from PIL import Image
 
 from ..hookspecs import hookimpl
-from .base import Adapter, flow_stage_kwargs
+from .base import Adapter, InpaintLayout, flow_stage_kwargs
 
 IMAGE_IDS_HOOK = "lssgen_flux2_image_ids"
 # Instance attributes, not hooks: see `Flux2Adapter.install_hooks`.
 _PREPARE_LATENTS = "prepare_latents"
-_PREPARE_MASK_LATENTS = "prepare_mask_latents"
 
 
 def _signature_without_self(method) -> inspect.Signature:
@@ -45,7 +42,6 @@ def _signature_without_self(method) -> inspect.Signature:
 
 
 _PREPARE_SIGNATURE = _signature_without_self(Flux2Pipeline.prepare_latents)
-_INPAINT_PREPARE_SIGNATURE = _signature_without_self(Flux2KleinInpaintPipeline.prepare_latents)
 # Flux2KleinInpaintPipeline scales an input image above this many pixels down to it before taking its size.
 _INPAINT_MAX_PIXELS = 1024 * 1024
 
@@ -114,50 +110,14 @@ def _prepare_latents_for_stages(pipe, *args, **kwargs):
     return latents.to(device=device, dtype=bound["dtype"]), _latent_ids(batch, rows, cols, device, torch.int64)
 
 
-def _inpaint_prepare_latents_for_stages(pipe, current_stage, *args, **kwargs):
-    """`prepare_latents` of a patched Flux2KleinInpaintPipeline.
-
-    The stock method returns the starting latents, the noise and the packed image latents that the loop blends in
-    after every step, the image latents that become reference tokens, and the target-size latent ids. During an
-    lssgen call it still encodes the target-size image for the references (as stock), but starts from the first
-    stage's latents lssgen passes (already packed), and gives the blend's noise and image as their first token only:
-    the blend is the identity under the all-repaint mask (see the module docstring), and one token broadcasts
-    against every stage's latents.
-    """
-    stock = functools.partial(type(pipe).prepare_latents, pipe)
-    bound = _INPAINT_PREPARE_SIGNATURE.bind(*args, **kwargs).arguments
-    latents = bound.get("latents")
-    if current_stage() is None or latents is None or latents.ndim != 3:
-        return stock(*args, **kwargs)
-    batch = bound["batch_size"]
-    if latents.shape[0] != batch:
-        raise ValueError(
-            f"lssgen prepared first-stage latents for {latents.shape[0]} images, the pipeline wants {batch}."
-        )
-    # The stock rounding of the size to whole 2x2 patches of the x8 latent; zeros stand in for the noise it would
-    # otherwise draw (and discard here).
-    rows = int(bound["height"]) // (pipe.vae_scale_factor * 2)
-    cols = int(bound["width"]) // (pipe.vae_scale_factor * 2)
-    placeholder = torch.zeros(
-        batch, bound["num_latents_channels"] * 4, rows, cols, device=bound["device"], dtype=bound["dtype"]
-    )
-    _, noise, packed_image, image_latents, ids = stock(**{**bound, "latents": placeholder})
-    first_stage = latents.to(device=bound["device"], dtype=bound["dtype"])
-    return first_stage, noise[:, :1], packed_image[:, :1], image_latents, ids
-
-
-def _inpaint_prepare_mask_latents_for_stages(pipe, current_stage, *args, **kwargs):
-    """`prepare_mask_latents` of a patched Flux2KleinInpaintPipeline: during an lssgen call, the stock mask (all
-    ones: `Flux2Adapter.prepare_call` checked) as one token per image, which broadcasts against every stage."""
-    mask = type(pipe).prepare_mask_latents(pipe, *args, **kwargs)
-    return mask if current_stage() is None else mask[:, :1]
-
-
 class Flux2Adapter(Adapter):
     name = "flux2"
     pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
     # Flux2Pipeline has none: its Mistral text encoder is not the inpainting pipeline's.
     image_to_image_pipelines = {"Flux2KleinPipeline": "Flux2KleinInpaintPipeline"}
+    # Its `prepare_latents` takes latents patchified 2x2 and gives (latents, noise, packed image latents, image
+    # latents, ids); `prepare_mask_latents` the mask alone, one value per token.
+    inpaint_layouts = {"Flux2KleinInpaintPipeline": InpaintLayout(mask=None, latents_patch=2)}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # 2x2 patches
@@ -211,7 +171,7 @@ class Flux2Adapter(Adapter):
         image = call["image"]
         multiple = pipe.vae_scale_factor * 2
         if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == pipe.latent_channels * 4:
-            return image.shape[2] * multiple, image.shape[3] * multiple  # latents; refused by `prepare_call`
+            return image.shape[2] * multiple, image.shape[3] * multiple  # latents
         height, width = pipe._get_raw_image_size(image[0] if isinstance(image, list) else image)
         if height * width > _INPAINT_MAX_PIXELS:
             scale = math.sqrt(_INPAINT_MAX_PIXELS / (height * width))
@@ -223,53 +183,18 @@ class Flux2Adapter(Adapter):
             return {}
         return {"mask_image": Image.new("L", image.size, 255)}  # white: repaint every pixel
 
-    def prepare_call(self, pipe, call, plan):
-        """Flux2KleinInpaintPipeline is served as image-to-image: a mask that repaints every pixel, the image as
-        pixels (lssgen encodes it at the first stage's size), no crop around the mask."""
-        if not isinstance(pipe, Flux2KleinInpaintPipeline):
-            return
-        image, mask = call.get("image"), call.get("mask_image")
-        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == pipe.latent_channels * 4:
-            raise ValueError(
-                "`image` is given as latents, but lssgen encodes the input image at each stage's size from its "
-                "pixels: pass the image itself, or `start_sigma=1.0` to run the stock pipeline."
-            )
-        if call.get("padding_mask_crop") is not None:
-            raise ValueError(
-                "`padding_mask_crop` crops around a partial mask; lssgen serves Flux2KleinInpaintPipeline as "
-                "image-to-image (a mask that repaints everything): drop it, or pass `start_sigma=1.0`."
-            )
-        if mask is None:
-            return  # the stock pipeline's own error
-        # As the pipeline reads the mask: binarised at the generated size (white = repaint).
-        repainted = pipe.mask_processor.preprocess(mask, height=plan.height, width=plan.width)
-        if not bool((repainted == 1).all()):
-            raise ValueError(
-                "`mask_image` keeps part of the image (it has black pixels). lssgen serves "
-                "Flux2KleinInpaintPipeline as image-to-image only, with a mask that repaints every pixel (all "
-                "white); for inpainting a region pass `start_sigma=1.0` to run the stock pipeline."
-            )
-
     # Hooks ------------------------------------------------------------------------------------------------------
     def install_hooks(self, pipe, current_stage):
         super().install_hooks(pipe, current_stage)
         # `prepare_latents` is a plain method, not a module, so no ModelHook can reach it; an instance attribute
         # shadows the class's method for this pipe only and `remove_hooks` deletes it again. Partials (not
         # closures) so that deep copies of the pipe get copies bound to themselves.
-        if isinstance(pipe, Flux2KleinInpaintPipeline):
-            shadows = {
-                _PREPARE_LATENTS: functools.partial(_inpaint_prepare_latents_for_stages, pipe, current_stage),
-                _PREPARE_MASK_LATENTS: functools.partial(_inpaint_prepare_mask_latents_for_stages, pipe, current_stage),
-            }
-        else:
-            shadows = {_PREPARE_LATENTS: functools.partial(_prepare_latents_for_stages, pipe)}
-        for name, method in shadows.items():
-            pipe.__dict__[name] = method
+        if not isinstance(pipe, Flux2KleinInpaintPipeline):  # whose preparation lssgen.inpainting stands in for
+            pipe.__dict__[_PREPARE_LATENTS] = functools.partial(_prepare_latents_for_stages, pipe)
 
     def remove_hooks(self, pipe):
         super().remove_hooks(pipe)
-        for name in (_PREPARE_LATENTS, _PREPARE_MASK_LATENTS):
-            pipe.__dict__.pop(name, None)
+        pipe.__dict__.pop(_PREPARE_LATENTS, None)
 
     # VAE normalisation ------------------------------------------------------------------------------------------
     def _bn_stats(self, pipe, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,230 @@
+"""Inpainting (issue #22): the stock inpainting pipelines through lssgen keep the kept region in every stage, at that
+stage's size (`lssgen.inpainting`), and end on exactly what the stock pipeline keeps.
+
+Checked inside the loop: the denoiser's input in the kept cells is the stage's image noised to the level the
+denoiser is told, with one noise per stage; at every stage's end (noise level 0) it is the stage's image itself; and
+the final latents keep the target-size image latents exactly. A mask that keeps everything gives the stock images.
+Beside that, each class runs the adapter contract's image-to-image subset with a partial mask."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import test_flux
+import test_flux2
+import torch
+import torch.nn.functional as F
+from diffusers import Flux2KleinInpaintPipeline, FluxInpaintPipeline
+from test_img2img import IMAGE, IMAGE_TO_IMAGE_TESTS
+
+import lssgen
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only add synchronisation
+
+
+def right_half_mask(height: int, width: int) -> torch.Tensor:
+    """A mask `(1, 1, H, W)` that repaints the right half (1) and keeps the left (0)."""
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., width // 2 :] = 1.0
+    return mask
+
+
+class InpaintContract:
+    """An inpainting class of a family (mixed into a subclass of the family's contract class): calls carry an
+    input image of the call's size and a mask that repaints its right half, at strength 1.0 unless a test says."""
+
+    pipeline_class: type
+    strength = 1.0
+
+    def build_pipe(self, seed=0):
+        components = super().build_pipe(seed=seed).components
+        accepted = inspect.signature(self.pipeline_class.__init__).parameters
+        return self.pipeline_class(**{name: value for name, value in components.items() if name in accepted})
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
+        height, width = kwargs.get("height", self.height), kwargs.get("width", self.width)
+        image = F.interpolate(IMAGE, size=(height, width), mode="bilinear", align_corners=False)
+        return {"image": image, "mask_image": right_half_mask(height, width), "strength": self.strength, **kwargs}
+
+    def test_stage_noise_is_drawn_for_every_image_of_the_batch(self, pipe):
+        """One generator per image: changing the last image's generator changes that image only. (The contract's
+        own version compares with the image generated alone, but FLUX.1's inpainting pipeline samples the latents
+        of a single input image with the first generator for the whole batch, with or without lssgen.)"""
+        lssgen.patch(pipe, **self.three_stages)
+
+        def batch(last_seed):
+            generators = [torch.Generator().manual_seed(s) for s in (11, 12, 13, last_seed)]
+            call = self.call_kwargs(pipe, prompts=["a fox", "a boat"], num_images_per_prompt=2, generator=generators)
+            return self.images(pipe, **call)
+
+        one, other = batch(14), batch(15)
+        assert torch.equal(one[:3], other[:3])
+        assert not torch.allclose(one[3], other[3], atol=1e-3)
+
+    # --- what the loop holds ------------------------------------------------------------------------------------
+    def image_latents(self, pipe, call) -> torch.Tensor:
+        """The target-size image latents the stock pipeline blends with, unpacked: its image encoded by sampling
+        with the call's generator (as the stock pipeline encodes it, first thing it draws)."""
+        adapter = lssgen.find_adapter(pipe)
+        pixels = pipe.image_processor.preprocess(call["image"], height=call["height"], width=call["width"])
+        sample = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+        return adapter.vae_to_latents(pipe, sample)
+
+    def kept_cells(self, stage) -> torch.Tensor:
+        """The cells of `stage`'s latent grid that the mask keeps whole (the left half: the mask averaged over
+        a cell is 0)."""
+        keep = torch.zeros(stage.latent_height, stage.latent_width, dtype=torch.bool)
+        keep[:, : stage.latent_width // 2] = True
+        return keep
+
+    def test_the_kept_region_is_the_stage_image_noised_with_one_noise_per_stage(self, pipe):
+        """Inside the loop: in every denoiser call of a stage, the kept cells of the latent it denoises are
+        (1 - sigma) image_s + sigma noise_s, sigma the level it is told, image_s the image encoded at the stage's
+        size (`stage_image`) and noise_s the same in every call of the stage and new in each
+        stage; at each low-resolution stage's end (sigma 0) they are image_s; the final latents keep the target
+        image latents exactly."""
+        lssgen.patch(pipe, None, **self.three_stages)
+        call = self.call_kwargs(pipe, output_type="latent")
+        plan = self.plan(pipe, **self.three_stages)
+        adapter = lssgen.find_adapter(pipe)
+        image = self.image_latents(pipe, call)
+        records, handle = self.trace(pipe)
+        inputs = []
+        hook = self.denoiser(pipe).register_forward_pre_hook(
+            lambda module, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True
+        )
+        ends = {}
+
+        def at_step_end(pipeline, step, timestep, callback_kwargs):
+            ends[step] = callback_kwargs["latents"].clone()
+            return {}
+
+        final = self.images(pipe, **call, callback_on_step_end=at_step_end)
+        handle.remove()
+        hook.remove()
+        step_stages = [stage for stage in plan.stages for _ in range(stage.num_denoiser_steps)]
+        assert len(inputs) == len(step_stages) * self.calls_per_step
+        noises = {}
+        for step, stage in enumerate(step_stages):
+            keep = self.kept_cells(stage)
+            expected_image = image if stage is plan.stages[-1] else self.stage_image(pipe, call, stage)
+            latent = adapter.denoiser_latents(pipe, inputs[step * self.calls_per_step], stage)
+            sigma = self.noise_level(pipe, records[step * self.calls_per_step]["timestep"], self.height, self.width)
+            noise = (latent - (1 - sigma) * expected_image) / sigma
+            if stage.index in noises:
+                torch.testing.assert_close(noise[..., keep], noises[stage.index][..., keep], rtol=1e-3, atol=1e-3)
+            else:
+                noises[stage.index] = noise
+                assert abs(float(noise[..., keep].std()) - 1.0) < 0.3  # noise, not a leftover of the image
+            if stage is not plan.stages[-1] and step == plan.stage_ends[stage.index] - 1:
+                end = adapter.unpack(pipe, ends[step], stage.latent_height, stage.latent_width)
+                torch.testing.assert_close(end[..., keep], expected_image[..., keep], rtol=1e-4, atol=1e-4)
+        first, second = (noises[stage.index] for stage in plan.stages[:2])
+        keep = self.kept_cells(plan.stages[0])
+        second = F.interpolate(second, size=first.shape[-2:], mode="nearest")  # each cell's top-left child
+        assert not torch.allclose(second[..., keep], first[..., keep], atol=0.1)
+        target = self.final_latents(pipe, final, plan.stages[-1])
+        keep = self.kept_cells(plan.stages[-1])
+        torch.testing.assert_close(target[..., keep], image[..., keep], rtol=1e-5, atol=1e-5)
+
+    def stage_image(self, pipe, call, stage):
+        """The image latents of a low-resolution `stage`: the input image resized to the stage by the pipeline's
+        image processor and encoded there (the distribution's mode), as image-to-image's first stage."""
+        pixels = pipe.image_processor.preprocess(call["image"], height=stage.height, width=stage.width)
+        return lssgen.find_adapter(pipe).encode_pixels(pipe, pixels)
+
+    def final_latents(self, pipe, output, stage):
+        """The unpacked final latents from the pipeline's `output_type="latent"` output."""
+        return lssgen.find_adapter(pipe).unpack(pipe, output, stage.latent_height, stage.latent_width)
+
+    def test_a_mask_that_keeps_everything_gives_the_stock_images(self, pipe):
+        stock = self.build_pipe(seed=0)
+        stock.set_progress_bar_config(disable=True)
+        keep_all = {"mask_image": torch.zeros(1, 1, self.height, self.width)}
+        expected = self.images(stock, **{**self.call_kwargs(stock), **keep_all})
+        lssgen.patch(pipe, None, **self.three_stages)
+        assert torch.equal(self.images(pipe, **{**self.call_kwargs(pipe), **keep_all}), expected)
+
+    def test_padding_mask_crop_keeps_its_stock_meaning(self, pipe):
+        """With `padding_mask_crop` the pipeline inpaints a crop around the mask and pastes it back: outside the
+        crop, lssgen's image is the stock one (the input image's pixels)."""
+        stock = self.build_pipe(seed=0)
+        stock.set_progress_bar_config(disable=True)
+        rng = np.random.default_rng(3)
+        image = PIL.Image.fromarray(rng.integers(0, 256, (self.height, self.width, 3), dtype=np.uint8))
+        mask = np.zeros((self.height, self.width), np.uint8)
+        mask[8:40, 8:40] = 255  # a small square near the corner: the crop leaves most of the image out
+        crop = {"image": image, "mask_image": PIL.Image.fromarray(mask), "padding_mask_crop": 8, "output_type": "pil"}
+        expected = np.asarray(self.images(stock, **{**self.call_kwargs(stock), **crop})[0])
+        lssgen.patch(pipe, None, **self.three_stages)
+        plan = self.plan(pipe, **self.three_stages)
+        records, handle = self.trace(pipe)
+        got = np.asarray(self.images(pipe, **{**self.call_kwargs(pipe), **crop})[0])
+        handle.remove()
+        assert len(records) == plan.total_steps * self.calls_per_step
+        assert got.shape == expected.shape
+        outside = np.ones((self.height, self.width), bool)
+        outside[:64, :64] = False  # the crop (the square and its padding, grown to the image's aspect) lies in here
+        assert np.array_equal(got[outside], expected[outside])
+        assert not np.array_equal(got, expected)  # inside, lssgen generated
+
+    @pytest.mark.parametrize(
+        ("mask", "match"),
+        [
+            (lambda h, w: torch.ones(1, 1, h // 2, w), r"`mask_image` is \d+x\d+ pixels but `image` is \d+x\d+"),
+            (lambda h, w: torch.full((1, 1, h, w), 255.0), r"`mask_image` has values in \[255, 255\]"),
+            (lambda h, w: -torch.ones(1, 1, h, w), r"values must be in \[0, 1\]"),
+        ],
+        ids=["mask-size", "mask-8-bit", "mask-negative"],
+    )
+    def test_bad_masks_are_refused_before_denoising(self, pipe, mask, match):
+        lssgen.patch(pipe, None, **self.three_stages)
+        before = self.images(pipe, **self.call_kwargs(pipe))
+        calls = []
+        hook = self.denoiser(pipe).register_forward_pre_hook(lambda module, args: calls.append(1))
+        with pytest.raises(ValueError, match=match):
+            pipe(**{**self.call_kwargs(pipe), "mask_image": mask(self.height, self.width)})
+        hook.remove()
+        assert not calls
+        assert torch.equal(self.images(pipe, **self.call_kwargs(pipe)), before)
+
+
+def inpaint_contract(family: type, pipeline_class: type, **attributes) -> type:
+    """`InpaintContract` and the contract's image-to-image subset for `family`'s inpainting `pipeline_class`."""
+    contract_tests = {name for cls in family.__mro__ for name in vars(cls) if name.startswith("test_")}
+    dropped = dict.fromkeys(contract_tests - set(IMAGE_TO_IMAGE_TESTS))
+    # Two of the plan cases (one shortened, one not).
+    members = {"pipeline_class": pipeline_class, "trace_cases": family.trace_cases[1:3], **attributes}
+    return type(f"Test{pipeline_class.__name__}", (InpaintContract, family), {**dropped, **members})
+
+
+TestFluxInpaintPipeline = inpaint_contract(test_flux.TestFlux, FluxInpaintPipeline)
+
+
+class TestFlux2KleinInpaintPipeline(inpaint_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
+    """FLUX.2 klein's inpainting: one mask value per token, and the input image also rides along as reference
+    tokens, at the target size in every stage."""
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
+        height, width = kwargs["image"].shape[-2:]
+        # Read by `expected`: the reference tokens of this call's image (one per 16 x 16 pixels).
+        self.reference_tokens = (height // 16) * (width // 16)
+        return kwargs
+
+    def expected(self, pipe, stage, timestep, references=0):
+        return super().expected(pipe, stage, timestep, references + self.reference_tokens)
+
+    def image_latents(self, pipe, call):
+        # Flux2KleinInpaintPipeline encodes its image with the distribution's mode and BatchNorm-normalises the
+        # patchified latents; `vae_to_latents` does both from the VAE's latent.
+        pixels = pipe.image_processor.preprocess(call["image"], height=call["height"], width=call["width"])
+        return lssgen.find_adapter(pipe).vae_to_latents(pipe, pipe.vae.encode(pixels).latent_dist.mode())
+
+    def final_latents(self, pipe, output, stage):
+        # Flux2KleinPipeline's `output_type="latent"` is the VAE's latent, unpatchified and de-normalised.
+        return lssgen.find_adapter(pipe).vae_to_latents(pipe, output)
