@@ -72,7 +72,10 @@ class Run:
 
     def renoise(self, clean: torch.Tensor, stage: Stage) -> torch.Tensor:
         """Noise of the new shape (`stage_noise`), mixed in to the noise level `stage` really starts from."""
-        noise = self.stage_noise(stage, clean)
+        return self.noised(clean, stage, self.stage_noise(stage, clean))
+
+    def noised(self, clean: torch.Tensor, stage: Stage, noise: torch.Tensor) -> torch.Tensor:
+        """`clean` with `noise` mixed in to the noise level `stage` really starts from."""
         if self.adapter.flow:
             sigma = stage.first_sigma
             return ((1.0 - sigma) * clean.float() + sigma * noise.float()).to(clean.dtype)
@@ -95,7 +98,9 @@ class Run:
             # stage's own image noised with the stage's noise (not the scaled-up one).
             noise = self.noises[following.index]
             self.kept.enter(following, noise)
-            unpacked = self.kept.keep(unpacked, following, following.first_sigma, noise)
+            if self.kept.image is not None:
+                image = self.kept.image_at(following, unpacked.shape[0], unpacked.dtype)
+                unpacked = self.kept.keep(unpacked, following, self.noised(image, following, noise))
         self.show_stage(following)
         # Caches hold tensors of this stage's size: the next stage starts with none (see lssgen.caches).
         self.caches.start(following)

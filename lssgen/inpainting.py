@@ -72,50 +72,65 @@ class KeptRegion:
     adapter: Adapter
     pipe: Any
     target: Stage
-    image: torch.Tensor | None = field(default=None, repr=False)
     # The call's input image, encoded at each low-resolution stage's size; with `padding_mask_crop`, replaced by the
     # pipeline's crop of it (`(B, 3, H, W)` in [-1, 1]). None: the call gave latents, resized down instead.
     source: Any = field(default=None, repr=False)
     cropped: bool = False
+    # The image as the pipeline preprocessed it for the target size, `(B, 3, H, W)` in [-1, 1] (None: latents).
+    pixels: torch.Tensor | None = field(default=None, repr=False)
+    image: torch.Tensor | None = field(default=None, repr=False)  # None: the loop blends nothing in
     mask: torch.Tensor | None = field(default=None, repr=False)  # 1 = repaint
+    # The denoiser reads the mask and the masked image (SD's 9-channel U-Nets): both prepared by the pipeline's own
+    # `prepare_mask_latents` at a stage's size.
+    conditions: Any = field(default=None, repr=False)
     stock: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     loop: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _images: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def at_target(self, stage: Stage) -> bool:
         return (stage.latent_height, stage.latent_width) == (self.target.latent_height, self.target.latent_width)
 
-    def image_at(self, stage: Stage) -> torch.Tensor:
-        """The image latents at `stage`'s size, unpacked."""
-        if self.at_target(stage):
+    def image_at(self, stage: Stage, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The image latents at `stage`'s size, unpacked, `batch` of them."""
+        if self.at_target(stage) and self.image is not None:
             return self.image
-        size = (stage.latent_height, stage.latent_width)
-        if size not in self._images:
-            batch, dtype = self.image.shape[0], self.image.dtype
+        key = ("image", stage.latent_height, stage.latent_width)
+        if key not in self._cache:
             if self.source is None:
-                image = scale_down(self.image, *size)
+                image = scale_down(self.image, stage.latent_height, stage.latent_width)
             elif self.cropped:
-                crop = F.interpolate(self.source.float(), (stage.height, stage.width), mode="bicubic", antialias=True)
                 vae = next(self.pipe.vae.parameters())
-                image = self.adapter.encode_pixels(self.pipe, crop.clamp(-1, 1).to(vae.device, vae.dtype))
+                image = self.adapter.encode_pixels(self.pipe, self.pixels_at(stage).to(vae.device, vae.dtype))
                 image = image.repeat(batch // image.shape[0], 1, 1, 1)  # one crop for a batch, as the pipeline
             else:
                 image = first_stage_image_latents(self.pipe, self.adapter, self.source, stage, batch, dtype)
-            self._images[size] = image.to(device=self.image.device, dtype=dtype)
-        return self._images[size]
+            self._cache[key] = image.to(dtype)
+        return self._cache[key]
+
+    def pixels_at(self, stage: Stage) -> torch.Tensor:
+        """The pipeline's preprocessed image resized to `stage` (bicubic, antialiased)."""
+        size = (stage.height, stage.width)
+        return F.interpolate(self.pixels.float(), size, mode="bicubic", antialias=True).clamp(-1, 1)
 
     def mask_at(self, stage: Stage) -> torch.Tensor:
         """The mask at `stage`'s size, unpacked."""
         return resize_mask(self.mask, stage.latent_height, stage.latent_width)
 
     def in_loop_layout(self, name: str, stage: Stage, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """What the loop holds as `name` ("image", "mask" or "noise") during `stage`."""
+        """What the loop holds as `name` ("image", "noise", "mask" or "masked", the masked image's latents) during
+        `stage`."""
         if name == "noise":
             return self.adapter.pack(self.pipe, noise)
         if self.at_target(stage):
             return self.stock[name]
+        if self.conditions is not None and name in ("mask", "masked"):
+            key = ("conditions", stage.latent_height, stage.latent_width)
+            if key not in self._cache:
+                self._cache[key] = dict(zip(("mask", "masked"), self.conditions(stage)))
+            return self._cache[key][name]
         if name == "image":
-            return self.adapter.pack(self.pipe, self.image_at(stage))
+            held = self.stock["image"]
+            return self.adapter.pack(self.pipe, self.image_at(stage, self.image.shape[0], held.dtype))
         return self.adapter.pack_mask(self.pipe, self.mask_at(stage), self.stock["mask"])
 
     def hand_over(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -132,19 +147,23 @@ class KeptRegion:
             # In place: the stock loop holds this very tensor in a local.
             held.set_(value.contiguous().clone())
 
-    def keep(self, latents: torch.Tensor, stage: Stage, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-        """Unpacked `latents` of `stage` with the kept region set to the stage's image noised to `sigma` with
-        `noise` (flow matching: (1 - sigma) image + sigma noise), blended by the stage's mask as the loop blends."""
-        mask = self.mask_at(stage).to(latents.dtype)
-        noised = (1.0 - sigma) * self.image_at(stage).to(latents.dtype) + sigma * noise.to(latents.dtype)
-        return (1 - mask) * noised + mask * latents
+    def keep(self, latents: torch.Tensor, stage: Stage, noised_image: torch.Tensor) -> torch.Tensor:
+        """Unpacked `latents` of `stage` with the kept region set to `noised_image` (the stage's image noised to the
+        stage's start), blended by the stage's mask as the loop blends; as they are where the loop blends nothing
+        in."""
+        if self.image is None:
+            return latents
+        # The first images' mask where the pipeline doubled it for classifier-free guidance (SD3's, SD's).
+        mask = self.mask_at(stage)[: latents.shape[0]].to(latents.dtype)
+        return (1 - mask) * noised_image.to(latents.dtype) + mask * latents
 
 
 def stand_in_preparation(pipe: Any, run: Any, layout: InpaintLayout) -> dict[str, Any]:
     """Stand-ins for the pipeline's `prepare_latents` and `prepare_mask_latents` for one lssgen call (set as
     instance attributes; the caller restores what was there). Each runs the pipeline's own method at the target
     size, records what the kept region needs, and gives the loop tensors of the first stage's size: the first
-    stage's starting latents (the image at that size noised to the stage's start), its noise, image and mask."""
+    stage's starting latents (the image at that size noised to the stage's start), its noise, image and mask (and
+    the masked image's latents, where the denoiser reads them)."""
     kept, adapter = run.kept, run.adapter
     first = run.plan.stages[0]
     target = kept.target
@@ -152,40 +171,64 @@ def stand_in_preparation(pipe: Any, run: Any, layout: InpaintLayout) -> dict[str
 
     def latents_for_stages(*args, **kwargs):
         bound = inspect.signature(prepare_latents).bind(*args, **kwargs)
-        # Zeros as the call's latents: the stock method then takes them for its noise instead of drawing any from
-        # the call's generators (lssgen draws the stages' noise), and encodes the image.
-        arguments, patch = bound.arguments, layout.latents_patch
-        channels, rows, cols = adapter.latent_channels(pipe), target.latent_height, target.latent_width
-        shape = (arguments["batch_size"], channels * patch * patch, rows // patch, cols // patch)
-        arguments["latents"] = torch.zeros(shape, device=arguments["device"], dtype=arguments["dtype"])
+        arguments = bound.arguments
+        arguments["latents"] = None
+        if not layout.draws_noise:
+            # Zeros as the call's latents: the stock method then takes them for its noise instead of drawing any
+            # from the call's generators (lssgen draws the stages' noise), and still encodes the image.
+            patch, channels = layout.latents_patch, adapter.latent_channels(pipe)
+            rows, cols = target.latent_height // patch, target.latent_width // patch
+            shape = (arguments["batch_size"], channels * patch * patch, rows, cols)
+            arguments["latents"] = torch.zeros(shape, device=arguments["device"], dtype=arguments["dtype"])
         outputs = list(prepare_latents(*bound.args, **bound.kwargs))
         pixels = arguments["image"]  # the pipeline's preprocessed image, or the latents it was given
-        if not (isinstance(pixels, torch.Tensor) and pixels.ndim == 4 and pixels.shape[1] == 3):
+        if isinstance(pixels, torch.Tensor) and pixels.ndim == 4 and pixels.shape[1] == 3:
+            kept.pixels = pixels
+        else:
             kept.source = None
-        elif kept.cropped:
-            kept.source = pixels
-        kept.stock["image"] = outputs[layout.image]
-        kept.image = adapter.unpack(pipe, outputs[layout.image], target.latent_height, target.latent_width)
-        image = kept.image_at(first)
-        start = run.renoise(image, first)
-        outputs[layout.latents] = adapter.pack(pipe, start)
-        outputs[layout.noise] = kept.hand_over("noise", adapter.pack(pipe, run.noises[first.index]))
-        outputs[layout.image] = kept.hand_over("image", kept.in_loop_layout("image", first))
+        held = outputs[layout.latents]
+        # A pipeline whose denoiser reads the mask returns no image latents to blend with (SD's 9-channel U-Nets).
+        if len(outputs) > layout.image:
+            kept.stock["image"] = outputs[layout.image]
+            kept.image = adapter.unpack(pipe, outputs[layout.image], target.latent_height, target.latent_width)
+        start = run.renoise(kept.image_at(first, arguments["batch_size"], held.dtype), first)
+        outputs[layout.latents] = adapter.pack(pipe, start).to(held.dtype)
+        if kept.image is not None:
+            outputs[layout.noise] = kept.hand_over("noise", adapter.pack(pipe, run.noises[first.index]))
+            outputs[layout.image] = kept.hand_over("image", kept.in_loop_layout("image", first))
         return tuple(outputs)
 
     def mask_for_stages(*args, **kwargs):
+        bound = inspect.signature(prepare_mask_latents).bind(*args, **kwargs)
         outputs = prepare_mask_latents(*args, **kwargs)
         mask = outputs if layout.mask is None else outputs[layout.mask]
         kept.stock["mask"] = mask
         kept.mask = adapter.unpack_mask(pipe, mask, target.latent_height, target.latent_width)
-        loop_mask = kept.hand_over("mask", kept.in_loop_layout("mask", first))
-        if layout.mask is None:
-            return loop_mask
-        outputs = list(outputs)
-        outputs[layout.mask] = loop_mask
-        return tuple(outputs)
+        if adapter.denoiser_reads_mask(pipe):
+            kept.stock["masked"] = outputs[layout.masked]
+            kept.conditions = lambda stage: _conditions_at(prepare_mask_latents, bound, kept, stage)
+        outputs = [outputs] if layout.mask is None else list(outputs)
+        outputs[layout.mask or 0] = kept.hand_over("mask", kept.in_loop_layout("mask", first))
+        if kept.conditions is not None:
+            outputs[layout.masked] = kept.hand_over("masked", kept.in_loop_layout("masked", first))
+        return outputs[0] if layout.mask is None else tuple(outputs)
 
     return {"prepare_latents": latents_for_stages, "prepare_mask_latents": mask_for_stages}
+
+
+def _conditions_at(prepare_mask_latents: Any, bound: inspect.BoundArguments, kept: KeptRegion, stage: Stage) -> tuple:
+    """The pipeline's own mask and masked image latents at `stage`'s size: its `prepare_mask_latents` with the
+    call's arguments but the stage's size, the mask (in pixels) resized to the stage by area and kept binary, and
+    the image resized to the stage and masked by it (given latents for the masked image: those resized down)."""
+    arguments = dict(bound.arguments)
+    mask, masked = arguments["mask"], arguments["masked_image"]
+    stage_mask = (F.interpolate(mask.float(), (stage.height, stage.width), mode="area") >= 0.5).to(mask.dtype)
+    if masked is not None and masked.shape[1] == 3 and kept.pixels is not None:
+        masked = (kept.pixels_at(stage) * (stage_mask < 0.5)).to(masked.dtype)
+    elif masked is not None:
+        masked = scale_down(masked, stage.latent_height, stage.latent_width)
+    arguments.update(mask=stage_mask, masked_image=masked, height=stage.height, width=stage.width)
+    return prepare_mask_latents(**arguments)
 
 
 def _first(images: Any) -> Any:

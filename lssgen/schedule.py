@@ -137,6 +137,21 @@ class StagedScheduler:
         stage = self.plan.stage_at(self.steps_taken - 1) if self.steps_taken else self.plan.stages[self.stage_index]
         return self.stage_schedulers[stage.index].scale_noise(sample, timestep, noise)
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Diffusion schedulers' noising, as `scale_noise`: after a step by the stage that made it. At a stage's
+        last step an inpainting loop asks for the next stage's first timestep; the level that stage reached is its
+        own next timestep, or clean where its schedule ran out."""
+        if not self.steps_taken:
+            return self.current.add_noise(original_samples, noise, timesteps)
+        stage = self.plan.stage_at(self.steps_taken - 1)
+        scheduler = self.stage_schedulers[stage.index]
+        if stage is not self.plan.stages[-1] and self.steps_taken == self.plan.stage_ends[stage.index]:
+            following = stage.begin_index + stage.num_denoiser_steps
+            if following >= len(scheduler.timesteps):
+                return original_samples
+            timesteps = scheduler.timesteps[following : following + 1].to(original_samples.device)
+        return scheduler.add_noise(original_samples, noise, timesteps)
+
     def _step(self, *args, **kwargs):
         stage = self.plan.stage_at(self.steps_taken)
         output = self.current.step(*args, **kwargs)

@@ -473,21 +473,42 @@ def test_adapters_lists_installed_adapters_with_their_package():
             "flow", "50", "3.5", "on",
         ),
         "sd3": (
-            ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3ControlNetPipeline"],
+            [
+                "StableDiffusion3Pipeline",
+                "StableDiffusion3Img2ImgPipeline",
+                "StableDiffusion3InpaintPipeline",
+                "StableDiffusion3ControlNetPipeline",
+            ],
             "flow", "40", "4.5", "on",
         ),
         "sdxl": (
-            ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline"],
+            [
+                "StableDiffusionXLPipeline",
+                "StableDiffusionXLImg2ImgPipeline",
+                "StableDiffusionXLInpaintPipeline",
+                "StableDiffusionXLControlNetPipeline",
+            ],
             "diffusion", "50", "5.0", "off",
         ),
         "sd": (
-            ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetPipeline"],
+            [
+                "StableDiffusionPipeline",
+                "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionInpaintPipeline",
+                "StableDiffusionControlNetPipeline",
+            ],
             "diffusion", "50", "7.5", "off",
         ),
         "cogview4": (["CogView4Pipeline"], "flow", "50", "3.5", "on"),
         # 4.0: true_cfg_scale
         "qwenimage": (
-            ["QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageControlNetPipeline"], "flow", "50", "4.0", "on"
+            [
+                "QwenImagePipeline",
+                "QwenImageImg2ImgPipeline",
+                "QwenImageInpaintPipeline",
+                "QwenImageControlNetPipeline",
+            ],
+            "flow", "50", "4.0", "on",
         ),
         "zimage": (["ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"], "flow", "8", "0.0", "on"),
     }  # fmt: skip

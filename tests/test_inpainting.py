@@ -13,14 +13,29 @@ import inspect
 import numpy as np
 import PIL.Image
 import pytest
+import test_chroma
 import test_flux
 import test_flux2
+import test_qwenimage
+import test_sd
+import test_sd3
+import test_sdxl
 import torch
 import torch.nn.functional as F
-from diffusers import Flux2KleinInpaintPipeline, FluxInpaintPipeline
+from diffusers import (
+    ChromaInpaintPipeline,
+    Flux2KleinInpaintPipeline,
+    FluxInpaintPipeline,
+    QwenImageInpaintPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 from test_img2img import IMAGE, IMAGE_TO_IMAGE_TESTS
+from test_methods import record_latent_inputs
 
 import lssgen
+from lssgen.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only add synchronisation
 
@@ -38,6 +53,8 @@ class InpaintContract:
 
     pipeline_class: type
     strength = 1.0
+    video_vae = False  # the family's VAE takes frames (Qwen-Image's)
+    pastes_crop_back = True  # with `padding_mask_crop`, the pipeline pastes its inpainted crop into the input
 
     def build_pipe(self, seed=0):
         components = super().build_pipe(seed=seed).components
@@ -71,6 +88,8 @@ class InpaintContract:
         with the call's generator (as the stock pipeline encodes it, first thing it draws)."""
         adapter = lssgen.find_adapter(pipe)
         pixels = pipe.image_processor.preprocess(call["image"], height=call["height"], width=call["width"])
+        if self.video_vae:
+            pixels = pixels[:, :, None]  # one frame
         sample = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
         return adapter.vae_to_latents(pipe, sample)
 
@@ -82,21 +101,18 @@ class InpaintContract:
         return keep
 
     def test_the_kept_region_is_the_stage_image_noised_with_one_noise_per_stage(self, pipe):
-        """Inside the loop: in every denoiser call of a stage, the kept cells of the latent it denoises are
-        (1 - sigma) image_s + sigma noise_s, sigma the level it is told, image_s the image encoded at the stage's
-        size (`stage_image`) and noise_s the same in every call of the stage and new in each
-        stage; at each low-resolution stage's end (sigma 0) they are image_s; the final latents keep the target
-        image latents exactly."""
+        """Inside the loop: at each low-resolution stage's end (the stage ran its schedule out) the kept cells of
+        the latents are image_s, the image encoded at the stage's size (`stage_image`); the final latents keep the
+        target image latents exactly. Flow families, in every denoiser call of a stage: the kept cells of the
+        latent it denoises are (1 - sigma) image_s + sigma noise_s, sigma the level it is told and noise_s the same
+        in every call of the stage and new in each stage."""
         lssgen.patch(pipe, None, **self.three_stages)
         call = self.call_kwargs(pipe, output_type="latent")
         plan = self.plan(pipe, **self.three_stages)
         adapter = lssgen.find_adapter(pipe)
         image = self.image_latents(pipe, call)
         records, handle = self.trace(pipe)
-        inputs = []
-        hook = self.denoiser(pipe).register_forward_pre_hook(
-            lambda module, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True
-        )
+        inputs, hook = record_latent_inputs(self.denoiser(pipe))
         ends = {}
 
         def at_step_end(pipeline, step, timestep, callback_kwargs):
@@ -112,6 +128,11 @@ class InpaintContract:
         for step, stage in enumerate(step_stages):
             keep = self.kept_cells(stage)
             expected_image = image if stage is plan.stages[-1] else self.stage_image(pipe, call, stage)
+            if stage is not plan.stages[-1] and step == plan.stage_ends[stage.index] - 1:
+                end = adapter.unpack(pipe, ends[step], stage.latent_height, stage.latent_width)
+                torch.testing.assert_close(end[..., keep], expected_image[..., keep], rtol=1e-4, atol=1e-4)
+            if not adapter.flow:
+                continue
             latent = adapter.denoiser_latents(pipe, inputs[step * self.calls_per_step], stage)
             sigma = self.noise_level(pipe, records[step * self.calls_per_step]["timestep"], self.height, self.width)
             noise = (latent - (1 - sigma) * expected_image) / sigma
@@ -120,13 +141,11 @@ class InpaintContract:
             else:
                 noises[stage.index] = noise
                 assert abs(float(noise[..., keep].std()) - 1.0) < 0.3  # noise, not a leftover of the image
-            if stage is not plan.stages[-1] and step == plan.stage_ends[stage.index] - 1:
-                end = adapter.unpack(pipe, ends[step], stage.latent_height, stage.latent_width)
-                torch.testing.assert_close(end[..., keep], expected_image[..., keep], rtol=1e-4, atol=1e-4)
-        first, second = (noises[stage.index] for stage in plan.stages[:2])
-        keep = self.kept_cells(plan.stages[0])
-        second = F.interpolate(second, size=first.shape[-2:], mode="nearest")  # each cell's top-left child
-        assert not torch.allclose(second[..., keep], first[..., keep], atol=0.1)
+        if adapter.flow:
+            first, second = (noises[stage.index] for stage in plan.stages[:2])
+            keep = self.kept_cells(plan.stages[0])
+            second = F.interpolate(second, size=first.shape[-2:], mode="nearest")  # each cell's top-left child
+            assert not torch.allclose(second[..., keep], first[..., keep], atol=0.1)
         target = self.final_latents(pipe, final, plan.stages[-1])
         keep = self.kept_cells(plan.stages[-1])
         torch.testing.assert_close(target[..., keep], image[..., keep], rtol=1e-5, atol=1e-5)
@@ -150,8 +169,9 @@ class InpaintContract:
         assert torch.equal(self.images(pipe, **{**self.call_kwargs(pipe), **keep_all}), expected)
 
     def test_padding_mask_crop_keeps_its_stock_meaning(self, pipe):
-        """With `padding_mask_crop` the pipeline inpaints a crop around the mask and pastes it back: outside the
-        crop, lssgen's image is the stock one (the input image's pixels)."""
+        """With `padding_mask_crop` the pipeline inpaints a crop around the mask (and most paste it back into the
+        input): lssgen's final latents keep the crop's kept cells exactly as stock's, and outside the crop a pasting
+        pipeline's image is the stock one (the input's pixels)."""
         stock = self.build_pipe(seed=0)
         stock.set_progress_bar_config(disable=True)
         rng = np.random.default_rng(3)
@@ -159,17 +179,43 @@ class InpaintContract:
         mask = np.zeros((self.height, self.width), np.uint8)
         mask[8:40, 8:40] = 255  # a small square near the corner: the crop leaves most of the image out
         crop = {"image": image, "mask_image": PIL.Image.fromarray(mask), "padding_mask_crop": 8, "output_type": "pil"}
-        expected = np.asarray(self.images(stock, **{**self.call_kwargs(stock), **crop})[0])
+
+        def generate(pipeline):
+            """The image, and the latents after the last step."""
+            latents = []
+
+            def on_step(p, step, timestep, callback_kwargs):
+                latents.append(callback_kwargs["latents"])
+                return {}
+
+            output = self.images(pipeline, **{**self.call_kwargs(pipeline), **crop}, callback_on_step_end=on_step)
+            return np.asarray(output[0]), latents[-1]
+
+        expected, stock_latents = generate(stock)
         lssgen.patch(pipe, None, **self.three_stages)
         plan = self.plan(pipe, **self.three_stages)
         records, handle = self.trace(pipe)
-        got = np.asarray(self.images(pipe, **{**self.call_kwargs(pipe), **crop})[0])
+        got, latents = generate(pipe)
         handle.remove()
         assert len(records) == plan.total_steps * self.calls_per_step
         assert got.shape == expected.shape
-        outside = np.ones((self.height, self.width), bool)
-        outside[:64, :64] = False  # the crop (the square and its padding, grown to the image's aspect) lies in here
-        assert np.array_equal(got[outside], expected[outside])
+        # The crop's kept cells: those of tokens whose every pixel the pipeline's processed mask keeps.
+        region = pipe.mask_processor.get_crop_region(crop["mask_image"], self.width, self.height, pad=8)
+        processed = pipe.mask_processor.preprocess(
+            crop["mask_image"], height=self.height, width=self.width, crops_coords=region, resize_mode="fill"
+        )
+        adapter, target = lssgen.find_adapter(pipe), plan.stages[-1]
+        cell, multiple = self.height // target.latent_height, adapter.latent_multiple  # pixels a cell, cells a token
+        repainted = F.max_pool2d(processed, cell * multiple)
+        kept = repainted.repeat_interleave(multiple, -2).repeat_interleave(multiple, -1)[0, 0] == 0
+        assert kept.any() and not kept.all()
+        mine = adapter.unpack(pipe, latents, target.latent_height, target.latent_width)
+        theirs = adapter.unpack(stock, stock_latents, target.latent_height, target.latent_width)
+        assert torch.equal(mine[..., kept], theirs[..., kept])
+        if self.pastes_crop_back:
+            outside = np.ones((self.height, self.width), bool)
+            outside[:64, :64] = False  # the crop (the square and its padding, grown to the image's aspect) is in here
+            assert np.array_equal(got[outside], expected[outside])
         assert not np.array_equal(got, expected)  # inside, lssgen generated
 
     @pytest.mark.parametrize(
@@ -205,6 +251,35 @@ def inpaint_contract(family: type, pipeline_class: type, **attributes) -> type:
 TestFluxInpaintPipeline = inpaint_contract(test_flux.TestFlux, FluxInpaintPipeline)
 
 
+class TestChromaInpaintPipeline(inpaint_contract(test_chroma.TestChroma, ChromaInpaintPipeline)):
+    """diffusers 0.42.1's ChromaInpaintPipeline reads `transformer.config.guidance_embeds`, which
+    ChromaTransformer2DModel does not keep: without it the stock pipeline fails, and lssgen says how to set it."""
+
+    pastes_crop_back = False  # it returns the crop
+
+    def build_pipe(self, seed=0):
+        pipe = super().build_pipe(seed=seed)
+        pipe.transformer.register_to_config(guidance_embeds=False)
+        return pipe
+
+    def test_a_transformer_without_guidance_embeds_is_named_before_denoising(self):
+        pipe = super().build_pipe(seed=0)
+        pipe.set_progress_bar_config(disable=True)
+        lssgen.patch(pipe, None, **self.three_stages)
+        with pytest.raises(AttributeError, match="guidance_embeds"):  # the stock pipeline's own failure
+            pipe(**self.call_kwargs(pipe), start_sigma=1.0)
+        with pytest.raises(ValueError, match=r"register_to_config\(guidance_embeds=False\)"):
+            pipe(**self.call_kwargs(pipe))
+        pipe.transformer.register_to_config(guidance_embeds=False)
+        assert self.images(pipe, **self.call_kwargs(pipe)).shape == self.output_shape(1, self.height, self.width)
+
+
+TestStableDiffusion3InpaintPipeline = inpaint_contract(test_sd3.TestSD3, StableDiffusion3InpaintPipeline)
+TestStableDiffusionInpaintPipeline = inpaint_contract(test_sd.TestSD, StableDiffusionInpaintPipeline)
+TestStableDiffusionXLInpaintPipeline = inpaint_contract(test_sdxl.TestSDXL, StableDiffusionXLInpaintPipeline)
+TestQwenImageInpaintPipeline = inpaint_contract(test_qwenimage.TestQwenImage, QwenImageInpaintPipeline, video_vae=True)
+
+
 class TestFlux2KleinInpaintPipeline(inpaint_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
     """FLUX.2 klein's inpainting: one mask value per token, and the input image also rides along as reference
     tokens, at the target size in every stage."""
@@ -228,3 +303,94 @@ class TestFlux2KleinInpaintPipeline(inpaint_contract(test_flux2.TestFlux2Klein, 
     def final_latents(self, pipe, output, stage):
         # Flux2KleinPipeline's `output_type="latent"` is the VAE's latent, unpatchified and de-normalised.
         return lssgen.find_adapter(pipe).vae_to_latents(pipe, output)
+
+
+class InpaintingModelContract(InpaintContract):
+    """An inpainting model (SD's 9-channel U-Nets, SD3's 33-channel transformers): the loop blends nothing in; the
+    denoiser reads the mask and the masked image's latents after the latents, which follow the stage as the
+    pipeline prepares them at its size."""
+
+    def unpacked_inputs(self, pipe, latent, stage):
+        """The denoiser's input `(B, C, h, w)`: latents, mask, masked image latents along the channels."""
+        return latent
+
+    def test_the_denoiser_reads_the_mask_and_masked_image_prepared_at_each_stage(self, pipe):
+        """Every denoiser call gets, after the latents, the pipeline's own `prepare_mask_latents` of the stage's
+        size: the mask (in pixels) resized to the stage by area and kept binary, and the image resized there and
+        masked by it (the target-size stage: the stock call's own)."""
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        # The pipeline samples the masked image's latents with the call's generator: a VAE whose distribution has
+        # no spread makes them comparable.
+        encode = pipe.vae.encode
+        pipe.vae.encode = lambda x, return_dict=True: AutoencoderKLOutput(
+            latent_dist=DiagonalGaussianDistribution(encode(x).latent_dist.parameters, deterministic=True)
+        )
+        lssgen.patch(pipe, None, **self.three_stages)
+        call = self.call_kwargs(pipe)
+        plan = self.plan(pipe, **self.three_stages)
+        inputs, hook = record_latent_inputs(self.denoiser(pipe))
+        self.images(pipe, **call)
+        hook.remove()
+        step_stages = [stage for stage in plan.stages for _ in range(stage.num_denoiser_steps)]
+        assert len(inputs) == len(step_stages) * self.calls_per_step
+        pixels = pipe.image_processor.preprocess(call["image"], height=self.height, width=self.width)
+        mask = pipe.mask_processor.preprocess(call["mask_image"], height=self.height, width=self.width)
+        channels = lssgen.find_adapter(pipe).latent_channels(pipe)
+        for stage in plan.stages:
+            size = (stage.height, stage.width)
+            stage_mask = (F.interpolate(mask, size, mode="area") >= 0.5).float()
+            image = F.interpolate(pixels, size, mode="bicubic", antialias=True).clamp(-1, 1)
+            arguments = {
+                "mask": stage_mask,
+                "masked_image": image * (stage_mask < 0.5),
+                "batch_size": 1,
+                "height": stage.height,
+                "width": stage.width,
+                "dtype": torch.float32,
+                "device": "cpu",
+                "generator": None,
+                "do_classifier_free_guidance": True,
+            }
+            accepted = inspect.signature(pipe.prepare_mask_latents).parameters
+            arguments = {name: value for name, value in arguments.items() if name in accepted}
+            expected_mask, expected_masked = pipe.prepare_mask_latents(**arguments, **self.more_mask_arguments)
+            for step, each in enumerate(step_stages):
+                if each is stage:
+                    got = self.unpacked_inputs(pipe, inputs[step * self.calls_per_step], stage)
+                    torch.testing.assert_close(got[:, channels : channels + 1], expected_mask)
+                    torch.testing.assert_close(got[:, channels + 1 :], expected_masked, rtol=1e-4, atol=1e-4)
+
+    more_mask_arguments: dict = {}
+    # The loop blends nothing in: no kept region to trace or to compare with stock's.
+    test_the_kept_region_is_the_stage_image_noised_with_one_noise_per_stage = None
+    test_a_mask_that_keeps_everything_gives_the_stock_images = None
+    test_padding_mask_crop_keeps_its_stock_meaning = None
+
+
+def inpainting_model_contract(family: type, pipeline_class: type, build, **attributes) -> type:
+    """`inpaint_contract` for a family's inpainting model, built by `build(seed)` (its components)."""
+    base = inpaint_contract(family, pipeline_class)
+
+    def build_pipe(self, seed=0):
+        return pipeline_class(**build(seed).components)
+
+    name = f"Test{pipeline_class.__name__}WithInpaintingModel"
+    return type(name, (InpaintingModelContract, base), {"build_pipe": build_pipe, **attributes})
+
+
+TestStableDiffusionInpaintPipelineWithInpaintingModel = inpainting_model_contract(
+    test_sd.TestSD, StableDiffusionInpaintPipeline, lambda seed: build_tiny_sd_pipeline(seed, unet_in_channels=9)
+)
+TestStableDiffusionXLInpaintPipelineWithInpaintingModel = inpainting_model_contract(
+    test_sdxl.TestSDXL,
+    StableDiffusionXLInpaintPipeline,
+    lambda seed: build_tiny_sdxl_pipeline(seed, unet_in_channels=9),
+)
+TestStableDiffusion3InpaintPipelineWithInpaintingModel = inpainting_model_contract(
+    test_sd3.TestSD3,
+    StableDiffusion3InpaintPipeline,
+    lambda seed: build_tiny_sd3_pipeline(seed, transformer_in_channels=33),
+    more_mask_arguments={"num_images_per_prompt": 1},
+)

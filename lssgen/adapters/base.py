@@ -25,13 +25,17 @@ class InpaintLayout:
     """Where an inpainting pipeline's preparation returns what its loop blends with: the positions of the starting
     latents, the noise and the image latents in `prepare_latents`' tuple, and of the mask in
     `prepare_mask_latents`' (a tensor alone: None). `latents_patch`: the `latents` argument `prepare_latents`
-    takes is the unpacked latent with each `latents_patch` x `latents_patch` cells folded into channels."""
+    takes is the unpacked latent with each `latents_patch` x `latents_patch` cells folded into channels.
+    `draws_noise`: the method must be called without latents (given some, it returns other things), so it draws a
+    noise from the call's generators that lssgen discards."""
 
     latents: int = 0
     noise: int = 1
     image: int = 2
     mask: int | None = 0
+    masked: int = 1  # the masked image's latents in `prepare_mask_latents`' tuple (read where the denoiser does)
     latents_patch: int = 1
+    draws_noise: bool = False
 
 
 def linear_time_shift(
@@ -303,6 +307,11 @@ class Adapter:
     def inpaint_layout(self, pipe: Any) -> InpaintLayout | None:
         """The layout of `pipe`'s inpainting preparation; None: `pipe` does not inpaint."""
         return self.inpaint_layouts.get(type(pipe).__name__)
+
+    def denoiser_reads_mask(self, pipe: Any) -> bool:
+        """Whether `pipe`'s denoiser takes the mask and the masked image as input channels (SD's 9-channel inpainting
+        U-Nets), which then follow each stage as the pipeline prepares them at its size, instead of a blend."""
+        return False
 
     def unpack_mask(self, pipe: Any, mask: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
         """An inpainting mask as the loop holds it → `(B, C, h, w)` on the latent grid: unpacked latents' layout as

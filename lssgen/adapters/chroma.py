@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..hookspecs import hookimpl
-from .base import Architecture
+from .base import Architecture, InpaintLayout
 from .flux import FLUX_DEV_CONFIG, FLUX_SCHEDULER_CONFIG, FluxAdapter, FluxImageIdsHook, packed_dummy_inputs
 
 STAGE_HOOK = "lssgen_chroma_stage"
@@ -89,7 +89,9 @@ class ChromaAdapter(FluxAdapter):
     """
 
     name = "chroma"
-    pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+    pipeline_classes = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
+    # As FluxInpaintPipeline's (FLUX.1's packing).
+    inpaint_layouts = {"ChromaInpaintPipeline": InpaintLayout()}
     image_to_image_pipelines = {"ChromaPipeline": "ChromaImg2ImgPipeline"}
     default_steps = 40
     default_guidance = 3.0
@@ -108,6 +110,15 @@ class ChromaAdapter(FluxAdapter):
             scheduler=chroma_scheduler,
         ),
     )
+
+    def prepare_call(self, pipe, call, plan):
+        super().prepare_call(pipe, call, plan)
+        if type(pipe).__name__ == "ChromaInpaintPipeline" and "guidance_embeds" not in pipe.transformer.config:
+            raise ValueError(
+                "ChromaInpaintPipeline reads `transformer.config.guidance_embeds`, which ChromaTransformer2DModel "
+                "does not keep (Chroma has no guidance embedding), so the stock pipeline fails on it too: set it "
+                "first with `pipe.transformer.register_to_config(guidance_embeds=False)`."
+            )
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         kwargs = packed_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)

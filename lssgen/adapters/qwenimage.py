@@ -13,7 +13,7 @@ from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, Architecture, flow_stage_kwargs, linear_time_shift
+from .base import Adapter, Architecture, InpaintLayout, flow_stage_kwargs, linear_time_shift
 from .flux import FluxAdapter, packed_dummy_inputs
 
 IMG_SHAPES_HOOK = "lssgen_qwenimage_img_shapes"
@@ -120,7 +120,15 @@ class QwenImageAdapter(FluxAdapter):
     """
 
     name = "qwenimage"
-    pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageControlNetPipeline")
+    pipeline_classes = (
+        "QwenImagePipeline",
+        "QwenImageImg2ImgPipeline",
+        "QwenImageInpaintPipeline",
+        "QwenImageControlNetPipeline",
+    )
+    # Its `prepare_latents` gives (latents, noise, image latents), packed as FLUX.1's from `(B, 1, C, h, w)`, but only
+    # when it draws the noise itself: given latents, it returns them alone.
+    inpaint_layouts = {"QwenImageInpaintPipeline": InpaintLayout(draws_noise=True)}
     image_to_image_pipelines = {"QwenImagePipeline": "QwenImageImg2ImgPipeline"}
     # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).

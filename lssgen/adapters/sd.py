@@ -8,7 +8,7 @@ import torch
 from diffusers import PNDMScheduler
 
 from ..hookspecs import hookimpl
-from .base import Adapter, Architecture, dummy_tensors
+from .base import Adapter, Architecture, InpaintLayout, dummy_tensors
 
 # SD1.5's UNet `config.json`, as constructor arguments.
 SD15_UNET_CONFIG = {
@@ -88,9 +88,13 @@ class SDAdapter(Adapter):
     pipeline_classes = (
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
         "StableDiffusionControlNetPipeline",
     )
     image_to_image_pipelines = {"StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline"}
+    # `prepare_latents` gives (latents, noise[, image latents: 4-channel U-Nets only, which blend]);
+    # `prepare_mask_latents` (mask, masked image latents), each doubled for classifier-free guidance.
+    inpaint_layouts = {"StableDiffusionInpaintPipeline": InpaintLayout()}
     denoiser = "unet"
     flow = False
     latent_multiple = 1
@@ -117,6 +121,13 @@ class SDAdapter(Adapter):
         size = pipe.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+    def latent_channels(self, pipe):
+        return pipe.unet.config.out_channels  # an inpainting U-Net takes 9 channels in, gives the latent's 4 out
+
+    def denoiser_reads_mask(self, pipe):
+        # Inpainting U-Nets (stable-diffusion-inpainting) take the latents, the mask and the masked image's latents.
+        return pipe.unet.config.in_channels == 9
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         return unet_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)

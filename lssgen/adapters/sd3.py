@@ -9,7 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
 from ..latents import LatentNormalization
-from .base import Adapter, Architecture, dummy_tensors, linear_time_shift
+from .base import Adapter, Architecture, InpaintLayout, dummy_tensors, linear_time_shift
 
 # SD3.5-large's transformer `config.json`, as constructor arguments.
 SD35_LARGE_CONFIG = {
@@ -63,8 +63,12 @@ class SD3Adapter(Adapter):
     pipeline_classes = (
         "StableDiffusion3Pipeline",
         "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3InpaintPipeline",
         "StableDiffusion3ControlNetPipeline",
     )
+    # Its `prepare_latents` gives (latents, noise, image latents) for a 16-channel transformer; `prepare_mask_latents`
+    # (mask, masked image latents), each doubled for classifier-free guidance.
+    inpaint_layouts = {"StableDiffusion3InpaintPipeline": InpaintLayout()}
     image_to_image_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline"}
     denoiser = "transformer"
     flow = True
@@ -83,6 +87,13 @@ class SD3Adapter(Adapter):
             scheduler=sd3_scheduler,
         ),
     )
+
+    def latent_channels(self, pipe):
+        return pipe.transformer.config.out_channels  # an inpainting transformer takes 33 channels in, gives 16 out
+
+    def denoiser_reads_mask(self, pipe):
+        # SD3 inpainting transformers take the latents, the mask and the masked image's latents (16 + 1 + 16).
+        return pipe.transformer.config.in_channels == 33
 
     def timestep_kwargs(self, scheduler, num_steps, latent_height, latent_width):
         # As StableDiffusion3Pipeline: no custom sigmas (unlike FLUX.1, whose pipeline passes a linspace; that

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from diffusers.hooks import ModelHook
 
 from ..hookspecs import hookimpl
-from .base import Adapter, Architecture
+from .base import Adapter, Architecture, InpaintLayout
 from .sd import unet_dummy_inputs
 
 TIME_IDS_HOOK = "lssgen_sdxl_time_ids"
@@ -114,9 +114,12 @@ class SDXLAdapter(Adapter):
     pipeline_classes = (
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
         "StableDiffusionXLControlNetPipeline",
     )
     image_to_image_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
+    # As StableDiffusionInpaintPipeline's.
+    inpaint_layouts = {"StableDiffusionXLInpaintPipeline": InpaintLayout()}
     denoiser = "unet"
     flow = False
     latent_multiple = 1
@@ -142,13 +145,20 @@ class SDXLAdapter(Adapter):
     )
 
     def prepare_call(self, pipe, call, plan):
-        # StableDiffusionXLImg2ImgPipeline takes its size from the latents it is given, which lssgen gives at the
-        # first stage's size: the size conditioning of the target stage is set as the stock call would have set it
-        # from target-size latents (a size the user passes is kept; the stages' sizes come from the hook).
-        if isinstance(pipe, StableDiffusionXLImg2ImgPipeline):
+        # The img2img and inpainting pipelines take their size from the latents they are given, which lssgen gives
+        # at the first stage's size: the size conditioning of the target stage is set as the stock call would have
+        # set it from target-size latents (a size the user passes is kept; the stages' sizes come from the hook).
+        if isinstance(pipe, (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline)):
             for name in ("original_size", "target_size"):
                 if call.get(name) is None:
                     call[name] = (plan.height, plan.width)
+
+    def latent_channels(self, pipe):
+        return pipe.unet.config.out_channels  # an inpainting U-Net takes 9 channels in, gives the latent's 4 out
+
+    def denoiser_reads_mask(self, pipe):
+        # Inpainting U-Nets (stable-diffusion-xl-1.0-inpainting) take the latents, the mask and the masked image.
+        return pipe.unet.config.in_channels == 9
 
     def denoiser_dummy_inputs(self, model, latent_height, latent_width, text_tokens, batch=1):
         return unet_dummy_inputs(model, latent_height, latent_width, text_tokens, batch)

@@ -19,7 +19,7 @@ from .text import build_tiny_clip, character_tokenizer, eval_mode
 
 
 def build_tiny_sd_pipeline(
-    seed: int = 0, scheduler: SchedulerMixin | type[SchedulerMixin] | None = None
+    seed: int = 0, scheduler: SchedulerMixin | type[SchedulerMixin] | None = None, unet_in_channels: int = 4
 ) -> StableDiffusionPipeline:
     r"""
     A stock `StableDiffusionPipeline` with tiny random weights: UNet, VAE, CLIP text encoder and tokenizer.
@@ -30,6 +30,7 @@ def build_tiny_sd_pipeline(
         seed (`int`, defaults to `0`): seed of the random weights.
         scheduler (`SchedulerMixin` or a scheduler class, *optional*): the pipeline's scheduler; a class is built
             from SD 1.5's scheduler config. Defaults to SD's PNDM.
+        unet_in_channels (`int`, defaults to `4`): 9 for an inpainting UNet (latents, mask, masked image latents).
 
     Example:
 
@@ -44,7 +45,7 @@ def build_tiny_sd_pipeline(
     # `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
     unet = UNet2DConditionModel(
         sample_size=64,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

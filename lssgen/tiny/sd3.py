@@ -26,6 +26,7 @@ def build_tiny_sd3_pipeline(
     attention_head_dim: int = 8,
     clip_dim: int = 16,
     scheduler_config: dict | None = None,
+    transformer_in_channels: int | None = None,
 ) -> StableDiffusion3Pipeline:
     r"""
     A stock `StableDiffusion3Pipeline` with tiny random weights: transformer, VAE, two CLIP and a T5 encoder.
@@ -38,6 +39,8 @@ def build_tiny_sd3_pipeline(
     Args:
         seed (`int`, defaults to `0`): seed of the random weights.
         scheduler_config (`dict`, *optional*): replaces SD3's scheduler config, e.g. to try dynamic shifting.
+        transformer_in_channels (`int`, *optional*): 33 for an inpainting transformer (latents, mask, masked image
+            latents); by default the latent's channels.
 
     Example:
 
@@ -51,7 +54,7 @@ def build_tiny_sd3_pipeline(
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=2,
-        in_channels=latent_channels,
+        in_channels=transformer_in_channels or latent_channels,
         out_channels=latent_channels,
         num_layers=num_layers,
         attention_head_dim=attention_head_dim,

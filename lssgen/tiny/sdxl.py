@@ -36,7 +36,9 @@ PLAYGROUND_LATENTS_MEAN = [-1.6574, 1.886, -1.383, 2.5155]
 PLAYGROUND_LATENTS_STD = [8.4927, 5.9022, 6.5498, 5.2299]
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0, playground: bool = False) -> StableDiffusionXLPipeline:
+def build_tiny_sdxl_pipeline(
+    seed: int = 0, playground: bool = False, unet_in_channels: int = 4
+) -> StableDiffusionXLPipeline:
     r"""
     A stock `StableDiffusionXLPipeline` with tiny random weights: UNet, VAE, two CLIP text encoders, tokenizers.
 
@@ -46,6 +48,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, playground: bool = False) -> StableD
         seed (`int`, defaults to `0`): seed of the random weights.
         playground (`bool`, defaults to `False`): build it as Playground v2.5 instead (same pipeline class, a VAE
             normalised by per-channel `latents_mean`/`latents_std` and an `EDMDPMSolverMultistepScheduler`).
+        unet_in_channels (`int`, defaults to `4`): 9 for an inpainting UNet (latents, mask, masked image latents).
 
     Example:
 
@@ -60,7 +63,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, playground: bool = False) -> StableD
     # `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
     unet = UNet2DConditionModel(
         sample_size=128,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
