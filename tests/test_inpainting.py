@@ -26,6 +26,7 @@ from diffusers import (
     ChromaInpaintPipeline,
     Flux2KleinInpaintPipeline,
     FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
     QwenImageInpaintPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusionInpaintPipeline,
@@ -33,6 +34,7 @@ from diffusers import (
 )
 from test_img2img import IMAGE, IMAGE_TO_IMAGE_TESTS
 from test_methods import record_latent_inputs
+from test_reference_editing import REFERENCE, _kontext_expected, kontext_ids
 
 import lssgen
 from lssgen.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
@@ -54,6 +56,7 @@ class InpaintContract:
     pipeline_class: type
     strength = 1.0
     video_vae = False  # the family's VAE takes frames (Qwen-Image's)
+    samples_image = True  # the pipeline encodes its image by sampling (else: the distribution's mode)
     pastes_crop_back = True  # with `padding_mask_crop`, the pipeline pastes its inpainted crop into the input
 
     def build_pipe(self, seed=0):
@@ -90,8 +93,10 @@ class InpaintContract:
         pixels = pipe.image_processor.preprocess(call["image"], height=call["height"], width=call["width"])
         if self.video_vae:
             pixels = pixels[:, :, None]  # one frame
-        sample = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
-        return adapter.vae_to_latents(pipe, sample)
+        distribution = pipe.vae.encode(pixels).latent_dist
+        if not self.samples_image:
+            return adapter.vae_to_latents(pipe, distribution.mode())
+        return adapter.vae_to_latents(pipe, distribution.sample(torch.Generator().manual_seed(0)))
 
     def kept_cells(self, stage) -> torch.Tensor:
         """The cells of `stage`'s latent grid that the mask keeps whole (the left half: the mask averaged over
@@ -275,6 +280,36 @@ class TestChromaInpaintPipeline(inpaint_contract(test_chroma.TestChroma, ChromaI
 
 
 TestStableDiffusion3InpaintPipeline = inpaint_contract(test_sd3.TestSD3, StableDiffusion3InpaintPipeline)
+
+
+class TestFluxKontextInpaintPipeline(inpaint_contract(test_flux.TestFlux, FluxKontextInpaintPipeline)):
+    """FLUX.1 Kontext's inpainting, with `image_reference` (the reference tokens follow the image tokens at their
+    own size in every stage); without it, refused. `_auto_resize=False`: the image's own size, not Kontext's."""
+
+    adapter_name = "flux-kontext"
+    expected = _kontext_expected
+    samples_image = False
+    pastes_crop_back = False  # it returns the crop
+
+    def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
+        kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
+        return {"image_reference": REFERENCE, "_auto_resize": False, **kwargs}
+
+    def conditioning_hooks(self, pipe, records):
+        return [pipe.transformer.pos_embed.register_forward_pre_hook(lambda m, args: kontext_ids(m, args, records))]
+
+    def test_without_image_reference_it_is_refused_before_denoising(self, pipe):
+        lssgen.patch(pipe, None, **self.three_stages)
+        call = {**self.call_kwargs(pipe), "image_reference": None}
+        calls = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        with pytest.raises(ValueError, match=r"without `image_reference`.*image_reference=image"):
+            pipe(**call)
+        hook.remove()
+        assert not calls
+        assert self.images(pipe, **call, start_sigma=1.0).shape == self.output_shape(1, self.height, self.width)
+
+
 TestStableDiffusionInpaintPipeline = inpaint_contract(test_sd.TestSD, StableDiffusionInpaintPipeline)
 TestStableDiffusionXLInpaintPipeline = inpaint_contract(test_sdxl.TestSDXL, StableDiffusionXLInpaintPipeline)
 TestQwenImageInpaintPipeline = inpaint_contract(test_qwenimage.TestQwenImage, QwenImageInpaintPipeline, video_vae=True)
@@ -283,6 +318,8 @@ TestQwenImageInpaintPipeline = inpaint_contract(test_qwenimage.TestQwenImage, Qw
 class TestFlux2KleinInpaintPipeline(inpaint_contract(test_flux2.TestFlux2Klein, Flux2KleinInpaintPipeline)):
     """FLUX.2 klein's inpainting: one mask value per token, and the input image also rides along as reference
     tokens, at the target size in every stage."""
+
+    samples_image = False
 
     def call_kwargs(self, pipe, prompts="a red fox in the snow", seed=0, **overrides):
         kwargs = super().call_kwargs(pipe, prompts, seed, **overrides)
@@ -293,12 +330,6 @@ class TestFlux2KleinInpaintPipeline(inpaint_contract(test_flux2.TestFlux2Klein, 
 
     def expected(self, pipe, stage, timestep, references=0):
         return super().expected(pipe, stage, timestep, references + self.reference_tokens)
-
-    def image_latents(self, pipe, call):
-        # Flux2KleinInpaintPipeline encodes its image with the distribution's mode and BatchNorm-normalises the
-        # patchified latents; `vae_to_latents` does both from the VAE's latent.
-        pixels = pipe.image_processor.preprocess(call["image"], height=call["height"], width=call["width"])
-        return lssgen.find_adapter(pipe).vae_to_latents(pipe, pipe.vae.encode(pixels).latent_dist.mode())
 
     def final_latents(self, pipe, output, stage):
         # Flux2KleinPipeline's `output_type="latent"` is the VAE's latent, unpatchified and de-normalised.

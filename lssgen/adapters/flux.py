@@ -200,7 +200,10 @@ class FluxKontextAdapter(FluxAdapter):
     """
 
     name = "flux-kontext"
-    pipeline_classes = ("FluxKontextPipeline",)
+    pipeline_classes = ("FluxKontextPipeline", "FluxKontextInpaintPipeline")
+    # FluxKontextInpaintPipeline's `prepare_latents` gives (latents, image latents, reference latents, ids, image
+    # ids, reference ids, noise).
+    inpaint_layouts = {"FluxKontextInpaintPipeline": InpaintLayout(latents=0, image=1, noise=6)}
     # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
     image_to_image_pipelines = {}
     # black-forest-labs/FLUX.1-Kontext-dev's model card example: `guidance_scale=2.5` (the pipeline's default steps,
@@ -215,7 +218,31 @@ class FluxKontextAdapter(FluxAdapter):
 
         return inspect.signature(FluxKontextPipeline.__call__).parameters["max_area"].default
 
+    @staticmethod
+    def _inpaints(pipe) -> bool:
+        return type(pipe).__name__ == "FluxKontextInpaintPipeline"
+
+    def image_to_image_size(self, pipe, call):
+        """FluxKontextInpaintPipeline generates at its image's size, whatever `height`/`width` say: with
+        `_auto_resize` (the default) the preferred Kontext resolution nearest its aspect ratio, rounded down to
+        whole 16-pixel patches."""
+        if not self._inpaints(pipe):
+            return None
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        image = call["image"]
+        image = image[0] if isinstance(image, list) else image
+        multiple = self.vae_scale_factor(pipe) * self.latent_multiple
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == pipe.latent_channels:
+            return image.shape[2] * pipe.vae_scale_factor, image.shape[3] * pipe.vae_scale_factor  # latents
+        height, width = pipe.image_processor.get_default_height_width(image)
+        if call.get("_auto_resize", True):
+            _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return height // multiple * multiple, width // multiple * multiple
+
     def resolution_bin(self, pipe, height, width, call):
+        if self._inpaints(pipe):
+            return None  # it takes its image's size (`image_to_image_size`), not `max_area`'s
         if not all(
             isinstance(side, numbers.Integral) and not isinstance(side, bool) and side > 0 for side in (height, width)
         ):
@@ -240,6 +267,16 @@ class FluxKontextAdapter(FluxAdapter):
         return rescaled_height, rescaled_width
 
     def prepare_call(self, pipe, call, plan):
+        if self._inpaints(pipe):
+            if call.get("image_reference") is None:
+                raise ValueError(
+                    "FluxKontextInpaintPipeline without `image_reference` uses its `image` both as the reference "
+                    "tokens, which stay at the target size in every stage, and as the kept image it blends in, which "
+                    "lssgen gives each stage at the stage's size: one tensor cannot be both. Pass the reference "
+                    "explicitly (`image_reference=image` keeps the stock meaning), or `start_sigma=1.0` to run the "
+                    "stock pipeline."
+                )
+            return
         default_height, default_width = self.default_size(pipe)
         requested = (call.get("height") or default_height, call.get("width") or default_width)
         rescaled = self.resolution_bin(pipe, *requested, call)
