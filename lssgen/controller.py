@@ -28,6 +28,7 @@ class Run:
     scaling_space: str
     upsampler: Any
     generator: torch.Generator | list[torch.Generator] | None
+    batch: int  # images the call makes (prompts x images per prompt)
     caches: StageCacheSchedules
     progress_bar: Any = field(default=None, repr=False)
     # The packed latents the first stage starts from: noise, or an img2img image noised to the stage's start.

@@ -85,6 +85,7 @@ class KeptRegion:
     conditions: Any = field(default=None, repr=False)
     stock: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     loop: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    packed: bool = True  # the loop holds its image and noise packed (`InpaintLayout.packed`)
     _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def at_target(self, stage: Stage) -> bool:
@@ -119,8 +120,9 @@ class KeptRegion:
     def in_loop_layout(self, name: str, stage: Stage, noise: torch.Tensor | None = None) -> torch.Tensor:
         """What the loop holds as `name` ("image", "noise", "mask" or "masked", the masked image's latents) during
         `stage`."""
+        pack = self.adapter.pack if self.packed else (lambda pipe, latents: latents)
         if name == "noise":
-            return self.adapter.pack(self.pipe, noise)
+            return pack(self.pipe, noise)
         if self.at_target(stage):
             return self.stock[name]
         if self.conditions is not None and name in ("mask", "masked"):
@@ -130,7 +132,7 @@ class KeptRegion:
             return self._cache[key][name]
         if name == "image":
             held = self.stock["image"]
-            return self.adapter.pack(self.pipe, self.image_at(stage, self.image.shape[0], held.dtype))
+            return pack(self.pipe, self.image_at(stage, self.image.shape[0], held.dtype))
         return self.adapter.pack_mask(self.pipe, self.mask_at(stage), self.stock["mask"])
 
     def hand_over(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -188,13 +190,17 @@ def stand_in_preparation(pipe: Any, run: Any, layout: InpaintLayout) -> dict[str
             kept.source = None
         held = outputs[layout.latents]
         # A pipeline whose denoiser reads the mask returns no image latents to blend with (SD's 9-channel U-Nets).
+        kept.packed = layout.packed
         if len(outputs) > layout.image:
-            kept.stock["image"] = outputs[layout.image]
-            kept.image = adapter.unpack(pipe, outputs[layout.image], target.latent_height, target.latent_width)
+            kept.stock["image"] = image = outputs[layout.image]
+            if layout.packed:
+                image = adapter.unpack(pipe, image, target.latent_height, target.latent_width)
+            kept.image = image
         start = run.renoise(kept.image_at(first, arguments["batch_size"], held.dtype), first)
         outputs[layout.latents] = adapter.pack(pipe, start).to(held.dtype)
         if kept.image is not None:
-            outputs[layout.noise] = kept.hand_over("noise", adapter.pack(pipe, run.noises[first.index]))
+            noise = kept.in_loop_layout("noise", first, run.noises[first.index])
+            outputs[layout.noise] = kept.hand_over("noise", noise)
             outputs[layout.image] = kept.hand_over("image", kept.in_loop_layout("image", first))
         return tuple(outputs)
 
@@ -213,7 +219,11 @@ def stand_in_preparation(pipe: Any, run: Any, layout: InpaintLayout) -> dict[str
             outputs[layout.masked] = kept.hand_over("masked", kept.in_loop_layout("masked", first))
         return outputs[0] if layout.mask is None else tuple(outputs)
 
-    return {"prepare_latents": latents_for_stages, "prepare_mask_latents": mask_for_stages}
+    stand_ins = {"prepare_latents": latents_for_stages, "prepare_mask_latents": mask_for_stages}
+    if not layout.packed:
+        stock_pack = type(pipe)._pack_latents
+        stand_ins["_pack_latents"] = lambda latents, *sizes, **named_sizes: stock_pack(latents, *latents.shape)
+    return stand_ins
 
 
 def _conditions_at(prepare_mask_latents: Any, bound: inspect.BoundArguments, kept: KeptRegion, stage: Stage) -> tuple:

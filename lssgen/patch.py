@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import joined_conditions
 from .adapters import Adapter, find_adapter
 from .caches import StageCacheSchedule, StageCacheSchedules
 from .conditions import first_stage_image_latents, image_to_image_size, takes_image_and_strength
@@ -320,15 +321,20 @@ def _patched_call(self, *args, **kwargs):
     if control_method is not None:
         # The pipeline prepares its control images (after its own checks); each is prepared at every stage's size too.
         self.__dict__[control_method] = stand_in_control_preparation(self, state.adapter, run.plan, run.controls, run)
-    inpaint = state.adapter.inpaint_layout(self)
+    inpaint, rule = state.adapter.inpaint_layout(self), state.adapter.condition_rule(self)
     # Instance attributes standing in for the pipeline's methods during the call; what was there before (an
     # adapter's own stand-in, or nothing) comes back after it.
     stand_ins = stand_in_preparation(self, run, inpaint) if inpaint is not None else {}
+    follower = None
+    if rule is not None:
+        condition_stand_in, follower = joined_conditions.stand_in(self, run, rule)
+        stand_ins.update(condition_stand_in)
     replaced = {name: self.__dict__.get(name, _MISSING) for name in stand_ins}
     self.__dict__.update(stand_ins)
     try:
         run.caches.start(run.plan.stages[0])  # no cache state from an earlier call, whatever ended it
-        return stock_call(self, **call)
+        with joined_conditions.following(follower):
+            return stock_call(self, **call)
     finally:
         for name, before in replaced.items():
             if before is _MISSING:
@@ -493,9 +499,8 @@ def _prepare_run(
     device = pipe._execution_device
     first, final = plan.stages[0], plan.stages[-1]
     inpaint = adapter.inpaint_layout(pipe)
-    if inpaint is not None:
-        check_mask(pipe, call)
-    elif image_to_image:
+    check_mask(pipe, call)
+    if inpaint is None and image_to_image:
         image = first_stage_image_latents(pipe, adapter, call["image"], first, batch, adapter.latent_dtype(pipe))
     # Text-to-image starts from noise of the first stage's size; noise="shared" draws one field of the target size
     # instead, which every stage reads cell by cell (`Run.stage_noise`).
@@ -518,6 +523,7 @@ def _prepare_run(
         scaling_space=scaling_space,
         upsampler=state.upsampler,
         generator=generator,
+        batch=batch,
         transition=resolve_method(options.method).transition,
         noise_field=noise if options.noise == "shared" else None,
         caches=StageCacheSchedules(

@@ -469,7 +469,16 @@ def test_adapters_lists_installed_adapters_with_their_package():
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[1:])}
     expected = {
         "flux": (
-            ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"],
+            [
+                "FluxPipeline",
+                "FluxImg2ImgPipeline",
+                "FluxInpaintPipeline",
+                "FluxControlNetPipeline",
+                "FluxFillPipeline",
+                "FluxControlPipeline",
+                "FluxControlImg2ImgPipeline",
+                "FluxControlInpaintPipeline",
+            ],
             "flow", "50", "3.5", "on",
         ),
         "sd3": (
@@ -499,7 +508,7 @@ def test_adapters_lists_installed_adapters_with_their_package():
             ],
             "diffusion", "50", "7.5", "off",
         ),
-        "cogview4": (["CogView4Pipeline"], "flow", "50", "3.5", "on"),
+        "cogview4": (["CogView4Pipeline", "CogView4ControlPipeline"], "flow", "50", "3.5", "on"),
         # 4.0: true_cfg_scale
         "qwenimage": (
             [

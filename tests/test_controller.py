@@ -82,6 +82,7 @@ def make_run(pipe, *, seed=0, space="latent", upsampler=None, plan=None, generat
         scaling_space=space,
         upsampler=upsampler,
         generator=torch.Generator().manual_seed(seed) if generator is None else generator,
+        batch=BATCH,
         caches=CacheRecorder(),
     )
 
@@ -124,6 +125,7 @@ def diffusion_run(scheduler, seed=0) -> Run:
         scaling_space="latent",
         upsampler=None,
         generator=torch.Generator().manual_seed(seed),
+        batch=BATCH,
         caches=CacheRecorder(),
     )
 

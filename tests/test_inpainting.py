@@ -138,7 +138,7 @@ class InpaintContract:
                 torch.testing.assert_close(end[..., keep], expected_image[..., keep], rtol=1e-4, atol=1e-4)
             if not adapter.flow:
                 continue
-            latent = adapter.denoiser_latents(pipe, inputs[step * self.calls_per_step], stage)
+            latent = self.denoised_latent(pipe, inputs[step * self.calls_per_step], stage)
             sigma = self.noise_level(pipe, records[step * self.calls_per_step]["timestep"], self.height, self.width)
             noise = (latent - (1 - sigma) * expected_image) / sigma
             if stage.index in noises:
@@ -154,6 +154,10 @@ class InpaintContract:
         target = self.final_latents(pipe, final, plan.stages[-1])
         keep = self.kept_cells(plan.stages[-1])
         torch.testing.assert_close(target[..., keep], image[..., keep], rtol=1e-5, atol=1e-5)
+
+    def denoised_latent(self, pipe, latent_input, stage):
+        """The latent a denoiser call denoises, unpacked, from its latent input."""
+        return lssgen.find_adapter(pipe).denoiser_latents(pipe, latent_input, stage)
 
     def stage_image(self, pipe, call, stage):
         """The image latents of a low-resolution `stage`: the input image resized to the stage by the pipeline's

@@ -36,6 +36,10 @@ class InpaintLayout:
     masked: int = 1  # the masked image's latents in `prepare_mask_latents`' tuple (read where the denoiser does)
     latents_patch: int = 1
     draws_noise: bool = False
+    # The image latents and noise are in the loop's layout; False: unpacked, and the loop packs its blended image
+    # every step with the target size's height and width (FluxControlInpaintPipeline), which lssgen reads from the
+    # tensor instead (a stand-in `_pack_latents`).
+    packed: bool = True
 
 
 def linear_time_shift(
@@ -307,6 +311,14 @@ class Adapter:
     def inpaint_layout(self, pipe: Any) -> InpaintLayout | None:
         """The layout of `pipe`'s inpainting preparation; None: `pipe` does not inpaint."""
         return self.inpaint_layouts.get(type(pipe).__name__)
+
+    # Per pipeline class that joins a condition to the latents along the channels in its loop (FLUX.1 Fill and
+    # Control): the method that makes it and how to make it at a stage's size (see lssgen.joined_conditions).
+    condition_rules: dict[str, Any] = {}
+
+    def condition_rule(self, pipe: Any) -> Any:
+        """`pipe`'s `lssgen.joined_conditions.ConditionRule`; None: its loop joins no condition to the latents."""
+        return self.condition_rules.get(type(pipe).__name__)
 
     def denoiser_reads_mask(self, pipe: Any) -> bool:
         """Whether `pipe`'s denoiser takes the mask and the masked image as input channels (SD's 9-channel inpainting

@@ -13,10 +13,24 @@ from diffusers.hooks import ModelHook
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 from ..hookspecs import hookimpl
+from ..joined_conditions import ConditionRule
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors
 
 SIZE_CONDITIONING_HOOK = "lssgen_cogview4_size_conditioning"
+
+
+def _control_at_stage(pipe, run, arguments, stage):
+    """CogView4 Control's condition at `stage`'s size, as the pipeline makes it at the target size: `prepare_image` at
+    the stage's size (a tensor, which it takes as it is, resized first), sampled from the VAE and scaled. (The stock
+    pipeline samples without the call's generator; the stages sample with it, so that a seed repeats them.)"""
+    image = arguments["image"]
+    if isinstance(image, torch.Tensor):
+        image = pipe.image_processor.resize(image, stage.height, stage.width)
+    size = {"image": image, "height": stage.height, "width": stage.width}
+    prepared = type(pipe).prepare_image(pipe, **{**arguments, **size})
+    return pipe.vae.encode(prepared).latent_dist.sample(generator=run.generator) * pipe.vae.config.scaling_factor
+
 
 # CogView4-6B's transformer `config.json`, as constructor arguments.
 COGVIEW4_6B_CONFIG = {
@@ -109,7 +123,9 @@ class CogView4Adapter(Adapter):
     """
 
     name = "cogview4"
-    pipeline_classes = ("CogView4Pipeline",)
+    pipeline_classes = ("CogView4Pipeline", "CogView4ControlPipeline")
+    # CogView4ControlPipeline joins the encoded control image to the latents along the channels in every step.
+    condition_rules = {"CogView4ControlPipeline": ConditionRule("prepare_image", _control_at_stage, "control_image")}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer patchifies 2x2 (transformer.config.patch_size)
@@ -130,6 +146,10 @@ class CogView4Adapter(Adapter):
             scheduler=cogview4_scheduler,
         ),
     )
+
+    def latent_channels(self, pipe: Any) -> int:
+        # The channels it predicts: a Control transformer takes the control image's in too.
+        return pipe.transformer.config.out_channels
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         side = pipe.transformer.config.sample_size * pipe.vae_scale_factor

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
 from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
+from ..joined_conditions import ConditionRule
 from .base import Adapter, Architecture, InpaintLayout, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
@@ -108,12 +110,62 @@ class FluxImageIdsHook(ModelHook):
         return args, kwargs
 
 
+def _control_at_stage(pipe, run, arguments, stage):
+    """FLUX.1 Control's condition at `stage`'s size, as the pipeline makes it at the target size: `prepare_image`
+    at the stage's size (a tensor, which it takes as it is, resized first), sampled from the VAE with the call's
+    generator, normalised and packed."""
+    image = arguments["image"]
+    if isinstance(image, torch.Tensor):
+        image = pipe.image_processor.resize(image, stage.height, stage.width)
+    size = {"image": image, "height": stage.height, "width": stage.width}
+    prepared = type(pipe).prepare_image(pipe, **{**arguments, **size})
+    encoded = pipe.vae.encode(prepared).latent_dist.sample(generator=run.generator)
+    latents = (encoded - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    return pipe._pack_latents(latents, *latents.shape)
+
+
+def _fill_at_stage(pipe, run, arguments, stage):
+    """FLUX.1 Fill's condition at `stage`'s size, as the pipeline makes it at the target size: its
+    `prepare_mask_latents` at the stage's size, given the mask (in pixels) resized to the stage by area and kept
+    binary and the masked image resized there (by area) and masked by it; then the masked image's latents joined to
+    the mask along the channels."""
+    size = (stage.height, stage.width)
+    mask, masked = arguments["mask"], arguments["masked_image"]
+    stage_mask = (F.interpolate(mask.float(), size, mode="area") >= 0.5).to(mask.dtype)
+    stage_masked = F.interpolate(masked.float(), size, mode="area").to(masked.dtype) * (1 - stage_mask)
+    at_size = {"mask": stage_mask, "masked_image": stage_masked, "height": stage.height, "width": stage.width}
+    mask_latents, masked_latents = type(pipe).prepare_mask_latents(pipe, **{**arguments, **at_size})
+    return torch.cat((masked_latents, mask_latents), dim=-1)
+
+
 class FluxAdapter(Adapter):
     name = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline")
+    pipeline_classes = (
+        "FluxPipeline",
+        "FluxImg2ImgPipeline",
+        "FluxInpaintPipeline",
+        "FluxControlNetPipeline",
+        "FluxFillPipeline",
+        "FluxControlPipeline",
+        "FluxControlImg2ImgPipeline",
+        "FluxControlInpaintPipeline",
+    )
     # FluxInpaintPipeline's `prepare_latents` gives (latents, noise, image latents, ids), `prepare_mask_latents`
     # (mask, masked image latents); its loop blends FLUX.1's packed latents with them.
-    inpaint_layouts = {"FluxInpaintPipeline": InpaintLayout()}
+    # FluxControlInpaintPipeline's gives them unpacked, and only when it draws its noise itself (given latents, it
+    # returns two things where its call takes four).
+    inpaint_layouts = {
+        "FluxInpaintPipeline": InpaintLayout(),
+        "FluxControlInpaintPipeline": InpaintLayout(packed=False, draws_noise=True),
+    }
+    # Fill joins the masked image's latents and the mask, Control (Canny, Depth) the encoded control image, to the
+    # latents along the channels in every step.
+    condition_rules = {
+        "FluxFillPipeline": ConditionRule("prepare_mask_latents", _fill_at_stage, "mask_image"),
+        "FluxControlPipeline": ConditionRule("prepare_image", _control_at_stage, "control_image"),
+        "FluxControlImg2ImgPipeline": ConditionRule("prepare_image", _control_at_stage, "control_image"),
+        "FluxControlInpaintPipeline": ConditionRule("prepare_image", _control_at_stage, "control_image"),
+    }
     image_to_image_pipelines = {"FluxPipeline": "FluxImg2ImgPipeline"}
     denoiser = "transformer"
     flow = True
@@ -141,8 +193,17 @@ class FluxAdapter(Adapter):
     def latent_spectrum(self, pipe: Any) -> tuple[float, float]:
         return FLUX1_LATENT_SPECTRUM
 
+    def prepare_call(self, pipe, call, plan):
+        if type(pipe).__name__ == "FluxFillPipeline" and call.get("masked_image_latents") is not None:
+            raise ValueError(
+                "`masked_image_latents` are given at the target size, but lssgen prepares the masked image at each "
+                "stage's size: pass `image` and `mask_image` instead, or `start_sigma=1.0` to run the stock pipeline."
+            )
+
     def latent_channels(self, pipe: Any) -> int:
-        return pipe.transformer.config.in_channels // 4
+        # The packed channels it predicts: Fill's and Control's transformers take a condition's channels in too.
+        config = pipe.transformer.config
+        return (config.out_channels or config.in_channels) // 4
 
     def pack(self, pipe, latents):
         batch, channels, height, width = latents.shape

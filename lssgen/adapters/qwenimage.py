@@ -158,6 +158,10 @@ class QwenImageAdapter(FluxAdapter):
         ),
     )
 
+    def latent_channels(self, pipe: Any) -> int:
+        # Its `out_channels` counts the unpacked channels (16), not the packed ones FLUX.1's does.
+        return pipe.transformer.config.in_channels // 4
+
     def unpack(self, pipe, latents, latent_height, latent_width):
         # The pipeline's `_unpack_latents` gives the VAE's `(B, C, 1, h, w)`: the frame axis goes.
         return super().unpack(pipe, latents, latent_height, latent_width)[:, :, 0]

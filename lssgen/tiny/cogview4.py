@@ -37,6 +37,7 @@ def build_tiny_cogview4_pipeline(
     num_attention_heads: int = 2,
     attention_head_dim: int = 8,
     text_dim: int = 32,
+    condition_channels: int = 0,
 ) -> CogView4Pipeline:
     r"""
     A stock `CogView4Pipeline` with tiny random weights: transformer, VAE, a GLM text encoder and a character-level
@@ -55,7 +56,7 @@ def build_tiny_cogview4_pipeline(
     torch.manual_seed(seed)
     transformer = CogView4Transformer2DModel(
         patch_size=2,
-        in_channels=latent_channels,
+        in_channels=latent_channels + condition_channels,  # CogView4 Control: the control image's latents too
         out_channels=latent_channels,
         num_layers=num_layers,
         attention_head_dim=attention_head_dim,

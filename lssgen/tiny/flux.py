@@ -76,12 +76,15 @@ def build_tiny_flux_pipeline(
     attention_head_dim: int = 16,
     text_dim: int = 32,
     guidance_embeds: bool = False,
+    condition_channels: int = 0,
 ) -> FluxPipeline:
     r"""
     A stock `FluxPipeline` with tiny random weights: transformer, VAE, CLIP and T5 encoders, tokenizers.
 
     The VAE has Flux's x8 spatial compression and normalisation, so sizes and plans are those of the real model.
     Pass a short `max_sequence_length` (e.g. 32) when calling it: T5 pads prompts to that many tokens.
+    `condition_channels`: packed channels the transformer takes beside the latents' (FLUX.1 Control: as many as the
+    latents'; Fill: the latents' and 256 for the mask), which it does not predict.
 
     Example:
 
@@ -91,13 +94,11 @@ def build_tiny_flux_pipeline(
     ```
     """
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        **flux_layout_transformer_config(
-            latent_channels, num_layers, num_single_layers, num_attention_heads, attention_head_dim, text_dim
-        ),
-        pooled_projection_dim=text_dim,
-        guidance_embeds=guidance_embeds,
+    config = flux_layout_transformer_config(
+        latent_channels, num_layers, num_single_layers, num_attention_heads, attention_head_dim, text_dim
     )
+    config.update(in_channels=config["in_channels"] + condition_channels, out_channels=config["in_channels"])
+    transformer = FluxTransformer2DModel(**config, pooled_projection_dim=text_dim, guidance_embeds=guidance_embeds)
     vae = build_tiny_vae(latent_channels, **FLUX_VAE_CONFIG)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
