@@ -258,6 +258,22 @@ def inpaint_contract(family: type, pipeline_class: type, **attributes) -> type:
 
 
 TestFluxInpaintPipeline = inpaint_contract(test_flux.TestFlux, FluxInpaintPipeline)
+AT_STRENGTH_TESTS = (
+    "test_denoiser_calls_follow_the_plan",
+    "test_the_kept_region_is_the_stage_image_noised_with_one_noise_per_stage",
+)
+
+
+class TestFluxInpaintPipelineAtStrength(TestFluxInpaintPipeline):
+    """`strength` below 1: the first stage starts from the image noised where the plan puts the strength (the
+    image-to-image rule), and the kept region is still each stage's image on the stage's own noise."""
+
+    strength = 0.6
+
+
+for _name in dir(TestFluxInpaintPipelineAtStrength):
+    if _name.startswith("test_") and _name not in AT_STRENGTH_TESTS:
+        setattr(TestFluxInpaintPipelineAtStrength, _name, None)
 
 
 class TestChromaInpaintPipeline(inpaint_contract(test_chroma.TestChroma, ChromaInpaintPipeline)):
