@@ -20,9 +20,13 @@ size. Per stage:
 - the noise is the noise the stage started from (the first stage's, or the noise its transition drew), so that
   the kept region stays on the path its own noise sets, as in the stock loop.
 
-The staged scheduler's `scale_noise` noises the image to the level the last step reached, so the blend at a
-stage's last step puts the kept region at the stage's end; after the transition to the next stage, its kept region
-is set to the next stage's image noised to the stage's start with the transition's own noise.
+The staged scheduler's `scale_noise` (`add_noise`) noises the image to the level the last step reached, so the blend
+at a stage's last step puts the kept region at the stage's end; after the transition to the next stage, its kept
+region is set to the next stage's image noised to the stage's start with the transition's own noise.
+
+Inpainting models (SD's 9-channel U-Nets, SD3's 33-channel transformers) blend nothing in: they read the mask and the
+masked image's latents, which the loop holds too; at each stage those are the pipeline's own `prepare_mask_latents`
+at the stage's size (`_conditions_at`).
 """
 
 from __future__ import annotations
