@@ -24,6 +24,7 @@ _LAZY_NAMES = {
     "hookimpl": "lssgen.hookspecs",
     "hires_fix": "lssgen.hires",
     "image_to_image_pipeline": "lssgen.hires",
+    "inpainting_pipeline": "lssgen.hires",
     "ModelDefaults": "lssgen.loading",  # a model folder's lssgen.json
     "load_pipeline": "lssgen.loading",
     "model_defaults": "lssgen.loading",
@@ -41,7 +42,7 @@ _LAZY_NAMES = {
 
 if TYPE_CHECKING:
     from .adapters import Adapter, find_adapter, installed_adapters, register_adapter, unregister_adapter
-    from .hires import hires_fix, image_to_image_pipeline
+    from .hires import hires_fix, image_to_image_pipeline, inpainting_pipeline
     from .hookspecs import hookimpl
     from .loading import ModelDefaults, load_pipeline, model_defaults
     from .patch import Options, is_patched, patch, plan_for, unpatch
@@ -61,6 +62,7 @@ __all__ = [
     "hires_fix",
     "hookimpl",
     "image_to_image_pipeline",
+    "inpainting_pipeline",
     "installed_adapters",
     "is_patched",
     "load_pipeline",

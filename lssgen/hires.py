@@ -1,4 +1,5 @@
-"""Hires fix: enlarge an image beyond the model's native size by an image-to-image pass at the larger size.
+"""Hires fix: enlarge an image beyond the model's native size by an image-to-image pass at the larger size; and a
+family's image-to-image and inpainting pipelines on a pipe's own components.
 
 The stock recipe resizes the image in pixels to the target size and runs img2img there at a `strength` (every step
 at the large size). Through lssgen the same call starts at the input image's own size, where the model is at home:
@@ -36,25 +37,45 @@ def image_to_image_pipeline(pipe: Any) -> Any:
     >>> img2img = lssgen.image_to_image_pipeline(pipe)  # FluxPipeline -> FluxImg2ImgPipeline
     ```
     """
+    return _family_pipeline(pipe, "image_to_image_pipelines", "image-to-image", takes_image_and_strength)
+
+
+def inpainting_pipeline(pipe: Any) -> Any:
+    r"""
+    The stock inpainting pipeline of `pipe`'s family on `pipe`'s own components (the same modules, nothing copied),
+    patched with `pipe`'s lssgen settings if `pipe` is patched. An inpainting pipe is returned as it is.
+
+    Example:
+
+    ```py
+    >>> inpaint = lssgen.inpainting_pipeline(pipe)  # FluxPipeline -> FluxInpaintPipeline
+    >>> image = inpaint("a red boat", image=photo, mask_image=mask, strength=1.0).images[0]
+    ```
+    """
+    return _family_pipeline(
+        pipe, "inpainting_pipelines", "inpainting", lambda call: "mask_image" in inspect.signature(call).parameters
+    )
+
+
+def _family_pipeline(pipe: Any, mapping: str, kind: str, is_kind) -> Any:
+    """The pipeline the adapter's `mapping` names for `pipe`'s class (or a base class), on `pipe`'s components and
+    patched as `pipe` is; `pipe` itself where its stock `__call__` already `is_kind`."""
     state = pipe._lssgen if is_patched(pipe) else None
     stock_class = type(pipe) if state is None else state.original_class
-    if takes_image_and_strength(stock_class.__call__):
+    if is_kind(stock_class.__call__):
         return pipe
     adapter = find_adapter(pipe) if state is None else state.adapter
-    for cls in stock_class.__mro__:
-        name = adapter.image_to_image_pipelines.get(cls.__name__)
-        if name is not None:
-            break
-    else:
+    names = getattr(adapter, mapping)
+    name = next((names[cls.__name__] for cls in stock_class.__mro__ if cls.__name__ in names), None)
+    if name is None:
         raise ValueError(
-            f"lssgen knows no image-to-image pipeline for {stock_class.__name__} (its {adapter.name} adapter maps "
-            f"{sorted(adapter.image_to_image_pipelines) or 'none'}): load the family's img2img pipeline yourself and "
-            "pass it instead."
+            f"lssgen knows no {kind} pipeline for {stock_class.__name__} (its {adapter.name} adapter maps "
+            f"{sorted(names) or 'none'}): load the family's {kind} pipeline yourself and pass it instead."
         )
-    img2img = _same_components(getattr(diffusers, name), pipe)
+    new = _same_components(getattr(diffusers, name), pipe)
     if state is not None:
-        patch(img2img, state.upsampler, adapter=state.adapter, **dataclasses.asdict(state.defaults))
-    return img2img
+        patch(new, state.upsampler, adapter=state.adapter, **dataclasses.asdict(state.defaults))
+    return new
 
 
 def _same_components(pipeline_class: type, pipe: Any) -> Any:

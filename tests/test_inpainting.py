@@ -37,7 +37,14 @@ from test_methods import record_latent_inputs
 from test_reference_editing import REFERENCE, _kontext_expected, kontext_ids
 
 import lssgen
-from lssgen.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from lssgen.cli import main
+from lssgen.tiny import (
+    build_tiny_cogview4_pipeline,
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sd_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only add synchronisation
 
@@ -445,3 +452,46 @@ TestStableDiffusion3InpaintPipelineWithInpaintingModel = inpainting_model_contra
     lambda seed: build_tiny_sd3_pipeline(seed, transformer_in_channels=33),
     more_mask_arguments={"num_images_per_prompt": 1},
 )
+
+
+# --- the family's inpainting pipeline, and the command line ----------------------------------------------------------
+def test_inpainting_pipeline_is_the_familys_on_the_same_modules_patched_alike():
+    pipe = build_tiny_flux_pipeline(seed=0)
+    lssgen.patch(pipe, None, min_resolution=64)
+    inpaint = lssgen.inpainting_pipeline(pipe)
+    assert type(inpaint).__name__ == "FluxInpaintPipeline" and inpaint.transformer is pipe.transformer
+    assert lssgen.is_patched(inpaint) and inpaint._lssgen.defaults == pipe._lssgen.defaults
+    assert lssgen.inpainting_pipeline(inpaint) is inpaint
+    with pytest.raises(ValueError, match="lssgen knows no inpainting pipeline for CogView4Pipeline"):
+        lssgen.inpainting_pipeline(build_tiny_cogview4_pipeline(seed=0))
+
+
+def test_generate_with_a_mask_inpaints_the_image_at_its_size(tiny_flux_dir, tmp_path, capsys):
+    image = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 256, (128, 192, 3), dtype=np.uint8))
+    image.save(tmp_path / "in.png")
+    mask = np.zeros((128, 192), np.uint8)
+    mask[:, 96:] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    argv = ["generate", "--model", tiny_flux_dir, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"]
+    argv += ["--steps", 8, "--min-resolution", 64, "--device", "cpu", "--baseline", "--out", tmp_path / "out.png"]
+    assert main([str(arg) for arg in argv]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "1/2    96x64" in printed and "2/2    192x128" in printed  # the plan: half, then the image's size
+    assert PIL.Image.open(tmp_path / "out.png").size == PIL.Image.open(tmp_path / "out-stock.png").size == (192, 128)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mask", "mask.png"], "--mask needs --image"),
+        (["--image", "in.png", "--mask", "small.png"], "--mask is 32x32 pixels but --image is 64x64"),
+        (["--image", "in.png", "--mask", "missing.png"], "--mask missing.png"),
+    ],
+)
+def test_generate_mask_errors_are_one_line(tiny_flux_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    PIL.Image.new("L", (32, 32)).save(tmp_path / "small.png")
+    assert main(["generate", "--model", str(tiny_flux_dir), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err

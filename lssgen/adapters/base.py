@@ -134,6 +134,8 @@ class Adapter:
     pipeline_classes: tuple[str, ...] = ()  # stock pipeline class names this adapter serves
     # Text-to-image class name -> the stock image-to-image class on the same components (`lssgen.hires`).
     image_to_image_pipelines: dict[str, str] = {}
+    # The diffusers class name of each text-to-image pipeline's inpainting pipeline (`lssgen.inpainting_pipeline`).
+    inpainting_pipelines: dict[str, str] = {}
     denoiser: str = "transformer"  # pipeline attribute holding the denoising model
     flow: bool = True  # flow matching, or a diffusion (noise prediction) model
     latent_multiple: int = 1  # latent sides must be multiples of this

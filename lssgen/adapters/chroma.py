@@ -93,6 +93,7 @@ class ChromaAdapter(FluxAdapter):
     # As FluxInpaintPipeline's (FLUX.1's packing).
     inpaint_layouts = {"ChromaInpaintPipeline": InpaintLayout()}
     image_to_image_pipelines = {"ChromaPipeline": "ChromaImg2ImgPipeline"}
+    inpainting_pipelines = {"ChromaPipeline": "ChromaInpaintPipeline"}
     default_steps = 40
     default_guidance = 3.0
     stage_hook = ChromaStageHook

@@ -167,6 +167,7 @@ class FluxAdapter(Adapter):
         "FluxControlInpaintPipeline": ConditionRule("prepare_image", _control_at_stage, "control_image"),
     }
     image_to_image_pipelines = {"FluxPipeline": "FluxImg2ImgPipeline"}
+    inpainting_pipelines = {"FluxPipeline": "FluxInpaintPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # 2x2 packing
@@ -267,6 +268,7 @@ class FluxKontextAdapter(FluxAdapter):
     inpaint_layouts = {"FluxKontextInpaintPipeline": InpaintLayout(latents=0, image=1, noise=6)}
     # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
     image_to_image_pipelines = {}
+    inpainting_pipelines = {}
     # black-forest-labs/FLUX.1-Kontext-dev's model card example: `guidance_scale=2.5` (the pipeline's default steps,
     # 28, are the model's; the method's published 50 stay the adapter's default).
     default_guidance = 2.5

@@ -115,6 +115,7 @@ class Flux2Adapter(Adapter):
     pipeline_classes = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
     # Flux2Pipeline has none: its Mistral text encoder is not the inpainting pipeline's.
     image_to_image_pipelines = {"Flux2KleinPipeline": "Flux2KleinInpaintPipeline"}
+    inpainting_pipelines = {"Flux2KleinPipeline": "Flux2KleinInpaintPipeline"}
     # Its `prepare_latents` takes latents patchified 2x2 and gives (latents, noise, packed image latents, image
     # latents, ids); `prepare_mask_latents` the mask alone, one value per token.
     inpaint_layouts = {"Flux2KleinInpaintPipeline": InpaintLayout(mask=None, latents_patch=2)}

@@ -130,6 +130,7 @@ class QwenImageAdapter(FluxAdapter):
     # when it draws the noise itself: given latents, it returns them alone.
     inpaint_layouts = {"QwenImageInpaintPipeline": InpaintLayout(draws_noise=True)}
     image_to_image_pipelines = {"QwenImagePipeline": "QwenImageImg2ImgPipeline"}
+    inpainting_pipelines = {"QwenImagePipeline": "QwenImageInpaintPipeline"}
     # https://huggingface.co/Qwen/Qwen-Image (model card, "Quick Start"): num_inference_steps=50, true_cfg_scale=4.0,
     # negative_prompt=" ", aspect_ratios["1:1"] = (1328, 1328).
     default_steps = 50
@@ -238,6 +239,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     pipeline_classes = ("QwenImageEditPipeline",)
     # An editing pipeline has no image-to-image class (the family's maps its text-to-image class): Hires fix refuses it.
     image_to_image_pipelines = {}
+    inpainting_pipelines = {}
     architectures = ()  # the same transformer as Qwen-Image, counted there
     # Which of a list of reference images sets the default size: QwenImageEditPipeline reads the first.
     size_reference = 0

@@ -92,6 +92,7 @@ class SDAdapter(Adapter):
         "StableDiffusionControlNetPipeline",
     )
     image_to_image_pipelines = {"StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline"}
+    inpainting_pipelines = {"StableDiffusionPipeline": "StableDiffusionInpaintPipeline"}
     # `prepare_latents` gives (latents, noise[, image latents: 4-channel U-Nets only, which blend]);
     # `prepare_mask_latents` (mask, masked image latents), each doubled for classifier-free guidance.
     inpaint_layouts = {"StableDiffusionInpaintPipeline": InpaintLayout()}

@@ -70,6 +70,7 @@ class SD3Adapter(Adapter):
     # (mask, masked image latents), each doubled for classifier-free guidance.
     inpaint_layouts = {"StableDiffusion3InpaintPipeline": InpaintLayout()}
     image_to_image_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline"}
+    inpainting_pipelines = {"StableDiffusion3Pipeline": "StableDiffusion3InpaintPipeline"}
     denoiser = "transformer"
     flow = True
     latent_multiple = 2  # the transformer patchifies 2x2 (transformer.config.patch_size)

@@ -118,6 +118,7 @@ class SDXLAdapter(Adapter):
         "StableDiffusionXLControlNetPipeline",
     )
     image_to_image_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
+    inpainting_pipelines = {"StableDiffusionXLPipeline": "StableDiffusionXLInpaintPipeline"}
     # As StableDiffusionInpaintPipeline's.
     inpaint_layouts = {"StableDiffusionXLInpaintPipeline": InpaintLayout()}
     denoiser = "unet"

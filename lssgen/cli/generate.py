@@ -25,7 +25,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "image-to-image pass whose first stage is the image's own size",
     )
     parser.add_argument(
-        "--strength", type=strength, default=None, help="with --image: the share of noise it starts from (default 0.6)"
+        "--mask",
+        default=None,
+        help="with --image: inpaint it instead, where this mask is white, with the family's inpainting pipeline "
+        "(at the image's size unless --height/--width say)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=strength,
+        default=None,
+        help="with --image: the share of noise it starts from (default 0.6; with --mask 1.0)",
     )
     parser.add_argument("--out", default="out.png", help="where to save the image")
     parser.add_argument(
@@ -74,14 +83,23 @@ def run(args: argparse.Namespace) -> None:
 
     if args.strength is not None and args.image is None:
         raise ValueError("--strength needs --image (the image to enlarge)")
-    image = open_image(args.image) if args.image else None  # before loading: a wrong path fails fast
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image (the image to inpaint)")
+    # Before loading: a wrong path fails fast.
+    image = open_image(args.image) if args.image else None
+    mask = open_image(args.mask, "--mask", "L") if args.mask else None
+    if mask is not None and mask.size != image.size:
+        raise ValueError(f"--mask is {mask.width}x{mask.height} pixels but --image is {image.width}x{image.height}")
     device, dtype = device_and_dtype(args)
     pipe = load_pipeline(args.model, device, dtype)
     adapter = lssgen.find_adapter(pipe)
     call = model_call(args, pipe, adapter)
     patch(pipe, args.upsampler, **method_options(args))
     size = call["height"], call["width"]
-    if image is not None:
+    if mask is not None:
+        size = args.height or image.height, args.width or image.width
+        pipe, call = inpaint_call(pipe, image, mask, call, size, args)
+    elif image is not None:
         size = args.height or 2 * image.height, args.width or 2 * image.width
         pipe, call = hires_call(pipe, image, call, size, args)
     options = {name: call[name] for name in ("strength", "min_resolution") if name in call}
@@ -117,15 +135,38 @@ def run(args: argparse.Namespace) -> None:
         print(f"lssgen generate: {warning}")
 
 
-def open_image(path: str):
-    """The `--image` to enlarge, read whole now (a missing or unreadable file is a one-line error)."""
+def open_image(path: str, option: str = "--image", mode: str = "RGB"):
+    """The image an `option` names, read whole now (a missing or unreadable file is a one-line error)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"--image {path}: {error}") from None
+        raise ValueError(f"{option} {path}: {error}") from None
+
+
+def inpaint_call(pipe, image, mask, call: dict, size: tuple[int, int], args: argparse.Namespace) -> tuple:
+    """The inpainting pipe and call of `--image` with `--mask`: `call`'s prompt, steps and guidance, the image and
+    its mask resized to `size` (height, width) if another (Lanczos; the mask by nearest, staying black and white),
+    and the strength (default 1.0: the masked region from pure noise)."""
+    import inspect
+
+    from PIL import Image
+
+    import lssgen
+
+    height, width = size
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST)
+    inpaint = lssgen.inpainting_pipeline(pipe)
+    kept = {name: value for name, value in call.items() if name not in ("height", "width")}
+    arguments = {"image": image, "mask_image": mask, "strength": 1.0 if args.strength is None else args.strength}
+    stock_class = inpaint._lssgen.original_class if lssgen.is_patched(inpaint) else type(inpaint)
+    if "height" in inspect.signature(stock_class.__call__).parameters:
+        arguments.update(height=height, width=width)
+    return inpaint, {**kept, **arguments}
 
 
 def hires_call(pipe, image, call: dict, size: tuple[int, int], args: argparse.Namespace) -> tuple:
