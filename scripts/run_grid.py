@@ -46,14 +46,14 @@ def run_grid(run_dir: Path, prompts: list[int], settings: list[str], tile: int) 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompts", type=int, nargs="+", required=True, help="prompt indices, from 0")
     parser.add_argument("--settings", nargs="+", required=True, help="setting names, as report.json has them")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     grid = run_grid(args.run_dir, args.prompts, args.settings, args.tile)
     grid.save(args.out, quality=90)
     print(f"wrote {args.out} ({grid.width}x{grid.height})")
