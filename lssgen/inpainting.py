@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditions import first_stage_image_latents
+from .joined_conditions import binary_mask_at
 from .scaling import scale_down
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ def _conditions_at(prepare_mask_latents: Any, bound: inspect.BoundArguments, kep
     the image resized to the stage and masked by it (given latents for the masked image: those resized down)."""
     arguments = dict(bound.arguments)
     mask, masked = arguments["mask"], arguments["masked_image"]
-    stage_mask = (F.interpolate(mask.float(), (stage.height, stage.width), mode="area") >= 0.5).to(mask.dtype)
+    stage_mask = binary_mask_at(mask, stage)
     if masked is not None and masked.shape[1] == 3 and kept.pixels is not None:
         masked = (kept.pixels_at(stage) * (stage_mask < 0.5)).to(masked.dtype)
     elif masked is not None:

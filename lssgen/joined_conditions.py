@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .plan import Stage
@@ -82,6 +83,23 @@ class StageCondition(torch.Tensor):
             if any(not isinstance(t, StageCondition) for t in tensors):
                 return follower.join(list(tensors), dim)
         return super().__torch_function__(func, types, args, kwargs)
+
+
+def binary_mask_at(mask: torch.Tensor, stage: Stage) -> torch.Tensor:
+    """A mask in pixels `(B, 1, H, W)` at `stage`'s pixel size: averaged by area, then kept binary (at least half
+    repainted: repainted), as the inpainting models and FLUX.1 Fill were trained on."""
+    resized = F.interpolate(mask.float(), (stage.height, stage.width), mode="area")
+    return (resized >= 0.5).to(mask.dtype)
+
+
+def prepared_at_stage(pipe: Any, arguments: dict[str, Any], stage: Stage) -> torch.Tensor:
+    """The pipeline's own `prepare_image` of the call's control image (`arguments`, as the stock method got them) at
+    `stage`'s size; a tensor, which the method takes as it is, resized to the stage by the pipeline's image processor
+    first."""
+    image = arguments["image"]
+    if isinstance(image, torch.Tensor):
+        image = pipe.image_processor.resize(image, stage.height, stage.width)
+    return type(pipe).prepare_image(pipe, **{**arguments, "image": image, "height": stage.height, "width": stage.width})
 
 
 def stand_in(pipe: Any, run: Any, rule: ConditionRule) -> tuple[dict[str, Any], ConditionFollower]:

@@ -13,7 +13,7 @@ from diffusers.hooks import ModelHook
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
 
 from ..hookspecs import hookimpl
-from ..joined_conditions import ConditionRule
+from ..joined_conditions import ConditionRule, prepared_at_stage
 from ..latents import LatentNormalization
 from .base import Adapter, Architecture, dummy_tensors
 
@@ -24,11 +24,7 @@ def _control_at_stage(pipe, run, arguments, stage):
     """CogView4 Control's condition at `stage`'s size, as the pipeline makes it at the target size: `prepare_image` at
     the stage's size (a tensor, which it takes as it is, resized first), sampled from the VAE and scaled. (The stock
     pipeline samples without the call's generator; the stages sample with it, so that a seed repeats them.)"""
-    image = arguments["image"]
-    if isinstance(image, torch.Tensor):
-        image = pipe.image_processor.resize(image, stage.height, stage.width)
-    size = {"image": image, "height": stage.height, "width": stage.width}
-    prepared = type(pipe).prepare_image(pipe, **{**arguments, **size})
+    prepared = prepared_at_stage(pipe, arguments, stage)
     return pipe.vae.encode(prepared).latent_dist.sample(generator=run.generator) * pipe.vae.config.scaling_factor
 
 

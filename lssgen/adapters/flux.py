@@ -14,7 +14,7 @@ from diffusers.hooks import ModelHook
 
 from ..controlnets import controlnets_of
 from ..hookspecs import hookimpl
-from ..joined_conditions import ConditionRule
+from ..joined_conditions import ConditionRule, binary_mask_at, prepared_at_stage
 from .base import Adapter, Architecture, InpaintLayout, dummy_tensors, flow_stage_kwargs, linear_time_shift
 
 IMAGE_IDS_HOOK = "lssgen_flux_image_ids"
@@ -114,11 +114,7 @@ def _control_at_stage(pipe, run, arguments, stage):
     """FLUX.1 Control's condition at `stage`'s size, as the pipeline makes it at the target size: `prepare_image`
     at the stage's size (a tensor, which it takes as it is, resized first), sampled from the VAE with the call's
     generator, normalised and packed."""
-    image = arguments["image"]
-    if isinstance(image, torch.Tensor):
-        image = pipe.image_processor.resize(image, stage.height, stage.width)
-    size = {"image": image, "height": stage.height, "width": stage.width}
-    prepared = type(pipe).prepare_image(pipe, **{**arguments, **size})
+    prepared = prepared_at_stage(pipe, arguments, stage)
     encoded = pipe.vae.encode(prepared).latent_dist.sample(generator=run.generator)
     latents = (encoded - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     return pipe._pack_latents(latents, *latents.shape)
@@ -129,10 +125,10 @@ def _fill_at_stage(pipe, run, arguments, stage):
     `prepare_mask_latents` at the stage's size, given the mask (in pixels) resized to the stage by area and kept
     binary and the masked image resized there (by area) and masked by it; then the masked image's latents joined to
     the mask along the channels."""
-    size = (stage.height, stage.width)
     mask, masked = arguments["mask"], arguments["masked_image"]
-    stage_mask = (F.interpolate(mask.float(), size, mode="area") >= 0.5).to(mask.dtype)
-    stage_masked = F.interpolate(masked.float(), size, mode="area").to(masked.dtype) * (1 - stage_mask)
+    stage_mask = binary_mask_at(mask, stage)
+    stage_masked = F.interpolate(masked.float(), (stage.height, stage.width), mode="area")
+    stage_masked = stage_masked.to(masked.dtype) * (1 - stage_mask)
     at_size = {"mask": stage_mask, "masked_image": stage_masked, "height": stage.height, "width": stage.width}
     mask_latents, masked_latents = type(pipe).prepare_mask_latents(pipe, **{**arguments, **at_size})
     return torch.cat((masked_latents, mask_latents), dim=-1)
